@@ -1,0 +1,48 @@
+# monquant: `make reproduce` runs the main job, `make test` runs lint + the test suite.
+# Each target bootstraps .venv on first use (torch pinned to the CPU build available here).
+PYTHON ?= python3
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+STAMP   = $(VENV)/.monquant-installed
+TORCH  ?= torch==2.13.0
+# Development convenience: when the project's shared MNIST copy sits beside the checkout and the
+# user has not chosen a data location, point MONQUANT_DATA at it. Otherwise monquant looks in its
+# cache directory and downloads (see README).
+SHARED_MNIST = $(wildcard $(abspath ..)/shared/data/mnist)
+ifeq ($(origin MONQUANT_DATA),undefined)
+ifneq ($(SHARED_MNIST),)
+export MONQUANT_DATA = $(SHARED_MNIST)
+endif
+endif
+
+.PHONY: install test lint reproduce reproduce-quick demo bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks
+
+test: lint
+	$(PY) -m pytest -q
+
+reproduce: $(STAMP)
+	$(VENV)/bin/monquant reproduce --out results/paper
+
+reproduce-quick: $(STAMP)
+	$(VENV)/bin/monquant reproduce --quick --out results/quick
+
+demo: $(STAMP)
+	$(VENV)/bin/monquant demo
+
+bench: $(STAMP)
+	$(PY) benchmarks/solvers.py
+	$(PY) benchmarks/train_epoch.py
+
+clean:
+	rm -rf $(VENV) results .pytest_cache .ruff_cache

@@ -1,0 +1,17 @@
+"""Exception hierarchy: every error monquant raises on purpose derives from MonquantError."""
+
+from __future__ import annotations
+
+__all__ = ["CheckpointError", "DataError", "MonquantError"]
+
+
+class MonquantError(Exception):
+    """Base class of all deliberate monquant errors."""
+
+
+class DataError(MonquantError):
+    """A data set is missing, corrupt or could not be downloaded."""
+
+
+class CheckpointError(MonquantError):
+    """A tensor/checkpoint/weight file is missing, corrupt, tampered with or in a refused format."""

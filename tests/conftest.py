@@ -1,0 +1,41 @@
+"""Shared fixtures and generators for the test suite."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import settings
+
+from monquant.operators import wk_weight
+
+settings.register_profile("monquant", max_examples=25, deadline=None, derandomize=True)
+settings.load_profile("monquant")
+torch.set_num_threads(1)
+
+SHARED_MNIST = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
+
+
+def random_monotone_W(
+    n: int, m: float, rank: int | None = None, skew: float = 1.0, scale: float = 1.0, seed: int = 0
+) -> torch.Tensor:
+    """A random float64 ``W = (1 - m) I - A^T A + B - B^T`` with margin >= m."""
+    g = torch.Generator().manual_seed(seed)
+    r = rank or n
+    A = torch.randn(r, n, generator=g, dtype=torch.float64) * scale / n**0.5
+    B = torch.randn(n, n, generator=g, dtype=torch.float64) * skew / n**0.5
+    return wk_weight(A, B, m)
+
+
+@pytest.fixture
+def mnist_dir() -> Path:
+    """The MNIST folder for tests: MONQUANT_DATA if set, else ../shared/data/mnist; skip if absent."""
+    env = os.environ.get("MONQUANT_DATA")
+    path = Path(env) if env else SHARED_MNIST
+    if not (path / "t10k-labels-idx1-ubyte.gz").exists() and not (
+        path / "t10k-labels-idx1-ubyte"
+    ).exists():
+        pytest.skip(f"MNIST files not found in {path}")
+    return path

@@ -1,0 +1,139 @@
+import math
+import time
+
+import pytest
+import torch
+from conftest import random_monotone_W
+from hypothesis import given
+from hypothesis import strategies as st
+
+from monquant.operators import spectral_stats
+from monquant.solvers import (
+    SolverConfig,
+    SolverError,
+    certified_step_range,
+    contraction_modulus,
+    default_step,
+    solve,
+)
+
+TIGHT = dict(tol=1e-12, max_iter=200_000)
+
+
+def _q(n, batch=5, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, n, generator=g, dtype=dtype)
+
+
+@given(n=st.integers(2, 24), m=st.floats(0.2, 1.5), seed=st.integers(0, 1000))
+def test_methods_agree_and_solve_the_fixed_point(n, m, seed):
+    W = random_monotone_W(n, m, seed=seed)
+    q = _q(n, seed=seed)
+    zs = {}
+    for method in ("fb", "pr", "dr"):
+        r = solve(W, q, SolverConfig(method=method, **TIGHT))
+        assert r.all_converged, (method, r.summary())
+        fixed = torch.relu(r.z @ W.T + q)
+        assert float((fixed - r.z).norm(dim=1).max()) <= 1e-9 * (1 + float(r.z.norm()))
+        zs[method] = r.z
+    assert float((zs["fb"] - zs["pr"]).abs().max()) <= 1e-8
+    assert float((zs["dr"] - zs["pr"]).abs().max()) <= 1e-8
+
+
+@given(n=st.integers(2, 16), m=st.floats(0.1, 1.0), seed=st.integers(0, 1000))
+def test_a_posteriori_bound_covers_true_error(n, m, seed):
+    W = random_monotone_W(n, m, seed=seed)
+    q = _q(n, seed=seed)
+    ref = solve(W, q, SolverConfig(method="pr", tol=1e-14, max_iter=100_000)).z
+    for method in ("fb", "pr", "dr"):
+        r = solve(W, q, SolverConfig(method=method, tol=1e-4))
+        err = (r.z - ref).norm(dim=1)
+        assert r.modulus is not None and r.modulus < 1
+        assert bool((err <= r.error_bound + 1e-10).all()), method
+
+
+@given(n=st.integers(2, 16), m=st.floats(0.05, 1.0), seed=st.integers(0, 1000),
+       method=st.sampled_from(["fb", "pr", "dr"]), frac=st.floats(0.05, 1.0))
+def test_one_iteration_contracts_with_the_stated_modulus(n, m, seed, method, frac):
+    W = random_monotone_W(n, m, seed=seed)
+    s = spectral_stats(W)
+    hi = 2 * s.m / s.L**2 if method == "fb" else 4.0 / s.L
+    step = frac * hi * 0.999
+    rho = contraction_modulus(method, step, s.m, s.L)
+    assert rho is not None and rho < 1
+    q = _q(n, batch=1, seed=seed)
+    cfg = SolverConfig(method=method, step=step, max_iter=1)
+    a, b = _q(n, 1, seed + 1), _q(n, 1, seed + 2)
+    ta = solve(W, q, cfg, init=a).state
+    tb = solve(W, q, cfg, init=b).state
+    assert float((ta - tb).norm()) <= rho * float((a - b).norm()) * (1 + 1e-9) + 1e-12
+
+
+def test_default_steps_and_ranges():
+    assert default_step("fb", 0.5, 2.0) == pytest.approx(0.125)
+    assert default_step("pr", 0.5, 2.0) == pytest.approx(0.5)
+    assert certified_step_range("fb", 0.5, 2.0) == (0.0, 0.25)
+    assert certified_step_range("dr", 0.5, 2.0) == (0.0, math.inf)
+    assert certified_step_range("pr", -0.1, 2.0) is None
+    assert contraction_modulus("fb", 0.3, 0.5, 2.0) is None  # out of the certified range
+    # best FB step gives sqrt(1 - 1/kappa^2), best PR step sqrt(1 - 1/kappa)
+    assert contraction_modulus("fb", 0.125, 0.5, 2.0) == pytest.approx(math.sqrt(1 - 1 / 16))
+    assert contraction_modulus("pr", 0.5, 0.5, 2.0) == pytest.approx(math.sqrt(1 - 1 / 4))
+
+
+@pytest.mark.parametrize("method", ["fb", "pr", "dr"])
+def test_iteration_cap_is_reported_not_hidden(method):
+    W = random_monotone_W(20, 0.05, seed=3)
+    q = _q(20)
+    r = solve(W, q, SolverConfig(method=method, tol=1e-12, max_iter=3))
+    assert r.iterations == 3
+    assert not r.converged.any()
+    assert bool((r.sample_iterations == 3).all())
+    assert r.summary()["unconverged"] == 5
+
+
+@pytest.mark.parametrize("method", ["fb", "pr", "dr"])
+@pytest.mark.parametrize("kind", ["expanding", "singular", "indefinite"])
+def test_non_monotone_weight_never_passes_for_a_solution(method, kind):
+    n = 12
+    g = torch.Generator().manual_seed(0)
+    S = torch.randn(n, n, generator=g, dtype=torch.float64)
+    if kind == "expanding":  # sym(I - W) = -0.5 I
+        W = 1.5 * torch.eye(n, dtype=torch.float64) + 0.3 * (S - S.T)
+    elif kind == "singular":  # I + a (I - W) singular at the default PR step a = 1/L = 1
+        W = 2.0 * torch.eye(n, dtype=torch.float64)
+    else:
+        W = random_monotone_W(n, -0.8, rank=2, seed=1) + 0.5 * torch.eye(n, dtype=torch.float64)
+    q = torch.rand(4, n, generator=g, dtype=torch.float64) + 0.5
+    t0 = time.perf_counter()
+    r = solve(W, q, SolverConfig(method=method, tol=1e-8, max_iter=500))
+    assert time.perf_counter() - t0 < 30
+    assert r.modulus is None
+    assert not r.converged.any(), r.summary()
+    assert math.isinf(float(r.error_bound.max()))
+
+
+def test_dtype_follows_inputs_and_float32_works():
+    W = random_monotone_W(30, 0.5, seed=2).float()
+    q = _q(30, dtype=torch.float32)
+    r = solve(W, q, SolverConfig(method="pr", tol=1e-5))
+    assert r.z.dtype == torch.float32 and r.all_converged
+
+
+def test_bad_solver_inputs():
+    W = random_monotone_W(4, 0.5)
+    with pytest.raises(SolverError):
+        solve(W, torch.zeros(2, 5, dtype=torch.float64))
+    with pytest.raises(SolverError):
+        SolverConfig(method="newton")
+    with pytest.raises(SolverError):
+        SolverConfig(step=-1.0)
+    with pytest.raises(SolverError):
+        SolverConfig(max_iter=0)
+
+
+def test_zero_solution_is_converged():
+    W = random_monotone_W(6, 0.5)
+    q = -torch.ones(3, 6, dtype=torch.float64) * 100  # relu kills everything: z* = 0
+    r = solve(W, q, SolverConfig(method="fb", tol=1e-10))
+    assert r.all_converged and float(r.z.abs().max()) == 0.0
