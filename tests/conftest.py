@@ -34,8 +34,9 @@ def mnist_dir() -> Path:
     """The MNIST folder for tests: MONQUANT_DATA if set, else ../shared/data/mnist; skip if absent."""
     env = os.environ.get("MONQUANT_DATA")
     path = Path(env) if env else SHARED_MNIST
-    if not (path / "t10k-labels-idx1-ubyte.gz").exists() and not (
-        path / "t10k-labels-idx1-ubyte"
-    ).exists():
+    if (
+        not (path / "t10k-labels-idx1-ubyte.gz").exists()
+        and not (path / "t10k-labels-idx1-ubyte").exists()
+    ):
         pytest.skip(f"MNIST files not found in {path}")
     return path

@@ -39,8 +39,13 @@ def test_non_monotone_has_infinite_kappa():
 
 @pytest.mark.parametrize(
     "bad",
-    [torch.zeros(3, 4), torch.zeros(3), torch.tensor([[float("nan"), 0.0], [0.0, 0.0]]),
-     torch.tensor([[float("inf"), 0.0], [0.0, 0.0]]), torch.zeros(2, 2, dtype=torch.int64)],
+    [
+        torch.zeros(3, 4),
+        torch.zeros(3),
+        torch.tensor([[float("nan"), 0.0], [0.0, 0.0]]),
+        torch.tensor([[float("inf"), 0.0], [0.0, 0.0]]),
+        torch.zeros(2, 2, dtype=torch.int64),
+    ],
 )
 def test_bad_weights_are_refused(bad):
     with pytest.raises(OperatorError):

@@ -52,8 +52,13 @@ def test_a_posteriori_bound_covers_true_error(n, m, seed):
         assert bool((err <= r.error_bound + 1e-10).all()), method
 
 
-@given(n=st.integers(2, 16), m=st.floats(0.05, 1.0), seed=st.integers(0, 1000),
-       method=st.sampled_from(["fb", "pr", "dr"]), frac=st.floats(0.05, 1.0))
+@given(
+    n=st.integers(2, 16),
+    m=st.floats(0.05, 1.0),
+    seed=st.integers(0, 1000),
+    method=st.sampled_from(["fb", "pr", "dr"]),
+    frac=st.floats(0.05, 1.0),
+)
 def test_one_iteration_contracts_with_the_stated_modulus(n, m, seed, method, frac):
     W = random_monotone_W(n, m, seed=seed)
     s = spectral_stats(W)

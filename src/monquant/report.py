@@ -129,10 +129,10 @@ def text_table(headers: Sequence[str], rows: Iterable[Sequence[Any]], digits: in
     body = _cells(rows, digits)
     widths = [len(h) for h in headers]
     for r in body:
-        widths = [max(w, len(c)) for w, c in zip(widths, r)]
-    line = "  ".join(h.rjust(w) for h, w in zip(headers, widths))
+        widths = [max(w, len(c)) for w, c in zip(widths, r, strict=True)]
+    line = "  ".join(h.rjust(w) for h, w in zip(headers, widths, strict=True))
     out = [line, "  ".join("-" * w for w in widths)]
-    out += ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in body]
+    out += ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in body]
     return "\n".join(out)
 
 
@@ -143,7 +143,9 @@ def new_figure(ncols: int = 1, nrows: int = 1, size: tuple[float, float] = (5.5,
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(nrows, ncols, figsize=(size[0] * ncols, size[1] * nrows), squeeze=False)
+    fig, axes = plt.subplots(
+        nrows, ncols, figsize=(size[0] * ncols, size[1] * nrows), squeeze=False
+    )
     return fig, axes
 
 

@@ -246,10 +246,8 @@ class _Splitting:
     def advance(self, s, x, z, y):
         if self.method == "fb":
             return self.prox(torch.addmm(self.c, s, self.K)), None
-        if self.method == "pr":
-            u = 2.0 * z - y  # R_G R_F u
-        else:
-            u = s + z - x  # (u + R_G R_F u) / 2
+        # PR: u+ = R_G R_F u = 2 z - y;  DR: u+ = (u + R_G R_F u) / 2 = u + z - x
+        u = 2.0 * z - y if self.method == "pr" else s + z - x
         return u, torch.addmm(self.c, u, self.K)
 
 

@@ -1,0 +1,149 @@
+"""MonDEQ modules: the equilibrium layer (Winston-Kolter parameterization) and a classifier.
+
+    W = (1 - m) I - A^T A + B - B^T,   m = softplus(m_raw) + floor   (or a fixed m)
+    z* = relu(W z* + U x + b),         logits = C z* + c
+
+The equilibrium is computed for *any* given weight: ``forward(x, W=W~)`` evaluates a quantized or
+imported ``W~`` through exactly the same solver path as the float ``W``. A ``weight_transform``
+(e.g. STE fake quantization for QAT) may be installed to map ``W`` before every solve. The module
+knows nothing of MNIST.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from monquant.implicit import EquilibriumSolver
+from monquant.operators import wk_weight
+from monquant.solvers import SolverConfig
+
+__all__ = ["MonDEQClassifier", "MonDEQConfig", "MonDEQLayer", "softplus_inverse"]
+
+
+def softplus_inverse(y: float) -> float:
+    """``x`` with ``softplus(x) = y`` (``y > 0``)."""
+    if y <= 0:
+        raise ValueError(f"softplus takes only positive values, got {y}")
+    return y + math.log(-math.expm1(-y))
+
+
+@dataclass
+class MonDEQConfig:
+    """Architecture and solver settings (stored in checkpoints)."""
+
+    in_features: int = 784
+    hidden: int = 100
+    out_features: int = 10
+    rank: int | None = None
+    margin_init: float = 1.0
+    learn_margin: bool = True
+    margin_floor: float = 0.0
+    solver: dict = field(default_factory=lambda: SolverConfig().as_dict())
+    backward: str = "splitting"
+    backward_tol: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("in_features", "hidden", "out_features"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        if self.rank is not None and not 1 <= int(self.rank) <= int(self.hidden):
+            raise ValueError(f"rank must be in [1, hidden={self.hidden}], got {self.rank}")
+        if not self.margin_init > 0:
+            raise ValueError(f"margin_init must be positive, got {self.margin_init}")
+        if self.backward not in ("splitting", "direct"):
+            raise ValueError(f"backward must be 'splitting' or 'direct', got {self.backward!r}")
+
+    def solver_config(self) -> SolverConfig:
+        return SolverConfig(**self.solver)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class MonDEQLayer(nn.Module):
+    """Equilibrium layer ``z* = relu(W z* + U x + b)`` with ``W`` in Winston-Kolter form."""
+
+    def __init__(self, config: MonDEQConfig, solver: EquilibriumSolver | None = None) -> None:
+        super().__init__()
+        self.config = config
+        n, d = config.hidden, config.in_features
+        r = config.rank or n
+        self.A = nn.Parameter(torch.empty(r, n))
+        self.B = nn.Parameter(torch.empty(n, n))
+        self.U = nn.Linear(d, n)
+        m_raw = torch.tensor(softplus_inverse(config.margin_init))
+        if config.learn_margin:
+            self.m_raw = nn.Parameter(m_raw)
+        else:
+            self.register_buffer("m_raw", m_raw)
+        bound = 1.0 / math.sqrt(n)
+        nn.init.uniform_(self.A, -bound, bound)
+        nn.init.uniform_(self.B, -bound, bound)
+        self.solver = solver or EquilibriumSolver(
+            forward_config=config.solver_config(),
+            backward=config.backward,  # type: ignore[arg-type]
+            backward_tol=config.backward_tol,
+        )
+        self.weight_transform: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def margin(self) -> torch.Tensor:
+        """The parameterized margin ``m = softplus(m_raw) + floor`` (a lower bound on margin(W))."""
+        return F.softplus(self.m_raw) + self.config.margin_floor
+
+    def weight(self) -> torch.Tensor:
+        """The float weight ``W = (1 - m) I - A^T A + B - B^T``."""
+        return wk_weight(self.A, self.B, self.margin())
+
+    def effective_weight(self) -> torch.Tensor:
+        """The weight used by the forward pass: ``weight_transform(W)`` if one is installed."""
+        W = self.weight()
+        return self.weight_transform(W) if self.weight_transform is not None else W
+
+    def injection(
+        self, x: torch.Tensor, U: torch.Tensor | None = None, b: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``q = U x + b`` (rows), optionally with replacement ``U`` / ``b``."""
+        U_ = self.U.weight if U is None else U
+        b_ = self.U.bias if b is None else b
+        return F.linear(x, U_.to(x.dtype), b_.to(x.dtype))
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        W: torch.Tensor | None = None,
+        U: torch.Tensor | None = None,
+        b: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        q = self.injection(x, U, b)
+        W_ = self.effective_weight() if W is None else W
+        return self.solver(W_.to(q.dtype), q)
+
+
+class MonDEQClassifier(nn.Module):
+    """Injection + equilibrium layer + linear head: ``logits = C z* + c``."""
+
+    def __init__(self, config: MonDEQConfig | None = None) -> None:
+        super().__init__()
+        self.config = config or MonDEQConfig()
+        self.layer = MonDEQLayer(self.config)
+        self.head = nn.Linear(self.config.hidden, self.config.out_features)
+
+    @property
+    def solver(self) -> EquilibriumSolver:
+        return self.layer.solver
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        W: torch.Tensor | None = None,
+        U: torch.Tensor | None = None,
+        b: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        z = self.layer(x, W=W, U=U, b=b)
+        return F.linear(z, self.head.weight.to(z.dtype), self.head.bias.to(z.dtype))

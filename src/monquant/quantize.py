@@ -1,0 +1,227 @@
+"""Weight and iterate quantizers (SPEC section 2; Corollary 2).
+
+Symmetric uniform mid-tread quantizer with ``b`` bits over ``[-w_max, w_max]``:
+
+    D_b  = 2 w_max / (2^b - 1)
+    Q(w) = D_b * clamp(round(w / D_b), -(2^(b-1) - 1), 2^(b-1) - 1)
+
+so there are ``2^b - 1`` levels, the integer codes fit a ``b``-bit signed integer, and
+``|Q(w) - w| <= D_b / 2`` for every ``|w| <= w_max``. Per-tensor scaling uses one ``w_max = max|W_ij|``
+(the paper); per-channel uses one ``w_max`` per row. ``round`` is round-half-to-even.
+
+Note: with ``w_max`` re-derived from its input ``Q`` is not idempotent (the top level
+``(2^(b-1) - 1) D_b`` is below ``w_max``); with the range held fixed it is.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from monquant.errors import MonquantError
+
+__all__ = [
+    "GRANULARITIES",
+    "AdaptiveCellQuantizer",
+    "FixedCellQuantizer",
+    "QuantizationError",
+    "Quantized",
+    "a_priori_step",
+    "check_bits",
+    "fake_quant",
+    "quantize",
+    "storage_bits",
+]
+
+Granularity = Literal["per-tensor", "per-channel"]
+GRANULARITIES: tuple[str, ...] = ("per-tensor", "per-channel")
+MIN_BITS, MAX_BITS = 2, 32
+
+
+class QuantizationError(MonquantError, ValueError):
+    """Invalid quantization request (bit-width, granularity, non-finite weights...)."""
+
+
+def check_bits(bits: object) -> int:
+    """Return ``bits`` as an int if it is a whole number in ``[2, 32]``; raise otherwise."""
+    if isinstance(bits, bool) or not isinstance(bits, (int, float)) or isinstance(bits, complex):
+        raise QuantizationError(f"bit-width must be an integer in [2, 32], got {bits!r}")
+    if isinstance(bits, float) and (not math.isfinite(bits) or bits != int(bits)):
+        raise QuantizationError(f"bit-width must be an integer in [2, 32], got {bits!r}")
+    b = int(bits)
+    if not MIN_BITS <= b <= MAX_BITS:
+        why = " (1 bit has no symmetric mid-tread level besides 0)" if b == 1 else ""
+        raise QuantizationError(f"bit-width must be an integer in [2, 32], got {b}{why}")
+    return b
+
+
+def _check_granularity(granularity: str) -> str:
+    if granularity not in GRANULARITIES:
+        raise QuantizationError(
+            f"unknown granularity {granularity!r}; choose one of {', '.join(GRANULARITIES)}"
+        )
+    return granularity
+
+
+def _code_dtype(bits: int) -> torch.dtype:
+    return torch.int8 if bits <= 8 else torch.int16 if bits <= 16 else torch.int32
+
+
+def a_priori_step(w_max: float, bits: int) -> float:
+    """Quantization step ``D_b = 2 w_max / (2^b - 1)``."""
+    return 2.0 * w_max / (2 ** check_bits(bits) - 1)
+
+
+@dataclass
+class Quantized:
+    """Integer codes and scales of a quantized tensor.
+
+    ``step`` has shape ``()`` (per-tensor) or ``(rows, 1)`` (per-channel) and dtype float64;
+    ``w_max`` likewise. ``dequantized()`` is ``codes * step`` in ``dtype``.
+    """
+
+    codes: torch.Tensor
+    step: torch.Tensor
+    w_max: torch.Tensor
+    bits: int
+    granularity: str
+    dtype: torch.dtype
+
+    def dequantized(self) -> torch.Tensor:
+        return (self.codes.to(torch.float64) * self.step).to(self.dtype)
+
+    @property
+    def max_step(self) -> float:
+        return float(self.step.max())
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1
+
+
+def _range(w: torch.Tensor, granularity: str) -> torch.Tensor:
+    a = w.detach().abs().to(torch.float64)
+    if granularity == "per-tensor" or w.dim() < 2:
+        return a.max()
+    return a.reshape(a.shape[0], -1).max(dim=1).values.reshape(-1, *([1] * (w.dim() - 1)))
+
+
+def quantize(
+    w: torch.Tensor,
+    bits: int,
+    granularity: str = "per-tensor",
+    w_max: torch.Tensor | float | None = None,
+) -> Quantized:
+    """The paper's quantizer ``Q_b`` (SPEC section 2): codes, steps and the dequantized tensor.
+
+    ``w_max`` defaults to ``max|w|`` over the tensor (per-tensor) or over each row (per-channel).
+    An all-zero tensor (or row) gets step 0 and codes 0. Raises :class:`QuantizationError` for a
+    bad bit-width or granularity and for NaN/inf entries.
+    """
+    b = check_bits(bits)
+    _check_granularity(granularity)
+    if not isinstance(w, torch.Tensor) or not w.is_floating_point():
+        raise QuantizationError("quantize expects a floating-point tensor")
+    if not bool(torch.isfinite(w).all()):
+        raise QuantizationError("cannot quantize a tensor with NaN or inf entries")
+    wmax = (
+        _range(w, granularity)
+        if w_max is None
+        else torch.as_tensor(w_max, dtype=torch.float64, device=w.device)
+    )
+    step = 2.0 * wmax / (2**b - 1)
+    safe = torch.where(step > 0, step, torch.ones_like(step))
+    qmax = 2 ** (b - 1) - 1
+    codes = torch.clamp(torch.round(w.detach().to(torch.float64) / safe), -qmax, qmax)
+    return Quantized(
+        codes=codes.to(_code_dtype(b)),
+        step=step,
+        w_max=wmax,
+        bits=b,
+        granularity=granularity,
+        dtype=w.dtype,
+    )
+
+
+class _FakeQuant(torch.autograd.Function):
+    """Forward ``Q_b(w)``; backward straight-through inside ``[-w_max, w_max]`` (bounds included)."""
+
+    @staticmethod
+    def forward(ctx, w: torch.Tensor, bits: int, granularity: str, clip: bool):  # type: ignore[override]
+        q = quantize(w, bits, granularity)
+        ctx.save_for_backward(w, q.w_max)
+        ctx.clip = clip
+        return q.dequantized()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        w, w_max = ctx.saved_tensors
+        if ctx.clip:
+            inside = w.detach().abs().to(torch.float64) <= w_max
+            grad = grad * inside.to(grad.dtype)
+        return grad, None, None, None
+
+
+def fake_quant(
+    w: torch.Tensor, bits: int, granularity: str = "per-tensor", clip: bool = True
+) -> torch.Tensor:
+    """Straight-through fake quantization for QAT: forward ``Q_b(w)``, backward ``dQ/dw := 1``.
+
+    With ``clip=True`` the gradient is 1 for ``|w| <= w_max`` (the bounds included) and 0 outside;
+    since ``w_max`` is derived from ``w`` itself every entry is inside, but the rule matters when the
+    range is shared or fixed. ``w_max`` is treated as a constant (no gradient through the range).
+    """
+    return _FakeQuant.apply(w, check_bits(bits), _check_granularity(granularity), clip)
+
+
+def storage_bits(shape: tuple[int, ...], bits: int, granularity: str, scale_bits: int = 32) -> int:
+    """Bits needed to store a quantized tensor: ``numel * b`` for codes plus one float per scale."""
+    numel = math.prod(shape)
+    n_scales = 1 if granularity == "per-tensor" or len(shape) < 2 else shape[0]
+    return numel * check_bits(bits) + n_scales * scale_bits
+
+
+@dataclass(frozen=True)
+class FixedCellQuantizer:
+    """Iterate quantizer with a fixed cell width ``h``: ``z -> h round(z / h)``.
+
+    Per-step error ``||e_k|| <= sqrt(n) h / 2`` (Corollary 2: constant error, a ball of radius
+    ``e / (1 - rho)``).
+    """
+
+    width: float
+
+    def __call__(self, z_prev: torch.Tensor, z_next: torch.Tensor, k: int) -> torch.Tensor:
+        return self.width * torch.round(z_next / self.width)
+
+    def error_bound(self, k: int, n: int) -> float:
+        return math.sqrt(n) * self.width / 2.0
+
+
+@dataclass(frozen=True)
+class AdaptiveCellQuantizer:
+    """Quantize the increment with a geometrically shrinking cell width ``h_k = h_0 s^k``.
+
+    ``z_{k+1} = z_k + h_k round((T(z_k) - z_k) / h_k)``: the errors ``||e_k|| <= sqrt(n) h_k / 2``
+    are summable, so the iterates converge to the exact equilibrium (Corollary 2).
+    """
+
+    width: float
+    shrink: float
+
+    def __post_init__(self) -> None:
+        if not 0 < self.shrink < 1:
+            raise QuantizationError(f"shrink must be in (0, 1), got {self.shrink}")
+
+    def cell(self, k: int) -> float:
+        return self.width * self.shrink**k
+
+    def __call__(self, z_prev: torch.Tensor, z_next: torch.Tensor, k: int) -> torch.Tensor:
+        h = self.cell(k)
+        return z_prev + h * torch.round((z_next - z_prev) / h)
+
+    def error_bound(self, k: int, n: int) -> float:
+        return math.sqrt(n) * self.cell(k) / 2.0
