@@ -136,8 +136,17 @@ class EquilibriumSolver:
             max_iter=cfg.max_iter,
             check_every=cfg.check_every,
             diverge_at=cfg.diverge_at,
+            spectral=cfg.spectral,
         )
-        result = solve(W.T, g, bcfg, prox=mask_prox(active), stats=stats)
+        K = fwd.resolvent if fwd is not None else None
+        result = solve(
+            W.T,
+            g,
+            bcfg,
+            prox=mask_prox(active),
+            stats=stats,
+            resolvent=None if K is None else K.T,
+        )
         self.last_backward = result
         self.counters.add_backward(result)
         return result.z

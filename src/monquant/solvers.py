@@ -14,9 +14,9 @@ Methods (step ``a``; ``m = margin(W)``, ``L = ||I - W||``):
   ``rho = sqrt(1 - 4 a m / (1 + a L)^2)`` for every ``a > 0``; default ``a = 1/L``; ``z = prox(R_F u)``.
 - ``dr`` Douglas-Rachford ``u+ = (u + R_G R_F u) / 2``; ``rho = (1 + rho_PR) / 2``; default ``1/L``.
 
-Stopping: per sample the relative residual ``||z_{k+1} - z_k|| / ||z_{k+1}||`` below ``tol`` (or, for
-``z* = 0`` reached through cancellation, increments stagnating at machine precision,
-``||z_{k+1} - z_k|| <= 4 eps ||s_{k+1}||``); the batch
+Stopping: per sample the relative residual ``||z_{k+1} - z_k|| / ||z_{k+1}||`` below ``tol`` (with a
+floor at machine precision, ``||z_{k+1} - z_k||^2 <= tol^2 ||z_{k+1}||^2 + (8 eps)^2 ||q||^2``, so that
+``z* = 0`` reached through cancellation is recognised); the batch
 stops when every sample is done (converged or diverged) or at ``max_iter``. A sample that has not met
 the tolerance is reported ``converged=False`` — never silently passed off as a solution.
 
@@ -44,6 +44,7 @@ __all__ = [
     "certified_step_range",
     "contraction_modulus",
     "default_step",
+    "estimate_lipschitz",
     "mask_prox",
     "solve",
 ]
@@ -63,7 +64,9 @@ class SolverConfig:
 
     ``step=None`` picks the operator's own step (FB ``m/L^2``, PR/DR ``1/L``). ``check_every`` sets
     how often the residual is evaluated (1 = every iteration; larger values save work on GPUs).
-    ``diverge_at`` is the iterate norm (relative to ``1 + ||q||``) treated as divergence.
+    ``diverge_at`` is the iterate norm (relative to ``1 + max|q|``) treated as divergence.
+    ``spectral="estimate"`` skips the exact ``m``, ``L`` (eigen/singular values) for speed: PR/DR
+    then step with an estimated ``1/L`` (certified for any step) and report no modulus.
     """
 
     method: str = "pr"
@@ -72,6 +75,7 @@ class SolverConfig:
     max_iter: int = 2000
     check_every: int = 1
     diverge_at: float = 1e8
+    spectral: str = "exact"
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -82,6 +86,8 @@ class SolverConfig:
             raise SolverError(f"tol must be positive, got {self.tol}")
         if int(self.max_iter) < 1 or int(self.check_every) < 1:
             raise SolverError("max_iter and check_every must be >= 1")
+        if self.spectral not in ("exact", "estimate"):
+            raise SolverError(f"spectral must be 'exact' or 'estimate', got {self.spectral!r}")
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -90,6 +96,7 @@ class SolverConfig:
             "tol": self.tol,
             "max_iter": self.max_iter,
             "check_every": self.check_every,
+            "spectral": self.spectral,
         }
 
 
@@ -118,6 +125,7 @@ class SolverResult:
     tol: float
     max_iter: int
     state: torch.Tensor = field(repr=False)
+    resolvent: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def all_converged(self) -> bool:
@@ -214,11 +222,20 @@ class _Splitting:
     The iterated variable ``s`` is ``z`` for FB and ``u`` for PR/DR; ``aux`` is ``J_F(u)`` for
     PR/DR. ``read`` returns the equilibrium estimate ``z = prox(R_F u)`` belonging to ``s`` (for
     FB ``z = s``); ``advance`` performs one iteration. For PR/DR ``J_F(v) = v K + c`` with
-    ``K = (I + a (I - W))^{-T}`` (row layout) and ``c = a q K``: the inverse is formed once.
-    Reading ``z`` through ``prox`` makes it exactly feasible (``relu`` output, exact zeros).
+    ``K = (I + a (I - W))^{-T}`` (row layout) and ``c = a q K``: the inverse is formed once (or
+    passed in: the adjoint problem's ``K`` is the forward ``K`` transposed). Reading ``z`` through
+    ``prox`` makes it exactly feasible (``relu`` output, exact zeros).
     """
 
-    def __init__(self, method: str, W: torch.Tensor, q: torch.Tensor, a: float, prox: Prox):
+    def __init__(
+        self,
+        method: str,
+        W: torch.Tensor,
+        q: torch.Tensor,
+        a: float,
+        prox: Prox,
+        resolvent: torch.Tensor | None = None,
+    ):
         n = W.shape[0]
         eye = torch.eye(n, dtype=W.dtype, device=W.device)
         self.method, self.prox = method, prox
@@ -227,11 +244,13 @@ class _Splitting:
             self.K = ((1.0 - a) * eye + a * W).T.contiguous()
             self.c = a * q
             return
-        Minv, info = torch.linalg.inv_ex(eye + a * (eye - W))
-        if int(info) != 0 or not bool(torch.isfinite(Minv).all()):
-            self.ok = False  # I + a (I - W) singular: only possible when margin(W) <= 0
-            return
-        self.K = Minv.T.contiguous()
+        if resolvent is None:
+            Minv, info = torch.linalg.inv_ex(eye + a * (eye - W))
+            if int(info) != 0 or not bool(torch.isfinite(Minv).all()):
+                self.ok = False  # I + a (I - W) singular: only possible when margin(W) <= 0
+                return
+            resolvent = Minv.T.contiguous()
+        self.K = resolvent.to(W)
         self.c = a * (q @ self.K)
 
     def start(self, s: torch.Tensor) -> torch.Tensor | None:
@@ -240,14 +259,14 @@ class _Splitting:
     def read(self, s: torch.Tensor, x: torch.Tensor | None):
         if x is None:
             return s, None
-        y = 2.0 * x - s  # R_F u
+        y = torch.lerp(s, x, 2.0)  # R_F u = 2 J_F(u) - u
         return self.prox(y), y
 
     def advance(self, s, x, z, y):
         if self.method == "fb":
             return self.prox(torch.addmm(self.c, s, self.K)), None
         # PR: u+ = R_G R_F u = 2 z - y;  DR: u+ = (u + R_G R_F u) / 2 = u + z - x
-        u = 2.0 * z - y if self.method == "pr" else s + z - x
+        u = torch.lerp(y, z, 2.0) if self.method == "pr" else s + z - x
         return u, torch.addmm(self.c, u, self.K)
 
 
@@ -276,6 +295,23 @@ def _failed_result(
     )
 
 
+def estimate_lipschitz(W: torch.Tensor, iters: int = 30) -> float:
+    """Power-iteration estimate of ``||I - W||`` (a lower bound, cheap; used only for steps).
+
+    PR and DR converge for every step ``a > 0``, so an estimated ``1/L`` is a safe step; it is
+    never used for a certificate.
+    """
+    M = torch.eye(W.shape[0], dtype=W.dtype, device=W.device) - W.detach()
+    v = torch.ones(W.shape[0], dtype=W.dtype, device=W.device) / W.shape[0] ** 0.5
+    G = M.T @ M
+    lam = torch.zeros((), dtype=W.dtype, device=W.device)
+    for _ in range(iters):
+        w = G @ v
+        lam = w.norm()
+        v = w / lam.clamp_min(torch.finfo(W.dtype).tiny)
+    return float(lam.sqrt())
+
+
 def solve(
     W: torch.Tensor,
     q: torch.Tensor,
@@ -284,69 +320,52 @@ def solve(
     prox: Prox = torch.relu,
     stats: SpectralStats | None = None,
     init: torch.Tensor | None = None,
+    resolvent: torch.Tensor | None = None,
 ) -> SolverResult:
     """Solve ``z = prox(W z + q)`` for every row of ``q`` with the configured splitting method.
 
     ``W`` may be any square matrix (float, quantized, imported); it is cast to ``q``'s dtype and
-    device. ``stats`` (``m``, ``L`` of this ``W``) may be passed to skip their computation.
-    ``init`` warm-starts the iterated variable (``z`` for FB, ``u`` for PR/DR). Runs without
-    autograd. Never raises for non-convergence: it is reported per sample in the result.
+    device. ``stats`` (``m``, ``L`` of this ``W``) may be passed to skip their computation;
+    with ``config.spectral == "estimate"`` and no ``stats``, only an estimate of ``L`` is formed
+    (PR/DR) and the result carries no modulus (nothing is certified, the solve is just fast).
+    ``init`` warm-starts the iterated variable (``z`` for FB, ``u`` for PR/DR); ``resolvent`` is
+    a precomputed ``K`` for PR/DR (see :class:`_Splitting`). Runs without autograd. Never raises
+    for non-convergence: it is reported per sample in the result.
     """
     cfg = config or SolverConfig()
     _check_inputs(W, q)
     W = W.detach().to(dtype=q.dtype, device=q.device)
     q = q.detach()
-    st = stats if stats is not None else spectral_stats(W)
+    if stats is not None:
+        st = stats
+    elif cfg.spectral == "estimate" and cfg.method != "fb":
+        st = SpectralStats(m=math.nan, L=estimate_lipschitz(W), norm_W=math.nan)
+    else:
+        st = spectral_stats(W)
     a = float(cfg.step) if cfg.step is not None else default_step(cfg.method, st.m, st.L)
-    rho = contraction_modulus(cfg.method, a, st.m, st.L)
-    B = q.shape[0]
-    tol2 = cfg.tol**2
-    stag2 = (4.0 * torch.finfo(q.dtype).eps) ** 2
-    limit = cfg.diverge_at * (1.0 + float(q.abs().max()) if q.numel() else 1.0)
+    rho = None if math.isnan(st.m) else contraction_modulus(cfg.method, a, st.m, st.L)
     with torch.no_grad():
-        it = _Splitting(cfg.method, W, q, a, prox)
+        it = _Splitting(cfg.method, W, q, a, prox, resolvent)
         if not it.ok:
             return _failed_result(q, cfg, a, rho, st)
-        s = torch.zeros_like(q) if init is None else init.detach().to(q).clone()
-        x = it.start(s)
-        z, y = it.read(s, x)
-        first = torch.full((B,), cfg.max_iter, dtype=torch.long, device=q.device)
-        res2 = torch.full((B,), math.inf, dtype=q.dtype, device=q.device)
-        diverged = torch.zeros(B, dtype=torch.bool, device=q.device)
-        s_prev = s
-        ok = torch.zeros(B, dtype=torch.bool, device=q.device)
-        k = 0
-        while k < cfg.max_iter:
-            k += 1
-            s_prev, z_prev = s, z
-            s, x = it.advance(s, x, z, y)
-            z, y = it.read(s, x)
-            if k % cfg.check_every and k < cfg.max_iter:
-                continue
-            dz2 = (z - z_prev).square().sum(dim=1)
-            zn2 = z.square().sum(dim=1)
-            res2 = dz2 / zn2.clamp_min(torch.finfo(q.dtype).tiny)
-            res2 = torch.where(dz2 == 0, torch.zeros_like(res2), res2)
-            # Converged: relative residual below tol, or increments at machine precision
-            # relative to the iterated state (reached when z* = 0 is approached by cancellation).
-            ok = (res2 < tol2) | (dz2 <= stag2 * s.square().sum(dim=1))
-            first = torch.where(ok & (first == cfg.max_iter), torch.full_like(first, k), first)
-            sn2 = s.square().sum(dim=1)
-            diverged = diverged | ~torch.isfinite(sn2) | (sn2 > limit**2)
-            if bool((ok | diverged).all()):
-                break
-        residual = res2.sqrt()
-        converged = ok & ~diverged
-        first = torch.where(converged, first, torch.full_like(first, cfg.max_iter))
-        if rho is not None and rho < 1.0:
-            ds = (s - s_prev).norm(dim=1)
-            error_bound = rho / (1.0 - rho) * ds
-        else:
-            error_bound = torch.full((B,), math.inf, dtype=q.dtype, device=q.device)
+        s0 = torch.zeros_like(q) if init is None else init.detach().to(q).clone()
+        res = _iterate(it, s0, q, cfg)
+    s, s_prev, z, k, pending, dz2, zn2, ok, diverged = res
+    B = q.shape[0]
+    converged = ok & ~diverged
+    residual = (dz2 / zn2.clamp_min(torch.finfo(q.dtype).tiny)).sqrt()
+    residual = torch.where(dz2 == 0, torch.zeros_like(residual), residual)
+    sample_it = torch.clamp(pending * cfg.check_every + 1, max=k)
+    sample_it = torch.where(converged, sample_it, torch.full_like(sample_it, cfg.max_iter))
+    if rho is not None and rho < 1.0:
+        error_bound = rho / (1.0 - rho) * (s - s_prev).norm(dim=1)
+        error_bound = torch.where(diverged, torch.full_like(error_bound, math.inf), error_bound)
+    else:
+        error_bound = torch.full((B,), math.inf, dtype=q.dtype, device=q.device)
     return SolverResult(
         z=z,
         iterations=k,
-        sample_iterations=first,
+        sample_iterations=sample_it,
         residual=residual,
         converged=converged,
         diverged=diverged,
@@ -358,4 +377,51 @@ def solve(
         tol=cfg.tol,
         max_iter=cfg.max_iter,
         state=s,
+        resolvent=None if cfg.method == "fb" else it.K,
     )
+
+
+def _iterate(it: _Splitting, s: torch.Tensor, q: torch.Tensor, cfg: SolverConfig):
+    """The shared iteration loop with per-sample stopping (lean: ~15 tensor ops per check).
+
+    A sample is done when ``||dz||^2 <= tol^2 ||z||^2 + (8 eps)^2 ||q||^2``: the relative residual
+    test, with a floor at machine precision relative to the injection so that ``z* = 0`` reached
+    through cancellation is recognised. Divergence (non-finite or exploding iterates) is checked
+    every 16 checks and at the end.
+    """
+    B = q.shape[0]
+    tol2 = cfg.tol**2
+    floor = (8.0 * torch.finfo(q.dtype).eps) ** 2 * q.square().sum(dim=1)
+    limit2 = (cfg.diverge_at * (1.0 + float(q.abs().max()) if q.numel() else 1.0)) ** 2
+    x = it.start(s)
+    z, y = it.read(s, x)
+    s_prev = s
+    pending = torch.zeros(B, dtype=torch.long, device=q.device)
+    ok = torch.zeros(B, dtype=torch.bool, device=q.device)
+    diverged = torch.zeros(B, dtype=torch.bool, device=q.device)
+    dz2 = torch.full((B,), math.inf, dtype=q.dtype, device=q.device)
+    zn2 = torch.ones(B, dtype=q.dtype, device=q.device)
+    k = checks = 0
+    while k < cfg.max_iter:
+        k += 1
+        s_prev, z_prev = s, z
+        s, x = it.advance(s, x, z, y)
+        z, y = it.read(s, x)
+        if k % cfg.check_every and k < cfg.max_iter:
+            continue
+        checks += 1
+        dz2 = (z - z_prev).square_().sum(dim=1)
+        zn2 = z.square().sum(dim=1)
+        ok = dz2 <= torch.addcmul(floor, zn2, torch.full_like(zn2, tol2))
+        pending += ~ok
+        if checks % 16 == 0 or k == cfg.max_iter:
+            sn2 = s.square().sum(dim=1)
+            diverged = diverged | ~torch.isfinite(sn2) | (sn2 > limit2)
+            if bool((ok | diverged).all()):
+                break
+        elif bool(ok.all()):
+            break
+    sn2 = s.square().sum(dim=1)
+    diverged = diverged | ~torch.isfinite(sn2) | (sn2 > limit2) | ~torch.isfinite(dz2)
+    ok = ok & torch.isfinite(dz2)
+    return s, s_prev, z, k, pending, dz2, zn2, ok, diverged

@@ -1,0 +1,204 @@
+"""Model checkpoints: a MonDEQ (float or quantized) plus training state, in one safetensors file.
+
+Layout (all tensors, no pickle; JSON metadata in the header, see :mod:`monquant.io`):
+
+- ``model.<name>``: the model's ``state_dict`` (A, B, m_raw, U, b, head);
+- ``optim.<param index>.<key>``: Adam moments and step counts (training checkpoints only);
+- ``quant.<W|U|b>.codes`` / ``quant.<...>.step``: integer codes and steps of a quantized model.
+
+Metadata: ``kind`` (``monquant-model``), ``format`` (integer, bumped on incompatible changes;
+older formats stay loadable), ``config`` (:class:`~monquant.model.MonDEQConfig`), ``train``
+settings, ``history``, ``epoch``, ``seed``, ``versions`` (monquant, torch), ``data`` checksums,
+``quantization`` (bits, granularity, what was quantized, the certificate) when quantized.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from monquant import __version__
+from monquant.errors import CheckpointError
+from monquant.io import load_tensors, save_tensors
+from monquant.model import MonDEQClassifier, MonDEQConfig
+from monquant.quantize import Quantized, quantize
+
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "LoadedModel",
+    "QuantizedWeights",
+    "load_model",
+    "quantize_model",
+    "save_model",
+]
+
+CHECKPOINT_FORMAT = 1
+KIND = "monquant-model"
+
+
+@dataclass
+class QuantizedWeights:
+    """Quantized replacements for ``W`` (and optionally ``U``, ``b``) of a MonDEQ."""
+
+    bits: int
+    granularity: str
+    parts: dict[str, Quantized] = field(default_factory=dict)
+
+    def tensor(self, name: str) -> torch.Tensor | None:
+        q = self.parts.get(name)
+        return None if q is None else q.dequantized()
+
+    def overrides(self) -> dict[str, torch.Tensor | None]:
+        """Keyword arguments for ``model(x, W=..., U=..., b=...)``."""
+        return {k: self.tensor(k) for k in ("W", "U", "b")}
+
+
+def quantize_model(
+    model: MonDEQClassifier, bits: int, granularity: str = "per-tensor", parts=("W",)
+) -> QuantizedWeights:
+    """Post-training quantization of ``W`` (default, as in the paper) and optionally ``U``, ``b``."""
+    bad = set(parts) - {"W", "U", "b"}
+    if bad or not parts:
+        raise ValueError(f"can quantize W, U and b only, got {sorted(set(parts))}")
+    layer = model.layer
+    src = {
+        "W": layer.weight().detach(),
+        "U": layer.U.weight.detach(),
+        "b": layer.U.bias.detach(),
+    }
+    out = QuantizedWeights(bits=bits, granularity=granularity)
+    for name in parts:
+        gran = "per-tensor" if name == "b" else granularity
+        out.parts[name] = quantize(src[name], bits, gran)
+    return out
+
+
+@dataclass
+class LoadedModel:
+    """A model loaded from disk with its metadata, resumable training state and quantization."""
+
+    model: MonDEQClassifier
+    metadata: dict[str, Any]
+    train_state: dict[str, Any] | None
+    quantized: QuantizedWeights | None
+
+
+def _optimizer_tensors(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors: dict[str, torch.Tensor] = {}
+    for idx, st in state["state"].items():
+        for key, val in st.items():
+            tensors[f"optim.{idx}.{key}"] = torch.as_tensor(val)
+    return tensors, {"param_groups": state["param_groups"]}
+
+
+def _optimizer_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for name, t in tensors.items():
+        if name.startswith("optim."):
+            _, idx, key = name.split(".", 2)
+            state.setdefault(int(idx), {})[key] = t
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_model(
+    path: str | os.PathLike[str],
+    model: MonDEQClassifier,
+    *,
+    train_state: dict[str, Any] | None = None,
+    quantized: QuantizedWeights | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``model`` (and optionally optimizer/scheduler state, quantization) atomically."""
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    meta: dict[str, Any] = {
+        "kind": KIND,
+        "format": CHECKPOINT_FORMAT,
+        "config": model.config.as_dict(),
+        "versions": {"monquant": __version__, "torch": torch.__version__},
+    }
+    if train_state is not None:
+        opt_t, opt_meta = _optimizer_tensors(train_state["optimizer"])
+        tensors.update(opt_t)
+        meta["train_state"] = {
+            "epoch": train_state["epoch"],
+            "optimizer": opt_meta,
+            "scheduler": train_state["scheduler"],
+            "history": train_state["history"],
+        }
+    if quantized is not None:
+        for name, q in quantized.parts.items():
+            tensors[f"quant.{name}.codes"] = q.codes
+            tensors[f"quant.{name}.step"] = q.step
+            tensors[f"quant.{name}.w_max"] = q.w_max
+        meta["quantization"] = {
+            "bits": quantized.bits,
+            "granularity": quantized.granularity,
+            "parts": sorted(quantized.parts),
+            "granularities": {k: q.granularity for k, q in quantized.parts.items()},
+        }
+    if extra:
+        meta.update(extra)
+    return save_tensors(path, tensors, meta)
+
+
+def _config(meta: dict[str, Any]) -> MonDEQConfig:
+    raw = dict(meta.get("config") or {})
+    names = {f.name for f in dataclasses.fields(MonDEQConfig)}
+    unknown = set(raw) - names
+    if unknown:  # written by a newer version: keep what we understand, say so
+        raw = {k: v for k, v in raw.items() if k in names}
+    try:
+        return MonDEQConfig(**raw)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint has an invalid model config: {exc}") from exc
+
+
+def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> LoadedModel:
+    """Load a checkpoint written by :func:`save_model` (never unpickles; verifies the digest)."""
+    tensors, meta = load_tensors(path, device=device)
+    if meta.get("kind") != KIND:
+        raise CheckpointError(
+            f"{path}: not a monquant model checkpoint (kind={meta.get('kind')!r}); "
+            "plain weight files (W, U, b) are accepted by `monquant certify`"
+        )
+    fmt = int(meta.get("format", 0))
+    if fmt > CHECKPOINT_FORMAT:
+        raise CheckpointError(
+            f"{path}: checkpoint format {fmt} is newer than this monquant supports "
+            f"({CHECKPOINT_FORMAT}); upgrade monquant"
+        )
+    model = MonDEQClassifier(_config(meta)).to(device)
+    state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: tensors do not match the stored config: {exc}") from exc
+    train_state = None
+    ts = meta.get("train_state")
+    if ts is not None:
+        train_state = {
+            "epoch": ts["epoch"],
+            "optimizer": _optimizer_state(tensors, ts["optimizer"]),
+            "scheduler": ts["scheduler"],
+            "history": ts["history"],
+        }
+    quantized = None
+    qm = meta.get("quantization")
+    if qm is not None:
+        quantized = QuantizedWeights(bits=int(qm["bits"]), granularity=qm["granularity"])
+        dtype = model.layer.B.dtype
+        for name in qm["parts"]:
+            quantized.parts[name] = Quantized(
+                codes=tensors[f"quant.{name}.codes"],
+                step=tensors[f"quant.{name}.step"],
+                w_max=tensors[f"quant.{name}.w_max"],
+                bits=int(qm["bits"]),
+                granularity=qm["granularities"][name],
+                dtype=dtype,
+            )
+    return LoadedModel(model=model, metadata=meta, train_state=train_state, quantized=quantized)

@@ -1,0 +1,297 @@
+"""Training and evaluation loops: float training, STE QAT and margin-aware QAT.
+
+One loop serves every variant. A variant only changes which weight the forward solve sees
+(``MonDEQLayer.weight_transform``: identity for float training, STE fake quantization ``Q_b(W)``
+for QAT) and which penalty is added to the loss (margin-aware training). Batches come from one
+seeded permutation per epoch (``seed``, ``epoch``), so an interrupted run resumed from its last
+checkpoint reproduces the uninterrupted run exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch.nn import functional as F
+
+from monquant.model import MonDEQClassifier
+from monquant.operators import spectral_stats
+from monquant.quantize import check_bits, fake_quant
+
+__all__ = [
+    "EvalResult",
+    "TrainConfig",
+    "epoch_generator",
+    "evaluate",
+    "install_qat",
+    "train",
+]
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings (paper defaults: Adam 1e-3, 15 epochs, x0.1 at epoch 10, batch 128).
+
+    ``qat_bits``: train with the forward solve on ``Q_b(W)`` and STE gradients (QAT).
+    ``margin_target`` / ``margin_weight``: margin-aware penalty
+    ``weight * relu(target - margin(Q_b(W)))`` through a differentiable smallest eigenvalue.
+    ``fast_spectral``: training solves step with an estimated ``1/L`` instead of computing exact
+    eigen/singular values every batch (PR/DR are certified for any step; FB still needs the
+    exact margin). Evaluation solves always use the exact constants.
+    """
+
+    epochs: int = 15
+    lr: float = 1e-3
+    batch_size: int = 128
+    decay_epoch: int = 10
+    decay: float = 0.1
+    seed: int = 0
+    qat_bits: int | None = None
+    qat_granularity: str = "per-tensor"
+    margin_target: float | None = None
+    margin_weight: float = 1.0
+    eval_batch_size: int = 2000
+    fast_spectral: bool = True
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError("epochs and batch_size must be >= 1")
+        if not self.lr > 0:
+            raise ValueError("lr must be positive")
+        if self.qat_bits is not None:
+            self.qat_bits = check_bits(self.qat_bits)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class EvalResult:
+    """Accuracy and solver statistics of one evaluation pass."""
+
+    accuracy: float
+    loss: float
+    samples: int
+    converged: int
+    unconverged: int
+    diverged: int
+    mean_iterations: float
+    max_iterations: int
+    seconds: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def converged_fraction(self) -> float:
+        return self.converged / max(self.samples, 1)
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["converged_fraction"] = self.converged_fraction
+        return d
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """The generator that orders epoch ``epoch``'s batches (depends only on seed and epoch)."""
+    return torch.Generator().manual_seed(int(seed) * 1_000_003 + int(epoch))
+
+
+def install_qat(model: MonDEQClassifier, bits: int | None, granularity: str = "per-tensor") -> None:
+    """Make the forward solve use ``Q_b(W)`` with STE gradients (``bits=None`` removes it)."""
+    if bits is None:
+        model.layer.weight_transform = None
+        return
+    b = check_bits(bits)
+    model.layer.weight_transform = lambda W: fake_quant(W, b, granularity)
+
+
+def margin_penalty(model: MonDEQClassifier, cfg: TrainConfig) -> torch.Tensor | None:
+    """Margin-aware penalty ``relu(tau - lmin(sym(I - W_used)))`` (differentiable eigenvalue).
+
+    ``W_used`` is ``Q_b(W)`` under QAT (STE through the rounding), so the penalty pushes the
+    *quantized* operator's exact margin above ``tau``.
+    """
+    if cfg.margin_target is None:
+        return None
+    W = model.layer.effective_weight()
+    n = W.shape[0]
+    S = torch.eye(n, dtype=W.dtype, device=W.device) - W
+    lmin = torch.linalg.eigvalsh(0.5 * (S + S.T))[0]
+    return cfg.margin_weight * F.relu(cfg.margin_target - lmin)
+
+
+@torch.no_grad()
+def evaluate(
+    model: MonDEQClassifier,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batch_size: int = 2000,
+    W: torch.Tensor | None = None,
+    U: torch.Tensor | None = None,
+    b: torch.Tensor | None = None,
+) -> EvalResult:
+    """Accuracy of ``model`` (optionally with replacement weights ``W``/``U``/``b``).
+
+    A sample whose solve did not converge (or diverged) still gets a prediction, but it is
+    counted in ``unconverged``; non-finite logits count as wrong.
+    """
+    t0 = time.perf_counter()
+    correct, loss_sum = 0, 0.0
+    conv = div = 0
+    iters = []
+    for i in range(0, x.shape[0], batch_size):
+        xb, yb = x[i : i + batch_size], y[i : i + batch_size]
+        logits = model(xb, W=W, U=U, b=b)
+        r = model.solver.last_forward
+        assert r is not None
+        conv += int(r.converged.sum())
+        div += int(r.diverged.sum())
+        iters.append(r.sample_iterations)
+        finite = torch.isfinite(logits).all(dim=1)
+        pred = logits.argmax(dim=1)
+        correct += int(((pred == yb) & finite).sum())
+        if bool(finite.all()):
+            loss_sum += float(F.cross_entropy(logits, yb, reduction="sum"))
+        else:
+            loss_sum = math.nan
+    it = torch.cat(iters)
+    n = x.shape[0]
+    return EvalResult(
+        accuracy=correct / n,
+        loss=loss_sum / n,
+        samples=n,
+        converged=conv,
+        unconverged=n - conv,
+        diverged=div,
+        mean_iterations=float(it.double().mean()),
+        max_iterations=int(it.max()),
+        seconds=time.perf_counter() - t0,
+    )
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False, disable=not enabled, file=sys.stderr)
+
+
+def train(
+    model: MonDEQClassifier,
+    x_train: torch.Tensor,
+    y_train: torch.Tensor,
+    x_test: torch.Tensor,
+    y_test: torch.Tensor,
+    cfg: TrainConfig,
+    *,
+    checkpoint: Callable[[dict[str, Any]], None] | None = None,
+    resume_state: dict[str, Any] | None = None,
+    progress: bool = True,
+    log: Callable[[dict[str, Any]], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Train ``model`` and return the per-epoch log.
+
+    ``checkpoint(state)`` is called after every epoch with everything needed to resume
+    (model, optimizer, epoch, history); ``resume_state`` is such a state. Each epoch's log entry
+    holds loss, train/test accuracy, m, L, kappa, solver iterations, unconverged solves, seconds.
+    """
+    install_qat(model, cfg.qat_bits, cfg.qat_granularity)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, foreach=True)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.decay_epoch, gamma=cfg.decay)
+    history: list[dict[str, Any]] = []
+    start = 0
+    if resume_state is not None:
+        opt.load_state_dict(resume_state["optimizer"])
+        sched.load_state_dict(resume_state["scheduler"])
+        history = list(resume_state["history"])
+        start = int(resume_state["epoch"])
+    n = x_train.shape[0]
+    nb = math.ceil(n / cfg.batch_size)
+    solver = model.solver
+    exact_spectral = solver.forward_config.spectral
+    for epoch in range(start, cfg.epochs):
+        model.train()
+        solver.forward_config.spectral = "estimate" if cfg.fast_spectral else exact_spectral
+        before = solver.counters.summary()
+        t0 = time.perf_counter()
+        perm = torch.randperm(n, generator=epoch_generator(cfg.seed, epoch)).to(x_train.device)
+        loss_sum = correct = 0.0
+        bar = _progress(nb, f"epoch {epoch + 1}/{cfg.epochs}", progress)
+        for i in range(nb):
+            idx = perm[i * cfg.batch_size : (i + 1) * cfg.batch_size]
+            xb, yb = x_train[idx], y_train[idx]
+            logits = model(xb)
+            loss = F.cross_entropy(logits, yb)
+            pen = margin_penalty(model, cfg)
+            total = loss + pen if pen is not None else loss
+            opt.zero_grad(set_to_none=True)
+            total.backward()
+            opt.step()
+            loss_sum += float(loss.detach()) * xb.shape[0]
+            correct += float((logits.detach().argmax(1) == yb).sum())
+            if progress and (i % 20 == 0 or i == nb - 1):
+                bar.set_postfix(
+                    loss=f"{loss_sum / ((i * cfg.batch_size) + xb.shape[0]):.4f}",
+                    it=f"{solver.last_forward.sample_iterations.double().mean():.1f}",
+                )
+            bar.update(1)
+        bar.close()
+        sched.step()
+        train_seconds = time.perf_counter() - t0
+        after = solver.counters.summary()
+        model.eval()
+        solver.forward_config.spectral = exact_spectral
+        ev = evaluate(model, x_test, y_test, cfg.eval_batch_size)
+        entry = _epoch_entry(model, epoch, n, loss_sum, correct, ev, before, after, train_seconds)
+        history.append(entry)
+        if log is not None:
+            log(entry)
+        if checkpoint is not None:
+            checkpoint(
+                {
+                    "epoch": epoch + 1,
+                    "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(),
+                    "history": history,
+                }
+            )
+    return history
+
+
+def _epoch_entry(model, epoch, n, loss_sum, correct, ev, before, after, seconds) -> dict[str, Any]:
+    W = model.layer.weight().detach()
+    st = spectral_stats(W)
+    d_fwd = after["forward_samples"] - before["forward_samples"]
+    d_unc = after["forward_unconverged"] - before["forward_unconverged"]
+    d_bwd_unc = after["backward_unconverged"] - before["backward_unconverged"]
+    entry = {
+        "epoch": epoch + 1,
+        "loss": loss_sum / n,
+        "train_accuracy": correct / n,
+        "test_accuracy": ev.accuracy,
+        "test_loss": ev.loss,
+        "m_param": float(model.layer.margin().detach()),
+        "m": st.m,
+        "L": st.L,
+        "kappa": st.kappa,
+        "train_solves": d_fwd,
+        "train_unconverged": d_unc,
+        "backward_unconverged": d_bwd_unc,
+        "mean_iterations": ev.mean_iterations,
+        "max_iterations": ev.max_iterations,
+        "test_unconverged": ev.unconverged,
+        "train_mean_iterations": (
+            (after["forward_mean_iterations"] * after["forward_samples"])
+            - (before["forward_mean_iterations"] * before["forward_samples"])
+        )
+        / max(d_fwd, 1),
+        "seconds": seconds,
+        "eval_seconds": ev.seconds,
+    }
+    if model.layer.weight_transform is not None:
+        Wq = model.layer.effective_weight().detach()
+        entry["margin_quantized"] = spectral_stats(Wq).m
+    return entry
