@@ -251,6 +251,44 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------------- reproduce
+EPILOG_REPRODUCE = """examples:
+  monquant reproduce                              # full paper setup -> results/paper/
+  monquant reproduce --quick --out results/quick  # same pipeline, small (a few minutes)
+  monquant reproduce --resume                     # skip stages finished by an earlier run
+  monquant reproduce --model runs/float/model.safetensors
+"""
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from monquant.experiments.reproduce import ReproduceConfig, run_reproduce
+
+    kw: dict[str, Any] = dict(
+        out=Path(args.out),
+        model=Path(args.model) if args.model else None,
+        seed=args.seed,
+        resume=args.resume,
+        progress=not args.no_progress,
+    )
+    if args.epochs is not None:
+        kw["epochs"] = args.epochs
+    cfg = ReproduceConfig.quick_config(**kw) if args.quick else ReproduceConfig(**kw)
+    data = _load_data(args)
+    echo = (lambda m: print(m, file=sys.stderr)) if args.json else print
+    res = run_reproduce(cfg, data, echo=echo)
+    verdicts = "\n".join(f"  [{c['verdict']}] {c['claim']}" for c in res["claims"])
+    text = (
+        f"report: {Path(args.out) / 'report.md'}\nresults: {Path(args.out) / 'results.json'}\n"
+        f"wall time (all stages): {res['wall_seconds_all_stages']:.1f} s\nclaims:\n{verdicts}"
+    )
+    _emit(
+        args,
+        {"out": args.out, "claims": res["claims"], "stage_seconds": res["stage_seconds"]},
+        text,
+    )
+    return 0
+
+
 # ---------------------------------------------------------------------------------------- demo
 def cmd_demo(args: argparse.Namespace) -> int:
     """A synthetic MonDEQ: certificates, and a check against actual solves."""
@@ -352,6 +390,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("checkpoint")
     e.add_argument("--test-limit", type=int, default=None)
     _data_args(e)
+
+    r = add("reproduce", cmd_reproduce, "reproduce every result of the paper", EPILOG_REPRODUCE)
+    r.add_argument("--out", default="results/paper", help="results folder")
+    r.add_argument("--quick", action="store_true", help="small CI-sized run of the same pipeline")
+    r.add_argument("--model", default=None, help="reuse a float checkpoint instead of training")
+    r.add_argument("--epochs", type=int, default=None, help="override the training epochs")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--resume", action="store_true", help="skip stages already finished")
+    r.add_argument("--no-progress", action="store_true")
+    _data_args(r)
 
     d = add("demo", cmd_demo, "certificates of a small synthetic MonDEQ, checked by solving")
     d.add_argument("--n", type=int, default=100)

@@ -116,9 +116,14 @@ def _cells(rows: Iterable[Sequence[Any]], digits: int) -> list[list[str]]:
     return [[fmt(v, digits) for v in row] for row in rows]
 
 
+def _md_escape(cell: str) -> str:
+    return cell.replace("|", "\\|")
+
+
 def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]], digits: int = 4) -> str:
-    """Render a GitHub-flavoured Markdown table."""
-    body = _cells(rows, digits)
+    """Render a GitHub-flavoured Markdown table (``|`` inside cells is escaped)."""
+    body = [[_md_escape(c) for c in r] for r in _cells(rows, digits)]
+    headers = [_md_escape(h) for h in headers]
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in body]
     return "\n".join(lines)

@@ -41,6 +41,7 @@ __all__ = [
     "SolverConfig",
     "SolverError",
     "SolverResult",
+    "SplittingMap",
     "certified_step_range",
     "contraction_modulus",
     "default_step",
@@ -216,7 +217,7 @@ def _check_inputs(W: torch.Tensor, q: torch.Tensor) -> None:
         )
 
 
-class _Splitting:
+class SplittingMap:
     """One splitting method on a fixed ``(W, q, a, prox)``.
 
     The iterated variable ``s`` is ``z`` for FB and ``u`` for PR/DR; ``aux`` is ``J_F(u)`` for
@@ -252,6 +253,16 @@ class _Splitting:
             resolvent = Minv.T.contiguous()
         self.K = resolvent.to(W)
         self.c = a * (q @ self.K)
+
+    def apply(self, s: torch.Tensor) -> torch.Tensor:
+        """One full iteration ``s -> T(s)`` of the splitting map (the contraction variable)."""
+        x = self.start(s)
+        z, y = self.read(s, x)
+        return self.advance(s, x, z, y)[0]
+
+    def equilibrium_estimate(self, s: torch.Tensor) -> torch.Tensor:
+        """The ``z`` belonging to state ``s`` (``z = s`` for FB, ``prox(R_F u)`` for PR/DR)."""
+        return self.read(s, self.start(s))[0]
 
     def start(self, s: torch.Tensor) -> torch.Tensor | None:
         return None if self.method == "fb" else torch.addmm(self.c, s, self.K)
@@ -329,7 +340,7 @@ def solve(
     with ``config.spectral == "estimate"`` and no ``stats``, only an estimate of ``L`` is formed
     (PR/DR) and the result carries no modulus (nothing is certified, the solve is just fast).
     ``init`` warm-starts the iterated variable (``z`` for FB, ``u`` for PR/DR); ``resolvent`` is
-    a precomputed ``K`` for PR/DR (see :class:`_Splitting`). Runs without autograd. Never raises
+    a precomputed ``K`` for PR/DR (see :class:`SplittingMap`). Runs without autograd. Never raises
     for non-convergence: it is reported per sample in the result.
     """
     cfg = config or SolverConfig()
@@ -345,7 +356,7 @@ def solve(
     a = float(cfg.step) if cfg.step is not None else default_step(cfg.method, st.m, st.L)
     rho = None if math.isnan(st.m) else contraction_modulus(cfg.method, a, st.m, st.L)
     with torch.no_grad():
-        it = _Splitting(cfg.method, W, q, a, prox, resolvent)
+        it = SplittingMap(cfg.method, W, q, a, prox, resolvent)
         if not it.ok:
             return _failed_result(q, cfg, a, rho, st)
         s0 = torch.zeros_like(q) if init is None else init.detach().to(q).clone()
@@ -381,7 +392,7 @@ def solve(
     )
 
 
-def _iterate(it: _Splitting, s: torch.Tensor, q: torch.Tensor, cfg: SolverConfig):
+def _iterate(it: SplittingMap, s: torch.Tensor, q: torch.Tensor, cfg: SolverConfig):
     """The shared iteration loop with per-sample stopping (lean: ~15 tensor ops per check).
 
     A sample is done when ``||dz||^2 <= tol^2 ||z||^2 + (8 eps)^2 ||q||^2``: the relative residual

@@ -1,0 +1,1 @@
+"""Experiments: end-to-end studies that write a report (Markdown, JSON, figures) to a folder."""

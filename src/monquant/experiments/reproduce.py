@@ -1,0 +1,225 @@
+"""``monquant reproduce``: every result of the source paper (SPEC section 4), stage by stage.
+
+Stages (each saved to ``<out>/stages/<name>.json`` as soon as it finishes; ``resume=True`` skips
+finished stages, and an interrupted training resumes from its per-epoch checkpoint):
+
+1. ``float``: train the float model (paper setup) or load ``--model``;
+2. ``phase_transition``: Figure 1, PTQ of W at 3..32 bits;
+3. ``displacement``: Figure 2, Theorem 3 on float64 equilibria;
+4. ``qat_<b>`` and ``qat_vs_ptq``: Figure 3, STE QAT from scratch against PTQ;
+5. ``iterate_quant``: Corollary 2.
+
+The report (Markdown + JSON + PNG/PDF figures) is rendered by :mod:`monquant.paper_report`.
+"""
+
+from __future__ import annotations
+
+import platform
+import shlex
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from monquant import __version__
+from monquant.checkpoint import load_model
+from monquant.data import MNIST, random_subset
+from monquant.experiments.displacement import run_displacement
+from monquant.experiments.iterate_quant import run_iterate_quantization
+from monquant.experiments.phase_transition import PAPER_BITS, run_phase_transition
+from monquant.experiments.qat_vs_ptq import compare_row
+from monquant.report import read_json, write_json
+from monquant.workflows import TrainRequest, run_training
+
+__all__ = ["ReproduceConfig", "StageRunner", "run_reproduce"]
+
+
+@dataclass
+class ReproduceConfig:
+    """What to run. ``quick()`` gives the small CI-sized variant of the same pipeline."""
+
+    out: Path = Path("results/paper")
+    model: Path | None = None
+    epochs: int = 15
+    qat_epochs: int | None = None
+    train_limit: int | None = None
+    test_limit: int | None = None
+    ptq_bits: tuple[int, ...] = PAPER_BITS
+    displacement_samples: int = 2560
+    displacement_bits: tuple[int, ...] = (6, 8, 12, 16)
+    qat_bits: tuple[int, ...] = (4, 6, 8)
+    iterate_samples: int = 64
+    iterate_steps: int = 300
+    seed: int = 0
+    solver: str = "pr"
+    tol: float = 1e-4
+    max_iter: int = 2000
+    resume: bool = False
+    progress: bool = True
+    quick: bool = False
+    command: list[str] = field(default_factory=lambda: ["monquant", *sys.argv[1:]])
+
+    @classmethod
+    def quick_config(cls, **kw: Any) -> ReproduceConfig:
+        base = dict(
+            epochs=2,
+            train_limit=20_000,
+            test_limit=1000,
+            displacement_samples=256,
+            qat_bits=(4,),
+            iterate_samples=16,
+            iterate_steps=150,
+            quick=True,
+        )
+        base.update(kw)
+        return cls(**base)
+
+
+class StageRunner:
+    """Runs named stages once: results are written as soon as a stage ends; resume skips them."""
+
+    def __init__(self, out: Path, resume: bool, echo: Callable[[str], None] | None) -> None:
+        self.dir = out / "stages"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.resume = resume
+        self.echo = echo
+        self.timings: dict[str, float] = {}
+        self.skipped: list[str] = []
+
+    def run(self, name: str, fn: Callable[[], Any]) -> Any:
+        path = self.dir / f"{name}.json"
+        if self.resume and path.exists():
+            saved = read_json(path)
+            self.timings[name] = saved["seconds"]
+            self.skipped.append(name)
+            if self.echo:
+                self.echo(f"[{name}] done in an earlier run ({saved['seconds']:.1f} s): skipped")
+            return saved["result"]
+        if self.echo:
+            self.echo(f"[{name}] running ...")
+        t0 = time.perf_counter()
+        result = fn()
+        dt = time.perf_counter() - t0
+        write_json(path, {"seconds": dt, "result": result})
+        self.timings[name] = dt
+        if self.echo:
+            self.echo(f"[{name}] done in {dt:.1f} s")
+        return read_json(path)["result"]
+
+
+def _subset(x: torch.Tensor, y: torch.Tensor, k: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    if k is None or k >= x.shape[0]:
+        return x, y
+    return x[:k], y[:k]
+
+
+def _train_request(cfg: ReproduceConfig, out: Path, qat_bits: int | None) -> TrainRequest:
+    """The paper's training setup; with ``resume`` an interrupted training continues."""
+    epochs = cfg.epochs if qat_bits is None or cfg.qat_epochs is None else cfg.qat_epochs
+    return TrainRequest(
+        out=out,
+        solver={"method": cfg.solver, "tol": cfg.tol, "max_iter": cfg.max_iter},
+        epochs=epochs,
+        decay_epoch=10 if epochs > 10 else max(1, epochs - 1),
+        seed=cfg.seed,
+        qat_bits=qat_bits,
+        resume=cfg.resume,
+        progress=cfg.progress,
+    )
+
+
+def _train_stage(cfg: ReproduceConfig, data: MNIST, out: Path, qat_bits: int | None, echo):
+    req = _train_request(cfg, out, qat_bits)
+    res = run_training(req, data, echo=echo)
+    return {"model": res["model"], "history": res["history"], "train_seconds": res["seconds"]}
+
+
+def run_reproduce(
+    cfg: ReproduceConfig, data: MNIST, echo: Callable[[str], None] | None = print
+) -> dict[str, Any]:
+    """Run every stage (skipping finished ones on resume) and render the report."""
+    from monquant.paper_report import render_report
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    runner = StageRunner(out, cfg.resume, echo)
+    if cfg.train_limit is not None:
+        data = MNIST(
+            x_train=data.x_train[: cfg.train_limit],
+            y_train=data.y_train[: cfg.train_limit],
+            x_test=data.x_test,
+            y_test=data.y_test,
+            source=data.source,
+            md5=data.md5,
+        )
+    x_test, y_test = _subset(data.x_test, data.y_test, cfg.test_limit)
+
+    if cfg.model is not None:
+        float_stage = runner.run(
+            "float",
+            lambda: {"model": str(cfg.model), "history": None, "train_seconds": 0.0},
+        )
+    else:
+        float_stage = runner.run(
+            "float", lambda: _train_stage(cfg, data, out / "float", None, echo)
+        )
+    model = load_model(float_stage["model"]).model.eval()
+
+    def ptq_progress(b: int, row: dict[str, Any]) -> None:
+        if echo:
+            echo(
+                f"  {b:2d} bits: ||dW||/m {row['dW_over_m']:.3g}  margin(W~) "
+                f"{row['margin_quantized']:.3g}  converged {row['converged_fraction']:.3f}  "
+                f"acc {row['accuracy']:.4f}"
+            )
+
+    phase = runner.run(
+        "phase_transition",
+        lambda: run_phase_transition(model, x_test, y_test, cfg.ptq_bits, progress=ptq_progress),
+    )
+    xd, _ = random_subset(data.x_test, data.y_test, cfg.displacement_samples, cfg.seed)
+    disp = runner.run("displacement", lambda: run_displacement(model, xd, cfg.displacement_bits))
+    rows = []
+    for b in cfg.qat_bits:
+        qat = runner.run(f"qat_{b}", lambda b=b: _train_stage(cfg, data, out / f"qat-{b}", b, echo))
+        qmodel = load_model(qat["model"]).model.eval()
+        rows.append(
+            compare_row(
+                "QAT", qmodel, b, x_test, y_test, extra={"train_seconds": qat["train_seconds"]}
+            )
+        )
+        rows.append(compare_row("PTQ", model, b, x_test, y_test))
+    qvp = runner.run("qat_vs_ptq", lambda: {"rows": rows})
+    xi, _ = random_subset(data.x_test, data.y_test, cfg.iterate_samples, cfg.seed + 1)
+    itq = runner.run(
+        "iterate_quant",
+        lambda: run_iterate_quantization(model, xi, iters=cfg.iterate_steps, method=cfg.solver),
+    )
+    total = time.perf_counter() - t_start
+    results = {
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
+        "command": " ".join(shlex.quote(a) for a in cfg.command),
+        "versions": {
+            "monquant": __version__,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "machine": platform.machine(),
+            "threads": torch.get_num_threads(),
+        },
+        "data": {"source": str(data.source), "md5": data.md5},
+        "float": float_stage,
+        "phase_transition": phase,
+        "displacement": disp,
+        "qat_vs_ptq": qvp,
+        "iterate_quant": itq,
+        "stage_seconds": runner.timings,
+        "resumed_stages": runner.skipped,
+        "wall_seconds_this_invocation": total,
+        "wall_seconds_all_stages": sum(runner.timings.values()),
+    }
+    return render_report(results, out)

@@ -1,0 +1,101 @@
+"""End-to-end: `monquant reproduce --quick` on real MNIST (the CI run of the main job)."""
+
+import json
+
+import pytest
+
+from monquant.cli import main
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory, mnist_dir):
+    out = tmp_path_factory.mktemp("reproduce")
+    rc = main(
+        [
+            "reproduce",
+            "--quick",
+            "--out",
+            str(out),
+            "--data-dir",
+            str(mnist_dir),
+            "--no-progress",
+            "--no-download",
+        ]
+    )
+    assert rc == 0
+    return out
+
+
+def test_outputs_exist(quick_run):
+    for name in ("report.md", "results.json"):
+        assert (quick_run / name).stat().st_size > 0
+    for fig in (
+        "fig1_phase_transition",
+        "fig2_displacement",
+        "fig3_qat_vs_ptq",
+        "fig4_iterate_quantization",
+    ):
+        for ext in ("png", "pdf"):
+            assert (quick_run / f"{fig}.{ext}").stat().st_size > 1000
+    for stage in (
+        "float",
+        "phase_transition",
+        "displacement",
+        "qat_4",
+        "qat_vs_ptq",
+        "iterate_quant",
+    ):
+        assert (quick_run / "stages" / f"{stage}.json").exists()
+
+
+def test_results_structure_and_theorems(quick_run):
+    res = json.loads((quick_run / "results.json").read_text())
+    bits = [r["bits"] for r in res["phase_transition"]["rows"]]
+    assert bits == [3, 4, 5, 6, 7, 8, 10, 12, 16, 32]
+    for r in res["phase_transition"]["rows"]:
+        for key in (
+            "dW_norm",
+            "margin_quantized",
+            "weyl_bound",
+            "a_priori_bound",
+            "certified_exact",
+            "converged_fraction",
+            "accuracy",
+        ):
+            assert key in r
+        # Theorem 2 on the trained model
+        assert r["margin_quantized"] >= r["weyl_bound"] - 1e-9
+        # the Weyl certificate implies convergence of every solve
+        if r["certified_weyl"]:
+            assert r["all_converged"]
+    # Theorem 3: the displacement bound held on every sample
+    for r in res["displacement"]["rows"]:
+        assert r["samples"] == 256
+        assert r["violations"] == 0 and r["fraction_within_bound"] == 1.0
+    assert {r["method"] for r in res["qat_vs_ptq"]["rows"]} == {"PTQ", "QAT"}
+    verdicts = {c["verdict"] for c in res["claims"]}
+    assert verdicts <= {"reproduced", "NOT reproduced", "not run"}
+    report = (quick_run / "report.md").read_text()
+    assert "The paper's claims against this run" in report
+    assert "fig1_phase_transition.png" in report
+
+
+def test_resume_skips_finished_stages(quick_run, mnist_dir, capsys):
+    rc = main(
+        [
+            "reproduce",
+            "--quick",
+            "--out",
+            str(quick_run),
+            "--data-dir",
+            str(mnist_dir),
+            "--no-progress",
+            "--resume",
+            "--no-download",
+        ]
+    )
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert out.count("skipped") >= 6
+    res = json.loads((quick_run / "results.json").read_text())
+    assert set(res["resumed_stages"]) >= {"float", "phase_transition", "displacement"}
