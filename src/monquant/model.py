@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from monquant.implicit import EquilibriumSolver
-from monquant.operators import wk_weight
+from monquant.operators import margin, wk_weight
 from monquant.solvers import SolverConfig
 
 __all__ = ["MonDEQClassifier", "MonDEQConfig", "MonDEQLayer", "softplus_inverse"]
@@ -47,8 +47,13 @@ class MonDEQConfig:
     solver: dict = field(default_factory=lambda: SolverConfig().as_dict())
     backward: str = "splitting"
     backward_tol: float | None = None
+    parameterization: str = "wk"
 
     def __post_init__(self) -> None:
+        if self.parameterization not in ("wk", "free"):
+            raise ValueError(
+                f"parameterization must be 'wk' or 'free', got {self.parameterization!r}"
+            )
         for name in ("in_features", "hidden", "out_features"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1")
@@ -67,38 +72,68 @@ class MonDEQConfig:
 
 
 class MonDEQLayer(nn.Module):
-    """Equilibrium layer ``z* = relu(W z* + U x + b)`` with ``W`` in Winston-Kolter form."""
+    """Equilibrium layer ``z* = relu(W z* + U x + b)``.
+
+    ``parameterization="wk"`` (default): ``W`` in Winston-Kolter form from ``A``, ``B``, ``m_raw``
+    (monotone with margin >= m by construction). ``"free"``: ``W`` itself is the parameter
+    (initialised in W-K form); nothing keeps it monotone, so only a certificate can vouch for it
+    (used for ProxQuant on the assembled ``W``).
+
+    Hooks: ``weight_transform(W)`` maps the assembled weight before every solve (STE QAT);
+    ``factor_transform(name, tensor)`` maps ``A``, ``B`` (and ``U``) before they are used (lazy
+    quantization of the factors).
+    """
 
     def __init__(self, config: MonDEQConfig, solver: EquilibriumSolver | None = None) -> None:
         super().__init__()
         self.config = config
         n, d = config.hidden, config.in_features
         r = config.rank or n
-        self.A = nn.Parameter(torch.empty(r, n))
-        self.B = nn.Parameter(torch.empty(n, n))
         self.U = nn.Linear(d, n)
-        m_raw = torch.tensor(softplus_inverse(config.margin_init))
-        if config.learn_margin:
-            self.m_raw = nn.Parameter(m_raw)
-        else:
-            self.register_buffer("m_raw", m_raw)
         bound = 1.0 / math.sqrt(n)
-        nn.init.uniform_(self.A, -bound, bound)
-        nn.init.uniform_(self.B, -bound, bound)
+        A = torch.empty(r, n).uniform_(-bound, bound)
+        B = torch.empty(n, n).uniform_(-bound, bound)
+        m_raw = torch.tensor(softplus_inverse(config.margin_init))
+        if config.parameterization == "free":
+            self.W = nn.Parameter(wk_weight(A, B, F.softplus(m_raw)).detach())
+        else:
+            self.A = nn.Parameter(A)
+            self.B = nn.Parameter(B)
+            if config.learn_margin:
+                self.m_raw = nn.Parameter(m_raw)
+            else:
+                self.register_buffer("m_raw", m_raw)
         self.solver = solver or EquilibriumSolver(
             forward_config=config.solver_config(),
             backward=config.backward,  # type: ignore[arg-type]
             backward_tol=config.backward_tol,
         )
         self.weight_transform: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self.factor_transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None
+
+    @property
+    def free(self) -> bool:
+        return self.config.parameterization == "free"
 
     def margin(self) -> torch.Tensor:
-        """The parameterized margin ``m = softplus(m_raw) + floor`` (a lower bound on margin(W))."""
+        """The parameterized margin ``m = softplus(m_raw) + floor`` (a lower bound on margin(W)).
+
+        For the free parameterization: the exact ``margin(W)`` (no gradient).
+        """
+        if self.free:
+            return torch.tensor(margin(self.W), dtype=self.W.dtype)
         return F.softplus(self.m_raw) + self.config.margin_floor
 
+    def factor(self, name: str) -> torch.Tensor:
+        """Parameter ``name`` (``A``, ``B`` or ``U``) after ``factor_transform``, if any."""
+        t = self.U.weight if name == "U" else getattr(self, name)
+        return self.factor_transform(name, t) if self.factor_transform is not None else t
+
     def weight(self) -> torch.Tensor:
-        """The float weight ``W = (1 - m) I - A^T A + B - B^T``."""
-        return wk_weight(self.A, self.B, self.margin())
+        """The float weight ``W = (1 - m) I - A^T A + B - B^T`` (or the free ``W``)."""
+        if self.free:
+            return self.W
+        return wk_weight(self.factor("A"), self.factor("B"), self.margin())
 
     def effective_weight(self) -> torch.Tensor:
         """The weight used by the forward pass: ``weight_transform(W)`` if one is installed."""
@@ -109,7 +144,7 @@ class MonDEQLayer(nn.Module):
         self, x: torch.Tensor, U: torch.Tensor | None = None, b: torch.Tensor | None = None
     ) -> torch.Tensor:
         """``q = U x + b`` (rows), optionally with replacement ``U`` / ``b``."""
-        U_ = self.U.weight if U is None else U
+        U_ = self.factor("U") if U is None else U
         b_ = self.U.bias if b is None else b
         return F.linear(x, U_.to(x.dtype), b_.to(x.dtype))
 

@@ -152,8 +152,17 @@ class SolverResult:
             "diverged": int(self.diverged.sum()),
             "max_residual": float(self.residual.max()),
             "modulus": self.modulus,
+            "certified_step_range": self.certified_range,
+            "step_certified": self.modulus is not None,
             "max_error_bound": float(self.error_bound.max()),
         }
+
+    @property
+    def certified_range(self) -> tuple[float, float] | None:
+        """Steps for which this method is a certified contraction on this ``W`` (None if unknown)."""
+        if math.isnan(self.stats.m):
+            return None
+        return certified_step_range(self.method, self.stats.m, self.stats.L)
 
 
 def mask_prox(mask: torch.Tensor) -> Prox:

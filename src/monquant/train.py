@@ -25,6 +25,7 @@ from monquant.quantize import check_bits, fake_quant
 
 __all__ = [
     "EvalResult",
+    "TrainHooks",
     "TrainConfig",
     "epoch_generator",
     "evaluate",
@@ -93,6 +94,22 @@ class EvalResult:
         d = asdict(self)
         d["converged_fraction"] = self.converged_fraction
         return d
+
+
+@dataclass
+class TrainHooks:
+    """Extension points of :func:`train` (ProxQuant, custom penalties, freezing schedules).
+
+    ``penalty(model)`` is added to the loss (``None`` for nothing); ``after_step(model, step)``
+    runs after every optimizer step (``step`` counts from 0 over the whole run, so it is the same
+    after a resume); ``on_epoch_start(model, epoch)`` / ``on_epoch_end(model, epoch)`` bracket
+    each epoch (0-based).
+    """
+
+    penalty: Callable[[MonDEQClassifier], torch.Tensor | None] | None = None
+    after_step: Callable[[MonDEQClassifier, int], None] | None = None
+    on_epoch_start: Callable[[MonDEQClassifier, int], None] | None = None
+    on_epoch_end: Callable[[MonDEQClassifier, int], None] | None = None
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
@@ -191,11 +208,13 @@ def train(
     resume_state: dict[str, Any] | None = None,
     progress: bool = True,
     log: Callable[[dict[str, Any]], None] | None = None,
+    hooks: TrainHooks | None = None,
 ) -> list[dict[str, Any]]:
     """Train ``model`` and return the per-epoch log.
 
     ``checkpoint(state)`` is called after every epoch with everything needed to resume
-    (model, optimizer, epoch, history); ``resume_state`` is such a state. Each epoch's log entry
+    (model, optimizer, epoch, history); ``resume_state`` is such a state. ``hooks`` adds
+    penalties and per-step/per-epoch actions (see :class:`TrainHooks`). Each epoch's log entry
     holds loss, train/test accuracy, m, L, kappa, solver iterations, unconverged solves, seconds.
     """
     install_qat(model, cfg.qat_bits, cfg.qat_granularity)
@@ -212,8 +231,11 @@ def train(
     nb = math.ceil(n / cfg.batch_size)
     solver = model.solver
     exact_spectral = solver.forward_config.spectral
+    hk = hooks or TrainHooks()
     for epoch in range(start, cfg.epochs):
         model.train()
+        if hk.on_epoch_start is not None:
+            hk.on_epoch_start(model, epoch)
         solver.forward_config.spectral = "estimate" if cfg.fast_spectral else exact_spectral
         before = solver.counters.summary()
         t0 = time.perf_counter()
@@ -225,11 +247,15 @@ def train(
             xb, yb = x_train[idx], y_train[idx]
             logits = model(xb)
             loss = F.cross_entropy(logits, yb)
-            pen = margin_penalty(model, cfg)
-            total = loss + pen if pen is not None else loss
+            total = loss
+            for pen in (margin_penalty(model, cfg), hk.penalty(model) if hk.penalty else None):
+                if pen is not None:
+                    total = total + pen
             opt.zero_grad(set_to_none=True)
             total.backward()
             opt.step()
+            if hk.after_step is not None:
+                hk.after_step(model, epoch * nb + i)
             loss_sum += float(loss.detach()) * xb.shape[0]
             correct += float((logits.detach().argmax(1) == yb).sum())
             if progress and (i % 20 == 0 or i == nb - 1):
@@ -240,6 +266,8 @@ def train(
             bar.update(1)
         bar.close()
         sched.step()
+        if hk.on_epoch_end is not None:
+            hk.on_epoch_end(model, epoch)
         train_seconds = time.perf_counter() - t0
         after = solver.counters.summary()
         model.eval()
