@@ -29,7 +29,7 @@ def random_monotone_W(
     return wk_weight(A, B, m)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def mnist_dir() -> Path:
     """The MNIST folder for tests: MONQUANT_DATA if set, else ../shared/data/mnist; skip if absent."""
     env = os.environ.get("MONQUANT_DATA")

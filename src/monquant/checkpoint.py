@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,10 +24,11 @@ from typing import Any
 import torch
 
 from monquant import __version__
-from monquant.errors import CheckpointError
-from monquant.io import load_tensors, save_tensors
+from monquant.errors import CheckpointError, ConfigError
+from monquant.io import is_monquant_file, load_tensors, save_tensors
 from monquant.model import MonDEQClassifier, MonDEQConfig
 from monquant.quantize import Quantized, quantize
+from monquant.report import to_jsonable
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -64,7 +66,7 @@ def quantize_model(
     """Post-training quantization of ``W`` (default, as in the paper) and optionally ``U``, ``b``."""
     bad = set(parts) - {"W", "U", "b"}
     if bad or not parts:
-        raise ValueError(f"can quantize W, U and b only, got {sorted(set(parts))}")
+        raise ConfigError(f"can quantize W, U and b only, got {sorted(set(parts))}")
     layer = model.layer
     src = {
         "W": layer.weight().detach(),
@@ -143,7 +145,8 @@ def save_model(
         }
     if extra:
         meta.update(extra)
-    return save_tensors(path, tensors, meta)
+    # non-finite numbers (an uncertified bound is inf, a diverged loss nan) become strings
+    return save_tensors(path, tensors, to_jsonable(meta))
 
 
 def _config(meta: dict[str, Any]) -> MonDEQConfig:
@@ -151,6 +154,11 @@ def _config(meta: dict[str, Any]) -> MonDEQConfig:
     names = {f.name for f in dataclasses.fields(MonDEQConfig)}
     unknown = set(raw) - names
     if unknown:  # written by a newer version: keep what we understand, say so
+        warnings.warn(
+            f"checkpoint config has settings this monquant does not know (ignored): "
+            f"{sorted(unknown)}",
+            stacklevel=3,
+        )
         raw = {k: v for k, v in raw.items() if k in names}
     try:
         return MonDEQConfig(**raw)
@@ -160,6 +168,11 @@ def _config(meta: dict[str, Any]) -> MonDEQConfig:
 
 def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> LoadedModel:
     """Load a checkpoint written by :func:`save_model` (never unpickles; verifies the digest)."""
+    if Path(path).suffix == ".safetensors" and not is_monquant_file(path):
+        raise CheckpointError(
+            f"{path}: a plain safetensors file, not a monquant model checkpoint; weight files "
+            "holding W (and U, b) are accepted by `monquant certify`"
+        )
     tensors, meta = load_tensors(path, device=device)
     if meta.get("kind") != KIND:
         raise CheckpointError(

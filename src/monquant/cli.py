@@ -111,23 +111,23 @@ def _load_W(path: str):
     """``W`` (and the model, if any) from a checkpoint or a plain weights file."""
     from monquant.checkpoint import load_model
     from monquant.errors import CheckpointError
-    from monquant.io import load_weight_file
+    from monquant.io import is_monquant_file, load_weight_file
     from monquant.operators import check_weight
 
     p = Path(path)
-    if p.suffix == ".safetensors":
+    if p.suffix == ".safetensors" and is_monquant_file(p):
         try:
             loaded = load_model(p)
             return loaded.model.layer.weight().detach().double(), loaded
         except CheckpointError as exc:
-            if "not a monquant model checkpoint" not in str(exc) and "monquant metadata" not in str(
-                exc
-            ):
+            if "not a monquant model checkpoint" not in str(exc):
                 raise
     weights = load_weight_file(p)
     if "W" not in weights:
         raise CheckpointError(f"{p}: no tensor named 'W' (found: {', '.join(sorted(weights))})")
     W = weights["W"]
+    if W.is_complex():
+        raise CheckpointError(f"{p}: W is complex ({W.dtype}); a MonDEQ weight must be real")
     if not W.is_floating_point():
         W = W.double()
     check_weight(W, f"{p.name}:W")
@@ -296,6 +296,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     from monquant.certify import certify
     from monquant.operators import wk_weight
+    from monquant.quantize import quantize
     from monquant.report import text_table
     from monquant.solvers import SolverConfig, solve
 
@@ -308,23 +309,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     rows, data = [], []
     for b in args.bits:
         c = certify(W, b)
-        Wq = __import__("monquant.quantize", fromlist=["quantize"]).quantize(W, b).dequantized()
+        Wq = quantize(W, b).dequantized()
         r = solve(Wq, q, SolverConfig(method="pr", tol=1e-8, max_iter=2000))
         rows.append(
             [b, c.dW_over_m, c.margin_quantized, c.tier, r.n_unconverged == 0, r.iterations]
         )
         data.append({"certificate": c.to_dict(), "solve": r.summary()})
-    print(
+    text = (
         f"synthetic MonDEQ: n={n}, m={args.margin}; PR solves of 64 random injections "
-        "(tol 1e-8, cap 2000)"
+        "(tol 1e-8, cap 2000)\n"
+        + text_table(
+            ["bits", "||dW||/m", "margin(W~)", "tier", "all converged", "iterations"], rows
+        )
     )
-    print(
-        text_table(["bits", "||dW||/m", "margin(W~)", "tier", "all converged", "iterations"], rows)
-    )
-    if args.json:
-        from monquant.report import to_jsonable
-
-        print(json.dumps(to_jsonable(data), indent=2))
+    _emit(args, data, text)
     return 0
 
 
@@ -386,7 +384,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--test-limit", type=int, default=None, help="evaluate on the first k images")
     _data_args(q)
 
-    e = add("eval", cmd_eval, "evaluate a (float or quantized) checkpoint on the test set")
+    e = add(
+        "eval",
+        cmd_eval,
+        "evaluate a (float or quantized) checkpoint on the test set",
+        "examples:\n  monquant eval runs/float/model.safetensors\n"
+        "  monquant eval runs/float/ptq-4bit-per-tensor.safetensors --json\n",
+    )
     e.add_argument("checkpoint")
     e.add_argument("--test-limit", type=int, default=None)
     _data_args(e)
@@ -401,7 +405,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-progress", action="store_true")
     _data_args(r)
 
-    d = add("demo", cmd_demo, "certificates of a small synthetic MonDEQ, checked by solving")
+    d = add(
+        "demo",
+        cmd_demo,
+        "certificates of a small synthetic MonDEQ, checked by solving",
+        "examples:\n  monquant demo\n  monquant demo --n 50 --margin 0.2 --bits 3 4 8 --json\n",
+    )
     d.add_argument("--n", type=int, default=100)
     d.add_argument("--margin", type=float, default=0.5)
     d.add_argument("--seed", type=int, default=0)

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-__all__ = ["CheckpointError", "DataError", "MonquantError"]
+__all__ = ["CheckpointError", "ConfigError", "DataError", "MonquantError"]
 
 
 class MonquantError(Exception):
     """Base class of all deliberate monquant errors."""
+
+
+class ConfigError(MonquantError, ValueError):
+    """Invalid settings (model, training, solver or command-line options)."""
 
 
 class DataError(MonquantError):

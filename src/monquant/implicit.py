@@ -73,6 +73,7 @@ class SolveCounters:
         fs, bs = max(self.forward_samples, 1), max(self.backward_samples, 1)
         return {
             "forward_samples": self.forward_samples,
+            "forward_iterations": self.forward_iterations,
             "forward_unconverged": self.forward_unconverged,
             "forward_mean_iterations": self.forward_iterations / fs,
             "forward_max_iterations": self.forward_max_iterations,

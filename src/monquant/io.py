@@ -40,6 +40,7 @@ from monquant.errors import CheckpointError
 __all__ = [
     "FORMAT_VERSION",
     "atomic_write_bytes",
+    "is_monquant_file",
     "load_tensors",
     "load_weight_file",
     "payload_digest",
@@ -265,6 +266,27 @@ def _decode(path: Path, raw: bytes) -> tuple[dict[str, torch.Tensor], dict[str, 
 
 def _is_ours(meta: Mapping[str, str]) -> bool:
     return _META_KEY in meta or _DIGEST_KEY in meta
+
+
+def is_monquant_file(path: PathLike) -> bool:
+    """Whether ``path`` is a safetensors file written by :func:`save_tensors` (header only).
+
+    Reads just the header; raises :class:`CheckpointError` for an unreadable or non-safetensors
+    file.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file")
+    try:
+        with path.open("rb") as fh:
+            prefix = fh.read(8)
+            n = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else 0
+            raw = prefix + fh.read(min(n, _MAX_HEADER))
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot be read: {exc}") from exc
+    header = _parse_header(path, raw)
+    meta = header.get("__metadata__") or {}
+    return isinstance(meta, dict) and _is_ours(meta)
 
 
 def _check_ours(

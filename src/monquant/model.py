@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from monquant.errors import ConfigError
 from monquant.implicit import EquilibriumSolver
 from monquant.operators import margin, wk_weight
 from monquant.solvers import SolverConfig
@@ -29,7 +30,7 @@ __all__ = ["MonDEQClassifier", "MonDEQConfig", "MonDEQLayer", "softplus_inverse"
 def softplus_inverse(y: float) -> float:
     """``x`` with ``softplus(x) = y`` (``y > 0``)."""
     if y <= 0:
-        raise ValueError(f"softplus takes only positive values, got {y}")
+        raise ConfigError(f"softplus takes only positive values, got {y}")
     return y + math.log(-math.expm1(-y))
 
 
@@ -51,18 +52,18 @@ class MonDEQConfig:
 
     def __post_init__(self) -> None:
         if self.parameterization not in ("wk", "free"):
-            raise ValueError(
+            raise ConfigError(
                 f"parameterization must be 'wk' or 'free', got {self.parameterization!r}"
             )
         for name in ("in_features", "hidden", "out_features"):
             if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1")
+                raise ConfigError(f"{name} must be >= 1")
         if self.rank is not None and not 1 <= int(self.rank) <= int(self.hidden):
-            raise ValueError(f"rank must be in [1, hidden={self.hidden}], got {self.rank}")
+            raise ConfigError(f"rank must be in [1, hidden={self.hidden}], got {self.rank}")
         if not self.margin_init > 0:
-            raise ValueError(f"margin_init must be positive, got {self.margin_init}")
+            raise ConfigError(f"margin_init must be positive, got {self.margin_init}")
         if self.backward not in ("splitting", "direct"):
-            raise ValueError(f"backward must be 'splitting' or 'direct', got {self.backward!r}")
+            raise ConfigError(f"backward must be 'splitting' or 'direct', got {self.backward!r}")
 
     def solver_config(self) -> SolverConfig:
         return SolverConfig(**self.solver)

@@ -19,14 +19,15 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
+from monquant.errors import ConfigError
 from monquant.model import MonDEQClassifier
 from monquant.operators import spectral_stats
 from monquant.quantize import check_bits, fake_quant
 
 __all__ = [
     "EvalResult",
-    "TrainHooks",
     "TrainConfig",
+    "TrainHooks",
     "epoch_generator",
     "evaluate",
     "install_qat",
@@ -61,9 +62,11 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
-            raise ValueError("epochs and batch_size must be >= 1")
+            raise ConfigError("epochs and batch_size must be >= 1")
         if not self.lr > 0:
-            raise ValueError("lr must be positive")
+            raise ConfigError(f"lr must be positive, got {self.lr}")
+        if not 0 < self.decay <= 1 or self.decay_epoch < 1:
+            raise ConfigError("decay must be in (0, 1] and decay_epoch >= 1")
         if self.qat_bits is not None:
             self.qat_bits = check_bits(self.qat_bits)
 
@@ -232,60 +235,65 @@ def train(
     solver = model.solver
     exact_spectral = solver.forward_config.spectral
     hk = hooks or TrainHooks()
-    for epoch in range(start, cfg.epochs):
-        model.train()
-        if hk.on_epoch_start is not None:
-            hk.on_epoch_start(model, epoch)
-        solver.forward_config.spectral = "estimate" if cfg.fast_spectral else exact_spectral
-        before = solver.counters.summary()
-        t0 = time.perf_counter()
-        perm = torch.randperm(n, generator=epoch_generator(cfg.seed, epoch)).to(x_train.device)
-        loss_sum = correct = 0.0
-        bar = _progress(nb, f"epoch {epoch + 1}/{cfg.epochs}", progress)
-        for i in range(nb):
-            idx = perm[i * cfg.batch_size : (i + 1) * cfg.batch_size]
-            xb, yb = x_train[idx], y_train[idx]
-            logits = model(xb)
-            loss = F.cross_entropy(logits, yb)
-            total = loss
-            for pen in (margin_penalty(model, cfg), hk.penalty(model) if hk.penalty else None):
-                if pen is not None:
-                    total = total + pen
-            opt.zero_grad(set_to_none=True)
-            total.backward()
-            opt.step()
-            if hk.after_step is not None:
-                hk.after_step(model, epoch * nb + i)
-            loss_sum += float(loss.detach()) * xb.shape[0]
-            correct += float((logits.detach().argmax(1) == yb).sum())
-            if progress and (i % 20 == 0 or i == nb - 1):
-                bar.set_postfix(
-                    loss=f"{loss_sum / ((i * cfg.batch_size) + xb.shape[0]):.4f}",
-                    it=f"{solver.last_forward.sample_iterations.double().mean():.1f}",
-                )
-            bar.update(1)
-        bar.close()
-        sched.step()
-        if hk.on_epoch_end is not None:
-            hk.on_epoch_end(model, epoch)
-        train_seconds = time.perf_counter() - t0
-        after = solver.counters.summary()
-        model.eval()
-        solver.forward_config.spectral = exact_spectral
-        ev = evaluate(model, x_test, y_test, cfg.eval_batch_size)
-        entry = _epoch_entry(model, epoch, n, loss_sum, correct, ev, before, after, train_seconds)
-        history.append(entry)
-        if log is not None:
-            log(entry)
-        if checkpoint is not None:
-            checkpoint(
-                {
-                    "epoch": epoch + 1,
-                    "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict(),
-                    "history": history,
-                }
+    try:
+        for epoch in range(start, cfg.epochs):
+            model.train()
+            if hk.on_epoch_start is not None:
+                hk.on_epoch_start(model, epoch)
+            solver.forward_config.spectral = "estimate" if cfg.fast_spectral else exact_spectral
+            before = solver.counters.summary()
+            t0 = time.perf_counter()
+            perm = torch.randperm(n, generator=epoch_generator(cfg.seed, epoch)).to(x_train.device)
+            loss_sum = correct = 0.0
+            bar = _progress(nb, f"epoch {epoch + 1}/{cfg.epochs}", progress)
+            for i in range(nb):
+                idx = perm[i * cfg.batch_size : (i + 1) * cfg.batch_size]
+                xb, yb = x_train[idx], y_train[idx]
+                logits = model(xb)
+                loss = F.cross_entropy(logits, yb)
+                total = loss
+                for pen in (margin_penalty(model, cfg), hk.penalty(model) if hk.penalty else None):
+                    if pen is not None:
+                        total = total + pen
+                opt.zero_grad(set_to_none=True)
+                total.backward()
+                opt.step()
+                if hk.after_step is not None:
+                    hk.after_step(model, epoch * nb + i)
+                loss_sum += float(loss.detach()) * xb.shape[0]
+                correct += float((logits.detach().argmax(1) == yb).sum())
+                if progress and (i % 20 == 0 or i == nb - 1):
+                    bar.set_postfix(
+                        loss=f"{loss_sum / ((i * cfg.batch_size) + xb.shape[0]):.4f}",
+                        it=f"{solver.last_forward.sample_iterations.double().mean():.1f}",
+                    )
+                bar.update(1)
+            bar.close()
+            sched.step()
+            if hk.on_epoch_end is not None:
+                hk.on_epoch_end(model, epoch)
+            train_seconds = time.perf_counter() - t0
+            after = solver.counters.summary()
+            model.eval()
+            solver.forward_config.spectral = exact_spectral
+            ev = evaluate(model, x_test, y_test, cfg.eval_batch_size)
+            entry = _epoch_entry(
+                model, epoch, n, loss_sum, correct, ev, before, after, train_seconds
             )
+            history.append(entry)
+            if log is not None:
+                log(entry)
+            if checkpoint is not None:
+                checkpoint(
+                    {
+                        "epoch": epoch + 1,
+                        "optimizer": opt.state_dict(),
+                        "scheduler": sched.state_dict(),
+                        "history": history,
+                    }
+                )
+    finally:  # never leave the solver in fast (uncertified) mode
+        solver.forward_config.spectral = exact_spectral
     return history
 
 
@@ -311,10 +319,7 @@ def _epoch_entry(model, epoch, n, loss_sum, correct, ev, before, after, seconds)
         "mean_iterations": ev.mean_iterations,
         "max_iterations": ev.max_iterations,
         "test_unconverged": ev.unconverged,
-        "train_mean_iterations": (
-            (after["forward_mean_iterations"] * after["forward_samples"])
-            - (before["forward_mean_iterations"] * before["forward_samples"])
-        )
+        "train_mean_iterations": (after["forward_iterations"] - before["forward_iterations"])
         / max(d_fwd, 1),
         "seconds": seconds,
         "eval_seconds": ev.seconds,

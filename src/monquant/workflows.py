@@ -90,6 +90,33 @@ def _settings(req: TrainRequest, model: MonDEQClassifier, data: MNIST) -> dict[s
     }
 
 
+def _check_resumable(
+    ckpt: Path, stored: dict[str, Any], req: TrainRequest, data: MNIST, cfg: TrainConfig
+) -> None:
+    """Refuse to resume when anything but the number of epochs differs from the stored run."""
+    wanted_model = req.model_config(data.x_train.shape[1], 10).as_dict()
+    diffs = []
+    st_train = dict(stored.get("train") or {})
+    new_train = cfg.as_dict()
+    st_train.pop("epochs", None)
+    new_train.pop("epochs", None)
+    if st_train and st_train != new_train:
+        keys = sorted(k for k in new_train if st_train.get(k) != new_train[k])
+        diffs.append(f"training settings {keys}")
+    st_model = stored.get("model")
+    if st_model and st_model != wanted_model:
+        keys = sorted(k for k in wanted_model if st_model.get(k) != wanted_model[k])
+        diffs.append(f"model/solver settings {keys}")
+    st_data = (stored.get("data") or {}).get("md5")
+    if st_data and st_data != data.md5:
+        diffs.append("the data files (checksums differ)")
+    if diffs:
+        raise MonquantError(
+            f"--resume: {'; '.join(diffs)} differ from the interrupted run in {ckpt}; "
+            "resume with the same settings (only --epochs may grow) or use a new --out"
+        )
+
+
 def run_training(
     req: TrainRequest,
     data: MNIST,
@@ -103,12 +130,7 @@ def run_training(
     if req.resume and ckpt.exists():
         loaded = load_model(ckpt)
         model, resume_state = loaded.model, loaded.train_state
-        stored = loaded.metadata.get("settings", {}).get("train")
-        if stored is not None and stored != cfg.as_dict():
-            raise MonquantError(
-                f"--resume: the settings differ from the interrupted run in {ckpt} "
-                f"(stored {stored}, requested {cfg.as_dict()}); use a new --out"
-            )
+        _check_resumable(ckpt, loaded.metadata.get("settings", {}), req, data, cfg)
         if resume_state is None:
             raise MonquantError(f"{ckpt} holds no training state to resume from")
         if echo:

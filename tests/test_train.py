@@ -1,0 +1,414 @@
+"""Tests of the training loop: determinism, exact resume, QAT, margin-aware penalty, evaluation."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from monquant.checkpoint import load_model, save_model
+from monquant.data import MNIST, load_mnist
+from monquant.errors import MonquantError
+from monquant.model import MonDEQClassifier, MonDEQConfig
+from monquant.operators import margin
+from monquant.quantize import QuantizationError, quantize
+from monquant.train import (
+    TrainConfig,
+    epoch_generator,
+    evaluate,
+    install_qat,
+    margin_penalty,
+    train,
+)
+from monquant.workflows import TrainRequest, run_training
+
+TIMING = {"seconds", "eval_seconds"}
+HIDDEN = 16
+
+
+def synthetic_split(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Learnable 784-pixel 'images': class k lights up its own block of 78 pixels, plus noise."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 10, (n,), generator=g)
+    x = 0.3 * torch.randn(n, 784, generator=g)
+    for k in range(10):
+        x[y == k, k * 78 : (k + 1) * 78] += 2.0
+    return x, y
+
+
+def synthetic_mnist(n_train: int = 1200, n_test: int = 200) -> MNIST:
+    x_train, y_train = synthetic_split(n_train, 1)
+    x_test, y_test = synthetic_split(n_test, 2)
+    return MNIST(x_train, y_train, x_test, y_test, Path("synthetic"), {"synthetic": "none"})
+
+
+@pytest.fixture(scope="module")
+def data() -> MNIST:
+    return synthetic_mnist()
+
+
+@pytest.fixture(scope="module")
+def real_mnist() -> MNIST:
+    """The real MNIST (loaded once for this module), or skip when the files are absent."""
+    env = os.environ.get("MONQUANT_DATA")
+    path = Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
+    if not any((path / f"t10k-labels-idx1-ubyte{s}").exists() for s in ("", ".gz")):
+        pytest.skip(f"MNIST files not found in {path}")
+    return load_mnist(path, download=False)
+
+
+def new_model(seed: int = 0, hidden: int = HIDDEN, **kw: Any) -> MonDEQClassifier:
+    torch.manual_seed(seed)
+    return MonDEQClassifier(MonDEQConfig(hidden=hidden, **kw))
+
+
+def run(model: MonDEQClassifier, data: MNIST, cfg: TrainConfig, **kw: Any) -> list[dict]:
+    return train(
+        model, data.x_train, data.y_train, data.x_test, data.y_test, cfg, progress=False, **kw
+    )
+
+
+def without_timing(history: list[dict]) -> list[dict]:
+    return [{k: v for k, v in entry.items() if k not in TIMING} for entry in history]
+
+
+def assert_same_history(resumed: list[dict], straight: list[dict]) -> None:
+    """Equal except timing; ``train_mean_iterations`` is derived from the solver's running means,
+    whose rounding depends on how many solves the (fresh after a resume) counters have seen."""
+    key = "train_mean_iterations"
+    assert [e[key] for e in resumed] == pytest.approx([e[key] for e in straight], rel=1e-12)
+    strip = TIMING | {key}
+    assert [{k: v for k, v in e.items() if k not in strip} for e in resumed] == [
+        {k: v for k, v in e.items() if k not in strip} for e in straight
+    ]
+
+
+def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for name in sa:
+        assert torch.equal(sa[name], sb[name]), name
+
+
+# ----------------------------------------------------------------------------------------------
+# Determinism and resume
+# ----------------------------------------------------------------------------------------------
+
+
+def test_epoch_generator_depends_only_on_seed_and_epoch() -> None:
+    p = torch.randperm(50, generator=epoch_generator(3, 1))
+    assert torch.equal(p, torch.randperm(50, generator=epoch_generator(3, 1)))
+    assert not torch.equal(p, torch.randperm(50, generator=epoch_generator(3, 2)))
+    assert not torch.equal(p, torch.randperm(50, generator=epoch_generator(4, 1)))
+
+
+def test_same_seed_gives_bit_identical_runs(data: MNIST) -> None:
+    cfg = TrainConfig(epochs=2, batch_size=100, seed=5)
+    m1, m2 = new_model(), new_model()
+    h1, h2 = run(m1, data, cfg), run(m2, data, cfg)
+    assert_same_weights(m1, m2)
+    assert without_timing(h1) == without_timing(h2)
+    assert len(h1) == 2 and [e["epoch"] for e in h1] == [1, 2]
+    assert all(TIMING <= e.keys() for e in h1)
+    # the run did something, and a different batch order gives different weights
+    assert h1[-1]["train_accuracy"] > 0.3
+    m3 = new_model()
+    run(m3, data, TrainConfig(epochs=2, batch_size=100, seed=6))
+    assert not torch.equal(m1.layer.A, m3.layer.A)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [{}, {"qat_bits": 4, "margin_target": 1.2, "margin_weight": 0.5}],
+    ids=["float", "qat-margin"],
+)
+def test_resume_from_checkpoint_file_equals_uninterrupted(
+    data: MNIST, tmp_path: Path, extra: dict
+) -> None:
+    # decay_epoch=2: the learning rate drops between the interruption and the resumed epoch,
+    # so the scheduler state must be restored too
+    cfg = TrainConfig(epochs=3, batch_size=150, decay_epoch=2, decay=0.3, seed=1, **extra)
+    straight = new_model()
+    h_straight = run(straight, data, cfg)
+
+    class StopTrainingError(Exception):
+        pass
+
+    path = tmp_path / "ckpt.safetensors"
+    interrupted = new_model()
+
+    def checkpoint(state: dict) -> None:
+        save_model(path, interrupted, train_state=state)
+        if state["epoch"] == 2:
+            raise StopTrainingError
+
+    with pytest.raises(StopTrainingError):
+        run(interrupted, data, cfg, checkpoint=checkpoint)
+    loaded = load_model(path)
+    assert loaded.train_state is not None and loaded.train_state["epoch"] == 2
+    resumed = loaded.model
+    h_resumed = run(resumed, data, cfg, resume_state=loaded.train_state)
+    assert_same_weights(straight, resumed)
+    assert_same_history(h_resumed, h_straight)
+
+
+def _echo_interrupting_at(epoch: int):
+    def echo(line: str) -> None:
+        if line.startswith(f"epoch {epoch:2d}:"):
+            raise KeyboardInterrupt
+
+    return echo
+
+
+def test_run_training_resume_equals_uninterrupted(data: MNIST, tmp_path: Path) -> None:
+    base = dict(hidden=HIDDEN, epochs=3, batch_size=150, decay_epoch=2, seed=2, progress=False)
+    straight = run_training(TrainRequest(out=tmp_path / "a", **base), data, echo=None)
+    # interrupted while logging epoch 3: only the checkpoint after epoch 2 exists
+    with pytest.raises(KeyboardInterrupt):
+        run_training(TrainRequest(out=tmp_path / "b", **base), data, echo=_echo_interrupting_at(3))
+    assert not (tmp_path / "b" / "model.safetensors").exists()
+    ckpt = load_model(tmp_path / "b" / "checkpoint.safetensors")
+    assert ckpt.train_state is not None and ckpt.train_state["epoch"] == 2
+    lines: list[str] = []
+    resumed = run_training(
+        TrainRequest(out=tmp_path / "b", resume=True, **base), data, echo=lines.append
+    )
+    assert lines[0].startswith("resuming") and len(lines) == 2  # resume note + epoch 3
+    assert_same_weights(load_model(straight["model"]).model, load_model(resumed["model"]).model)
+    assert_same_history(resumed["history"], straight["history"])
+
+
+def test_run_training_resume_refuses_changed_settings_but_may_extend(
+    data: MNIST, tmp_path: Path
+) -> None:
+    """Only --epochs may change on resume (to extend a run); any other change is refused."""
+    base = dict(hidden=HIDDEN, epochs=1, batch_size=300, seed=0, progress=False)
+    run_training(TrainRequest(out=tmp_path, **base), data, echo=None)
+    with pytest.raises(MonquantError, match=r"training settings .*lr"):
+        run_training(
+            TrainRequest(out=tmp_path, resume=True, **{**base, "lr": 2e-3}), data, echo=None
+        )
+    with pytest.raises(MonquantError, match=r"model/solver settings .*hidden"):
+        run_training(
+            TrainRequest(out=tmp_path, resume=True, **{**base, "hidden": HIDDEN + 2}),
+            data,
+            echo=None,
+        )
+    extended = run_training(
+        TrainRequest(out=tmp_path, resume=True, **{**base, "epochs": 2}), data, echo=None
+    )
+    assert [h["epoch"] for h in extended["history"]] == [1, 2]
+
+
+def test_run_training_resume_refuses_changed_model_settings(data: MNIST, tmp_path: Path) -> None:
+    base = dict(hidden=HIDDEN, epochs=1, batch_size=300, seed=0, progress=False)
+    run_training(TrainRequest(out=tmp_path, **base), data, echo=None)
+    with pytest.raises(MonquantError):
+        run_training(
+            TrainRequest(out=tmp_path, resume=True, **{**base, "hidden": 30}), data, echo=None
+        )
+
+
+def test_run_training_resume_without_checkpoint_starts_fresh(data: MNIST, tmp_path: Path) -> None:
+    lines: list[str] = []
+    req = TrainRequest(
+        out=tmp_path, hidden=HIDDEN, epochs=1, batch_size=300, resume=True, progress=False
+    )
+    result = run_training(req, data, echo=lines.append)
+    assert "no checkpoint" in lines[0]
+    assert len(result["history"]) == 1
+    assert Path(result["model"]).is_file() and Path(result["log"]).is_file()
+
+
+# ----------------------------------------------------------------------------------------------
+# QAT
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("granularity", ["per-tensor", "per-channel"])
+def test_qat_forward_uses_quantized_weight(granularity: str) -> None:
+    model = new_model()
+    W = model.layer.weight().detach()
+    install_qat(model, 4, granularity)
+    Wq = model.layer.effective_weight().detach()
+    assert torch.equal(Wq, quantize(W, 4, granularity).dequantized())
+    assert not torch.equal(Wq, W)
+    # the forward solve sees Q(W): same logits as passing Q(W) explicitly
+    x, _ = synthetic_split(8, 3)
+    with torch.no_grad():
+        assert torch.equal(model(x), model(x, W=Wq))
+    install_qat(model, None)
+    assert torch.equal(model.layer.effective_weight().detach(), W)
+
+
+def test_qat_gradients_flow_and_loss_decreases() -> None:
+    model = new_model()
+    install_qat(model, 4)
+    x, y = synthetic_split(64, 4)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    losses = []
+    for step in range(8):
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        if step == 0:
+            for name in ("A", "B", "m_raw"):
+                g = getattr(model.layer, name).grad
+                assert g is not None and bool(torch.isfinite(g).all()), name
+                assert float(g.abs().max()) > 0, name
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.8 * losses[0]
+
+
+def test_qat_training_logs_quantized_margin(data: MNIST) -> None:
+    model = new_model()
+    history = run(model, data, TrainConfig(epochs=1, batch_size=200, qat_bits=4))
+    entry = history[0]
+    Wq = model.layer.effective_weight().detach()
+    assert entry["margin_quantized"] == pytest.approx(margin(Wq), rel=1e-9)
+    assert "margin_quantized" not in run(new_model(), data, TrainConfig(epochs=1))[0]
+
+
+def test_train_config_validation() -> None:
+    with pytest.raises(ValueError):
+        TrainConfig(epochs=0)
+    with pytest.raises(ValueError):
+        TrainConfig(lr=0.0)
+    with pytest.raises(QuantizationError):
+        TrainConfig(qat_bits=1)
+    assert TrainConfig(qat_bits=4.0).qat_bits == 4
+
+
+# ----------------------------------------------------------------------------------------------
+# Margin-aware penalty
+# ----------------------------------------------------------------------------------------------
+
+
+def _exact_margin(model: MonDEQClassifier) -> float:
+    return margin(model.layer.effective_weight().detach())
+
+
+def test_margin_penalty_none_without_target() -> None:
+    assert margin_penalty(new_model(), TrainConfig()) is None
+
+
+@pytest.mark.parametrize("bits", [None, 4])
+def test_margin_penalty_below_target(bits: int | None) -> None:
+    model = new_model(margin_init=0.2)
+    install_qat(model, bits)
+    m = _exact_margin(model)
+    cfg = TrainConfig(margin_target=m + 0.5, margin_weight=2.0)
+    pen = margin_penalty(model, cfg)
+    assert pen is not None
+    assert float(pen.detach()) == pytest.approx(2.0 * 0.5, rel=1e-4)
+    pen.backward()
+    layer = model.layer
+    assert float(layer.A.grad.abs().max()) > 0
+    assert float(layer.m_raw.grad) < 0  # raising m raises the margin and lowers the penalty
+    # sym(B - B^T) = 0: the margin of the WK form does not depend on B (nor does STE change it)
+    assert layer.B.grad is None or float(layer.B.grad.abs().max()) < 1e-6
+
+
+def test_margin_penalty_zero_above_target() -> None:
+    model = new_model(margin_init=1.0)
+    cfg = TrainConfig(margin_target=_exact_margin(model) - 0.3)
+    pen = margin_penalty(model, cfg)
+    assert pen is not None and float(pen.detach()) == 0.0
+    pen.backward()
+    assert float(model.layer.A.grad.abs().max()) == 0.0
+    assert float(model.layer.m_raw.grad.abs()) == 0.0
+
+
+def test_margin_penalty_steps_raise_quantized_margin() -> None:
+    model = new_model(margin_init=0.1)
+    install_qat(model, 4)
+    before = _exact_margin(model)
+    cfg = TrainConfig(margin_target=before + 1.0)
+    opt = torch.optim.Adam(model.parameters(), lr=5e-2)
+    for _ in range(10):
+        pen = margin_penalty(model, cfg)
+        assert pen is not None
+        opt.zero_grad()
+        pen.backward()
+        opt.step()
+    assert _exact_margin(model) > before + 0.2
+
+
+# ----------------------------------------------------------------------------------------------
+# evaluate()
+# ----------------------------------------------------------------------------------------------
+
+
+def test_evaluate_counts_and_batches(data: MNIST) -> None:
+    model = new_model().eval()
+    x, y = data.x_test[:150], data.y_test[:150]
+    full = evaluate(model, x, y, batch_size=1000)
+    split = evaluate(model, x, y, batch_size=40)
+    assert full.samples == split.samples == 150
+    assert full.converged == 150 and full.unconverged == 0 and full.diverged == 0
+    assert split.accuracy == full.accuracy
+    with torch.no_grad():
+        expect = float((model(x).argmax(1) == y).double().mean())
+    assert full.accuracy == pytest.approx(expect)
+    d = full.as_dict()
+    assert d["converged_fraction"] == 1.0 and d["samples"] == 150
+
+
+def test_evaluate_reports_unconverged_solves(data: MNIST) -> None:
+    model = new_model().eval()
+    model.solver.forward_config.max_iter = 1
+    model.solver.forward_config.tol = 1e-12
+    res = evaluate(model, data.x_test[:60], data.y_test[:60], batch_size=25)
+    assert res.samples == 60
+    assert res.unconverged == 60 and res.converged == 0
+    assert res.max_iterations == 1
+    assert res.converged_fraction == 0.0
+    assert math.isfinite(res.loss)  # a prediction is still made
+
+
+def test_evaluate_non_finite_logits_count_as_wrong(data: MNIST) -> None:
+    model = new_model().eval()
+    x = data.x_test[:30]
+    with torch.no_grad():
+        model.head.weight.fill_(math.nan)
+        pred = model(x).argmax(1)
+    # labels equal to whatever argmax picks from the NaN logits: still all wrong
+    res = evaluate(model, x, pred.clone())
+    assert res.accuracy == 0.0
+    assert math.isnan(res.loss)
+
+
+def test_evaluate_diverged_operator(data: MNIST) -> None:
+    model = new_model().eval()
+    W = 3.0 * torch.eye(HIDDEN)  # I + (1/L)(I - W) = 0: the PR resolvent does not exist
+    res = evaluate(model, data.x_test[:20], data.y_test[:20], W=W)
+    assert res.diverged == 20 and res.unconverged == 20
+    assert res.accuracy == 0.0
+
+
+# ----------------------------------------------------------------------------------------------
+# Real MNIST (skipped without the files)
+# ----------------------------------------------------------------------------------------------
+
+
+def test_short_training_on_real_mnist_learns(real_mnist: MNIST) -> None:
+    sub = MNIST(
+        real_mnist.x_train[:2000],
+        real_mnist.y_train[:2000],
+        real_mnist.x_test[:500],
+        real_mnist.y_test[:500],
+        real_mnist.source,
+        real_mnist.md5,
+    )
+    model = new_model(hidden=24)
+    history = run(model, sub, TrainConfig(epochs=2, batch_size=64, lr=3e-3))
+    last = history[-1]
+    assert last["test_accuracy"] > 0.75
+    assert last["train_unconverged"] == 0 and last["test_unconverged"] == 0
+    assert last["m"] >= last["m_param"] - 1e-6  # margin(W) >= m by construction
