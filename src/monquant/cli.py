@@ -416,9 +416,16 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--bits", type=int, nargs="*", default=[3, 4, 5, 6, 8, 12, 16])
 
-    for register in _EXTRA_COMMANDS:
+    for register in _extra_commands():
         register(add)
     return p
+
+
+def _extra_commands() -> list[Callable[[Callable[..., argparse.ArgumentParser]], None]]:
+    """Commands defined in their own modules (deployment, ...)."""
+    from monquant.cli_deploy import register as deploy
+
+    return [deploy, *_EXTRA_COMMANDS]
 
 
 _EXTRA_COMMANDS: list[Callable[[Callable[..., argparse.ArgumentParser]], None]] = []

@@ -1,0 +1,169 @@
+"""CLI commands for integer deployment: ``export``, ``run`` and ``intdeploy`` (thin wrappers)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+__all__ = ["register"]
+
+EPILOG_EXPORT = """examples:
+  monquant export runs/float/model.safetensors --bits 8 --out model-int8.safetensors
+  monquant export runs/float/model.safetensors --bits 4 --act-bits 16 --u-bits 8
+"""
+EPILOG_RUN = """examples:
+  monquant run model-int8.safetensors --mnist 1000          # first 1000 MNIST test images
+  monquant run model-int8.safetensors --input batch.npz     # tensor 'x' (N x 784), optional 'y'
+"""
+EPILOG_INTDEPLOY = """examples:
+  monquant intdeploy runs/float/model.safetensors --out results/intdeploy
+  monquant intdeploy runs/float/model.safetensors --weight-bits 4 8 --act-bits 12 16 --test-limit 500
+"""
+
+
+def _float_parts(checkpoint: str):
+    from monquant.checkpoint import load_model
+
+    model = load_model(checkpoint).model.eval()
+    layer = model.layer
+    return (
+        model,
+        layer.weight().detach().double(),
+        layer.U.weight.detach().double(),
+        layer.U.bias.detach().double(),
+        model.head.weight.detach().float(),
+        model.head.bias.detach().float(),
+    )
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from monquant.cli import _emit, _load_data
+    from monquant.deploy import export_deployment, export_float_checkpoint
+
+    _, W, U, b, hw, hb = _float_parts(args.checkpoint)
+    data = _load_data(args)
+    calib = data.x_train[: args.calibration].double()
+    out = Path(args.out or Path(args.checkpoint).with_name(f"deploy-{args.bits}bit.safetensors"))
+    res = export_deployment(
+        out, W, U, b, hw, hb, args.bits, args.act_bits, x_calib=calib, u_bits=args.u_bits,
+        granularity=args.granularity, max_iter=args.max_iter,
+        require_certified=not args.allow_uncertified,
+    )  # fmt: skip
+    ref = export_float_checkpoint(out.with_name(out.stem + ".float32-reference.safetensors"),
+                                  W, U, b, hw, hb)  # fmt: skip
+    ratio = ref.nbytes / res.nbytes
+    text = (
+        f"wrote {res.path} ({res.nbytes:,} bytes; {'certified' if res.certified else 'NOT certified'})"
+        f"\nfloat32 file of the same tensors: {ref.nbytes:,} bytes -> {ratio:.2f}x smaller"
+    )
+    _emit(args, {"path": str(res.path), "bytes": res.nbytes, "float32_bytes": ref.nbytes,
+                 "ratio": ratio, "certified": res.certified, "metadata": res.metadata}, text)  # fmt: skip
+    return 0
+
+
+def _inputs(args: argparse.Namespace):
+    import torch
+
+    from monquant.errors import CheckpointError
+    from monquant.io import load_weight_file
+
+    if args.input:
+        t = load_weight_file(args.input)
+        if "x" not in t:
+            raise CheckpointError(f"{args.input}: no tensor named 'x' (found {sorted(t)})")
+        y = t.get("y")
+        return t["x"].double(), (y.long() if y is not None else None)
+    from monquant.cli import _load_data
+
+    data = _load_data(args)
+    k = args.mnist
+    return data.x_test[:k].to(torch.float64), data.y_test[:k]
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from monquant.cli import _emit
+    from monquant.deploy import load_deployment
+    from monquant.errors import ConfigError
+
+    dep = load_deployment(args.file)
+    x, y = _inputs(args)
+    d = dep.U.shape[1]
+    if x.dim() != 2 or x.shape[1] != d:
+        raise ConfigError(f"inputs must be (N, {d}) to match the deployment, got {tuple(x.shape)}")
+    logits, report = dep.run(x, reference=args.reference, allow_uncertified=args.allow_uncertified)
+    pred = logits.argmax(dim=1)
+    summary: dict[str, Any] = report.summary()
+    summary["samples"] = int(x.shape[0])
+    if y is not None:
+        summary["accuracy"] = float((pred == y).double().mean())
+    unsettled = round((1 - summary["settled_fraction"]) * summary["samples"])
+    text = (
+        f"{summary['samples']} inputs: {summary['settled_fraction']:.1%} settled "
+        f"(an exact fixed point of the integer map), mean iterations "
+        f"{summary['mean_iterations']:.1f}, max {summary['max_iterations']}"
+        + (f", accuracy {summary['accuracy']:.4f}" if y is not None else "")
+        + (f"\nWARNING: {unsettled} inputs did not settle within the budget" if unsettled else "")
+    )
+    if "max_distance_to_float" in summary:
+        text += f"\nmax distance to the float64 equilibrium of W~: {summary['max_distance_to_float']:.3g}"
+    if args.per_sample:
+        summary["per_sample"] = report.per_sample()
+    _emit(args, {**summary, "predictions": pred.tolist()}, text)
+    return 0
+
+
+def cmd_intdeploy(args: argparse.Namespace) -> int:
+    from monquant.cli import _emit, _load_data
+    from monquant.experiments.intdeploy import run_intdeploy
+
+    _, W, U, b, hw, hb = _float_parts(args.checkpoint)
+    data = _load_data(args)
+    x, y = data.x_test[: args.test_limit].double(), data.y_test[: args.test_limit]
+    res = run_intdeploy(
+        args.out, W, U, b, hw, hb, x, y, weight_bits=tuple(args.weight_bits),
+        act_bits=tuple(args.act_bits), progress=not args.no_progress,
+    )  # fmt: skip
+    _emit(args, res, f"report: {Path(args.out) / 'report.md'}")
+    return 0
+
+
+def register(add) -> None:
+    """Add the deployment commands to the main parser (``add`` from :func:`monquant.cli`)."""
+    from monquant.cli import _data_args
+
+    e = add("export", cmd_export, "write an integer deployment file (packed codes, certificate)",
+            EPILOG_EXPORT)  # fmt: skip
+    e.add_argument("checkpoint")
+    e.add_argument("--bits", type=int, required=True, help="weight bit-width of W (and U)")
+    e.add_argument("--u-bits", type=int, default=None, help="bit-width of U (default: --bits)")
+    e.add_argument("--act-bits", type=int, default=16, help="fixed-point bits of the iterate")
+    e.add_argument("--granularity", choices=["per-tensor", "per-channel"], default="per-tensor")
+    e.add_argument("--max-iter", type=int, default=2000)
+    e.add_argument("--calibration", type=int, default=1000, help="training images to calibrate")
+    e.add_argument("--out", default=None)
+    e.add_argument("--allow-uncertified", action="store_true",
+                   help="write the file even if W~ is not certified (flagged; run refuses it)")  # fmt: skip
+    _data_args(e)
+
+    r = add("run", cmd_run, "run a deployment file with the integer solver (no training code)",
+            EPILOG_RUN)  # fmt: skip
+    r.add_argument("file")
+    g = r.add_mutually_exclusive_group(required=True)
+    g.add_argument("--input", help=".npz/.safetensors with tensor 'x' (and optional labels 'y')")
+    g.add_argument("--mnist", type=int, help="the first K MNIST test images")
+    r.add_argument("--reference", action="store_true",
+                   help="also solve the float64 equilibrium of the same W~ and report distances")  # fmt: skip
+    r.add_argument("--per-sample", action="store_true", help="include per-input reports")
+    r.add_argument("--allow-uncertified", action="store_true")
+    _data_args(r)
+
+    i = add("intdeploy", cmd_intdeploy, "validate integer iterates against Corollary 2",
+            EPILOG_INTDEPLOY)  # fmt: skip
+    i.add_argument("checkpoint")
+    i.add_argument("--out", default="results/intdeploy")
+    i.add_argument("--weight-bits", type=int, nargs="+", default=[4, 6, 8])
+    i.add_argument("--act-bits", type=int, nargs="+", default=[8, 12, 16])
+    i.add_argument("--test-limit", type=int, default=1000)
+    i.add_argument("--no-progress", action="store_true")
+    _data_args(i)
