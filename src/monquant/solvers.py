@@ -171,7 +171,15 @@ def mask_prox(mask: torch.Tensor) -> Prox:
     This is the activation of the adjoint (backward) problem: ``D`` is the relu's Clarke Jacobian
     at the equilibrium. It is a projection, hence the resolvent of a maximal monotone operator.
     """
-    return lambda v: v * mask.to(v.dtype)
+    cache: dict[torch.dtype, torch.Tensor] = {}
+
+    def project(v: torch.Tensor) -> torch.Tensor:
+        m = cache.get(v.dtype)
+        if m is None:
+            m = cache[v.dtype] = mask.to(v.dtype)
+        return v * m
+
+    return project
 
 
 def default_step(method: str, m: float, L: float) -> float:
@@ -432,7 +440,7 @@ def _iterate(it: SplittingMap, s: torch.Tensor, q: torch.Tensor, cfg: SolverConf
         checks += 1
         dz2 = (z - z_prev).square_().sum(dim=1)
         zn2 = z.square().sum(dim=1)
-        ok = dz2 <= torch.addcmul(floor, zn2, torch.full_like(zn2, tol2))
+        ok = dz2 <= torch.add(floor, zn2, alpha=tol2)
         pending += ~ok
         if checks % 16 == 0 or k == cfg.max_iter:
             sn2 = s.square().sum(dim=1)

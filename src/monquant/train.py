@@ -231,7 +231,6 @@ def train(
         history = list(resume_state["history"])
         start = int(resume_state["epoch"])
     n = x_train.shape[0]
-    nb = math.ceil(n / cfg.batch_size)
     solver = model.solver
     exact_spectral = solver.forward_config.spectral
     hk = hooks or TrainHooks()
@@ -243,32 +242,9 @@ def train(
             solver.forward_config.spectral = "estimate" if cfg.fast_spectral else exact_spectral
             before = solver.counters.summary()
             t0 = time.perf_counter()
-            perm = torch.randperm(n, generator=epoch_generator(cfg.seed, epoch)).to(x_train.device)
-            loss_sum = correct = 0.0
-            bar = _progress(nb, f"epoch {epoch + 1}/{cfg.epochs}", progress)
-            for i in range(nb):
-                idx = perm[i * cfg.batch_size : (i + 1) * cfg.batch_size]
-                xb, yb = x_train[idx], y_train[idx]
-                logits = model(xb)
-                loss = F.cross_entropy(logits, yb)
-                total = loss
-                for pen in (margin_penalty(model, cfg), hk.penalty(model) if hk.penalty else None):
-                    if pen is not None:
-                        total = total + pen
-                opt.zero_grad(set_to_none=True)
-                total.backward()
-                opt.step()
-                if hk.after_step is not None:
-                    hk.after_step(model, epoch * nb + i)
-                loss_sum += float(loss.detach()) * xb.shape[0]
-                correct += float((logits.detach().argmax(1) == yb).sum())
-                if progress and (i % 20 == 0 or i == nb - 1):
-                    bar.set_postfix(
-                        loss=f"{loss_sum / ((i * cfg.batch_size) + xb.shape[0]):.4f}",
-                        it=f"{solver.last_forward.sample_iterations.double().mean():.1f}",
-                    )
-                bar.update(1)
-            bar.close()
+            loss_sum, correct = _train_one_epoch(
+                model, opt, x_train, y_train, cfg, hk, epoch, progress
+            )
             sched.step()
             if hk.on_epoch_end is not None:
                 hk.on_epoch_end(model, epoch)
@@ -295,6 +271,48 @@ def train(
     finally:  # never leave the solver in fast (uncertified) mode
         solver.forward_config.spectral = exact_spectral
     return history
+
+
+def _train_one_epoch(
+    model: MonDEQClassifier,
+    opt: torch.optim.Optimizer,
+    x_train: torch.Tensor,
+    y_train: torch.Tensor,
+    cfg: TrainConfig,
+    hk: TrainHooks,
+    epoch: int,
+    progress: bool,
+) -> tuple[float, float]:
+    """One pass over the training set in the epoch's seeded order; returns (loss sum, correct)."""
+    n = x_train.shape[0]
+    nb = math.ceil(n / cfg.batch_size)
+    perm = torch.randperm(n, generator=epoch_generator(cfg.seed, epoch)).to(x_train.device)
+    loss_sum = correct = 0.0
+    bar = _progress(nb, f"epoch {epoch + 1}/{cfg.epochs}", progress)
+    for i in range(nb):
+        idx = perm[i * cfg.batch_size : (i + 1) * cfg.batch_size]
+        xb, yb = x_train[idx], y_train[idx]
+        logits = model(xb)
+        loss = F.cross_entropy(logits, yb)
+        total = loss
+        for pen in (margin_penalty(model, cfg), hk.penalty(model) if hk.penalty else None):
+            if pen is not None:
+                total = total + pen
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        opt.step()
+        if hk.after_step is not None:
+            hk.after_step(model, epoch * nb + i)
+        loss_sum += float(loss.detach()) * xb.shape[0]
+        correct += float((logits.detach().argmax(1) == yb).sum())
+        if progress and (i % 20 == 0 or i == nb - 1):
+            bar.set_postfix(
+                loss=f"{loss_sum / ((i * cfg.batch_size) + xb.shape[0]):.4f}",
+                it=f"{model.solver.last_forward.sample_iterations.double().mean():.1f}",
+            )
+        bar.update(1)
+    bar.close()
+    return loss_sum, correct
 
 
 def _epoch_entry(model, epoch, n, loss_sum, correct, ev, before, after, seconds) -> dict[str, Any]:
