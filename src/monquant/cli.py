@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from monquant import __version__
+from monquant.cli_lowbit import register as register_lowbit
 from monquant.errors import MonquantError
 
 __all__ = ["build_parser", "main"]
@@ -272,6 +273,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     )
     if args.epochs is not None:
         kw["epochs"] = args.epochs
+    if args.margin_init is not None:
+        kw["margin_init"] = args.margin_init
     cfg = ReproduceConfig.quick_config(**kw) if args.quick else ReproduceConfig(**kw)
     data = _load_data(args)
     echo = (lambda m: print(m, file=sys.stderr)) if args.json else print
@@ -401,6 +404,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--model", default=None, help="reuse a float checkpoint instead of training")
     r.add_argument("--epochs", type=int, default=None, help="override the training epochs")
     r.add_argument("--seed", type=int, default=0)
+    r.add_argument(
+        "--margin-init",
+        type=float,
+        default=None,
+        help="initial learnable margin m of every trained model (the paper does not state it)",
+    )
     r.add_argument("--resume", action="store_true", help="skip stages already finished")
     r.add_argument("--no-progress", action="store_true")
     _data_args(r)
@@ -429,6 +438,7 @@ def _extra_commands() -> list[Callable[[Callable[..., argparse.ArgumentParser]],
 
 
 _EXTRA_COMMANDS: list[Callable[[Callable[..., argparse.ArgumentParser]], None]] = []
+_EXTRA_COMMANDS.append(register_lowbit)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

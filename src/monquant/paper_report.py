@@ -162,6 +162,15 @@ def judge_claims(results: dict[str, Any]) -> list[dict[str, Any]]:
         or "-",
         all(not r["all_converged"] for r in low) if low else None,
     )
+    fb_low = [r for r in low if "fb_converged_fraction" in r]
+    if fb_low:
+        add(
+            "3- and 4-bit PTQ do not converge (FB, the paper's solver)",
+            "; ".join(
+                f"{r['bits']} bits: FB {r['fb_converged_fraction']:.1%} converged" for r in fb_low
+            ),
+            all(not r["fb_all_converged"] for r in fb_low),
+        )
     high = [r for r in ph if r["bits"] >= 5]
     add(
         "5 bits and above converge",
@@ -290,6 +299,29 @@ def _phase_table(phase: dict[str, Any]) -> str:
         for r in phase["rows"]
     ]
     return markdown_table(h, rows)
+
+
+def _fb_table(phase: dict[str, Any]) -> str:
+    rows = [r for r in phase["rows"] if "fb_samples" in r]
+    if not rows:
+        return ""
+    h = ["bits", "margin(W~)", "FB converged", "FB mean it.", "FB max it.", "FB accuracy"]
+    body = [
+        [
+            r["bits"],
+            r["margin_quantized"],
+            f"{r['fb_converged_fraction']:.1%}",
+            r["fb_mean_iterations"],
+            r["fb_max_iterations"],
+            r["fb_accuracy"],
+        ]
+        for r in rows
+    ]
+    return (
+        f"Forward-backward (the paper's solver) on the first {rows[0]['fb_samples']} test images, "
+        "same tolerance and cap, step m~/L~^2 of the quantized operator (1/L~^2 when it is not "
+        "monotone):\n\n" + markdown_table(h, body)
+    )
 
 
 def _disp_table(disp: dict[str, Any]) -> str:
@@ -468,6 +500,8 @@ def render_report(results: dict[str, Any], out: Path) -> dict[str, Any]:
         "accuracy are measured on the test set with the quantized W~ in the forward solve.",
         "",
         _phase_table(results["phase_transition"]),
+        "",
+        _fb_table(results["phase_transition"]),
         "",
         f"![Figure 1]({figs['phase']})",
         "",

@@ -7,6 +7,8 @@ actually does (fraction of converged solves at the iteration cap, iterations, ac
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -14,11 +16,23 @@ import torch
 from monquant.certify import certify
 from monquant.model import MonDEQClassifier
 from monquant.quantize import quantize
+from monquant.solvers import SolverConfig
 from monquant.train import evaluate
 
 __all__ = ["PAPER_BITS", "run_phase_transition"]
 
 PAPER_BITS: tuple[int, ...] = (3, 4, 5, 6, 7, 8, 10, 12, 16, 32)
+
+
+@contextmanager
+def solver_settings(model: MonDEQClassifier, config: SolverConfig) -> Iterator[None]:
+    """Temporarily evaluate ``model`` with another forward solver configuration."""
+    saved = model.solver.forward_config
+    model.solver.forward_config = config
+    try:
+        yield
+    finally:
+        model.solver.forward_config = saved
 
 
 def run_phase_transition(
@@ -29,16 +43,28 @@ def run_phase_transition(
     granularity: str = "per-tensor",
     batch_size: int = 2000,
     progress: Any = None,
+    fb_samples: int = 1000,
 ) -> dict[str, Any]:
-    """PTQ sweep over ``bits``; returns ``{"float": {...}, "rows": [...]}`` (plain numbers)."""
+    """PTQ sweep over ``bits``; returns ``{"float": {...}, "rows": [...]}`` (plain numbers).
+
+    The model's own solver (PR by default) runs on all of ``x``. Because the paper used
+    forward-backward splitting, FB is also run on the first ``fb_samples`` inputs with the same
+    tolerance and cap, at the step of the operator actually used (``m~/L~^2``; for a
+    non-monotone ``W~`` no certified step exists and ``1/L~^2`` is used), columns ``fb_*``.
+    """
     model.eval()
     W = model.layer.weight().detach()
     fl = evaluate(model, x, y, batch_size)
+    base = model.solver.forward_config
+    fb_cfg = SolverConfig(method="fb", tol=base.tol, max_iter=base.max_iter)
+    xf, yf = x[:fb_samples], y[:fb_samples]
     rows = []
     for b in bits:
         cert = certify(W, b, granularity)
         Wq = quantize(W, b, granularity).dequantized()
         ev = evaluate(model, x, y, batch_size, W=Wq)
+        with solver_settings(model, fb_cfg):
+            fb = evaluate(model, xf, yf, batch_size, W=Wq) if fb_samples > 0 else None
         row = cert.to_dict()
         row.update(
             tier=cert.tier,
@@ -50,6 +76,15 @@ def run_phase_transition(
             max_iterations=ev.max_iterations,
             all_converged=ev.unconverged == 0,
         )
+        if fb is not None:
+            row.update(
+                fb_samples=fb.samples,
+                fb_converged_fraction=fb.converged_fraction,
+                fb_mean_iterations=fb.mean_iterations,
+                fb_max_iterations=fb.max_iterations,
+                fb_accuracy=fb.accuracy,
+                fb_all_converged=fb.unconverged == 0,
+            )
         rows.append(row)
         if progress is not None:
             progress(b, row)

@@ -52,6 +52,8 @@ class ReproduceConfig:
     displacement_samples: int = 2560
     displacement_bits: tuple[int, ...] = (6, 8, 12, 16)
     qat_bits: tuple[int, ...] = (4, 6, 8)
+    fb_samples: int = 1000
+    margin_init: float = 1.0
     iterate_samples: int = 64
     iterate_steps: int = 300
     seed: int = 0
@@ -70,6 +72,7 @@ class ReproduceConfig:
             train_limit=20_000,
             test_limit=1000,
             displacement_samples=256,
+            fb_samples=200,
             qat_bits=(4,),
             iterate_samples=16,
             iterate_steps=150,
@@ -123,6 +126,7 @@ def _train_request(cfg: ReproduceConfig, out: Path, qat_bits: int | None) -> Tra
     return TrainRequest(
         out=out,
         solver={"method": cfg.solver, "tol": cfg.tol, "max_iter": cfg.max_iter},
+        margin_init=cfg.margin_init,
         epochs=epochs,
         decay_epoch=10 if epochs > 10 else max(1, epochs - 1),
         seed=cfg.seed,
@@ -180,7 +184,9 @@ def run_reproduce(
 
     phase = runner.run(
         "phase_transition",
-        lambda: run_phase_transition(model, x_test, y_test, cfg.ptq_bits, progress=ptq_progress),
+        lambda: run_phase_transition(
+            model, x_test, y_test, cfg.ptq_bits, progress=ptq_progress, fb_samples=cfg.fb_samples
+        ),
     )
     xd, _ = random_subset(data.x_test, data.y_test, cfg.displacement_samples, cfg.seed)
     disp = runner.run("displacement", lambda: run_displacement(model, xd, cfg.displacement_bits))
