@@ -310,3 +310,19 @@ def test_save_is_atomic_and_overwrites(saved: tuple[Path, MonDEQClassifier]) -> 
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary left over
     loaded = load_model(path).model
     assert torch.equal(loaded.layer.A, other.layer.A)
+
+
+def test_frozen_format1_checkpoint_still_loads() -> None:
+    """A checkpoint written by monquant 0.1.0 (format 1) loads and computes the same outputs."""
+    fixture = Path(__file__).parent / "data" / "checkpoint-format1-v0.1.0.safetensors"
+    loaded = load_model(fixture)
+    assert loaded.metadata["format"] == 1 and loaded.metadata["versions"]["monquant"] == "0.1.0"
+    x = torch.linspace(-1, 1, 784, dtype=torch.float32).reshape(1, 784)
+    expected_float = [0.0406489372253418, 0.36768344044685364, -0.05073026567697525]
+    expected_quant = [0.04640796780586243, 0.3632296323776245, -0.049038976430892944]
+    with torch.no_grad():
+        out = loaded.model(x)[0, :3].tolist()
+        outq = loaded.model(x, **loaded.quantized.overrides())[0, :3].tolist()
+    assert out == pytest.approx(expected_float, abs=1e-4)
+    assert outq == pytest.approx(expected_quant, abs=1e-4)
+    assert loaded.quantized.bits == 4 and loaded.quantized.parts["W"].codes.dtype == torch.int8
