@@ -1,0 +1,1303 @@
+r"""Finite-sample STE recovery of a planted binary two-layer network (Jeong, Xin, Yin).
+
+Model
+-----
+Each trial draws inputs ``Z_i in R^{m x n}`` (i = 1..N) with i.i.d. N(0, 1) entries, a fixed, known
+second layer ``v ~ N(0, I_m)`` and a binary teacher ``w* ~ Unif{+-1}^n``. With the step activation
+``s(t) = 1[t > 0]`` (elementwise, so ``s(0) = 0``) the network output and the labels are
+
+    y(Z; w) = v^T s(Z w),        y_i = v^T s(Z_i w*) + xi_i,   xi_i ~ N(0, sigma^2),
+
+and the training loss at a binary ``w`` is ``L(w) = (1/2N) sum_i r_i^2`` with the residual
+``r_i(w) = v^T s(Z_i w) - y_i``.
+
+STE coarse gradient
+-------------------
+``L`` is piecewise constant in ``w``, so the straight-through estimator replaces ``s'`` by the
+derivative of a surrogate ``mu``:
+
+    g(w) = (1/N) sum_i r_i Z_i^T (v o mu'(Z_i w)).
+
+* identity surrogate (``mu(t) = t``, ``mu' = 1``):  ``g(w) = (1/N) sum_i r_i Z_i^T v``;
+* ReLU surrogate (``mu(t) = max(t, 0)``, ``mu'(t) = 1[t > 0] = s(t)``):
+  ``g(w) = (1/N) sum_i r_i Z_i^T (v o s(Z_i w))``.
+
+Population gradient (``E`` over Z and xi, for binary ``w``, so ``||w|| = ||w*|| = sqrt(n)``). Write
+``z_j`` for the j-th row of Z. Rows are independent and centred, and ``P(z^T w > 0) = 1/2`` for
+every ``w``, so only the ``j = k`` terms of ``r Z^T v = sum_{j,k} v_j v_k (s_j(w) - s_j(w*)) z_k``
+survive. For unit vectors ``a, b`` at angle ``theta`` (a 2-D computation in their plane, with
+``E|z| = sqrt(pi/2)`` for the 2-D radius):
+
+    E[z 1[z^T a > 0]]                = a / sqrt(2 pi),
+    E[z 1[z^T a > 0] 1[z^T b > 0]]   = (a + b) / (2 sqrt(2 pi)).
+
+Hence, with ``c = 1`` (identity) or ``c = 1/2`` (ReLU),
+
+    E g(w) = c ||v||^2 (w - w*) / sqrt(2 pi n).
+
+The ReLU case uses ``E[z (s(z^T w) - s(z^T w*)) s(z^T w)] = E[z 1[z^T w > 0, z^T w* <= 0]]
+= (w - w*) / (2 sqrt(2 pi n))``. Label noise is independent of Z and centred, so it adds nothing.
+
+Algorithm
+---------
+Latent iteration ``u_{t+1} = u_t - eta g(w_t)``, ``w_t = sign(u_t)`` (``sign(0) = +1``), from
+``u_0 ~ N(0, I)``. The default step ``eta = sqrt(2 pi n) / (2 kappa c ||v||^2)`` makes the expected
+step ``-(w_t - w*) / (2 kappa)``: a wrong coordinate moves by ``1/kappa`` toward the right sign per
+step. Outputs: the ergodic estimate ``sign((1/T) sum_{t=1}^T w_t)`` and the last iterate ``w_T``.
+
+Implementation notes
+--------------------
+* Entries of Z are N(0, 1) clipped to ``[-8, 8]`` and rounded to the dyadic grid ``2^-f Z``,
+  ``f`` chosen per ``n`` and dtype (in float32 ``f = 15`` for ``n = 10`` down to ``f = 11`` for
+  ``n = 160``) so that every partial sum of ``+-z_k`` is exact. ``Z w`` is then computed
+  *exactly* for binary ``w``, in any summation order; this lets the trainer update the
+  pre-activations incrementally (only the flipped columns of Z are touched) and keeps results
+  bit-identical across batch sizes. The distortion of the Gaussian law is at the ``1e-4`` level
+  and the clipping has probability ``6e-16`` per entry.
+* Residuals are evaluated as ``r_i = v^T (s(Z_i w) - s(Z_i w*)) - xi_i``, equal to the definition,
+  and exactly zero when the activation patterns agree. In the noiseless case a trial whose
+  residuals are all zero sits at a fixed point (``g = 0``), so the trainer stops it early and
+  fills in the remaining iterates.
+* Batches are independent trials: one tensor computation per step with leading dimension
+  ``trials``. Z is stored column-first (``Zc`` has shape ``(trials, n, N, m)``); ``problem.Z`` is
+  the ``(trials, N, m, n)`` view.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from itertools import pairwise
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from monquant.report import (
+    atomic_write_text,
+    markdown_table,
+    new_figure,
+    save_figure,
+    text_table,
+    write_json,
+)
+from monquant.ste import binary_sign, ste_sign
+
+__all__ = [
+    "DEFAULT_NS",
+    "STEProblem",
+    "STETrainResult",
+    "bootstrap_slope",
+    "count_returns",
+    "count_visits",
+    "default_N_grid",
+    "default_step_size",
+    "fit_scaling",
+    "grid_bits",
+    "interpolate_crossing",
+    "isotonic_increasing",
+    "local_slopes",
+    "loss",
+    "population_gradient",
+    "preactivations",
+    "recovery_rate",
+    "recurrence_experiment",
+    "residuals",
+    "run_ste_recovery",
+    "sample_problems",
+    "ste_gradient",
+    "ste_train",
+    "summary_text",
+    "surrogate_loss",
+    "t_quantile",
+]
+
+Surrogate = Literal["identity", "relu"]
+
+DEFAULT_NS: tuple[int, ...] = (10, 20, 40, 80, 160)
+#: Grid of ``N / n`` for the recovery curves: 2^(k/2), k = -2..8 (0.5 n .. 16 n).
+DEFAULT_RATIOS: tuple[float, ...] = tuple(2.0 ** (k / 2) for k in range(-2, 9))
+QUICK_RATIOS: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0, 8.0)
+Z_CLIP = 8.0
+DEFAULT_CHUNK_BYTES = 2**29  # 512 MiB of Z per chunk of trials; peak stays well under 2 GB
+
+
+# --------------------------------------------------------------------------------------------
+# Problems
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class STEProblem:
+    """A batch of ``B`` independent planted problems (the leading dimension is the trial).
+
+    Attributes: ``Zc`` (B, n, N, m) column-first inputs; ``v`` (B, m); ``w_star`` (B, n) in
+    {+-1}; ``xi`` (B, N) label noise; ``y`` (B, N) labels; ``act_star`` (B, N, m) the teacher's
+    activations ``s(Z_i w*)``; ``A`` (B, n, N) with ``A[b, :, i] = Z_i^T v``; ``u0`` (B, n)
+    float64 initial latent weights; ``sigma`` (B,) noise standard deviations.
+    """
+
+    Zc: torch.Tensor
+    v: torch.Tensor
+    w_star: torch.Tensor
+    xi: torch.Tensor
+    y: torch.Tensor
+    act_star: torch.Tensor
+    A: torch.Tensor
+    u0: torch.Tensor
+    sigma: torch.Tensor
+
+    @property
+    def trials(self) -> int:
+        """Number of independent trials ``B``."""
+        return self.Zc.shape[0]
+
+    @property
+    def n(self) -> int:
+        """Input dimension (number of binary weights)."""
+        return self.Zc.shape[1]
+
+    @property
+    def N(self) -> int:
+        """Number of samples per trial."""
+        return self.Zc.shape[2]
+
+    @property
+    def m(self) -> int:
+        """Number of hidden units."""
+        return self.Zc.shape[3]
+
+    @property
+    def Z(self) -> torch.Tensor:
+        """The inputs as a ``(B, N, m, n)`` view (``Z[b, i]`` is the matrix ``Z_i``)."""
+        return self.Zc.permute(0, 2, 3, 1)
+
+
+def grid_bits(n: int, dtype: torch.dtype = torch.float32) -> int:
+    """Fraction bits ``f`` of the dyadic grid that makes ``Z w`` exact in ``dtype``.
+
+    Every partial sum met while computing or incrementally updating ``Z w`` is a sum of at most
+    ``3n`` terms ``+-z`` or ``+-2z`` with ``|z| <= 8``, a multiple of ``2^-f`` bounded by
+    ``4 n 8``; it is exact when that bound is below ``2^(p - f)`` (``p`` mantissa bits).
+    """
+    p = 1 - round(math.log2(torch.finfo(dtype).eps))
+    f = math.floor(p - math.log2(4.0 * n * Z_CLIP))
+    if f < 4:
+        raise ValueError(f"n = {n} is too large for exact binary matvecs in {dtype}")
+    return f
+
+
+def _fill_gaussian_grid(out: torch.Tensor, bits: int, generator: torch.Generator) -> None:
+    """Fill ``out`` in place with N(0, 1) draws, clipped to ``[-8, 8]``, rounded to ``2^-bits``."""
+    out.normal_(generator=generator)
+    out.clamp_(-Z_CLIP, Z_CLIP).mul_(2.0**bits).round_().mul_(2.0**-bits)
+
+
+def _preact(Zc: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``h[b, i] = Z_i w_b`` as a ``(B, N, m)`` tensor (exact for binary ``w`` on the grid)."""
+    B, n, N, m = Zc.shape
+    return torch.bmm(w.to(Zc.dtype).unsqueeze(1), Zc.reshape(B, n, N * m)).view(B, N, m)
+
+
+def sample_problems(
+    n: int,
+    N: int,
+    trials: int,
+    *,
+    m: int = 32,
+    sigma_frac: float = 0.0,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> STEProblem:
+    """Draw ``trials`` independent planted problems.
+
+    Per trial, in this order from ``generator``: Z (column-first), ``v ~ N(0, I_m)``,
+    ``w* ~ Unif{+-1}^n``, ``u_0 ~ N(0, I_n)`` (float64) and ``xi ~ N(0, sigma^2 I_N)`` with
+    ``sigma = sigma_frac * ||v|| / 2``. ``||v|| / 2`` is the standard deviation of the clean label
+    ``v^T s(Z w*)``: its hidden units are independent Bernoulli(1/2), so its variance is
+    ``sum_j v_j^2 / 4``. Drawing trial by trial makes a batch of ``a + b`` trials identical to a
+    batch of ``a`` followed by a batch of ``b`` from the same generator.
+    """
+    gen = generator if generator is not None else torch.Generator().manual_seed(0)
+    bits = grid_bits(n, dtype)
+    Zc = torch.empty(trials, n, N, m, dtype=dtype)
+    v = torch.empty(trials, m, dtype=dtype)
+    w_star = torch.empty(trials, n, dtype=dtype)
+    u0 = torch.empty(trials, n, dtype=torch.float64)
+    xi = torch.empty(trials, N, dtype=dtype)
+    for b in range(trials):
+        _fill_gaussian_grid(Zc[b], bits, gen)
+        v[b] = torch.randn(m, generator=gen, dtype=dtype)
+        w_star[b] = binary_sign(torch.rand(n, generator=gen, dtype=torch.float64) - 0.5)
+        u0[b] = torch.randn(n, generator=gen, dtype=torch.float64)
+        xi[b] = torch.randn(N, generator=gen, dtype=dtype)
+    sigma = sigma_frac * v.double().norm(dim=-1) / 2.0
+    xi.mul_(sigma.to(dtype).unsqueeze(-1))
+    act_star = _preact(Zc, w_star) > 0
+    y = torch.bmm(act_star.to(dtype), v.unsqueeze(-1)).squeeze(-1) + xi
+    A = torch.bmm(Zc.reshape(trials, n * N, m), v.unsqueeze(-1)).view(trials, n, N)
+    return STEProblem(
+        Zc=Zc, v=v, w_star=w_star, xi=xi, y=y, act_star=act_star, A=A, u0=u0, sigma=sigma
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Loss and gradients (closed forms)
+# --------------------------------------------------------------------------------------------
+
+
+def _residuals_from(
+    h: torch.Tensor, act_star: torch.Tensor, v: torch.Tensor, xi: torch.Tensor
+) -> torch.Tensor:
+    """``r_i = v^T (s(h_i) - s(Z_i w*)) - xi_i`` for pre-activations ``h`` of shape (B, N, m).
+
+    ``act_star`` may be boolean or already in ``h.dtype`` (the trainer converts it once).
+    """
+    diff = (h > 0).to(h.dtype)
+    diff -= act_star if act_star.dtype == h.dtype else act_star.to(h.dtype)
+    return torch.bmm(diff, v.unsqueeze(-1)).squeeze(-1).sub_(xi)
+
+
+def preactivations(problem: STEProblem, w: torch.Tensor) -> torch.Tensor:
+    """Pre-activations ``Z_i w`` of every sample, shape ``(B, N, m)``; ``w`` has shape (B, n)."""
+    return _preact(problem.Zc, w)
+
+
+def residuals(problem: STEProblem, w: torch.Tensor) -> torch.Tensor:
+    """Residuals ``r_i(w) = v^T s(Z_i w) - y_i``, shape ``(B, N)``, for binary ``w`` (B, n)."""
+    return _residuals_from(_preact(problem.Zc, w), problem.act_star, problem.v, problem.xi)
+
+
+def loss(problem: STEProblem, w: torch.Tensor) -> torch.Tensor:
+    """Training loss ``L(w) = (1/2N) sum_i r_i(w)^2`` per trial, shape ``(B,)``, in float64."""
+    r = residuals(problem, w).double()
+    return 0.5 * r.pow(2).mean(dim=-1)
+
+
+def _surrogate_constant(surrogate: Surrogate) -> float:
+    """``c`` in ``E g = c ||v||^2 (w - w*) / sqrt(2 pi n)``: 1 (identity) or 1/2 (ReLU)."""
+    if surrogate == "identity":
+        return 1.0
+    if surrogate == "relu":
+        return 0.5
+    raise ValueError(f"unknown surrogate {surrogate!r}; use 'identity' or 'relu'")
+
+
+def _gradient_from(
+    r: torch.Tensor,
+    h: torch.Tensor,
+    A: torch.Tensor,
+    Zc: torch.Tensor,
+    v: torch.Tensor,
+    surrogate: Surrogate,
+) -> torch.Tensor:
+    """STE gradient from residuals ``r`` (B, N) and pre-activations ``h`` (B, N, m)."""
+    B, N = r.shape
+    if surrogate == "identity":
+        return torch.bmm(A, r.unsqueeze(-1)).squeeze(-1) / N
+    _surrogate_constant(surrogate)
+    q = r.unsqueeze(-1) * v.unsqueeze(1) * (h > 0).to(h.dtype)
+    n, m = Zc.shape[1], Zc.shape[3]
+    return torch.bmm(Zc.reshape(B, n, N * m), q.reshape(B, N * m, 1)).squeeze(-1) / N
+
+
+def ste_gradient(
+    problem: STEProblem, w: torch.Tensor, surrogate: Surrogate = "identity"
+) -> torch.Tensor:
+    """Closed-form STE coarse gradient at binary ``w`` (B, n); returns (B, n).
+
+    identity: ``g = (1/N) sum_i r_i Z_i^T v``; relu: ``g = (1/N) sum_i r_i Z_i^T (v o s(Z_i w))``.
+    """
+    h = _preact(problem.Zc, w)
+    r = _residuals_from(h, problem.act_star, problem.v, problem.xi)
+    return _gradient_from(r, h, problem.A, problem.Zc, problem.v, surrogate)
+
+
+def population_gradient(
+    v: torch.Tensor, w: torch.Tensor, w_star: torch.Tensor, surrogate: Surrogate = "identity"
+) -> torch.Tensor:
+    """Expected STE gradient ``E g(w) = c ||v||^2 (w - w*) / sqrt(2 pi n)`` (see module doc)."""
+    n = w.shape[-1]
+    c = _surrogate_constant(surrogate)
+    scale = c * v.double().pow(2).sum(dim=-1, keepdim=True) / math.sqrt(2.0 * math.pi * n)
+    return scale * (w.double() - w_star.double())
+
+
+def _ste_step(h: torch.Tensor, surrogate: Surrogate) -> torch.Tensor:
+    """Forward ``s(h) = 1[h > 0]``; backward ``mu'(h)`` (1 for identity, ``1[h > 0]`` for ReLU)."""
+    hard = (h > 0).to(h.dtype)
+    soft = h if surrogate == "identity" else torch.relu(h)
+    _surrogate_constant(surrogate)
+    return soft + (hard - soft).detach()
+
+
+def surrogate_loss(
+    problem: STEProblem, u: torch.Tensor, surrogate: Surrogate = "identity"
+) -> torch.Tensor:
+    """Loss ``L(sign(u))`` per trial (B,) whose autograd gradient in ``u`` is ``g(sign(u))``.
+
+    The weights pass through :func:`monquant.ste.ste_sign` (identity backward) and the activation
+    through a straight-through step with backward ``mu'``; the chain rule then gives
+    ``dL/du = (1/N) sum_i r_i Z_i^T (v o mu'(Z_i w))``, the STE coarse gradient.
+    """
+    w = ste_sign(u).to(problem.Zc.dtype)
+    h = _preact(problem.Zc, w)
+    pred = (_ste_step(h, surrogate) * problem.v.unsqueeze(1)).sum(dim=-1)
+    return 0.5 * (pred - problem.y).pow(2).mean(dim=-1)
+
+
+def default_step_size(
+    v: torch.Tensor, n: int, kappa: float = 10.0, surrogate: Surrogate = "identity"
+) -> torch.Tensor:
+    """``eta = sqrt(2 pi n) / (2 kappa c ||v||^2)`` per trial (float64, shape (B,))."""
+    c = _surrogate_constant(surrogate)
+    return math.sqrt(2.0 * math.pi * n) / (2.0 * kappa * c * v.double().pow(2).sum(dim=-1))
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class STETrainResult:
+    """Output of :func:`ste_train` for a batch of ``B`` trials.
+
+    ``ergodic`` = ``sign(mean_{t=1..T} w_t)``, ``ergodic_mean`` = that mean, ``last`` = ``w_T``
+    (all (B, n)); ``dist[b, t] = ||w_t - w*||`` and ``loss[b, t] = L(w_t)`` for t = 0..T
+    (``None`` unless ``record=True``); ``iterates`` (B, T+1, n) int8 (``None`` unless
+    ``keep_iterates=True``); ``fixed_at`` (B,) the first t with all residuals zero (a fixed point,
+    so ``w_s = w_t`` for ``s >= t``), -1 if none; ``flips`` (B,) coordinate sign changes.
+    """
+
+    ergodic: torch.Tensor
+    ergodic_mean: torch.Tensor
+    last: torch.Tensor
+    dist: torch.Tensor | None
+    loss: torch.Tensor | None
+    iterates: torch.Tensor | None
+    fixed_at: torch.Tensor
+    flips: torch.Tensor
+
+
+class _Recorder:
+    """Per-step traces (distance, loss, iterates) indexed by original trial number."""
+
+    def __init__(self, B: int, T: int, n: int, record: bool, keep_iterates: bool) -> None:
+        self.dist = torch.zeros(B, T + 1, dtype=torch.float64) if record else None
+        self.loss = torch.zeros(B, T + 1, dtype=torch.float64) if record else None
+        self.iterates = torch.zeros(B, T + 1, n, dtype=torch.int8) if keep_iterates else None
+
+    def step(
+        self, idx: torch.Tensor, t: int, w: torch.Tensor, r: torch.Tensor, w_star: torch.Tensor
+    ) -> None:
+        """Store ``||w_t - w*|| = 2 sqrt(#mismatches)``, ``L(w_t)`` and ``w_t`` at time ``t``."""
+        if self.dist is not None and self.loss is not None:
+            mism = (w != w_star).sum(dim=-1).double()
+            self.dist[idx, t] = 2.0 * mism.sqrt()
+            self.loss[idx, t] = 0.5 * r.double().pow(2).mean(dim=-1)
+        if self.iterates is not None:
+            self.iterates[idx, t] = w.to(torch.int8)
+
+    def freeze(self, idx: torch.Tensor, t: int) -> None:
+        """Trials ``idx`` sit at a fixed point from ``t`` on: copy time ``t`` to ``t+1..T``."""
+        for trace in (self.dist, self.loss, self.iterates):
+            if trace is not None:
+                trace[idx, t + 1 :] = trace[idx, t : t + 1]
+
+
+def _apply_flips(
+    Zc: torch.Tensor, idx: torch.Tensor, h: torch.Tensor, w_old: torch.Tensor, w_new: torch.Tensor
+) -> torch.Tensor:
+    """Update ``h = Z w`` in place after sign flips: ``h += sum_k 2 w_new_k Z[:, :, k]``.
+
+    The update is one sparse-dense product ``D @ Zc.view(B n, N m)`` with one nonzero ``+-2`` in
+    ``D`` per flip, so only the flipped columns of Z are read (several times faster than gathering
+    them); on the dyadic grid it is exact. Returns the number of flips per active trial.
+    """
+    changed = w_new != w_old
+    bb, kk = changed.nonzero(as_tuple=True)
+    if bb.numel():
+        B, n, N, m = Zc.shape
+        rows = torch.stack([bb, idx[bb] * n + kk])  # row-major order: already coalesced
+        delta = (2.0 * w_new[bb, kk]).to(Zc.dtype)
+        D = torch.sparse_coo_tensor(
+            rows, delta, (h.shape[0], B * n), check_invariants=False, is_coalesced=True
+        )
+        h.view(h.shape[0], N * m).add_(torch.sparse.mm(D, Zc.view(B * n, N * m)))
+    return changed.sum(dim=-1)
+
+
+@dataclass
+class _Active:
+    """Compact state of the trials still running (row ``j`` is original trial ``idx[j]``)."""
+
+    idx: torch.Tensor
+    u: torch.Tensor
+    w: torch.Tensor
+    h: torch.Tensor
+    S: torch.Tensor
+    A: torch.Tensor
+    act_star: torch.Tensor
+    v: torch.Tensor
+    xi: torch.Tensor
+    eta: torch.Tensor
+    w_star: torch.Tensor
+
+    def keep(self, mask: torch.Tensor) -> _Active:
+        """Drop the rows where ``mask`` is False."""
+        return _Active(**{k: getattr(self, k)[mask] for k in self.__dataclass_fields__})
+
+
+def _init_active(problem: STEProblem, u0: torch.Tensor, eta: torch.Tensor) -> _Active:
+    """Initial state: ``u = u_0``, ``w = sign(u_0)``, ``h = Z w``, empty ergodic sum."""
+    u = u0.to(torch.float64).clone()
+    w = binary_sign(u)
+    return _Active(
+        idx=torch.arange(problem.trials),
+        u=u,
+        w=w,
+        h=_preact(problem.Zc, w),
+        S=torch.zeros_like(u),
+        A=problem.A,
+        act_star=problem.act_star.to(problem.Zc.dtype),
+        v=problem.v,
+        xi=problem.xi,
+        eta=eta,
+        w_star=problem.w_star.double(),
+    )
+
+
+def _resolve_eta(
+    problem: STEProblem, eta: float | torch.Tensor | None, kappa: float, surrogate: Surrogate
+) -> torch.Tensor:
+    """Step sizes per trial (B,) in float64: the default formula unless ``eta`` is given."""
+    if eta is None:
+        return default_step_size(problem.v, problem.n, kappa, surrogate)
+    return torch.as_tensor(eta, dtype=torch.float64).expand(problem.trials).clone()
+
+
+def ste_train(
+    problem: STEProblem,
+    *,
+    T: int = 2000,
+    kappa: float = 10.0,
+    eta: float | torch.Tensor | None = None,
+    surrogate: Surrogate = "identity",
+    u0: torch.Tensor | None = None,
+    record: bool = False,
+    keep_iterates: bool = False,
+    early_stop: bool = True,
+) -> STETrainResult:
+    """Run ``u_{t+1} = u_t - eta g(sign(u_t))`` for ``T`` steps on every trial of ``problem``.
+
+    ``u0`` overrides ``problem.u0``. With ``early_stop`` a trial whose residuals are all exactly
+    zero (then ``g = 0`` and the iteration is stationary) is stopped and its remaining iterates
+    are filled in; this changes no output.
+    """
+    _surrogate_constant(surrogate)
+    B = problem.trials
+    st = _init_active(
+        problem, problem.u0 if u0 is None else u0, _resolve_eta(problem, eta, kappa, surrogate)
+    )
+    rec = _Recorder(B, T, problem.n, record, keep_iterates)
+    S_out = torch.zeros(B, problem.n, dtype=torch.float64)
+    last = torch.zeros(B, problem.n, dtype=torch.float64)
+    fixed_at = torch.full((B,), -1, dtype=torch.long)
+    flips = torch.zeros(B, dtype=torch.long)
+    for t in range(T + 1):
+        r = _residuals_from(st.h, st.act_star, st.v, st.xi)
+        rec.step(st.idx, t, st.w, r, st.w_star)
+        if t == T:
+            break
+        if early_stop:
+            done = (r == 0).all(dim=-1)
+            if bool(done.any()):
+                ids = st.idx[done]
+                S_out[ids] = st.S[done] + (T - t) * st.w[done]
+                last[ids] = st.w[done]
+                fixed_at[ids] = t
+                rec.freeze(ids, t)
+                st, r = st.keep(~done), r[~done]
+                if st.idx.numel() == 0:
+                    break
+        Zc = problem.Zc if surrogate == "identity" else problem.Zc[st.idx]
+        g = _gradient_from(r, st.h, st.A, Zc, st.v, surrogate).double()
+        st.u -= st.eta.unsqueeze(-1) * g
+        w_new = binary_sign(st.u)
+        flips[st.idx] += _apply_flips(problem.Zc, st.idx, st.h, st.w, w_new)
+        st.w = w_new
+        st.S += w_new
+    if st.idx.numel():
+        S_out[st.idx] = st.S
+        last[st.idx] = st.w
+    mean = S_out / max(T, 1)
+    return STETrainResult(
+        ergodic=binary_sign(mean),
+        ergodic_mean=mean,
+        last=last,
+        dist=rec.dist,
+        loss=rec.loss,
+        iterates=rec.iterates,
+        fixed_at=fixed_at,
+        flips=flips,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Recovery rate
+# --------------------------------------------------------------------------------------------
+
+
+def _point_seed(seed: int, *keys: int) -> int:
+    """Deterministic 63-bit seed for one experiment point (a simple multiplicative mix)."""
+    h = seed & 0xFFFFFFFFFFFF
+    for k in keys:
+        h = (h * 0x100000001B3 + int(k) + 0x9E3779B97F4A7C15) % (1 << 63)
+    return h
+
+
+def _chunk_size(n: int, N: int, m: int, max_chunk_bytes: int, itemsize: int = 4) -> int:
+    """Trials per chunk so that Z plus per-trial work tensors stay within ``max_chunk_bytes``."""
+    per_trial = itemsize * N * (n * m + 3 * m + 2 * n) + N * m
+    return max(1, int(max_chunk_bytes // per_trial))
+
+
+def recovery_rate(
+    n: int,
+    N: int,
+    *,
+    trials: int = 50,
+    m: int = 32,
+    T: int = 2000,
+    kappa: float = 10.0,
+    sigma_frac: float = 0.0,
+    surrogate: Surrogate = "identity",
+    seed: int = 0,
+    max_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    chunk: int | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, Any]:
+    """Exact-recovery rate of ``w*`` by the ergodic estimate and the last iterate.
+
+    ``trials`` independent problems are drawn (sequentially, from a generator seeded by
+    ``(seed, n, N, m)``) and trained in chunks of ``chunk`` trials (default: as many as fit in
+    ``max_chunk_bytes``); the chunking does not change the results. Returns the rates, their
+    binomial standard errors ``sqrt(p (1-p) / trials)``, the per-trial successes, the fraction of
+    trials that reached a fixed point and the mean time it took.
+    """
+    gen = torch.Generator().manual_seed(_point_seed(seed, n, N, m))
+    size = chunk or _chunk_size(n, N, m, max_chunk_bytes, torch.finfo(dtype).bits // 8)
+    erg_ok, last_ok, fixed = [], [], []
+    for start in range(0, trials, size):
+        prob = sample_problems(
+            n, N, min(size, trials - start), m=m, sigma_frac=sigma_frac, generator=gen, dtype=dtype
+        )
+        res = ste_train(prob, T=T, kappa=kappa, surrogate=surrogate)
+        w_star = prob.w_star.double()
+        erg_ok.append((res.ergodic == w_star).all(dim=-1))
+        last_ok.append((res.last == w_star).all(dim=-1))
+        fixed.append(res.fixed_at)
+        del prob, res
+    erg, lst, fx = torch.cat(erg_ok), torch.cat(last_ok), torch.cat(fixed)
+    return _rate_summary(n, N, m, trials, erg, lst, fx)
+
+
+def _rate_summary(
+    n: int,
+    N: int,
+    m: int,
+    trials: int,
+    erg: torch.Tensor,
+    lst: torch.Tensor,
+    fixed_at: torch.Tensor,
+) -> dict[str, Any]:
+    """Rates, standard errors and fixed-point statistics of one (n, N) point."""
+    pe, pl = erg.double().mean().item(), lst.double().mean().item()
+    reached = fixed_at >= 0
+    return {
+        "n": n,
+        "N": N,
+        "m": m,
+        "trials": trials,
+        "N_over_n": N / n,
+        "N_over_n2": N / n**2,
+        "rate_ergodic": pe,
+        "rate_last": pl,
+        "se_ergodic": math.sqrt(pe * (1 - pe) / trials),
+        "se_last": math.sqrt(pl * (1 - pl) / trials),
+        "successes_ergodic": int(erg.sum()),
+        "successes_last": int(lst.sum()),
+        "frac_fixed_point": reached.double().mean().item(),
+        "mean_fixed_at": fixed_at[reached].double().mean().item() if reached.any() else None,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Scaling fits
+# --------------------------------------------------------------------------------------------
+
+
+def isotonic_increasing(y: Sequence[float], weights: Sequence[float] | None = None) -> np.ndarray:
+    """Least-squares non-decreasing fit of ``y`` (pool-adjacent-violators)."""
+    wts = np.ones(len(y)) if weights is None else np.asarray(weights, dtype=float)
+    blocks: list[list[float]] = []  # [mean, weight, count]
+    for yi, wi in zip(np.asarray(y, dtype=float), wts, strict=True):
+        blocks.append([yi, wi, 1])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            m2, w2, c2 = blocks.pop()
+            m1, w1, c1 = blocks.pop()
+            blocks.append([(m1 * w1 + m2 * w2) / (w1 + w2), w1 + w2, c1 + c2])
+    return np.concatenate([np.full(int(c), mu) for mu, _, c in blocks])
+
+
+def interpolate_crossing(Ns: Sequence[float], rates: Sequence[float], level: float) -> float:
+    """The ``N`` where the rate first reaches ``level``, linear in ``log N``; NaN if unbracketed.
+
+    The rates are first made monotone (isotonic regression) so Monte-Carlo wiggles do not produce
+    several crossings. If the first grid point already reaches ``level`` or none does, the
+    crossing is not bracketed by the grid and NaN is returned.
+    """
+    x = np.log(np.asarray(Ns, dtype=float))
+    p = isotonic_increasing(rates)
+    hit = np.nonzero(p >= level)[0]
+    if hit.size == 0 or hit[0] == 0:
+        return float("nan")
+    k = int(hit[0])
+    frac = (level - p[k - 1]) / (p[k] - p[k - 1])
+    return float(math.exp(x[k - 1] + frac * (x[k] - x[k - 1])))
+
+
+def _t_pdf(x: np.ndarray, df: float) -> np.ndarray:
+    """Student-t density ``Gamma((df+1)/2) / (sqrt(df pi) Gamma(df/2)) (1+x^2/df)^-((df+1)/2)``."""
+    logc = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+    return np.exp(logc - (df + 1) / 2 * np.log1p(x * x / df))
+
+
+def _t_cdf(x: float, df: float, panels: int = 4000) -> float:
+    """Student-t CDF: ``1/2 + int_0^x pdf`` by composite Simpson's rule (x >= 0)."""
+    grid = np.linspace(0.0, x, panels + 1)
+    f = _t_pdf(grid, df)
+    h = x / panels
+    return 0.5 + h / 3 * (f[0] + f[-1] + 4 * f[1:-1:2].sum() + 2 * f[2:-1:2].sum())
+
+
+def t_quantile(p: float, df: float) -> float:
+    """Quantile of Student's t for ``p`` in (1/2, 1) by bisection on the Simpson CDF."""
+    if not 0.5 < p < 1.0:
+        raise ValueError("t_quantile needs 1/2 < p < 1")
+    lo, hi = 0.0, 1.0
+    while _t_cdf(hi, df) < p:
+        lo, hi = hi, 2 * hi
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if _t_cdf(mid, df) < p else (lo, mid)
+    return 0.5 * (lo + hi)
+
+
+def fit_scaling(ns: Sequence[float], Ns: Sequence[float], conf: float = 0.95) -> dict[str, Any]:
+    """Least-squares fit ``log N = a + b log n`` with a ``conf`` t-interval for the slope ``b``.
+
+    ``se(b) = sqrt(RSS / (k - 2) / sum (x - xbar)^2)`` over the ``k`` finite points and the
+    interval is ``b +- t_{(1+conf)/2, k-2} se(b)``; with ``k = 2`` only the slope is returned.
+    """
+    x, y = np.log(np.asarray(ns, dtype=float)), np.log(np.asarray(Ns, dtype=float))
+    ok = np.isfinite(x) & np.isfinite(y)
+    x, y = x[ok], y[ok]
+    k = int(x.size)
+    out: dict[str, Any] = {
+        "points": k,
+        "conf": conf,
+        "slope": float("nan"),
+        "intercept": float("nan"),
+        "se": float("nan"),
+        "ci": [float("nan"), float("nan")],
+        "df": max(k - 2, 0),
+    }
+    if k < 2:
+        return out
+    xc = x - x.mean()
+    slope = float((xc * (y - y.mean())).sum() / (xc * xc).sum())
+    out.update(slope=slope, intercept=float(y.mean() - slope * x.mean()))
+    if k > 2:
+        resid = y - out["intercept"] - slope * x
+        se = math.sqrt(float((resid**2).sum()) / (k - 2) / float((xc * xc).sum()))
+        tq = t_quantile((1 + conf) / 2, k - 2)
+        out.update(se=se, t=tq, ci=[slope - tq * se, slope + tq * se])
+    return out
+
+
+def local_slopes(ns: Sequence[float], Ns: Sequence[float]) -> list[float]:
+    """Slopes between consecutive points: ``log(N_{j+1} / N_j) / log(n_{j+1} / n_j)``."""
+    pts = list(zip(ns, Ns, strict=True))
+    return [
+        math.log(N1 / N0) / math.log(n1 / n0) if N0 > 0 and N1 > 0 else math.nan
+        for (n0, N0), (n1, N1) in pairwise(pts)
+    ]
+
+
+def bootstrap_slope(
+    points: Sequence[Sequence[dict[str, Any]]],
+    key: str,
+    level: float,
+    *,
+    n_boot: int = 1000,
+    conf: float = 0.95,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Percentile bootstrap over trials for the slope of ``log N_level`` against ``log n``.
+
+    ``points[j]`` is the list of rate summaries (from :func:`recovery_rate`) of the j-th ``n``.
+    Resampling the trials of a grid point with replacement draws its success count from
+    ``Binomial(trials, p_hat)``; each replicate recomputes every crossing and the slope.
+    Replicates with fewer than two finite crossings are dropped (their count is reported).
+    """
+    rng = np.random.default_rng(seed)
+    ns = [pts[0]["n"] for pts in points]
+    slopes = []
+    for _ in range(n_boot):
+        cross = []
+        for pts in points:
+            sims = [rng.binomial(p["trials"], p[key]) / p["trials"] for p in pts]
+            cross.append(interpolate_crossing([p["N"] for p in pts], sims, level))
+        s = fit_scaling(ns, cross)["slope"]
+        if math.isfinite(s):
+            slopes.append(s)
+    lo, hi = (
+        np.quantile(slopes, [(1 - conf) / 2, (1 + conf) / 2])
+        if slopes
+        else (float("nan"), float("nan"))
+    )
+    return {"ci": [float(lo), float(hi)], "n_boot": n_boot, "valid": len(slopes), "conf": conf}
+
+
+# --------------------------------------------------------------------------------------------
+# Recurrence
+# --------------------------------------------------------------------------------------------
+
+
+def count_visits(dist: torch.Tensor | Sequence[float]) -> int:
+    """Number of separate visits to ``w*``: maximal runs of ``dist == 0`` in a 1-D trace."""
+    at = torch.as_tensor(dist) == 0
+    if at.numel() == 0:
+        return 0
+    entries = int((at[1:] & ~at[:-1]).sum())
+    return entries + int(at[0])
+
+
+def count_returns(dist: torch.Tensor | Sequence[float]) -> int:
+    """Returns to ``w*``: entries into ``w*`` (``dist == 0``) after having been there and left.
+
+    The first visit is not a return, so this is ``max(visits - 1, 0)``.
+    """
+    return max(count_visits(dist) - 1, 0)
+
+
+def recurrence_experiment(
+    *,
+    m: int = 128,
+    n: int = 25,
+    N: int = 140,
+    sigma_frac: float = 0.2,
+    T: int = 2000,
+    trials: int = 20,
+    kappa: float = 10.0,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Noisy run(s): traces of ``||w_t - w*||`` and ``L(w_t)`` and the returns to ``w*``.
+
+    Trial 0 is the showcased run; the other trials give the spread of the return count.
+    """
+    gen = torch.Generator().manual_seed(_point_seed(seed, 7, n, N, m))
+    prob = sample_problems(n, N, trials, m=m, sigma_frac=sigma_frac, generator=gen)
+    res = ste_train(prob, T=T, kappa=kappa, record=True)
+    assert res.dist is not None and res.loss is not None
+    returns = [count_returns(d) for d in res.dist]
+    visits = [count_visits(d) for d in res.dist]
+    w_star = prob.w_star.double()
+    return {
+        "m": m,
+        "n": n,
+        "N": N,
+        "T": T,
+        "trials": trials,
+        "sigma_frac": sigma_frac,
+        "sigma": prob.sigma.tolist(),
+        "kappa": kappa,
+        "returns": returns,
+        "visits": visits,
+        "frac_time_at_optimum": (res.dist == 0).double().mean(dim=-1).tolist(),
+        "first_hit": [int(torch.nonzero(d == 0)[0]) if (d == 0).any() else None for d in res.dist],
+        "loss_at_optimum": loss(prob, prob.w_star).tolist(),
+        "ergodic_recovered": (res.ergodic == w_star).all(dim=-1).tolist(),
+        "last_recovered": (res.last == w_star).all(dim=-1).tolist(),
+        "dist_trace": res.dist[0].tolist(),
+        "loss_trace": res.loss[0].tolist(),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# The full experiment
+# --------------------------------------------------------------------------------------------
+
+
+def default_N_grid(n: int, ratios: Sequence[float] = DEFAULT_RATIOS) -> list[int]:
+    """Geometric grid ``N = round(r n)`` over ``ratios`` (distinct, at least 2)."""
+    return sorted({max(2, round(r * n)) for r in ratios})
+
+
+def _progress(iterable: Any, desc: str, enabled: bool, total: int | None = None) -> Any:
+    """Wrap ``iterable`` in a tqdm bar on stderr when ``enabled``."""
+    from tqdm import tqdm
+
+    return tqdm(iterable, desc=desc, total=total, file=sys.stderr, disable=not enabled)
+
+
+@contextmanager
+def _torch_threads(threads: int | None) -> Iterator[None]:
+    """Set torch's intra-op thread count inside the block (``None``: leave it), then restore."""
+    if threads is None:
+        yield
+        return
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def _low(point: dict[str, Any]) -> bool:
+    """Both estimators below 50%: the point brackets N50 from below."""
+    return max(point["rate_ergodic"], point["rate_last"]) < 0.5
+
+
+def _high(point: dict[str, Any]) -> bool:
+    """Both estimators at 90% or more: the point brackets N90 from above."""
+    return min(point["rate_ergodic"], point["rate_last"]) >= 0.9
+
+
+def _curve(
+    n: int, grid: Sequence[int], cfg: dict[str, Any], bar: Any, adaptive: bool
+) -> list[dict[str, Any]]:
+    """Rates on the ascending ``grid`` of one ``n``, sorted by ``N``.
+
+    Adaptive rule (``adaptive=True``): the grid is walked from the largest ``N`` down and the walk
+    stops after the first point where both rates are 0 (the rate is non-decreasing in ``N``, so
+    smaller ``N`` carry no information and are the slowest points: no trial converges early).
+    Then, while the largest point is not at 90% for both estimators, or the smallest is not below
+    50% for both, the grid is extended by its end ratio (at most ``cfg["max_extend"]`` points
+    each way), so that N50 and N90 are bracketed.
+    """
+
+    def rate(N: int) -> dict[str, Any]:
+        keys = ("trials", "m", "T", "kappa", "seed", "max_chunk_bytes")
+        point = recovery_rate(n, N, **{k: cfg[k] for k in keys})
+        bar.update()
+        return point
+
+    pts: list[dict[str, Any]] = []
+    for j, N in enumerate(reversed(grid)):
+        pts.append(rate(N))
+        if adaptive and pts[-1]["rate_ergodic"] == 0 and pts[-1]["rate_last"] == 0:
+            bar.total -= len(grid) - j - 1
+            bar.refresh()
+            break
+    if not adaptive or len(grid) < 2:
+        return sorted(pts, key=lambda p: p["N"])
+    up, down = grid[-1] / grid[-2], grid[0] / grid[1]
+    for factor, done, end in ((up, _high, max), (down, _low, min)):
+        for _ in range(cfg["max_extend"]):
+            edge = end(pts, key=lambda p: p["N"])
+            N = round(edge["N"] * factor)
+            if done(edge) or N < 2 or N == edge["N"]:
+                break
+            bar.total += 1
+            pts.append(rate(N))
+    return sorted(pts, key=lambda p: p["N"])
+
+
+def _stage_recovery(
+    ns: Sequence[int],
+    ratios: Sequence[float],
+    cfg: dict[str, Any],
+    progress: bool,
+    adaptive: bool = True,
+) -> list[list[dict[str, Any]]]:
+    """Stage 1: recovery-rate curves, a list (one per ``n``) of per-``N`` summaries."""
+    grids = {n: default_N_grid(n, ratios) for n in ns}
+    bar = _progress(None, "stage 1: recovery rate", progress, sum(map(len, grids.values())))
+    with bar:
+        return [_curve(n, grids[n], cfg, bar, adaptive) for n in ns]
+
+
+def _stage_scaling(curves: list[list[dict[str, Any]]], seed: int, n_boot: int) -> dict[str, Any]:
+    """Stage 2: N50 / N90 per ``n`` and the slope of ``log N50`` (and ``log N90``) on ``log n``."""
+    ns = [pts[0]["n"] for pts in curves]
+    table, fits = [], {}
+    for est in ("ergodic", "last"):
+        key = f"rate_{est}"
+        for level in (0.5, 0.9):
+            name = f"N{round(100 * level)}_{est}"
+            vals = [
+                interpolate_crossing([p["N"] for p in pts], [p[key] for p in pts], level)
+                for pts in curves
+            ]
+            fit = fit_scaling(ns, vals)
+            fit["local_slopes"] = local_slopes(ns, vals)
+            fit["bootstrap"] = bootstrap_slope(curves, key, level, n_boot=n_boot, seed=seed)
+            fits[name] = {"values": vals, **fit}
+    for j, n in enumerate(ns):
+        table.append({"n": n, **{k: f["values"][j] for k, f in fits.items()}})
+    return {"table": table, "fits": fits}
+
+
+def _plot_recovery(
+    curves: list[list[dict[str, Any]]], xkey: str, xlabel: str, stem: Path
+) -> list[Path]:
+    """Recovery rate (ergodic | last iterate) against ``xkey``, one curve per ``n``."""
+    fig, axes = new_figure(ncols=2)
+    titles = ("ergodic Q(mean w_t)", "last w_T")
+    for ax, est, title in zip(axes[0], ("ergodic", "last"), titles, strict=True):
+        for pts in curves:
+            x = [p[xkey] for p in pts]
+            y = [p[f"rate_{est}"] for p in pts]
+            se = [p[f"se_{est}"] for p in pts]
+            ax.errorbar(x, y, yerr=se, marker="o", ms=3, capsize=2, label=f"n={pts[0]['n']}")
+        ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("exact recovery rate")
+        ax.set_title(title)
+        ax.set_ylim(-0.03, 1.03)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return save_figure(fig, stem)
+
+
+def _plot_scaling(scaling: dict[str, Any], ns: Sequence[int], stem: Path) -> list[Path]:
+    """``N50`` and ``N90`` against ``n`` (log-log) with the fitted lines."""
+    fig, axes = new_figure()
+    ax = axes[0][0]
+    xs = np.asarray(ns, dtype=float)
+    names = ("N50_ergodic", "N90_ergodic", "N50_last", "N90_last")
+    for i, (name, marker) in enumerate(zip(names, "os^v", strict=True)):
+        fit, color = scaling["fits"][name], f"C{i}"
+        label = f"{name} (slope {fit['slope']:.2f})"
+        ax.plot(xs, fit["values"], marker, color=color, label=label)
+        if math.isfinite(fit["slope"]):
+            fitted = np.exp(fit["intercept"]) * xs ** fit["slope"]
+            ax.plot(xs, fitted, "-", color=color, alpha=0.4)
+    ax.plot(
+        xs,
+        xs**2 * scaling["fits"]["N50_ergodic"]["values"][0] / xs[0] ** 2,
+        "k:",
+        label="slope 2 reference",
+    )
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("n")
+    ax.set_ylabel("N at 50% / 90% recovery")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    return save_figure(fig, stem)
+
+
+def _plot_recurrence(rec: dict[str, Any], stem: Path) -> list[Path]:
+    """``||w_t - w*||`` and ``L(w_t)`` against ``t`` for the showcased noisy run."""
+    fig, axes = new_figure(ncols=2)
+    t = np.arange(len(rec["dist_trace"]))
+    axes[0][0].plot(t, rec["dist_trace"], lw=0.8)
+    axes[0][0].set_ylabel("||w_t - w*||")
+    axes[0][1].plot(t, rec["loss_trace"], lw=0.8, color="C1")
+    axes[0][1].axhline(rec["loss_at_optimum"][0], color="k", ls=":", label="L(w*)")
+    axes[0][1].set_ylabel("L(w_t)")
+    axes[0][1].legend(fontsize=8)
+    for ax in axes[0]:
+        ax.set_xlabel("t")
+        ax.grid(alpha=0.3)
+    fig.suptitle(
+        f"noisy STE, m={rec['m']}, n={rec['n']}, N={rec['N']}: {rec['returns'][0]} returns to w*"
+    )
+    return save_figure(fig, stem)
+
+
+def _fmt_ci(fit: dict[str, Any]) -> str:
+    """``slope [lo, hi]`` text for the report."""
+    lo, hi = fit["ci"]
+    blo, bhi = fit["bootstrap"]["ci"]
+    return (
+        f"{fit['slope']:.3f}, {round(100 * fit['conf'])}% t-interval [{lo:.3f}, {hi:.3f}] "
+        f"(df {fit['df']}), bootstrap [{blo:.3f}, {bhi:.3f}]"
+    )
+
+
+def _report_header(results: dict[str, Any]) -> list[str]:
+    """Title, parameters and timings."""
+    p = results["params"]
+    return [
+        "# STE recovery of a planted binary two-layer network",
+        "",
+        "Finite-sample STE (Jeong, Xin, Yin): identity-surrogate STE gradient, latent "
+        "iteration `u <- u - eta g(sign(u))`, ergodic estimate `sign(mean_{t=1..T} w_t)` "
+        "and last iterate `w_T`.",
+        "",
+        "## Parameters",
+        "",
+        markdown_table(["parameter", "value"], [[k, str(v)] for k, v in p.items()]),
+        "",
+        "## Wall time per stage (seconds)",
+        "",
+        markdown_table(["stage", "seconds"], [[k, v] for k, v in results["timing"].items()]),
+        "",
+    ]
+
+
+def _report_recovery(results: dict[str, Any]) -> list[str]:
+    """Stage 1: figures and the table of rates."""
+    hdr = ["n", "N", "N/n", "N/n^2", "ergodic", "se", "last", "se", "fixed point", "mean t*"]
+    keys = ["n", "N", "N_over_n", "N_over_n2", "rate_ergodic", "se_ergodic", "rate_last"]
+    keys += ["se_last", "frac_fixed_point", "mean_fixed_at"]
+    rows = [[q[k] for k in keys] for pts in results["recovery"] for q in pts]
+    return [
+        "## 1. Recovery rate against N (noiseless)",
+        "",
+        "![recovery vs N](recovery_vs_N.png)",
+        "",
+        "![recovery vs N/n^2](recovery_vs_N_over_n2.png)",
+        "",
+        "![recovery vs N/n](recovery_vs_N_over_n.png)",
+        "",
+        "`se` = binomial standard error; `fixed point` = fraction of trials whose residuals all "
+        "vanished (then `w_t` is frozen), `mean t*` = mean step at which that happened.",
+        "",
+        markdown_table(hdr, rows, digits=3),
+        "",
+    ]
+
+
+def _report_scaling(results: dict[str, Any]) -> list[str]:
+    """Stage 2: N50 / N90 table and the fitted slopes with their intervals."""
+    sc, p = results["scaling"], results["params"]
+    lines = [
+        "## 2. Scaling",
+        "",
+        "N50 / N90: the N where the (isotonic-smoothed) rate first reaches 50% / 90%, "
+        "linear interpolation in log N; nan = not bracketed by the grid.",
+        "",
+        markdown_table(
+            list(sc["table"][0].keys()), [list(r.values()) for r in sc["table"]], digits=4
+        ),
+        "",
+        "Slope of log N_level against log n: least squares over the n values; the t-interval "
+        "is `slope +- t_{0.975, k-2} se` from the regression residuals; the bootstrap interval "
+        f"is the 2.5-97.5% percentile range over {p['n_boot']} resamplings of the trials "
+        "(binomial redraw of every grid point, crossings and slope recomputed).",
+        "",
+    ]
+    lines += [f"- **{name}**: {_fmt_ci(fit)}" for name, fit in sc["fits"].items()]
+    ns = [row["n"] for row in sc["table"]]
+    pairs = [f"{a}->{b}" for a, b in pairwise(ns)]
+    local = [[name, *fit["local_slopes"]] for name, fit in sc["fits"].items()]
+    lines += ["", "Local slopes between consecutive n:", ""]
+    lines += [markdown_table(["crossing", *pairs], local, digits=3)]
+    return [*lines, "", "![scaling](scaling.png)", ""]
+
+
+def _report_recurrence(results: dict[str, Any]) -> list[str]:
+    """Stage 3: the noisy run and the returns to ``w*``."""
+    rec = results["recurrence"]
+    keys = ["returns", "visits", "first_hit", "frac_time_at_optimum"]
+    keys += ["ergodic_recovered", "last_recovered"]
+    rows = [[i] + [rec[k][i] for k in keys] for i in range(rec["trials"])]
+    hdr = ["trial", "returns", "visits", "first hit", "time at w*", "ergodic ok", "last ok"]
+    return [
+        "## 3. Recurrence under label noise",
+        "",
+        f"m = {rec['m']}, n = {rec['n']}, N = {rec['N']}, sigma = {rec['sigma_frac']} x "
+        f"label std (||v||/2), T = {rec['T']}, {rec['trials']} trials; trial 0 plotted. "
+        "A return = entering w* (distance 0) after having been there and left.",
+        "",
+        "![recurrence](recurrence.png)",
+        "",
+        markdown_table(hdr, rows, digits=3),
+        "",
+    ]
+
+
+def _report_notes(results: dict[str, Any]) -> list[str]:
+    """Conventions and the comparison with the paper's claim."""
+    fit = results["scaling"]["fits"]["N50_ergodic"]
+    lo, hi = fit["ci"]
+    ns = results["params"]["ns"]
+    f_lo, f_hi = grid_bits(max(ns)), grid_bits(min(ns))
+    return [
+        "## Notes",
+        "",
+        "- Population STE gradient (identity surrogate): `E g(w) = ||v||^2 (w - w*) / "
+        "sqrt(2 pi n)`; with the default `eta` the expected step of a wrong coordinate is "
+        "`1/kappa`. The ReLU surrogate halves the constant.",
+        "- Z entries are N(0,1) clipped to [-8, 8] and rounded to a dyadic grid "
+        f"(2^-{f_lo} to 2^-{f_hi} here) so that `Z w` is exact in float32 and can be updated "
+        "incrementally.",
+        "- N grid: `round(r n)`, r = 2^(k/2), walked from large N down and stopped after the "
+        "first point with both rates 0; extended at either end until N50 and N90 are bracketed.",
+        f"- The paper's sample-complexity bound grows like n^2; the measured slope of log N50 "
+        f"(ergodic) against log n is {fit['slope']:.2f} (95% t-interval [{lo:.2f}, {hi:.2f}]) "
+        "for these n, m and T. The bound is a sufficient condition; the slope is reported, "
+        "not asserted.",
+        "- Near the threshold the time to reach the fixed point grows (column `mean t*`), so "
+        "the last-iterate rates (and N50/N90 of the last iterate) depend on T: a larger T "
+        "raises them. The ergodic estimate is much less sensitive to T.",
+        "",
+    ]
+
+
+def _report_markdown(results: dict[str, Any]) -> str:
+    """The Markdown report: parameters, timings, tables, fits, figures and notes."""
+    parts = (_report_header, _report_recovery, _report_scaling, _report_recurrence)
+    lines = [line for part in parts for line in part(results)]
+    return "\n".join(lines + _report_notes(results))
+
+
+def _resolve_config(
+    quick: bool, trials: int, ns: Sequence[int], T: int, ratios: Sequence[float] | None
+) -> tuple[int, tuple[int, ...], int, tuple[float, ...]]:
+    """Apply the quick-mode caps (20 trials, first two ``n``, T <= 500, 5 grid points)."""
+    if not quick:
+        return trials, tuple(ns), T, tuple(ratios or DEFAULT_RATIOS)
+    return min(trials, 20), tuple(ns)[:2], min(T, 500), tuple(ratios or QUICK_RATIOS)
+
+
+def _write_figures(
+    curves: list[list[dict[str, Any]]], scaling: dict[str, Any], rec: dict[str, Any], out: Path
+) -> list[Path]:
+    """All figures of the report, each as PNG and PDF."""
+    ns = [pts[0]["n"] for pts in curves]
+    return [
+        *_plot_recovery(curves, "N", "N", out / "recovery_vs_N"),
+        *_plot_recovery(curves, "N_over_n2", "N / n^2", out / "recovery_vs_N_over_n2"),
+        *_plot_recovery(curves, "N_over_n", "N / n", out / "recovery_vs_N_over_n"),
+        *_plot_scaling(scaling, ns, out / "scaling"),
+        *_plot_recurrence(rec, out / "recurrence"),
+    ]
+
+
+def _run_stages(
+    ns: Sequence[int],
+    ratios: Sequence[float],
+    cfg: dict[str, Any],
+    rec_cfg: dict[str, Any],
+    progress: bool,
+) -> tuple[dict[str, Any], dict[str, float]]:
+    """Stages 1-3, timed; returns the results (without figures) and the wall time per stage."""
+    timing: dict[str, float] = {}
+    t0 = time.perf_counter()
+    curves = _stage_recovery(ns, ratios, cfg, progress, cfg["adaptive"])
+    timing["1_recovery"] = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    scaling = _stage_scaling(curves, cfg["seed"], cfg["n_boot"])
+    timing["2_scaling"] = time.perf_counter() - t1
+    t2 = time.perf_counter()
+    for _ in _progress(range(1), "stage 3: recurrence", progress):
+        rec = recurrence_experiment(**rec_cfg, kappa=cfg["kappa"], seed=cfg["seed"])
+    timing["3_recurrence"] = time.perf_counter() - t2
+    return {"recovery": curves, "scaling": scaling, "recurrence": rec}, timing
+
+
+def run_ste_recovery(
+    out_dir: str | Path,
+    *,
+    quick: bool = False,
+    seed: int = 0,
+    trials: int = 50,
+    ns: Sequence[int] = DEFAULT_NS,
+    m: int = 32,
+    T: int = 2000,
+    progress: bool = True,
+    kappa: float = 10.0,
+    ratios: Sequence[float] | None = None,
+    adaptive: bool = True,
+    max_extend: int = 4,
+    recurrence_m: int = 128,
+    recurrence_n: int = 25,
+    recurrence_N: int = 140,
+    sigma_frac: float = 0.2,
+    recurrence_T: int = 2000,
+    recurrence_trials: int = 20,
+    n_boot: int = 1000,
+    max_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    threads: int | None = 1,
+) -> dict[str, Any]:
+    """Run experiments 1-3 and write ``report.md``, ``results.json`` and figures to ``out_dir``.
+
+    The ``N`` grid of each ``n`` is ``round(r n)`` for ``r`` in ``ratios`` (default
+    ``2^(k/2)``, k = -2..8), walked adaptively (see :func:`_curve`; ``adaptive=False`` evaluates
+    the plain grid). ``quick=True`` caps the work (the first two of ``ns``, ratios 0.5..8,
+    20 trials, T <= 500, 200 bootstrap replicates, 5 recurrence trials) for a smoke run of a
+    few seconds.
+    ``threads`` sets torch's intra-op threads during the run (restored afterwards; ``None``
+    leaves them): the per-step tensors are small, so one thread loses little on an idle machine
+    and avoids the large slow-down of OpenMP spin-waiting when the cores are shared.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    trials, ns, T, ratios = _resolve_config(quick, trials, ns, T, ratios)
+    if quick:
+        n_boot, recurrence_trials = min(n_boot, 200), min(recurrence_trials, 5)
+    cfg = {
+        "trials": trials,
+        "m": m,
+        "T": T,
+        "kappa": kappa,
+        "seed": seed,
+        "n_boot": n_boot,
+        "max_chunk_bytes": max_chunk_bytes,
+        "adaptive": adaptive,
+        "max_extend": max_extend,
+    }
+    rec_cfg = {
+        "m": recurrence_m,
+        "n": recurrence_n,
+        "N": recurrence_N,
+        "sigma_frac": sigma_frac,
+        "T": recurrence_T,
+        "trials": recurrence_trials,
+    }
+    t0 = time.perf_counter()
+    with _torch_threads(threads):
+        params = {
+            "quick": quick,
+            "ns": list(ns),
+            **cfg,
+            "recurrence": rec_cfg,
+            "N_over_n_grid": [round(r, 4) for r in ratios],
+            "torch_threads": torch.get_num_threads(),
+        }
+        results, timing = _run_stages(ns, ratios, cfg, rec_cfg, progress)
+        t3 = time.perf_counter()
+        figures = _write_figures(
+            results["recovery"], results["scaling"], results["recurrence"], out
+        )
+    timing["4_figures"] = time.perf_counter() - t3
+    timing["total"] = time.perf_counter() - t0
+    results = {"params": params, "timing": timing, **results, "figures": [f.name for f in figures]}
+    write_json(out / "results.json", results)
+    atomic_write_text(out / "report.md", _report_markdown(results) + "\n")
+    return results
+
+
+def summary_text(results: dict[str, Any]) -> str:
+    """Plain-text summary (N50/N90 table and slopes) for a terminal."""
+    sc = results["scaling"]
+    table = text_table(list(sc["table"][0].keys()), [list(r.values()) for r in sc["table"]])
+    fits = "\n".join(f"{name}: {_fmt_ci(fit)}" for name, fit in sc["fits"].items())
+    rec = results["recurrence"]
+    return (
+        f"{table}\n{fits}\nrecurrence returns per trial: {rec['returns']}\n"
+        f"wall time: {results['timing']['total']:.1f} s"
+    )
