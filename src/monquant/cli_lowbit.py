@@ -1,0 +1,106 @@
+"""``monquant lowbit``: the certified low-bit comparison (registered into :mod:`monquant.cli`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+__all__ = ["cmd_lowbit", "register"]
+
+EPILOG_LOWBIT = """examples:
+  monquant lowbit                                  # full comparison -> results/lowbit/
+  monquant lowbit --quick --out results/lowbit-quick   # small CI-sized run (1-2 minutes)
+  monquant lowbit --resume                         # skip configurations already finished
+  monquant lowbit --resume --budget-minutes 25     # stop starting new ones after 25 minutes
+  monquant lowbit --model runs/float/model.safetensors --seeds 0
+"""
+
+
+def cmd_lowbit(args: argparse.Namespace) -> int:
+    from monquant.cli import _emit, _load_data
+    from monquant.experiments.lowbit import run_lowbit
+    from monquant.lowbit_report import summary_rows
+    from monquant.report import text_table
+
+    options: dict[str, Any] = {}
+    if args.budget_minutes is not None:
+        options["budget_s"] = 60.0 * args.budget_minutes
+    if args.train_limit is not None:
+        options["train_limit"] = args.train_limit
+    data = _load_data(args)
+    echo = (lambda m: print(m, file=sys.stderr)) if args.json else print
+    res = run_lowbit(
+        Path(args.out),
+        data,
+        bits=args.bits,
+        granularities=args.granularities,
+        methods=args.methods,
+        seeds=args.seeds,
+        epochs=args.epochs,
+        float_model=args.model,
+        quick=args.quick,
+        resume=args.resume,
+        progress=not args.no_progress,
+        echo=echo,
+        **options,
+    )
+    h, rows = summary_rows(res["groups"])
+    verdict = {True: "MET", False: "NOT MET", None: "not run"}
+    targets = "\n".join(
+        f"  [{verdict[t['met']]}] {t['target']}"
+        + (f": {', '.join(t['met_by'])}" if t["met"] else "")
+        for t in res["targets"]
+    )
+    missing = f"\n{len(res['not_run'])} stages not run (time budget): rerun with --resume" * bool(
+        res["not_run"]
+    )
+    text = (
+        f"{text_table(h, rows)}\n\ntargets:\n{targets}{missing}\n"
+        f"report: {Path(args.out) / 'report.md'}\nresults: {Path(args.out) / 'results.json'}"
+    )
+    _emit(
+        args,
+        {"out": args.out, "groups": res["groups"], "targets": res["targets"]},
+        text,
+    )
+    return 0
+
+
+def register(add: Callable[..., argparse.ArgumentParser]) -> None:
+    """Add the ``lowbit`` subcommand through ``cli.build_parser``'s ``add``."""
+    from monquant.cli import _data_args
+    from monquant.qtrain import KINDS
+
+    p = add(
+        "lowbit",
+        cmd_lowbit,
+        "how low can a MonDEQ go with certified convergence: PTQ, STE/margin-aware QAT, "
+        "ProxQuant on W and on the factors, per-tensor/per-channel, mixed precision",
+        EPILOG_LOWBIT,
+    )
+    p.add_argument("--out", default="results/lowbit", help="results folder")
+    p.add_argument("--quick", action="store_true", help="small CI-sized run of the same pipeline")
+    p.add_argument("--resume", action="store_true", help="skip configurations already finished")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 2")
+    p.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs (default 3)")
+    p.add_argument("--bits", type=int, nargs="+", default=None, help="default 2 3 4 6 8")
+    p.add_argument(
+        "--granularities",
+        nargs="+",
+        choices=["per-tensor", "per-channel"],
+        default=None,
+    )
+    p.add_argument("--methods", nargs="+", choices=list(KINDS), default=None)
+    p.add_argument("--model", default=None, help="float checkpoint to use for every seed")
+    p.add_argument("--train-limit", type=int, default=None, help="fine-tuning samples")
+    p.add_argument(
+        "--budget-minutes",
+        type=float,
+        default=None,
+        help="start no new configuration after this many minutes (resume later)",
+    )
+    p.add_argument("--no-progress", action="store_true")
+    _data_args(p)

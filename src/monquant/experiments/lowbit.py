@@ -1,0 +1,541 @@
+"""``monquant lowbit``: how low can a MonDEQ go while its convergence stays certified?
+
+Compares, at 2, 3, 4, 6 and 8 bits and per-tensor / per-channel scaling, the methods of
+:mod:`monquant.qtrain`: PTQ, STE QAT, margin-aware QAT, ProxQuant on ``W`` and ProxQuant on the
+factors ``A``, ``B`` (plus mixed-precision rows where ``W`` and ``U`` get different bit-widths).
+For each configuration and seed: test accuracy through the deployed ``W~``, ``margin(W~)``,
+``||dW||/m``, the certificate tier, the fraction of converged solves, the weight storage and the
+products per solver iteration.
+
+The protocol (how the training budget is spent) is :data:`PROTOCOL`, quoted in every report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import shlex
+import sys
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from monquant.checkpoint import load_model
+from monquant.data import MNIST, random_subset
+from monquant.errors import ConfigError
+from monquant.experiments.reproduce import StageRunner
+from monquant.model import MonDEQClassifier
+from monquant.qtrain import (
+    KINDS,
+    QuantMethod,
+    deployed_weights,
+    free_copy,
+    prepare_method,
+)
+from monquant.report import read_json, write_json
+from monquant.train import TrainConfig, evaluate, train
+from monquant.workflows import TrainRequest, run_training
+
+__all__ = [
+    "PROTOCOL",
+    "LowbitConfig",
+    "deploy_row",
+    "run_lowbit",
+    "solver_agreement",
+    "stage_name",
+]
+
+BITS: tuple[int, ...] = (2, 3, 4, 6, 8)
+PROTOCOL = """\
+Full QAT from scratch for every configuration (4 trained methods x 5 bit-widths x 2 granularities
+x 3 seeds = 120 runs of 15 epochs) does not fit a 2-core CPU. Instead, per seed:
+
+1. one float model in the paper's setup (Adam 1e-3, 15 epochs, x0.1 at epoch 10, batch 128,
+   learnable margin; or a given ``float_model`` for every seed);
+2. PTQ of that model (no training);
+3. every trained method *fine-tunes the same float model* for ``epochs`` epochs (default 3) on a
+   random ``train_limit``-sample subset of the training set (drawn from the seed), Adam with the
+   paper's batch size, lr ``1e-3`` decayed x0.1 for the last epoch. ProxQuant's ``lam_t`` grows
+   linearly over the first ``epochs - 1`` epochs; the weights are frozen on their grid at the start
+   of the last epoch, which then fine-tunes the float parts (``m``, ``U``, ``b``, head).
+
+So all trained methods get the same data, steps and learning rates from the same starting point;
+only the method differs (``QuantMethod.default``):
+
+- STE QAT: the forward solve on ``Q_b(W)``, straight-through gradients; nothing else (the paper);
+- margin-aware QAT: STE, plus ``m`` lifted before training just enough that
+  ``margin(Q_b(W)) >= 0.1``, plus ``P_eig`` (``tau = 0.1``) and ``P_weyl``
+  (``||sg(Q_b(W)) - W||_F / margin(W) <= 1``, weight 0.1) (see :mod:`monquant.qtrain`);
+- ProxQuant: the W-shaped L1 prox toward the ``b``-bit uniform grid (scale per tensor or per row,
+  calibrated at the start and then fixed), strength ``lr * lam_t``, ``lam_t`` linear from 0 to 5;
+  on ``W`` (free parameterization) with the same lift and ``P_eig`` on ``nearest(W)`` as a guard;
+  on the factors ``A``, ``B`` with ``m`` a float scalar;
+- PTQ: ``Q_b`` of the float model.
+
+Every deployed model is also evaluated with Douglas-Rachford on the first test images (a
+certified ``W~`` has one equilibrium, so both solvers must agree).
+
+Every stage is saved as soon as it finishes (:class:`StageRunner`) and ``resume`` skips
+finished stages; ``budget_s`` stops launching new stages after that many seconds (the report
+then says which stages are missing).
+"""
+MIXED: tuple[tuple[int, int], ...] = ((4, 8), (8, 4), (3, 8))
+MIXED_KINDS: tuple[str, ...] = ("ptq", "margin", "proxquant-factors")
+Echo = Callable[[str], None] | None
+
+
+@dataclass
+class LowbitConfig:
+    """What ``monquant lowbit`` runs (see the module docstring for the protocol)."""
+
+    out: Path = Path("results/lowbit")
+    bits: tuple[int, ...] = BITS
+    granularities: tuple[str, ...] = ("per-tensor", "per-channel")
+    methods: tuple[str, ...] = KINDS
+    seeds: tuple[int, ...] = (0, 1, 2)
+    epochs: int = 3
+    lr: float = 1e-3
+    train_limit: int | None = 20_000
+    test_limit: int | None = None
+    check_limit: int = 1000
+    float_epochs: int = 15
+    float_model: Path | None = None
+    mixed: tuple[tuple[int, int], ...] = MIXED
+    mixed_kinds: tuple[str, ...] = MIXED_KINDS
+    mixed_granularity: str = "per-channel"
+    hidden: int = 100
+    solver: str = "pr"
+    tol: float = 1e-4
+    max_iter: int = 2000
+    budget_s: float | None = None
+    quick: bool = False
+    resume: bool = False
+    progress: bool = True
+    command: list[str] = field(default_factory=lambda: ["monquant", *sys.argv[1:]])
+
+    @classmethod
+    def quick_config(cls, **kw: Any) -> LowbitConfig:
+        """The CI-sized variant: 1 seed, 2 and 4 bits, per-tensor; a 2-epoch float model and
+        1 fine-tuning epoch on 5,000 samples; 2,000 test images."""
+        base: dict[str, Any] = dict(
+            bits=(2, 4),
+            granularities=("per-tensor",),
+            seeds=(0,),
+            epochs=1,
+            train_limit=5000,
+            test_limit=2000,
+            check_limit=500,
+            float_epochs=2,
+            mixed=((4, 8),),
+            mixed_kinds=("ptq",),
+            mixed_granularity="per-tensor",
+            quick=True,
+        )
+        base.update({k: v for k, v in kw.items() if v is not None})
+        return cls(**base)
+
+    def __post_init__(self) -> None:
+        bad = set(self.methods) - set(KINDS)
+        if bad:
+            raise ValueError(f"unknown methods {sorted(bad)}; choose from {KINDS}")
+        if self.epochs < 1 or self.float_epochs < 1:
+            raise ValueError("epochs and float_epochs must be >= 1")
+
+    def method_specs(self) -> list[QuantMethod]:
+        """Every configuration: methods x granularities x bits, then the mixed-precision rows."""
+        freeze = max(self.epochs - 1, 0) if self.epochs > 1 else None
+        specs = [
+            _with_freeze(QuantMethod.default(k, b, g), freeze)
+            for b in self.bits
+            for g in self.granularities
+            for k in self.methods
+        ]
+        specs += [
+            _with_freeze(QuantMethod.default(k, wb, self.mixed_granularity, ub), freeze)
+            for wb, ub in self.mixed
+            for k in self.mixed_kinds
+            if k in self.methods
+        ]
+        return specs
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items()
+        }
+
+
+def _with_freeze(method: QuantMethod, freeze: int | None) -> QuantMethod:
+    return (
+        dataclasses.replace(method, freeze_epoch=freeze)
+        if method.kind.startswith("prox")
+        else method
+    )
+
+
+def stage_name(method: QuantMethod, seed: int) -> str:
+    """File-safe stage name, e.g. ``margin-per-channel-w3-s0`` or ``ptq-per-tensor-w4-u8-s1``."""
+    u = f"-u{method.u_bits}" if method.u_bits is not None else ""
+    return f"{method.kind}-{method.granularity}-w{method.bits}{u}-s{seed}"
+
+
+# ------------------------------------------------------------------------------------ one row
+
+
+@torch.no_grad()
+def solver_agreement(
+    model: MonDEQClassifier, overrides: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor
+) -> dict[str, float]:
+    """Predictions of the configured solver against Douglas-Rachford on the same inputs.
+
+    A certified ``W~`` has one equilibrium, so any convergent solver must give the same
+    predictions; disagreement exposes a model that only "works" with one solver's iterates.
+    """
+    cfg = model.solver.forward_config
+    preds, conv = {}, {}
+    try:
+        for method in (cfg.method, "dr"):
+            model.solver.forward_config = dataclasses.replace(cfg, method=method)
+            preds[method] = model(x, **overrides).argmax(dim=1)
+            conv[method] = float(model.solver.last_forward.converged.double().mean())
+    finally:
+        model.solver.forward_config = cfg
+    main, dr = preds[cfg.method], preds["dr"]
+    return {
+        "check_samples": int(x.shape[0]),
+        "solver_agreement": float((main == dr).double().mean()),
+        "dr_accuracy": float((dr == y).double().mean()),
+        "check_accuracy": float((main == y).double().mean()),
+        "dr_converged_fraction": conv["dr"],
+    }
+
+
+def deploy_row(
+    model: MonDEQClassifier,
+    method: QuantMethod,
+    prepared: Any,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    check: int,
+) -> dict[str, Any]:
+    """Deploy, certify and evaluate one configuration; plain numbers for the report."""
+    model.eval()
+    dep = deployed_weights(model, method, prepared)
+    ov = dep.overrides()
+    ev = evaluate(model, x, y, **ov)
+    row = {
+        "label": method.label,
+        "kind": method.kind,
+        "granularity": method.granularity,
+        "bits": method.bits,
+        "u_bits": method.u_bits,
+        "status": "ok",
+        "accuracy": ev.accuracy,
+        "converged_fraction": ev.converged_fraction,
+        "unconverged": ev.unconverged,
+        "mean_iterations": ev.mean_iterations,
+        "max_iterations": ev.max_iterations,
+        **solver_agreement(model, ov, x[:check], y[:check]),
+        "method": method.as_dict(),
+        **dep.summary(),
+    }
+    return row
+
+
+def _failed_row(method: QuantMethod, error: str) -> dict[str, Any]:
+    return {
+        "label": method.label,
+        "kind": method.kind,
+        "granularity": method.granularity,
+        "bits": method.bits,
+        "u_bits": method.u_bits,
+        "status": "failed",
+        "error": error,
+        "accuracy": math.nan,
+        "certified": False,
+        "certified_weyl": False,
+        "tier": "none",
+        "converged_fraction": math.nan,
+        "method": method.as_dict(),
+    }
+
+
+# ---------------------------------------------------------------------------------- the stages
+
+
+def _float_stage(cfg: LowbitConfig, data: MNIST, seed: int, echo: Echo) -> dict[str, Any]:
+    if cfg.float_model is not None:
+        return {"model": str(cfg.float_model), "history": None, "train_seconds": 0.0}
+    e = cfg.float_epochs
+    req = TrainRequest(
+        out=Path(cfg.out) / f"float-s{seed}",
+        hidden=cfg.hidden,
+        solver={"method": cfg.solver, "tol": cfg.tol, "max_iter": cfg.max_iter},
+        epochs=e,
+        decay_epoch=10 if e > 10 else max(1, e - 1),
+        seed=seed,
+        resume=cfg.resume,
+        progress=cfg.progress,
+    )
+    res = run_training(req, data, echo=echo)
+    return {"model": res["model"], "history": res["history"], "train_seconds": res["seconds"]}
+
+
+def _fresh_model(path: str, method: QuantMethod) -> MonDEQClassifier:
+    model = load_model(path).model
+    return free_copy(model) if method.kind == "proxquant-w" else model
+
+
+def _finetune(
+    cfg: LowbitConfig,
+    method: QuantMethod,
+    float_path: str,
+    train_xy: tuple[torch.Tensor, torch.Tensor],
+    seed: int,
+) -> tuple[MonDEQClassifier, Any, list[dict[str, Any]]]:
+    """Fine-tune the float model with ``method`` (nothing for PTQ); return model, prep, history."""
+    torch.manual_seed(seed)
+    model = _fresh_model(float_path, method)
+    x, y = train_xy
+    nb = math.ceil(x.shape[0] / 128)
+    prep = prepare_method(model, method, nb, cfg.epochs, cfg.lr)
+    if method.kind == "ptq":
+        return model, prep, []
+    tcfg = TrainConfig(
+        epochs=cfg.epochs,
+        lr=cfg.lr,
+        decay_epoch=max(cfg.epochs - 1, 1),
+        seed=seed,
+    )
+    k = cfg.check_limit  # the per-epoch log evaluates on a slice of the fine-tuning data
+    hist = train(
+        model, x, y, x[:k], y[:k], prep.train_config(tcfg), hooks=prep.hooks, progress=False
+    )
+    return model, prep, hist
+
+
+def _config_stage(
+    cfg: LowbitConfig,
+    method: QuantMethod,
+    float_path: str,
+    train_xy: tuple[torch.Tensor, torch.Tensor],
+    test_xy: tuple[torch.Tensor, torch.Tensor],
+    seed: int,
+) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    try:
+        model, prep, hist = _finetune(cfg, method, float_path, train_xy, seed)
+        row = deploy_row(model, method, prep, *test_xy, cfg.check_limit)
+    except Exception as exc:  # a diverged training is a result, not a crash
+        row = _failed_row(method, f"{type(exc).__name__}: {exc}")
+        row["traceback"] = traceback.format_exc(limit=3)
+        hist, prep = [], None
+    row["seed"] = seed
+    row["train_seconds"] = time.perf_counter() - t0
+    row["history"] = [_short_history(h) for h in hist]
+    row["events"] = list(prep.events) if prep is not None else []
+    return row
+
+
+def _short_history(h: dict[str, Any]) -> dict[str, Any]:
+    keys = ("epoch", "loss", "train_accuracy", "m", "margin_quantized", "train_unconverged")
+    return {k: h[k] for k in keys if k in h}
+
+
+def _ptq_stage(
+    cfg: LowbitConfig,
+    specs: Sequence[QuantMethod],
+    float_path: str,
+    test_xy: tuple[torch.Tensor, torch.Tensor],
+    seed: int,
+) -> dict[str, Any]:
+    model = load_model(float_path).model.eval()
+    fl = evaluate(model, *test_xy)
+    rows = []
+    for method in specs:
+        row = deploy_row(model, method, None, *test_xy, cfg.check_limit)
+        row["seed"] = seed
+        rows.append(row)
+    return {
+        "float": {
+            "accuracy": fl.accuracy,
+            "converged_fraction": fl.converged_fraction,
+            "m": float(model.layer.margin().detach()),
+        },
+        "rows": rows,
+    }
+
+
+def _limit(x: torch.Tensor, y: torch.Tensor, k: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    return (x, y) if k is None or k >= x.shape[0] else (x[:k], y[:k])
+
+
+class _Budget:
+    """Stops launching stages after ``budget_s`` seconds (``None``: no limit)."""
+
+    def __init__(self, budget_s: float | None) -> None:
+        self.budget_s = budget_s
+        self.t0 = time.perf_counter()
+        self.skipped: list[str] = []
+
+    def run(self, runner: StageRunner, name: str, fn: Callable[[], Any]) -> Any:
+        done = (runner.dir / f"{name}.json").exists() and runner.resume
+        over = self.budget_s is not None and time.perf_counter() - self.t0 > self.budget_s
+        if over and not done:
+            self.skipped.append(name)
+            return None
+        return runner.run(name, fn)
+
+
+def _seed_stages(
+    cfg: LowbitConfig,
+    data: MNIST,
+    seed: int,
+    runner: StageRunner,
+    budget: _Budget,
+    echo: Echo,
+) -> tuple[dict[str, Any] | None, dict[str, Any] | None, list[dict[str, Any]]]:
+    """Float model, PTQ rows and every trained configuration for one seed."""
+    specs = cfg.method_specs()
+    fl = budget.run(runner, f"float-s{seed}", lambda: _float_stage(cfg, data, seed, echo))
+    if fl is None:
+        budget.skipped += [stage_name(m, seed) for m in specs if m.kind != "ptq"]
+        return None, None, []
+    test_xy = _limit(data.x_test, data.y_test, cfg.test_limit)
+    n_train = cfg.train_limit or data.x_train.shape[0]
+    train_xy = random_subset(data.x_train, data.y_train, min(n_train, len(data.y_train)), seed)
+    ptq_specs = [m for m in specs if m.kind == "ptq"]
+    ptq = None
+    if ptq_specs:
+        ptq = budget.run(
+            runner, f"ptq-s{seed}", lambda: _ptq_stage(cfg, ptq_specs, fl["model"], test_xy, seed)
+        )
+    rows = []
+    for m in (m for m in specs if m.kind != "ptq"):
+        row = budget.run(
+            runner,
+            stage_name(m, seed),
+            lambda m=m: _config_stage(cfg, m, fl["model"], train_xy, test_xy, seed),
+        )
+        if row is not None:
+            rows.append(row)
+            if echo:
+                echo(_row_line(row))
+    return fl, ptq, rows
+
+
+def _row_line(row: dict[str, Any]) -> str:
+    if row["status"] != "ok":
+        return f"  {row['label']} seed {row['seed']}: FAILED ({row.get('error', '')[:80]})"
+    return (
+        f"  {row['label']} seed {row['seed']}: acc {row['accuracy']:.4f}  "
+        f"margin(W~) {row['margin_quantized']:.4g}  ||dW||/m {row['dW_over_m']:.3g}  "
+        f"tier {row['tier']}  converged {row['converged_fraction']:.3f}"
+    )
+
+
+def run_lowbit(
+    out: str | Path,
+    data: MNIST,
+    bits: Sequence[int] | None = None,
+    granularities: Sequence[str] | None = None,
+    methods: Sequence[str] | None = None,
+    seeds: Sequence[int] | None = None,
+    epochs: int | None = None,
+    float_model: str | Path | None = None,
+    quick: bool = False,
+    resume: bool = False,
+    progress: bool = True,
+    echo: Echo = print,
+    **options: Any,
+) -> dict[str, Any]:
+    """Run (or resume) the low-bit comparison in ``out`` and write its report; return the results.
+
+    ``None`` arguments take the full defaults (:class:`LowbitConfig`) or, with ``quick``, the
+    quick ones. ``options`` sets any other :class:`LowbitConfig` field (``train_limit``,
+    ``test_limit``, ``float_epochs``, ``hidden``, ``mixed``, ``budget_s``, ...).
+    """
+    kw: dict[str, Any] = dict(
+        out=Path(out),
+        bits=tuple(bits) if bits is not None else None,
+        granularities=tuple(granularities) if granularities is not None else None,
+        methods=tuple(methods) if methods is not None else None,
+        seeds=tuple(seeds) if seeds is not None else None,
+        epochs=epochs,
+        float_model=Path(float_model) if float_model is not None else None,
+        resume=resume,
+        progress=progress,
+        **options,
+    )
+    if quick:
+        cfg = LowbitConfig.quick_config(**kw)
+    else:
+        cfg = LowbitConfig(**{k: v for k, v in kw.items() if v is not None})
+    return _run(cfg, data, echo)
+
+
+#: Settings that change what a finished stage holds: a resume must not mix them.
+STAGE_SETTINGS: tuple[str, ...] = (
+    "epochs",
+    "lr",
+    "train_limit",
+    "test_limit",
+    "check_limit",
+    "float_epochs",
+    "float_model",
+    "hidden",
+    "solver",
+    "tol",
+    "max_iter",
+)
+
+
+def _check_settings(cfg: LowbitConfig, out: Path) -> None:
+    """Refuse to resume stages computed with other settings; record the settings otherwise."""
+    path = out / "stage-settings.json"
+    now = {k: v for k, v in cfg.as_dict().items() if k in STAGE_SETTINGS}
+    if cfg.resume and path.exists():
+        before = read_json(path)
+        diff = {k: (before.get(k), v) for k, v in now.items() if before.get(k) != v}
+        if diff:
+            raise ConfigError(
+                f"--resume: {out} holds stages computed with other settings {diff} "
+                "(stored, requested); use a new --out"
+            )
+    write_json(path, now)
+
+
+def _run(cfg: LowbitConfig, data: MNIST, echo: Echo) -> dict[str, Any]:
+    from monquant.lowbit_report import render_lowbit
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    _check_settings(cfg, out)
+    runner = StageRunner(out, cfg.resume, echo)
+    budget = _Budget(cfg.budget_s)
+    floats, ptqs, rows = {}, {}, []
+    for seed in cfg.seeds:
+        fl, ptq, trained = _seed_stages(cfg, data, seed, runner, budget, echo)
+        if fl is not None:
+            floats[str(seed)] = fl
+        if ptq is not None:
+            ptqs[str(seed)] = ptq["float"]
+            rows += ptq["rows"]
+        rows += trained
+    results = {
+        "config": cfg.as_dict(),
+        "command": " ".join(shlex.quote(a) for a in cfg.command),
+        "protocol": PROTOCOL.strip(),
+        "float_models": floats,
+        "float_eval": ptqs,
+        "rows": rows,
+        "stage_seconds": runner.timings,
+        "resumed_stages": runner.skipped,
+        "not_run": budget.skipped,
+        "wall_seconds_all_stages": sum(runner.timings.values()),
+    }
+    return render_lowbit(results, out)
