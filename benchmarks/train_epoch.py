@@ -57,6 +57,7 @@ def main() -> None:
     p.add_argument("--tol", type=float, default=1e-4)
     p.add_argument("--method", default="pr")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--margin-init", type=float, default=MonDEQConfig().margin_init)
     p.add_argument("--json", default=None)
     args = p.parse_args()
     if args.threads:
@@ -64,7 +65,10 @@ def main() -> None:
     data = load_mnist()
     torch.manual_seed(args.seed)
     model = MonDEQClassifier(
-        MonDEQConfig(solver=SolverConfig(method=args.method, tol=args.tol).as_dict())
+        MonDEQConfig(
+            margin_init=args.margin_init,
+            solver=SolverConfig(method=args.method, tol=args.tol).as_dict(),
+        )
     )
     peak = matmul_peak_gflops()
     rows, log = [], []

@@ -101,9 +101,10 @@ def test_real_mnist_shapes_and_normalisation(real: data.MNIST) -> None:
     assert real.y_train.shape == (60000,) and real.y_test.shape == (10000,)
     for y in (real.y_train, real.y_test):
         assert int(y.min()) == 0 and int(y.max()) == 9
-    assert abs(float(real.x_train.mean())) < 0.01
-    assert abs(float(real.x_train.std()) - 1.0) < 0.01
-    assert float(real.x_train.min()) == pytest.approx(-MEAN / STD, abs=1e-5)
+    x = real.x_train.tensor()
+    assert abs(float(x.mean())) < 0.01
+    assert abs(float(x.std()) - 1.0) < 0.01
+    assert float(x.min()) == pytest.approx(-MEAN / STD, abs=1e-5)
     assert real.source == REAL_MNIST
     assert real.md5 == data.GZ_MD5
 
@@ -124,7 +125,7 @@ def test_synthetic_raw_files_load(tmp_path: Path) -> None:
     mnist = load_mnist(tmp_path / "raw", download=False)
     assert mnist.x_train.shape == (N_TRAIN, 784) and mnist.x_test.shape == (N_TEST, 784)
     pixels = contents[FILES["train_images"]][1]
-    torch.testing.assert_close(mnist.x_train, _expected_images(pixels))
+    torch.testing.assert_close(mnist.x_train.tensor(), _expected_images(pixels))
     labels = contents[FILES["test_labels"]][1]
     assert mnist.y_test.tolist() == labels.tolist()
     assert set(mnist.md5) == set(FILES.values())
@@ -137,7 +138,9 @@ def test_synthetic_gz_files_load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     mnist = load_mnist(folder, download=False, dtype=torch.float64)
     assert mnist.x_test.dtype == torch.float64
     pixels = contents[FILES["test_images"]][1]
-    torch.testing.assert_close(mnist.x_test, _expected_images(pixels).double(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        mnist.x_test.tensor(), _expected_images(pixels).double(), atol=1e-6, rtol=0
+    )
     assert mnist.y_train.tolist() == contents[FILES["train_labels"]][1].tolist()
     assert set(mnist.md5) == {f"{stem}.gz" for stem in FILES.values()}
 
@@ -349,3 +352,18 @@ def test_subsets() -> None:
     assert torch.equal(xa[:, 0].long(), ya)
     with pytest.raises(ValueError):
         random_subset(x, y, 24, seed=0)
+
+
+def test_image_set_normalises_on_access_exactly() -> None:
+    from monquant.data import ImageSet
+
+    codes = torch.randint(
+        0, 256, (50, 784), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+    )
+    images = ImageSet(codes)
+    full = codes.float().div(255.0).sub(MEAN).div(STD)
+    idx = torch.tensor([3, 1, 49])
+    assert torch.equal(images[idx], full[idx]) and torch.equal(images[10:20], full[10:20])
+    assert images.shape == (50, 784) and len(images) == 50 and images.dtype == torch.float32
+    with pytest.raises(ValueError):
+        ImageSet(codes.float())

@@ -59,6 +59,7 @@ __all__ = [
     "MIRRORS",
     "MNIST",
     "STD",
+    "ImageSet",
     "default_cache_dir",
     "find_mnist",
     "iterate_batches",
@@ -110,13 +111,54 @@ _LABEL_MAGIC = 0x00000801  # unsigned byte, 1 dimension
 # ----------------------------------------------------------------------------------------------
 
 
+class ImageSet:
+    """Images kept as their ``uint8`` pixel codes, normalised on access.
+
+    ``images[key]`` (an index tensor, a slice, an int) returns ``(codes[key] / 255 - MEAN) / STD``
+    in ``dtype``: the same numbers as normalising the whole set up front, at a quarter of the
+    memory of float32 (MNIST: 47 MB instead of 188 MB). ``shape``, ``device``, ``dtype`` and
+    ``len`` behave like a tensor's; :meth:`tensor` materialises everything.
+    """
+
+    def __init__(self, codes: torch.Tensor, dtype: torch.dtype = torch.float32) -> None:
+        if codes.dtype != torch.uint8 or codes.dim() != 2:
+            raise ValueError("ImageSet holds a 2-D uint8 tensor of pixel codes")
+        self.codes = codes
+        self.dtype = dtype
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.codes.shape
+
+    @property
+    def device(self) -> torch.device:
+        return self.codes.device
+
+    def __len__(self) -> int:
+        return int(self.codes.shape[0])
+
+    def __getitem__(self, key) -> torch.Tensor:
+        return self.codes[key].to(self.dtype).div_(255.0).sub_(MEAN).div_(STD)
+
+    def tensor(self) -> torch.Tensor:
+        """All images as one normalised tensor."""
+        return self[:]
+
+    def __repr__(self) -> str:
+        return f"ImageSet({tuple(self.shape)}, uint8 -> {self.dtype}, device={self.device})"
+
+
 @dataclass
 class MNIST:
-    """The whole of MNIST in memory: flattened, normalised images and int64 labels."""
+    """The whole of MNIST in memory: flattened images (normalised on access) and int64 labels.
 
-    x_train: torch.Tensor  # (N_train, 784), floating, (pixel/255 - MEAN) / STD
+    ``x_train`` / ``x_test`` are :class:`ImageSet` (or plain normalised tensors, for data built
+    by hand): index them to get normalised float tensors.
+    """
+
+    x_train: ImageSet | torch.Tensor  # (N_train, 784); x[idx] = (pixel/255 - MEAN) / STD
     y_train: torch.Tensor  # (N_train,), int64 in 0..9
-    x_test: torch.Tensor  # (N_test, 784)
+    x_test: ImageSet | torch.Tensor  # (N_test, 784)
     y_test: torch.Tensor  # (N_test,)
     source: Path  # folder the files were read from
     md5: dict[str, str] = field(default_factory=dict)  # file name -> MD5 of the file read
@@ -443,9 +485,8 @@ def find_mnist(data_dir: str | os.PathLike[str] | None = None, download: bool = 
 # ----------------------------------------------------------------------------------------------
 
 
-def _to_images(arr: np.ndarray, device: str | torch.device, dtype: torch.dtype) -> torch.Tensor:
-    x = torch.from_numpy(arr.copy()).to(device=device, dtype=dtype)
-    return x.div_(255.0).sub_(MEAN).div_(STD)
+def _to_images(arr: np.ndarray, device: str | torch.device, dtype: torch.dtype) -> ImageSet:
+    return ImageSet(torch.from_numpy(arr.copy()).to(device=device), dtype)
 
 
 def _load_split(
@@ -471,10 +512,11 @@ def load_mnist(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> MNIST:
-    """Load the whole of MNIST into memory as normalised tensors.
+    """Load the whole of MNIST into memory.
 
-    Images are flattened to 784 values, scaled to [0, 1] and normalised with
-    ``(x - MEAN) / STD`` (0.1307, 0.3081); labels are int64. ``data_dir`` and ``download`` work as
+    Images are flattened to 784 values and kept as ``uint8`` codes in an :class:`ImageSet`;
+    indexing returns them scaled to [0, 1] and normalised with ``(x - MEAN) / STD``
+    (0.1307, 0.3081) in ``dtype``; labels are int64. ``data_dir`` and ``download`` work as
     in :func:`find_mnist` (see the module docstring). Raises :class:`DataError` on any problem.
     """
     if not dtype.is_floating_point:
