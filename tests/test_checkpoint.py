@@ -19,6 +19,7 @@ from monquant.checkpoint import (
 from monquant.errors import CheckpointError
 from monquant.io import load_tensors, save_tensors
 from monquant.model import MonDEQClassifier, MonDEQConfig
+from monquant.optim import Adam
 from monquant.train import TrainConfig, train
 
 HIDDEN = 20
@@ -127,7 +128,7 @@ def test_train_state_roundtrip(trained: tuple[MonDEQClassifier, dict], tmp_path:
     for m, opt_state in ((model, orig), (loaded.model, back)):
         m = MonDEQClassifier(m.config)
         m.load_state_dict(model.state_dict())
-        opt = torch.optim.Adam(m.parameters(), lr=1e-3, foreach=True)
+        opt = Adam(m.parameters(), lr=1e-3)
         opt.load_state_dict(opt_state)
         for p in m.parameters():
             p.grad = torch.ones_like(p)

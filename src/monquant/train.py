@@ -22,6 +22,7 @@ from torch.nn import functional as F
 from monquant.errors import ConfigError
 from monquant.model import MonDEQClassifier
 from monquant.operators import spectral_stats
+from monquant.optim import Adam, StepDecay
 from monquant.quantize import check_bits, fake_quant
 
 __all__ = [
@@ -221,8 +222,8 @@ def train(
     holds loss, train/test accuracy, m, L, kappa, solver iterations, unconverged solves, seconds.
     """
     install_qat(model, cfg.qat_bits, cfg.qat_granularity)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, foreach=True)
-    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.decay_epoch, gamma=cfg.decay)
+    opt = Adam(model.parameters(), lr=cfg.lr)
+    sched = StepDecay(opt, step_size=cfg.decay_epoch, gamma=cfg.decay)
     history: list[dict[str, Any]] = []
     start = 0
     if resume_state is not None:
@@ -275,7 +276,7 @@ def train(
 
 def _train_one_epoch(
     model: MonDEQClassifier,
-    opt: torch.optim.Optimizer,
+    opt: Adam,
     x_train: torch.Tensor,
     y_train: torch.Tensor,
     cfg: TrainConfig,

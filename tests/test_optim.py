@@ -1,0 +1,65 @@
+import pytest
+import torch
+
+from monquant.optim import Adam, StepDecay
+
+
+def _params(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [
+        torch.nn.Parameter(torch.randn(5, 3, generator=g)),
+        torch.nn.Parameter(torch.randn(4, generator=g)),
+    ]
+
+
+def test_adam_matches_torch_adam():
+    ours, ref = _params(), _params()
+    opt = Adam(ours, lr=1e-2)
+    topt = torch.optim.Adam(ref, lr=1e-2)
+    sched, tsched = StepDecay(opt, 2, 0.1), torch.optim.lr_scheduler.StepLR(topt, 2, 0.1)
+    g = torch.Generator().manual_seed(1)
+    for _epoch in range(5):
+        for _ in range(3):
+            grads = [torch.randn(p.shape, generator=g) for p in ours]
+            for p, q, gr in zip(ours, ref, grads, strict=True):
+                p.grad, q.grad = gr.clone(), gr.clone()
+            opt.step()
+            topt.step()
+        sched.step()
+        tsched.step()
+        assert opt.param_groups[0]["lr"] == pytest.approx(topt.param_groups[0]["lr"])
+    for p, q in zip(ours, ref, strict=True):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-6, atol=1e-7)
+
+
+def test_state_roundtrip_continues_identically():
+    a, b = _params(), _params()
+    opt_a = Adam(a, lr=1e-2)
+    for p in a:
+        p.grad = torch.ones_like(p)
+    opt_a.step()
+    for p, q in zip(a, b, strict=True):
+        q.data.copy_(p.data)
+    opt_b = Adam(b, lr=5.0)
+    opt_b.load_state_dict(opt_a.state_dict())
+    sa, sb = StepDecay(opt_a, 1, 0.5), StepDecay(opt_b, 1, 0.5)
+    sa.step()
+    sb.load_state_dict(sa.state_dict())
+    for opt, ps in ((opt_a, a), (opt_b, b)):
+        for p in ps:
+            p.grad = torch.full_like(p, 0.3)
+        opt.step()
+    for p, q in zip(a, b, strict=True):
+        assert torch.equal(p, q)
+    assert opt_b.param_groups[0]["lr"] == pytest.approx(5e-3)
+
+
+def test_parameters_without_gradient_are_left_alone():
+    ps = _params()
+    before = ps[1].detach().clone()
+    opt = Adam(ps)
+    ps[0].grad = torch.ones_like(ps[0])
+    opt.step()
+    assert torch.equal(ps[1].detach(), before) and 1 not in opt.state
+    with pytest.raises(ValueError):
+        Adam(ps, lr=0.0)
