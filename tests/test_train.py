@@ -412,3 +412,22 @@ def test_short_training_on_real_mnist_learns(real_mnist: MNIST) -> None:
     assert last["test_accuracy"] > 0.75
     assert last["train_unconverged"] == 0 and last["test_unconverged"] == 0
     assert last["m"] >= last["m_param"] - 1e-6  # margin(W) >= m by construction
+
+
+def test_non_finite_loss_stops_training_with_a_clear_error(data: MNIST) -> None:
+    from monquant.train import TrainingDivergedError
+
+    model = new_model()
+    with torch.no_grad():
+        model.head.weight.fill_(float("inf"))
+    with pytest.raises(TrainingDivergedError, match="diverged at epoch 1, batch 1"):
+        run(model, data, TrainConfig(epochs=1, batch_size=300))
+    assert model.solver.forward_config.spectral == "exact"  # restored despite the error
+
+
+def test_train_keeps_a_caller_installed_weight_transform(data: MNIST) -> None:
+    model = new_model()
+    seen = []
+    model.layer.weight_transform = lambda W: (seen.append(1), W)[1]
+    run(model, data, TrainConfig(epochs=1, batch_size=600))
+    assert seen and model.layer.weight_transform is not None

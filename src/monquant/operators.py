@@ -28,6 +28,7 @@ __all__ = [
     "check_weight",
     "lipschitz",
     "margin",
+    "margin_tensor",
     "spectral_norm",
     "spectral_stats",
     "wk_weight",
@@ -79,6 +80,16 @@ def margin(W: torch.Tensor) -> float:
     """
     check_weight(W)
     return float(torch.linalg.eigvalsh(_sym_i_minus(W))[0])
+
+
+def margin_tensor(W: torch.Tensor) -> torch.Tensor:
+    """``margin(W) = lmin(sym(I - W))`` as a differentiable tensor in ``W``'s dtype.
+
+    For penalties during training (gradients flow through the symmetric eigenvalue problem);
+    use :func:`margin` for certification (float64, a Python float).
+    """
+    S = torch.eye(W.shape[0], dtype=W.dtype, device=W.device) - W
+    return torch.linalg.eigvalsh(0.5 * (S + S.T))[0]
 
 
 def spectral_norm(M: torch.Tensor) -> float:

@@ -79,7 +79,7 @@ from torch.nn import functional as F
 from monquant.certify import Certificate, certify
 from monquant.errors import ConfigError
 from monquant.model import MonDEQClassifier, softplus_inverse
-from monquant.operators import margin, wk_weight
+from monquant.operators import margin, margin_tensor, wk_weight
 from monquant.prox import Grid, ProxQuantizer, lambda_schedule
 from monquant.quantize import GRANULARITIES, check_bits, fake_quant, quantize, storage_bits
 from monquant.train import TrainConfig, TrainHooks
@@ -182,12 +182,6 @@ class QuantMethod:
 # ------------------------------------------------------------------------------------ penalties
 
 
-def _lmin(W: torch.Tensor) -> torch.Tensor:
-    """``lmin(sym(I - W))``, differentiable (symmetric eigenvalue problem)."""
-    S = torch.eye(W.shape[0], dtype=W.dtype, device=W.device) - W
-    return torch.linalg.eigvalsh(0.5 * (S + S.T))[0]
-
-
 def weyl_penalty(W: torch.Tensor, bits: int, granularity: str, rho: float) -> torch.Tensor:
     """``relu(||sg(Q_b(W)) - W||_F / lmin(sym(I - W)) - rho)``: a Weyl-tier target.
 
@@ -197,7 +191,7 @@ def weyl_penalty(W: torch.Tensor, bits: int, granularity: str, rho: float) -> to
     (smallest eigenvalue). A non-monotone ``W`` (``lmin <= 0``) gets the penalty ``1 - lmin``,
     which pushes its margin up.
     """
-    lmin = _lmin(W)
+    lmin = margin_tensor(W)
     dW = quantize(W.detach(), bits, granularity).dequantized().to(W.dtype) - W
     if float(lmin.detach()) <= 0:
         return 1.0 - lmin
@@ -384,7 +378,7 @@ def _penalty_hook(prep: PreparedMethod) -> Callable[[MonDEQClassifier], torch.Te
     pq = prep.quantizer
     if m.kind == "proxquant-w" and m.margin_target is not None and pq is not None:
         tau, w_eig = m.margin_target, m.margin_weight
-        terms.append(lambda model: w_eig * F.relu(tau - _lmin(pq.quantized(model.layer.W))))
+        terms.append(lambda model: w_eig * F.relu(tau - margin_tensor(pq.quantized(model.layer.W))))
     if not terms:
         return None
     return lambda model: sum((t(model) for t in terms), torch.zeros(()))

@@ -19,9 +19,9 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
-from monquant.errors import ConfigError
+from monquant.errors import ConfigError, MonquantError
 from monquant.model import MonDEQClassifier
-from monquant.operators import spectral_stats
+from monquant.operators import margin_tensor, spectral_stats
 from monquant.optim import Adam, StepDecay
 from monquant.quantize import check_bits, fake_quant
 
@@ -29,11 +29,16 @@ __all__ = [
     "EvalResult",
     "TrainConfig",
     "TrainHooks",
+    "TrainingDivergedError",
     "epoch_generator",
     "evaluate",
     "install_qat",
     "train",
 ]
+
+
+class TrainingDivergedError(MonquantError):
+    """Training produced a non-finite loss (the run cannot continue meaningfully)."""
 
 
 @dataclass
@@ -138,10 +143,7 @@ def margin_penalty(model: MonDEQClassifier, cfg: TrainConfig) -> torch.Tensor | 
     """
     if cfg.margin_target is None:
         return None
-    W = model.layer.effective_weight()
-    n = W.shape[0]
-    S = torch.eye(n, dtype=W.dtype, device=W.device) - W
-    lmin = torch.linalg.eigvalsh(0.5 * (S + S.T))[0]
+    lmin = margin_tensor(model.layer.effective_weight())
     return cfg.margin_weight * F.relu(cfg.margin_target - lmin)
 
 
@@ -221,7 +223,8 @@ def train(
     penalties and per-step/per-epoch actions (see :class:`TrainHooks`). Each epoch's log entry
     holds loss, train/test accuracy, m, L, kappa, solver iterations, unconverged solves, seconds.
     """
-    install_qat(model, cfg.qat_bits, cfg.qat_granularity)
+    if cfg.qat_bits is not None:  # leave a transform installed by the caller alone otherwise
+        install_qat(model, cfg.qat_bits, cfg.qat_granularity)
     opt = Adam(model.parameters(), lr=cfg.lr)
     sched = StepDecay(opt, step_size=cfg.decay_epoch, gamma=cfg.decay)
     history: list[dict[str, Any]] = []
@@ -295,6 +298,12 @@ def _train_one_epoch(
         xb, yb = x_train[idx], y_train[idx]
         logits = model(xb)
         loss = F.cross_entropy(logits, yb)
+        if not bool(torch.isfinite(loss)):
+            raise TrainingDivergedError(
+                f"training diverged at epoch {epoch + 1}, batch {i + 1}: the loss is "
+                f"{float(loss)} (non-finite logits; the quantized operator may have lost "
+                "monotonicity)"
+            )
         total = loss
         for pen in (margin_penalty(model, cfg), hk.penalty(model) if hk.penalty else None):
             if pen is not None:

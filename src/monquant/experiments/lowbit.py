@@ -27,7 +27,7 @@ import torch
 
 from monquant.checkpoint import load_model
 from monquant.data import MNIST, random_subset
-from monquant.errors import ConfigError
+from monquant.errors import ConfigError, MonquantError
 from monquant.experiments.reproduce import StageRunner
 from monquant.model import MonDEQClassifier
 from monquant.qtrain import (
@@ -330,7 +330,7 @@ def _config_stage(
     try:
         model, prep, hist = _finetune(cfg, method, float_path, train_xy, seed)
         row = deploy_row(model, method, prep, *test_xy, cfg.check_limit)
-    except Exception as exc:  # a diverged training is a result, not a crash
+    except (MonquantError, torch.linalg.LinAlgError) as exc:  # a diverged run is a result
         row = _failed_row(method, f"{type(exc).__name__}: {exc}")
         row["traceback"] = traceback.format_exc(limit=3)
         hist, prep = [], None
