@@ -15,7 +15,7 @@ export MONQUANT_DATA = $(SHARED_MNIST)
 endif
 endif
 
-.PHONY: install test lint reproduce reproduce-quick demo bench clean
+.PHONY: install test lint reproduce reproduce-quick lowbit ste-recovery intdeploy publish-results demo bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,22 @@ reproduce: $(STAMP)
 
 reproduce-quick: $(STAMP)
 	$(VENV)/bin/monquant reproduce --quick --out results/quick
+
+lowbit: $(STAMP)
+	$(VENV)/bin/monquant lowbit --out results/lowbit --resume
+
+ste-recovery: $(STAMP)
+	$(VENV)/bin/monquant ste-recovery --out results/ste-recovery
+
+intdeploy: $(STAMP)
+	$(VENV)/bin/monquant intdeploy results/paper/float/model.safetensors --out results/intdeploy
+
+# Copy the reports and figures of the latest runs into docs/results (tracked; shown in the README).
+publish-results:
+	for d in paper lowbit ste-recovery intdeploy; do \
+	  if [ -d results/$$d ]; then mkdir -p docs/results/$$d && \
+	  cp results/$$d/report.md results/$$d/results.json results/$$d/*.png docs/results/$$d/; fi; \
+	done
 
 demo: $(STAMP)
 	$(VENV)/bin/monquant demo

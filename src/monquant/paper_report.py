@@ -103,6 +103,10 @@ def _fig_qat(qvp: dict[str, Any], out: Path) -> str:
                 if not ok:
                     bar.set_hatch("//")
                     bar.set_edgecolor("tab:red")
+        if key == "accuracy":
+            finite = [r[key] for r in rows if isinstance(r[key], float) and math.isfinite(r[key])]
+            if finite:
+                a.set_ylim(max(0.0, min(finite) - 0.02), min(1.0, max(finite) + 0.01))
         a.set_xticks(range(len(bits)))
         a.set_xticklabels([f"{b} bits" for b in bits])
         a.set_ylabel(label)

@@ -311,6 +311,11 @@ def _train_one_epoch(
         opt.zero_grad(set_to_none=True)
         total.backward()
         opt.step()
+        if not all(bool(torch.isfinite(p).all()) for p in opt.params):
+            raise TrainingDivergedError(
+                f"training diverged at epoch {epoch + 1}, batch {i + 1}: parameters became "
+                "non-finite after the optimizer step (non-finite gradients)"
+            )
         if hk.after_step is not None:
             hk.after_step(model, epoch * nb + i)
         loss_sum += float(loss.detach()) * xb.shape[0]
