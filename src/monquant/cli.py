@@ -136,40 +136,12 @@ def _load_W(path: str):
 
 
 def certificate_rows(certs) -> tuple[list[str], list[list[Any]]]:
-    headers = [
-        "bits",
-        "step",
-        "||dW||",
-        "||dW||/m",
-        "a-priori",
-        "Weyl m-||dW||",
-        "margin(W~)",
-        "a-priori ok",
-        "Weyl ok",
-        "exact ok",
-        "rho_FB",
-        "rho_PR",
-        "rel.disp.bound",
-    ]
-    rows = [
-        [
-            c.bits,
-            c.step,
-            c.dW_norm,
-            c.dW_over_m,
-            c.a_priori_bound,
-            c.weyl_bound,
-            c.margin_quantized,
-            c.certified_a_priori,
-            c.certified_weyl,
-            c.certified_exact,
-            c.rho_fb_exact,
-            c.rho_pr_exact,
-            c.relative_displacement_bound,
-        ]
-        for c in certs
-    ]
-    return headers, rows
+    """Headers and rows of the certificate table (see :data:`report.CERTIFICATE_COLUMNS`)."""
+    from monquant.report import certificate_cells, certificate_headers
+
+    extra = ("rho_fb_exact", "rho_pr_exact", "relative_displacement_bound")
+    headers = certificate_headers(["rho_FB", "rho_PR", "rel.disp.bound"])
+    return headers, [certificate_cells(c.to_dict(), extra) for c in certs]
 
 
 def cmd_certify(args: argparse.Namespace) -> int:

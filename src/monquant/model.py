@@ -141,6 +141,16 @@ class MonDEQLayer(nn.Module):
         W = self.weight()
         return self.weight_transform(W) if self.weight_transform is not None else W
 
+    def float64_problem(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(W, q)`` in float64 without a graph: the operator and injections for ``x``.
+
+        For certification-grade solves (tolerances down to 1e-12).
+        """
+        with torch.no_grad():
+            W = self.weight().detach().double()
+            q = self.injection(x.double(), self.U.weight.double(), self.U.bias.double())
+        return W, q
+
     def injection(
         self, x: torch.Tensor, U: torch.Tensor | None = None, b: torch.Tensor | None = None
     ) -> torch.Tensor:

@@ -11,7 +11,15 @@ import math
 from pathlib import Path
 from typing import Any
 
-from monquant.report import atomic_write_text, markdown_table, new_figure, save_figure, write_json
+from monquant.report import (
+    atomic_write_text,
+    certificate_cells,
+    certificate_headers,
+    markdown_table,
+    new_figure,
+    save_figure,
+    write_json,
+)
 
 __all__ = ["judge_claims", "render_report"]
 
@@ -279,34 +287,10 @@ def judge_claims(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _phase_table(phase: dict[str, Any]) -> str:
-    h = [
-        "bits",
-        "step",
-        "||dW||",
-        "||dW||/m",
-        "a-priori",
-        "Weyl m-||dW||",
-        "margin(W~)",
-        "a-priori ok",
-        "Weyl ok",
-        "exact ok",
-        "converged",
-        "mean it.",
-        "max it.",
-        "accuracy",
-    ]
+    h = certificate_headers(["converged", "mean it.", "max it.", "accuracy"])
     rows = [
         [
-            r["bits"],
-            r["step"],
-            r["dW_norm"],
-            r["dW_over_m"],
-            r["a_priori_bound"],
-            r["weyl_bound"],
-            r["margin_quantized"],
-            r["certified_a_priori"],
-            r["certified_weyl"],
-            r["certified_exact"],
+            *certificate_cells(r),
             f"{r['converged_fraction']:.1%}",
             r["mean_iterations"],
             r["max_iterations"],

@@ -15,7 +15,10 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "CERTIFICATE_COLUMNS",
     "atomic_write_text",
+    "certificate_cells",
+    "certificate_headers",
     "fmt",
     "markdown_table",
     "new_figure",
@@ -139,6 +142,31 @@ def text_table(headers: Sequence[str], rows: Iterable[Sequence[Any]], digits: in
     out = [line, "  ".join("-" * w for w in widths)]
     out += ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in body]
     return "\n".join(out)
+
+
+#: Certificate fields shown in every certificate table, with their column titles.
+CERTIFICATE_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("bits", "bits"),
+    ("step", "step"),
+    ("dW_norm", "||dW||"),
+    ("dW_over_m", "||dW||/m"),
+    ("a_priori_bound", "a-priori"),
+    ("weyl_bound", "Weyl m-||dW||"),
+    ("margin_quantized", "margin(W~)"),
+    ("certified_a_priori", "a-priori ok"),
+    ("certified_weyl", "Weyl ok"),
+    ("certified_exact", "exact ok"),
+)
+
+
+def certificate_cells(cert: dict[str, Any], extra: Sequence[str] = ()) -> list[Any]:
+    """One table row: the :data:`CERTIFICATE_COLUMNS` of a certificate dict, then ``extra`` keys."""
+    return [cert[k] for k, _ in CERTIFICATE_COLUMNS] + [cert[k] for k in extra]
+
+
+def certificate_headers(extra: Sequence[str] = ()) -> list[str]:
+    """Titles matching :func:`certificate_cells`."""
+    return [title for _, title in CERTIFICATE_COLUMNS] + list(extra)
 
 
 def new_figure(ncols: int = 1, nrows: int = 1, size: tuple[float, float] = (5.5, 4.0)):

@@ -36,10 +36,7 @@ def run_displacement(
     granularity: str = "per-tensor",
 ) -> dict[str, Any]:
     """Per bit-width: fraction of samples satisfying Theorem 3, ratios, Corollary 3."""
-    layer = model.layer
-    with torch.no_grad():
-        W = layer.weight().detach().double()
-        q = layer.injection(x.double(), layer.U.weight.double(), layer.U.bias.double())
+    W, q = model.layer.float64_problem(x)
     st = spectral_stats(W)
     cfg = SolverConfig(method=method, tol=tol, max_iter=max_iter)
     ref = solve(W, q, cfg)

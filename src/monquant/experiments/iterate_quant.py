@@ -32,10 +32,7 @@ def run_iterate_quantization(
     method: str = "pr",
 ) -> dict[str, Any]:
     """Error ``||s_k - s*||`` (max over samples) per iteration for each quantizer, with bounds."""
-    layer = model.layer
-    with torch.no_grad():
-        W = layer.weight().detach().double()
-        q = layer.injection(x.double(), layer.U.weight.double(), layer.U.bias.double())
+    W, q = model.layer.float64_problem(x)
     st = spectral_stats(W)
     a = default_step(method, st.m, st.L)
     rho = contraction_modulus(method, a, st.m, st.L)
