@@ -8,6 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from monquant.certify import (
+    JSON_KEYS,
     Certificate,
     a_priori_min_bits,
     certify,
@@ -149,20 +150,12 @@ def test_certificate_json_round_trip():
     text = json.dumps(to_jsonable(c.to_dict()))
     back = Certificate.from_dict(json.loads(text))
     assert back == c
-    for key in (
-        "bits",
-        "step",
-        "dW_norm",
-        "margin",
-        "L",
-        "margin_quantized",
-        "weyl_bound",
-        "a_priori_bound",
-        "certified_a_priori",
-        "certified_weyl",
-        "certified_exact",
-    ):
-        assert key in json.loads(text)
+    assert set(JSON_KEYS) <= set(json.loads(text))
+    # the contract other tools parse (issue 3): exactly these keys are promised
+    assert set(JSON_KEYS) == set(
+        "bits step dW_norm margin L margin_quantized weyl_bound a_priori_bound "
+        "certified_a_priori certified_weyl certified_exact".split()
+    )
 
 
 def test_non_monotone_weight_is_not_certified():

@@ -16,26 +16,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from monquant.certify import certify
+from monquant.certify import JSON_KEYS, certify
 from monquant.checkpoint import load_model, save_model
 from monquant.cli import build_parser, main
 from monquant.model import MonDEQClassifier, MonDEQConfig
 from monquant.operators import wk_weight
 
 N = 20
-CERT_KEYS = {
-    "bits",
-    "step",
-    "dW_norm",
-    "margin",
-    "L",
-    "margin_quantized",
-    "weyl_bound",
-    "a_priori_bound",
-    "certified_a_priori",
-    "certified_weyl",
-    "certified_exact",
-}
+CERT_KEYS = set(JSON_KEYS)
 VERDICTS = ("certified_a_priori", "certified_weyl", "certified_exact")
 
 

@@ -26,6 +26,7 @@ from monquant.quantize import check_bits, quantize
 from monquant.solvers import contraction_modulus, default_step
 
 __all__ = [
+    "JSON_KEYS",
     "TIERS",
     "Certificate",
     "a_priori_dW_bound",
@@ -46,6 +47,21 @@ __all__ = [
 ]
 
 TIERS: tuple[str, ...] = ("a_priori", "weyl", "exact")
+
+#: Keys every certificate's JSON form carries (other tools parse ``monquant certify --json``).
+JSON_KEYS: tuple[str, ...] = (
+    "bits",
+    "step",
+    "dW_norm",
+    "margin",
+    "L",
+    "margin_quantized",
+    "weyl_bound",
+    "a_priori_bound",
+    "certified_a_priori",
+    "certified_weyl",
+    "certified_exact",
+)
 
 
 def weyl_margin_bound(m: float, dW_norm: float) -> float:
