@@ -152,21 +152,20 @@ def test_certificate_json_round_trip():
     assert back == c
     assert set(JSON_KEYS) <= set(json.loads(text))
     # the contract other tools parse (issue 3): exactly these keys are promised
-    assert set(JSON_KEYS) == set(
-        [
-            "bits",
-            "step",
-            "dW_norm",
-            "margin",
-            "L",
-            "margin_quantized",
-            "weyl_bound",
-            "a_priori_bound",
-            "certified_a_priori",
-            "certified_weyl",
-            "certified_exact",
-        ]
-    )
+    promised = {
+        "bits",
+        "step",
+        "dW_norm",
+        "margin",
+        "L",
+        "margin_quantized",
+        "weyl_bound",
+        "a_priori_bound",
+        "certified_a_priori",
+        "certified_weyl",
+        "certified_exact",
+    }
+    assert set(JSON_KEYS) == promised
 
 
 def test_non_monotone_weight_is_not_certified():
