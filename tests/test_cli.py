@@ -546,3 +546,39 @@ def test_top_level(capsys: pytest.CaptureFixture[str]) -> None:
         main(["--version"])
     assert info.value.code == 0
     assert capsys.readouterr().out.startswith("monquant ")
+
+
+# ----------------------------------------------------------------------------------------------
+# certify: verdicts are proofs (issue 10)
+# ----------------------------------------------------------------------------------------------
+
+
+def test_certify_boundary_operator_is_undecided(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    W5 = np.zeros((5, 5))
+    W5[:4, :4] = 0.25
+    W5[4, 4] = -1.875
+    path = tmp_path / "w5.npz"
+    np.savez(path, W=W5)
+    data = cli_json(capsys, "certify", path, "--bits", 4)[0]
+    assert data["tier"] == "none" and data["verdict"] == "undecided"
+    assert data["margin_quantized_lower"] <= 0.0 <= data["margin_quantized_upper"]
+    assert data["rho_pr_exact"] is None
+    rc, out, _ = cli(capsys, "certify", path, "--bits", 4)
+    assert rc == 0 and "undecided" in out and "within rounding error of 0" in out
+    w3 = np.array([[0.325, 0.325, 0], [0.325, 0.325, 0], [0, 0, -3.75]])
+    np.savez(tmp_path / "w3.npz", W=w3)
+    data = cli_json(capsys, "certify", tmp_path / "w3.npz", "--bits", 4)[0]
+    assert not data["certified_weyl"] and data["verdict"] == "undecided"
+
+
+def test_certify_reports_proved_bounds_beside_computed_values(
+    capsys: pytest.CaptureFixture[str], npz: Path
+) -> None:
+    data = cli_json(capsys, "certify", npz, "--bits", 3, 8)
+    for c in data:
+        assert c["margin_lower"] <= c["margin"] and c["L_upper"] >= c["L"]
+        assert c["dW_norm_upper"] >= c["dW_norm"]
+        assert c["verdict"] in ("certified", "refuted", "undecided")
+        assert (c["verdict"] == "certified") == c["certified_exact"]

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from monquant.certify import certify
 from monquant.deploy import (
     export_deployment,
     export_float_checkpoint,
@@ -234,3 +235,16 @@ def test_run_intdeploy_writes_report(tmp_path: Path) -> None:
     assert [s["bits"] for s in res["sizes"]] == [2, 4, 8]
     assert all(s["codes_roundtrip_exact"] for s in res["sizes"])  # tiny model: header dominates
     assert "not certified" in (tmp_path / "report.md").read_text()
+
+
+def test_deployment_certificate_is_for_the_deployed_dyadic_operator(tmp_path: Path) -> None:
+    W, U, b, hw, hb, x = small_model()
+    res = export_deployment(tmp_path / "d.safetensors", W, U, b, hw, hb, 6, 12, x_calib=x)
+    cert = res.metadata["certificate"]
+    Wi = quantize_weights(W, 6)
+    ref = certify(W, W_tilde=Wi.dequantized())  # codes * M 2^-S, exact in float64
+    assert cert["operator"].startswith("codes * M 2^-S")
+    assert cert["margin_quantized"] == ref.margin_quantized
+    assert cert["margin_quantized_lower"] == ref.margin_quantized_lower
+    assert cert["verdict"] == "certified" and cert["bits"] == 6
+    assert res.metadata["solver"]["margin_quantized_lower"] > 0

@@ -17,6 +17,7 @@ from monquant.intsolver import (
     bias_codes,
     calibrate_format,
     choose_accumulator,
+    deployed_bounds,
     dyadic_scale,
     injection_from_codes,
     injection_from_float,
@@ -28,7 +29,7 @@ from monquant.intsolver import (
 )
 from monquant.operators import spectral_stats, wk_weight
 from monquant.quantize import quantize
-from monquant.solvers import contraction_modulus
+from monquant.verified import modulus_upper_bound
 
 
 def random_mondeq(n: int, d: int, m: float, seed: int) -> tuple[torch.Tensor, ...]:
@@ -111,8 +112,9 @@ def test_power_of_two_step_is_certified_and_best(m, L):
     p = power_of_two_step(m, L)
     assert p is not None
     assert p.step == 2.0**-p.shift and p.step < 2 * m / L**2 and p.rho < 1
-    assert p.rho == pytest.approx(math.sqrt(1 - 2 * p.step * m + p.step**2 * L**2))
-    others = [contraction_modulus("fb", 2.0**-k, m, L) for k in range(0, 40)]
+    exact = math.sqrt(1 - 2 * p.step * m + p.step**2 * L**2)
+    assert exact <= p.rho and p.rho**2 <= exact**2 + 1e-14  # proved upper bound, rounded outward
+    others = [modulus_upper_bound("fb", 2.0**-k, m, L) for k in range(0, 40)]
     assert p.rho == min(r for r in others if r is not None)
 
 
@@ -279,3 +281,17 @@ def test_random_certified_mondeqs_all_inside():
         dist = (res.z - ref.z).norm(dim=1)
         assert float((dist <= res.predicted_radius + ref.error_bound).double().mean()) == 1.0
         assert bool((dist <= res.cor2_bound + ref.error_bound).all())
+
+
+def test_undecided_operator_is_refused_by_the_integer_solver():
+    # sym(I - W~) = 2^-2 L (4-cycle... complete-graph block): margin exactly 0, on the codes' grid
+    W = torch.zeros(5, 5, dtype=torch.float64)
+    W[:4, :4] = 0.25
+    W[4, 4] = -1.875
+    Wi = quantize_weights(W, 4)
+    st = deployed_bounds(Wi)
+    assert st.verdict == "undecided" and st.m_lo <= 0.0 <= st.m_hi
+    act = FixedPointFormat(12, 6, signed=False)
+    with pytest.raises(UncertifiedOperatorError, match="undecided"):
+        IntFBSolver.build(Wi, act)
+    assert power_of_two_step(st.m_lo, st.L_hi) is None

@@ -21,15 +21,27 @@ from typing import Any
 
 import torch
 
-from monquant.operators import check_weight, spectral_norm, spectral_stats
+from monquant.operators import OperatorError, check_weight
 from monquant.quantize import check_bits, quantize
 from monquant.solvers import contraction_modulus, default_step
+from monquant.verified import (
+    UNIT_ROUNDOFF,
+    SpectralBounds,
+    difference_norm_bounds,
+    down,
+    inflate,
+    modulus_upper_bound,
+    spectral_bounds,
+    unit_roundoff,
+    up,
+)
 
 __all__ = [
     "JSON_KEYS",
     "TIERS",
     "Certificate",
     "a_priori_dW_bound",
+    "a_priori_entry_bound",
     "a_priori_min_bits",
     "backward_certificate",
     "certify",
@@ -119,10 +131,12 @@ def rigorous_displacement_check(
 
     With computed ``z^``, ``z~^`` and a-posteriori errors ``e1 >= ||z^ - z*||``, ``e2 >= ||z~^ - z~*||``:
     ``||z^ - z~^|| <= ||z* - z~*|| + e1 + e2 <= (||dW|| (||z~^|| + e2) + shift) / m + e1 + e2``.
-    Returns ``(bound, holds)`` per sample; the theorem says ``holds`` is true everywhere.
+    Returns ``(bound, holds)`` per sample; the theorem says ``holds`` is true everywhere. Pass
+    proved constants (``dW_norm`` an upper bound, ``m`` a lower bound: :mod:`monquant.verified`);
+    the few roundings of this formula are covered by a relative ``64 u`` widening.
     """
     bound = displacement_bound(dW_norm, z_tilde_norm + err_quant, m, injection_shift)
-    bound = bound + err_float + err_quant
+    bound = (bound + err_float + err_quant) * (1.0 + 64.0 * UNIT_ROUNDOFF)
     return bound, empirical <= bound
 
 
@@ -176,17 +190,24 @@ def a_priori_dW_bound(step: torch.Tensor | float, n_cols: int) -> float:
     return math.sqrt(n_cols * float((s / 2.0).square().sum()))
 
 
-def a_priori_min_bits(n: int, w_max: float, m: float) -> int | None:
-    """Pre-deployment check: ``n D_b / 2 < m  <=>  b > log2(1 + n w_max / m)`` (per-tensor).
+def a_priori_min_bits(
+    n: int, w_max: float, m: float, dtype: torch.dtype = torch.float64
+) -> int | None:
+    """Pre-deployment check: the smallest ``b`` in ``[2, 32]`` with ``n D_b / 2 < m`` (per-tensor).
 
-    Returns the smallest such integer ``b`` in ``[2, 32]``, or ``None`` (not monotone, or beyond 32).
+    ``n D_b / 2 < m  <=>  b > log2(1 + n w_max / m)`` in exact arithmetic; the test here uses the
+    same proved entry bound as :func:`certify` (:func:`a_priori_entry_bound`, for ``W~`` stored in
+    ``dtype``), so it agrees with the a-priori tier. Pass a proved lower bound on the margin as ``m``.
+    Returns ``None`` when ``m <= 0`` or no ``b <= 32`` passes.
     """
-    if m <= 0:
+    if not m > 0:
         return None
-    b = max(2, math.floor(math.log2(1.0 + n * w_max / m)) + 1)
-    while b <= 32 and n * w_max / (2**b - 1) >= m:  # guard the floating-point boundary
-        b += 1
-    return b if b <= 32 else None
+    wm = torch.tensor(float(w_max), dtype=torch.float64)
+    for b in range(2, 33):
+        e = a_priori_entry_bound(2.0 * wm / (2**b - 1), wm, dtype)
+        if up(float(e) * n) < m:
+            return b
+    return None
 
 
 def backward_certificate(forward_certified: bool, forward_modulus: float | None) -> dict[str, Any]:
@@ -205,13 +226,21 @@ def backward_certificate(forward_certified: bool, forward_modulus: float | None)
 class Certificate:
     """Everything the weights prove about one quantization ``W -> W~`` (JSON round-trip).
 
-    Float operator: ``margin`` (= m), ``L``, ``norm_W``, ``kappa``. Quantization: ``bits``,
-    ``granularity``, ``step`` (largest step ``D_b``), ``dW_norm`` (exact, float64),
-    ``dW_over_m``, ``a_priori_bound``. Theorem 2: ``weyl_bound = m - ||dW||``, ``L_quantized_bounds``.
-    Exact: ``margin_quantized``, ``L_quantized``. Verdicts: ``certified_a_priori``,
-    ``certified_weyl``, ``certified_exact``. Corollary 1: ``rho_fb_cor1`` / ``rho_pr_cor1`` (at the
-    steps those bounds certify); exact moduli of the quantized operator at its own steps:
-    ``rho_fb_exact`` / ``rho_pr_exact``. Corollary 3: ``relative_displacement_bound``.
+    Two kinds of number, never mixed up: *computed* float64 values (``margin``, ``L``, ``norm_W``,
+    ``kappa``, ``dW_norm``, ``dW_over_m``, ``margin_quantized``, ``L_quantized``: estimates, shown
+    for reading) and *proved* bounds (``margin_lower``, ``L_upper``, ``dW_norm_upper``,
+    ``margin_quantized_lower`` / ``_upper``, ``L_quantized_upper``, ``a_priori_bound``,
+    ``weyl_bound``), valid in exact arithmetic for the stored ``W`` and ``W~``
+    (:mod:`monquant.verified`). Every verdict and modulus is decided by the proved bounds only.
+
+    Quantization: ``bits``, ``granularity``, ``step`` (largest step ``D_b``), ``w_max``.
+    Theorem 2: ``weyl_bound`` (proved lower bound ``m_lo - ||dW||_hi`` on ``margin(W~)``),
+    ``L_quantized_bounds`` (computed ``L -+ ||dW||``). Verdicts: ``certified_a_priori`` =>
+    ``certified_weyl`` => ``certified_exact`` (by construction) and the three-valued ``verdict``:
+    ``certified``, ``refuted`` (``margin(W~)`` provably ``< 0``) or ``undecided`` (within rounding
+    error of 0). Corollary 1: ``rho_fb_cor1`` / ``rho_pr_cor1`` (at the steps those bounds certify);
+    moduli of the quantized operator at its own steps: ``rho_fb_exact`` / ``rho_pr_exact`` (proved
+    upper bounds, always ``< 1`` when given). Corollary 3: ``relative_displacement_bound``.
     Theorem 4: ``cond_relative``, ``cond_absolute_factor``. Theorem 5: ``backward_certified``,
     ``backward_modulus``. ``None``/``inf`` mean "not certified".
     """
@@ -245,6 +274,13 @@ class Certificate:
     backward_certified: bool
     backward_modulus: float | None
     monotone: bool
+    margin_lower: float = -math.inf
+    L_upper: float = math.inf
+    dW_norm_upper: float = math.inf
+    margin_quantized_lower: float = -math.inf
+    margin_quantized_upper: float = math.inf
+    L_quantized_upper: float = math.inf
+    verdict: str = "undecided"
 
     @property
     def tier(self) -> str:
@@ -274,54 +310,90 @@ class Certificate:
         return cls(**kw)
 
 
+def a_priori_entry_bound(step: torch.Tensor, w_max: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Proved bound on ``|W~_ij - W_ij|`` for the quantizer's ``W~`` stored in ``dtype``.
+
+    ``D/2`` in exact arithmetic; the rounded division ``w / D`` (float64) and the storage of
+    ``code * D`` in ``dtype`` add at most ``4 (u_64 + u_dtype) w_max`` (a generous allowance).
+    """
+    u = UNIT_ROUNDOFF + unit_roundoff(dtype)
+    e = step.to(torch.float64) / 2.0 + 4.0 * u * w_max.to(torch.float64)
+    return e * (1.0 + 4.0 * UNIT_ROUNDOFF)
+
+
 def certify(
     W: torch.Tensor,
     bits: int | None = None,
     granularity: str = "per-tensor",
     W_tilde: torch.Tensor | None = None,
+    W_tilde_radius: float = 0.0,
+    float_bounds: SpectralBounds | None = None,
 ) -> Certificate:
     """Certify the quantization of ``W``: at ``bits`` with ``granularity``, or an explicit ``W~``.
 
-    Everything is computed in float64 from the weights alone; no solver runs. A ``W`` that is not
-    monotone (``m <= 0``) gets a certificate with every verdict false.
+    The quantized operator certified is exactly the stored one: ``Q_b(W)`` is formed in ``W``'s own
+    dtype, as the model's forward pass forms it (``codes * D`` rounded to that dtype), or ``W~`` is
+    given (e.g. a deployment's exact dyadic ``codes * M 2^-S``; ``W_tilde_radius`` is an entrywise
+    bound on ``|W~_true - W~|`` when the given entries are themselves rounded). No solver runs.
+    ``float_bounds`` reuses ``spectral_bounds(W)`` across calls (sweeps over bit-widths).
+    Verdicts come from the proved bounds of :mod:`monquant.verified` only; a ``W`` that is not
+    provably monotone (``margin_lower <= 0``) gets every tier false.
     """
     check_weight(W)
     W64 = W.detach().to(torch.float64)
     n = W.shape[0]
     if W_tilde is None:
         if bits is None:
-            raise ValueError("certify needs bits or an explicit W_tilde")
-        q = quantize(W64, check_bits(bits), granularity)
-        Wt = q.dequantized()
+            raise OperatorError("certify needs bits or an explicit W_tilde")
+        q = quantize(W.detach(), check_bits(bits), granularity)
+        Wt = q.dequantized().to(torch.float64)
         step_t, w_max = q.step, float(q.w_max.max())
+        entry = a_priori_entry_bound(q.step, q.w_max, W.dtype)
+        apb = _a_priori_from_entries(entry, n)
     else:
         check_weight(W_tilde, "W_tilde")
         if W_tilde.shape != W.shape:
-            raise ValueError(f"W_tilde shape {tuple(W_tilde.shape)} != W shape {tuple(W.shape)}")
+            raise OperatorError(
+                f"W_tilde shape {tuple(W_tilde.shape)} != W shape {tuple(W.shape)}"
+            )
         Wt = W_tilde.detach().to(torch.float64)
-        dW_abs = (Wt - W64).abs().max()
+        dW_abs = float((Wt - W64).abs().max())
         step_t, w_max = 2.0 * dW_abs, float(W64.abs().max())
+        # |fl(Wt - W)| is within a factor (1 + u) of the exact entries; plus the radius.
+        e = up(up(dW_abs * up(1.0 + 2.0 * UNIT_ROUNDOFF)) + float(W_tilde_radius))
+        apb = up(e * n)
         granularity = "explicit"
-    st = spectral_stats(W64)
-    st_q = spectral_stats(Wt)
-    m, L = st.m, st.L
-    dW = spectral_norm(Wt - W64)
-    apb = a_priori_dW_bound(step_t, n)
-    monotone = m > 0
-    cert_ap = monotone and apb < m
-    cert_weyl = monotone and dW < m
-    cert_exact = st_q.m > 0
-    m_lo, L_hi = m - dW, L + dW
+    st = float_bounds if float_bounds is not None else spectral_bounds(W64)
+    st_q = spectral_bounds(Wt, radius=W_tilde_radius, norm=False)
+    m, L, m_lo = st.m, st.L, st.m_lo
+    dW_hi, dW = difference_norm_bounds(Wt, W64, W_tilde_radius)
+    dW_hi = min(dW_hi, apb)  # both are proved; the a-priori bound is the Frobenius bound's cap
+    monotone = st.monotone
+    weyl_lo = down(m_lo - dW_hi) if monotone else -math.inf
+    L_hi_q = min(st_q.L_hi, up(st.L_hi + dW_hi))
+    mq_lo = max(st_q.m_lo, weyl_lo)
+    # Corollary 1 (Weyl tier): moduli from the bounds m_lo - ||dW||_hi and L_hi + ||dW||_hi.
     rho_fb_c = rho_pr_c = None
-    if cert_weyl:
-        rho_fb_c = quantized_contraction_modulus("fb", default_step("fb", m_lo, L_hi), m, L, dW)
-        rho_pr_c = quantized_contraction_modulus("pr", default_step("pr", m_lo, L_hi), m, L, dW)
+    if weyl_lo > 0:
+        L_c = up(st.L_hi + dW_hi)
+        rho_fb_c = modulus_upper_bound("fb", default_step("fb", weyl_lo, L_c), weyl_lo, L_c)
+        rho_pr_c = modulus_upper_bound("pr", default_step("pr", weyl_lo, L_c), weyl_lo, L_c)
     rho_fb_x = rho_pr_x = None
+    if mq_lo > 0:
+        rho_fb_x = modulus_upper_bound("fb", default_step("fb", mq_lo, L_hi_q), mq_lo, L_hi_q)
+        rho_pr_x = modulus_upper_bound("pr", default_step("pr", mq_lo, L_hi_q), mq_lo, L_hi_q)
+    # Tiers imply each other by construction: a-priori => Weyl => exact.
+    cert_weyl = monotone and weyl_lo > 0 and rho_pr_c is not None
+    cert_ap = cert_weyl and apb < m_lo
+    cert_exact = cert_weyl or (mq_lo > 0 and rho_pr_x is not None)
     if cert_exact:
-        rho_fb_x = contraction_modulus("fb", default_step("fb", st_q.m, st_q.L), st_q.m, st_q.L)
-        rho_pr_x = contraction_modulus("pr", default_step("pr", st_q.m, st_q.L), st_q.m, st_q.L)
-    cond = condition_numbers(m, st.norm_W)
-    back = backward_certificate(cert_exact, rho_pr_x)
+        verdict = "certified"
+    elif st_q.m_hi < 0:
+        verdict = "refuted"
+    else:
+        verdict = "undecided"
+    cond = condition_numbers(m_lo, st.norm_hi) if monotone else condition_numbers(0.0, 0.0)
+    back = backward_certificate(cert_exact, rho_pr_x if rho_pr_x is not None else rho_pr_c)
     return Certificate(
         bits=bits if W_tilde is None else None,
         granularity=granularity,
@@ -331,11 +403,11 @@ def certify(
         margin=m,
         L=L,
         norm_W=st.norm_W,
-        kappa=st.kappa,
+        kappa=L / m if m > 0 else math.inf,
         dW_norm=dW,
-        dW_over_m=dW / m if monotone else math.inf,
+        dW_over_m=dW / m if m > 0 else math.inf,
         a_priori_bound=apb,
-        weyl_bound=weyl_margin_bound(m, dW),
+        weyl_bound=weyl_lo,
         L_quantized_bounds=lipschitz_perturbation_bounds(L, dW),
         margin_quantized=st_q.m,
         L_quantized=st_q.L,
@@ -346,20 +418,38 @@ def certify(
         rho_pr_cor1=rho_pr_c,
         rho_fb_exact=rho_fb_x,
         rho_pr_exact=rho_pr_x,
-        relative_displacement_bound=relative_displacement_bound(dW, m) if monotone else math.inf,
+        relative_displacement_bound=(
+            relative_displacement_bound(dW_hi, m_lo) if monotone else math.inf
+        ),
         cond_relative=cond["relative"],
         cond_absolute_factor=cond["absolute_factor"],
         backward_certified=back["backward_certified"],
         backward_modulus=back["backward_modulus"],
         monotone=monotone,
+        margin_lower=m_lo,
+        L_upper=st.L_hi,
+        dW_norm_upper=dW_hi,
+        margin_quantized_lower=mq_lo,
+        margin_quantized_upper=st_q.m_hi,
+        L_quantized_upper=L_hi_q,
+        verdict=verdict,
     )
+
+
+def _a_priori_from_entries(entry: torch.Tensor, n_cols: int) -> float:
+    """Proved ``||dW||_2 <= ||dW||_F`` bound from per-row entry bounds (``n D / 2`` per-tensor)."""
+    e = entry.reshape(-1)
+    if e.numel() == 1:
+        return up(float(e[0]) * n_cols)
+    return up(math.sqrt(inflate(n_cols * float(e.square().sum()), e.numel() + 2)))
 
 
 def certify_sweep(
     W: torch.Tensor, bits_list: list[int], granularity: str = "per-tensor"
 ) -> list[Certificate]:
     """One :class:`Certificate` per bit-width."""
-    return [certify(W, b, granularity) for b in bits_list]
+    st = spectral_bounds(check_weight(W))
+    return [certify(W, b, granularity, float_bounds=st) for b in bits_list]
 
 
 def min_certified_bits(

@@ -146,26 +146,39 @@ def certificate_rows(certs) -> tuple[list[str], list[list[Any]]]:
 
 def cmd_certify(args: argparse.Namespace) -> int:
     from monquant.certify import certify, min_certified_bits
-    from monquant.operators import spectral_stats
     from monquant.report import text_table
+    from monquant.verified import spectral_bounds
 
     W, _ = _load_W(args.path)
-    st = spectral_stats(W)
+    st = spectral_bounds(W)
+    kappa = st.L / st.m if st.m > 0 else float("inf")
     head = (
-        f"W: {W.shape[0]}x{W.shape[1]}  m = margin(W) = {st.m:.6g}  L = {st.L:.6g}  "
-        f"kappa = {st.kappa:.4g}  ||W|| = {st.norm_W:.6g}"
+        f"W: {W.shape[0]}x{W.shape[1]}  m = margin(W) = {st.m:.6g} (proved >= {st.m_lo:.6g})  "
+        f"L = {st.L:.6g} (proved <= {st.L_hi:.6g})  kappa = {kappa:.4g}  ||W|| = {st.norm_W:.6g}"
     )
-    if not st.monotone:
+    if st.verdict == "refuted":
+        head += "\nW is NOT monotone (m < 0, proved): the float network has no certified equilibrium"
+    elif st.verdict == "undecided":
         head += (
-            "\nW is NOT monotone (m <= 0): the float network itself has no certified equilibrium"
+            "\nmargin(W) is within rounding error of 0: W is not certified monotone, "
+            "so no quantization of it is certified either"
         )
-    certs = [certify(W, b, args.granularity) for b in args.bits]
+    certs = [certify(W, b, args.granularity, float_bounds=st) for b in args.bits]
     data: dict[str, Any] | list[Any] = [c.to_dict() for c in certs]
     text = head
     if certs:
         h, rows = certificate_rows(certs)
-        text += f"\n({args.granularity}; every value computed in float64 from the weights)\n"
+        text += (
+            f"\n({args.granularity}; plain columns are float64 computed values (estimates); "
+            "columns with >= or <= and a-priori are bounds proved in floating point; verdicts "
+            "use only the proved bounds)\n"
+        )
         text += text_table(h, rows)
+        if any(c.verdict == "undecided" for c in certs):
+            text += (
+                "\nundecided: margin(W~) is within rounding error of 0 (the proved bounds "
+                "straddle 0, or no contraction modulus < 1 is provable): NOT certified"
+            )
     if args.min_bits:
         mb = {g: min_certified_bits(W, g) for g in ("per-tensor", "per-channel")}
         lines = [

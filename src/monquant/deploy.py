@@ -46,6 +46,8 @@ from monquant.intsolver import (
     UncertifiedOperatorError,
     bias_codes,
     calibrate_format,
+    deployed_bounds,
+    deployed_radius,
     injection_bound,
     injection_from_codes,
     power_of_two_step,
@@ -53,7 +55,6 @@ from monquant.intsolver import (
     reference_equilibrium,
 )
 from monquant.io import PathLike, load_tensors, save_tensors
-from monquant.operators import spectral_stats
 from monquant.quantize import check_bits
 from monquant.report import to_jsonable
 from monquant.solvers import SolverConfig, solve
@@ -186,6 +187,17 @@ def _calibration_peak(W, U, b, Wi: IntWeights, inj: Injection, certified: bool, 
     return peak
 
 
+def _deployed_certificate(
+    W: torch.Tensor, Wi: IntWeights, bits: int, granularity: str
+) -> dict[str, Any]:
+    """Certificate of the deployed ``W~ = codes * M 2^-S`` (exactly what the integer solver runs)."""
+    cert = certify(
+        W.detach().to(torch.float64), W_tilde=Wi.dequantized(), W_tilde_radius=deployed_radius(Wi)
+    ).to_dict()
+    cert.update(bits=bits, granularity=granularity, operator="codes * M 2^-S (deployed)")
+    return cert
+
+
 def _solver_meta(solver: IntFBSolver, plan: RequantPlan, accumulator: str) -> dict[str, Any]:
     return {
         "method": "fb-integer",
@@ -197,6 +209,9 @@ def _solver_meta(solver: IntFBSolver, plan: RequantPlan, accumulator: str) -> di
         "rho": solver.rho,
         "margin_quantized": solver.stats.m,
         "L_quantized": solver.stats.L,
+        "margin_quantized_lower": solver.stats.m_lo,
+        "L_quantized_upper": solver.stats.L_hi,
+        "verdict": solver.stats.verdict,
         "requant": plan.as_dict(),
         "accumulator_W": solver.accumulator.as_dict(),
     }
@@ -254,11 +269,12 @@ def export_deployment(
     xf = _input_format(x_calib, input_bits, input_frac_bits)
     G = Ui.scale.shift + xf.frac_bits
     cb = bias_codes(b, G)
-    st = spectral_stats(Wi.dequantized())
-    certified = power_of_two_step(st.m, st.L) is not None
+    st = deployed_bounds(Wi)
+    certified = power_of_two_step(st.m_lo, st.L_hi) is not None
     if not certified and require_certified:
         raise UncertifiedOperatorError(
-            f"{bits}-bit W~ is not certified (margin(W~) = {st.m:.4g}, L(W~) = {st.L:.4g}); "
+            f"{bits}-bit W~ is not certified (margin(W~) = {st.m:.4g}, proved >= {st.m_lo:.4g}: "
+            f"{st.verdict}; L(W~) <= {st.L_hi:.4g}); "
             "pass require_certified=False to write it anyway, flagged"
         )
     if act_frac_bits is not None:
@@ -284,7 +300,7 @@ def export_deployment(
         "activation_format": act.to_dict(),
         "solver": _solver_meta(solver, plan, accumulator),
         "head": {"dtype": "float32", "applied_to": "dequantized iterate 2^-f c, in float32"},
-        "certificate": certify(W.detach().to(torch.float64), bits, granularity).to_dict(),
+        "certificate": _deployed_certificate(W, Wi, bits, granularity),
     }
     meta = to_jsonable(meta)
     out = save_tensors(path, _deployment_tensors(Wi, Ui, cb, head_weight, head_bias), meta)
@@ -438,7 +454,7 @@ def _check_solver_claim(solver: IntFBSolver, claim: dict[str, Any], path: Path) 
     if bool(claim["certified"]) != solver.certified:
         raise CheckpointError(
             f"{path}: stored certificate says certified={claim['certified']}, but the codes give "
-            f"margin(W~) = {solver.stats.m:.4g} and step 2^-{solver.step.shift} "
+            f"margin(W~) >= {solver.stats.m_lo:.4g} (proved) and step 2^-{solver.step.shift} "
             f"(certified={solver.certified})"
         )
 

@@ -58,9 +58,10 @@ from typing import Any
 import torch
 
 from monquant.errors import MonquantError
-from monquant.operators import SpectralStats, check_weight, spectral_stats
+from monquant.operators import check_weight
 from monquant.quantize import check_bits, quantize
-from monquant.solvers import SolverConfig, SolverResult, contraction_modulus, solve
+from monquant.solvers import SolverConfig, SolverResult, solve
+from monquant.verified import SpectralBounds, modulus_upper_bound, spectral_bounds
 
 __all__ = [
     "INT32_MAX",
@@ -79,6 +80,8 @@ __all__ = [
     "bias_codes",
     "calibrate_format",
     "choose_accumulator",
+    "deployed_bounds",
+    "deployed_radius",
     "dyadic_scale",
     "injection_bound",
     "injection_from_codes",
@@ -350,6 +353,10 @@ class PowerOfTwoStep:
 def power_of_two_step(m: float, L: float, max_shift: int = 60) -> PowerOfTwoStep | None:
     """The certified power-of-two FB step with the smallest modulus (``None`` if none exists).
 
+    ``m`` and ``L`` must be a proved lower bound on ``margin(W~)`` and a proved upper bound on
+    ``L(W~)`` (:class:`monquant.verified.SpectralBounds` ``m_lo``, ``L_hi``); the modulus is then a
+    proved upper bound (:func:`monquant.verified.modulus_upper_bound`, rounded outward, ``< 1``).
+
     Rule: FB is a certified contraction iff ``0 < a < 2 m / L^2``. ``rho(a)^2 = 1 - 2 a m + a^2 L^2``
     is a parabola with its minimum at ``m / L^2``, so among the steps ``2^-k`` (``k >= 0``, so that
     ``1 - a >= 0``) the best is one of the two powers of two bracketing ``m / L^2``: ``2^-k1 <= m/L^2
@@ -370,8 +377,8 @@ def power_of_two_step(m: float, L: float, max_shift: int = 60) -> PowerOfTwoStep
         if not 0 <= k <= max_shift:
             continue
         a = math.ldexp(1.0, -k)
-        rho = contraction_modulus("fb", a, m, L)
-        if rho is not None and rho < 1.0 and (best is None or rho < best.rho):
+        rho = modulus_upper_bound("fb", a, m, L)
+        if rho is not None and (best is None or rho < best.rho):
             best = PowerOfTwoStep(k, a, rho)
     return best
 
@@ -581,7 +588,7 @@ class IntFBSolver:
     W: IntWeights
     act: FixedPointFormat
     step: PowerOfTwoStep
-    stats: SpectralStats
+    stats: SpectralBounds
     certified: bool
     max_iter: int
     accumulator: AccumulatorChoice
@@ -600,7 +607,7 @@ class IntFBSolver:
         step_shift: int | None = None,
         accumulator: str = "auto",
         allow_uncertified: bool = False,
-        stats: SpectralStats | None = None,
+        stats: SpectralBounds | None = None,
     ) -> IntFBSolver:
         """Certify ``W~``, choose the step and the accumulator; refuse an uncertified operator.
 
@@ -614,12 +621,13 @@ class IntFBSolver:
             raise ValueError(f"W must be square, got {W.shape}")
         if int(max_iter) < 1:
             raise ValueError("max_iter must be >= 1")
-        st = stats if stats is not None else spectral_stats(check_weight(W.dequantized()))
+        st = stats if stats is not None else deployed_bounds(W)
         step, certified = cls._select_step(st, step_shift)
         if not certified and not allow_uncertified:
             raise UncertifiedOperatorError(
-                f"the quantized operator is not certified: margin(W~) = {st.m:.4g}, "
-                f"L(W~) = {st.L:.4g}, "
+                f"the quantized operator is not certified: margin(W~) = {st.m:.4g} (proved "
+                f"{st.m_lo:.4g} <= margin(W~) <= {st.m_hi:.4g}: {st.verdict}), "
+                f"L(W~) <= {st.L_hi:.4g}, "
                 + (
                     "no power-of-two step 2^-k < 2 m / L^2 exists"
                     if step_shift is None
@@ -630,17 +638,17 @@ class IntFBSolver:
         return cls(W, act, step, st, certified, int(max_iter), acc)
 
     @staticmethod
-    def _select_step(st: SpectralStats, step_shift: int | None) -> tuple[PowerOfTwoStep, bool]:
+    def _select_step(st: SpectralBounds, step_shift: int | None) -> tuple[PowerOfTwoStep, bool]:
         if step_shift is None:
-            best = power_of_two_step(st.m, st.L)
+            best = power_of_two_step(st.m_lo, st.L_hi)
             if best is not None:
                 return best, True
-            step_shift = _fallback_shift(st.L)
+            step_shift = _fallback_shift(st.L_hi)
         if int(step_shift) < 0:
             raise ValueError(f"step_shift must be >= 0, got {step_shift}")
         a = math.ldexp(1.0, -int(step_shift))
-        rho = contraction_modulus("fb", a, st.m, st.L)
-        ok = rho is not None and rho < 1.0
+        rho = modulus_upper_bound("fb", a, st.m_lo, st.L_hi)
+        ok = rho is not None
         return PowerOfTwoStep(int(step_shift), a, rho if ok else math.inf), ok
 
     def plan(self, inj: Injection) -> RequantPlan:
@@ -669,6 +677,9 @@ class IntFBSolver:
             "certified": self.certified,
             "margin_quantized": self.stats.m,
             "L_quantized": self.stats.L,
+            "margin_quantized_lower": self.stats.m_lo,
+            "L_quantized_upper": self.stats.L_hi,
+            "verdict": self.stats.verdict,
             "step_shift": self.step.shift,
             "step": self.step.step,
             "rho": self.rho,
@@ -764,12 +775,33 @@ def reference_equilibrium(
     inj: Injection,
     tol: float = 1e-12,
     max_iter: int = 100_000,
-    stats: SpectralStats | None = None,
+    stats: SpectralBounds | None = None,
 ) -> SolverResult:
     """Float64 equilibrium ``z~* = relu(W~ z~* + q~)`` of the exact deployed operator.
 
     Peaceman-Rachford at ``tol`` (default ``1e-12``); its ``error_bound`` is the a-posteriori bound
-    on ``||z^ - z~*||`` to be added to any comparison.
+    on ``||z^ - z~*||`` to be added to any comparison, computed from the proved ``m_lo``, ``L_hi``.
     """
     cfg = SolverConfig(method="pr", tol=tol, max_iter=max_iter)
-    return solve(W.dequantized(), inj.value(), cfg, stats=stats)
+    st = stats if stats is not None else deployed_bounds(W)
+    return solve(W.dequantized(), inj.value(), cfg, stats=st.conservative())
+
+
+def deployed_radius(W: IntWeights) -> float:
+    """Entrywise bound on ``|W~ - W.dequantized()|`` for the exact ``W~ = codes * M 2^-S``.
+
+    :meth:`IntWeights.dequantized` is exact (radius 0) when every ``|code| * M < 2^53``: the integer
+    product and its power-of-two scaling are then representable in float64 (barring underflow,
+    which needs ``S > 1000``). Otherwise each entry is off by at most ``u |W~_ij| <= 2^-52 max|W~|``.
+    """
+    if int(W.codes.to(torch.int64).abs().max()) * W.scale.max_multiplier < 2**53:
+        return 0.0
+    return float(W.dequantized().abs().max()) * 2.0**-52
+
+
+def deployed_bounds(W: IntWeights) -> SpectralBounds:
+    """Proved spectral bounds of the deployed operator ``W~ = codes * M 2^-S`` itself.
+
+    This is the operator the integer program iterates, so its certificate is the deployment's.
+    """
+    return spectral_bounds(check_weight(W.dequantized()), radius=deployed_radius(W), norm=False)

@@ -505,6 +505,8 @@ class Deployment:
             "tier": "construction" if self.m_construction is not None else c.tier,
             "certified": c.certified_exact,
             "certified_weyl": c.certified_weyl,
+            "verdict": c.verdict,
+            "margin_quantized_lower": c.margin_quantized_lower,
             "margin_quantized": c.margin_quantized,
             "m": c.margin,
             "dW_norm": c.dW_norm,
@@ -564,11 +566,13 @@ def deployed_weights(
             **extra,
         )
 
+    # The certified W~ is the one the model runs: formed (or rounded) in the model's dtype.
+    dtype = layer.U.weight.dtype
     if method.kind not in PROX_KINDS:
-        W = layer.weight().detach().to(torch.float64)
+        W = layer.weight().detach().to(dtype)
         cert = certify(W, method.bits, method.granularity)
-        Wt = quantize(W, method.bits, method.granularity).dequantized()
-        return deployment(W, Wt, cert)
+        Wt = quantize(W, method.bits, method.granularity).dequantized().to(torch.float64)
+        return deployment(W.to(torch.float64), Wt, cert)
     pq = _on_grid_param(prepared, method)
     assert prepared is not None
     if not all(dist == 0.0 for dist in pq.on_grid()):
@@ -580,10 +584,13 @@ def deployed_weights(
         return deployment(W, Wt, certify(W, W_tilde=Wt))
     m = float(layer.margin().detach())
     A, B = (layer.A.detach().double(), layer.B.detach().double())
-    Wt = wk_weight(A, B, m)
+    Wt = wk_weight(A, B, m).to(dtype).to(torch.float64)
     W = wk_weight(latent["A"].double(), latent["B"].double(), m) if latent else Wt
     cert = certify(W, W_tilde=Wt)
-    if cert.margin_quantized < m - 1e-9 * max(1.0, abs(m)):
+    # margin(W~) >= m holds for the float64 construction; rounding it to the model dtype moves the
+    # margin by at most ||fl(W~) - W~|| <= n u ||W~||_max.
+    slack = Wt.shape[0] * float(torch.finfo(dtype).eps) * max(1.0, float(Wt.abs().max()))
+    if cert.margin_quantized < m - slack - 1e-9 * max(1.0, abs(m)):
         raise ConfigError(f"factored W~ has margin {cert.margin_quantized} < m = {m}: a bug")
     requant = certify(Wt, method.bits, method.granularity)
     return deployment(W, Wt, cert, m_construction=m, requantized=requant)

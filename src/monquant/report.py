@@ -150,18 +150,25 @@ CERTIFICATE_COLUMNS: tuple[tuple[str, str], ...] = (
     ("step", "step"),
     ("dW_norm", "||dW||"),
     ("dW_over_m", "||dW||/m"),
+    ("dW_norm_upper", "||dW|| <="),
     ("a_priori_bound", "a-priori"),
-    ("weyl_bound", "Weyl m-||dW||"),
+    ("weyl_bound", "Weyl m-||dW|| >="),
     ("margin_quantized", "margin(W~)"),
+    ("margin_quantized_lower", "margin(W~) >="),
+    ("margin_quantized_upper", "margin(W~) <="),
     ("certified_a_priori", "a-priori ok"),
     ("certified_weyl", "Weyl ok"),
     ("certified_exact", "exact ok"),
+    ("verdict", "verdict"),
 )
 
 
 def certificate_cells(cert: dict[str, Any], extra: Sequence[str] = ()) -> list[Any]:
-    """One table row: the :data:`CERTIFICATE_COLUMNS` of a certificate dict, then ``extra`` keys."""
-    return [cert[k] for k, _ in CERTIFICATE_COLUMNS] + [cert[k] for k in extra]
+    """One table row: the :data:`CERTIFICATE_COLUMNS` of a certificate dict, then ``extra`` keys.
+
+    Keys missing from an older certificate (written before the proved bounds existed) show ``-``.
+    """
+    return [cert.get(k) for k, _ in CERTIFICATE_COLUMNS] + [cert.get(k) for k in extra]
 
 
 def certificate_headers(extra: Sequence[str] = ()) -> list[str]:

@@ -24,6 +24,7 @@ from monquant.model import MonDEQClassifier
 from monquant.operators import margin_tensor, spectral_stats
 from monquant.optim import Adam, StepDecay
 from monquant.quantize import check_bits, fake_quant
+from monquant.verified import margin_bounds
 
 __all__ = [
     "EvalResult",
@@ -358,6 +359,10 @@ def _epoch_entry(model, epoch, n, loss_sum, correct, ev, before, after, seconds)
         "eval_seconds": ev.seconds,
     }
     if model.layer.weight_transform is not None:
-        Wq = model.layer.effective_weight().detach()
-        entry["margin_quantized"] = spectral_stats(Wq).m
+        Wq = margin_bounds(model.layer.effective_weight().detach())
+        entry["margin_quantized"] = Wq[2]  # computed (an estimate)
+        entry["margin_quantized_lower"] = Wq[0]  # proved
+        entry["margin_quantized_verdict"] = (
+            "certified" if Wq[0] > 0 else "refuted" if Wq[1] < 0 else "undecided"
+        )
     return entry

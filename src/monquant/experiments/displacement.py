@@ -19,9 +19,9 @@ from monquant.certify import (
     rigorous_displacement_check,
 )
 from monquant.model import MonDEQClassifier
-from monquant.operators import spectral_norm, spectral_stats
 from monquant.quantize import quantize
 from monquant.solvers import SolverConfig, solve
+from monquant.verified import difference_norm_bounds, spectral_bounds
 
 __all__ = ["run_displacement"]
 
@@ -37,19 +37,21 @@ def run_displacement(
 ) -> dict[str, Any]:
     """Per bit-width: fraction of samples satisfying Theorem 3, ratios, Corollary 3."""
     W, q = model.layer.float64_problem(x)
-    st = spectral_stats(W)
+    # Proved constants decide: m_lo <= margin(W), ||dW|| <= d_hi, and the solvers' a-posteriori
+    # errors from the proved m_lo, L_hi of each operator (verified.SpectralBounds.conservative).
+    st = spectral_bounds(W)
     cfg = SolverConfig(method=method, tol=tol, max_iter=max_iter)
-    ref = solve(W, q, cfg)
+    ref = solve(W, q, cfg, stats=st.conservative())
     zn = ref.z.norm(dim=1)
     out_rows = []
     per_sample: dict[str, Any] = {}
     for b in bits:
         Wq = quantize(W, b, granularity).dequantized()
-        rq = solve(Wq, q, cfg)
-        d = spectral_norm(Wq - W)
+        rq = solve(Wq, q, cfg, stats=spectral_bounds(Wq, norm=False).conservative())
+        d_hi, d = difference_norm_bounds(Wq, W)
         emp = (ref.z - rq.z).norm(dim=1)
         bound, holds = rigorous_displacement_check(
-            emp, d, rq.z.norm(dim=1), st.m, ref.error_bound, rq.error_bound
+            emp, d_hi, rq.z.norm(dim=1), st.m_lo, ref.error_bound, rq.error_bound
         )
         naive = displacement_bound(d, rq.z.norm(dim=1), st.m)
         pos = emp > 0
@@ -73,7 +75,7 @@ def run_displacement(
                 "median_ratio_bound_over_empirical": float(ratio.median()) if pos.any() else None,
                 "min_ratio_bound_over_empirical": float(ratio.min()) if pos.any() else None,
                 "zero_displacement_samples": int((~pos).sum()),
-                "corollary3_relative_bound": relative_displacement_bound(d, st.m),
+                "corollary3_relative_bound": relative_displacement_bound(d_hi, st.m_lo),
                 "max_relative_displacement": float(rel_emp.max()),
                 "mean_relative_displacement": float(rel_emp.mean()),
             }
@@ -82,6 +84,8 @@ def run_displacement(
     return {
         "m": st.m,
         "L": st.L,
+        "m_lower": st.m_lo,
+        "L_upper": st.L_hi,
         "solver": cfg.as_dict(),
         "float_iterations": ref.iterations,
         "rows": out_rows,

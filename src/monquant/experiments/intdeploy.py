@@ -49,14 +49,15 @@ from monquant.intsolver import (
     IntWeights,
     bias_codes,
     calibrate_format,
+    deployed_bounds,
     injection_from_codes,
     power_of_two_step,
     quantize_weights,
     reference_equilibrium,
 )
-from monquant.operators import SpectralStats, spectral_stats
 from monquant.report import atomic_write_text, markdown_table, new_figure, save_figure, write_json
 from monquant.solvers import SolverConfig, solve
+from monquant.verified import SpectralBounds
 
 __all__ = ["run_intdeploy"]
 
@@ -132,17 +133,17 @@ def _float_accuracy(W, U, b, head_w, head_b, x, y) -> float:
 
 def _quantized_operator(
     W, U, b, x, bits: int, u_bits: int | None, input_bits: int, granularity: str, mult_bits: int
-) -> tuple[IntWeights, Injection, SpectralStats, FixedPointFormat]:
+) -> tuple[IntWeights, Injection, SpectralBounds, FixedPointFormat]:
     """``W~``, the integer injection of the inputs, the spectral constants of ``W~``, input format."""
     Wi = quantize_weights(W, bits, granularity, mult_bits)
     Ui = quantize_weights(U, u_bits if u_bits is not None else bits, granularity, mult_bits)
     xf = calibrate_format(float(x.abs().max()), input_bits, signed=True)
     cb = bias_codes(b, Ui.scale.shift + xf.frac_bits)
     inj, _ = injection_from_codes(Ui, xf.encode(x), xf, cb)
-    return Wi, inj, spectral_stats(Wi.dequantized()), xf
+    return Wi, inj, deployed_bounds(Wi), xf
 
 
-def _uncertified_row(bits: int, ab: int, st: SpectralStats, acc_float: float) -> dict[str, Any]:
+def _uncertified_row(bits: int, ab: int, st: SpectralBounds, acc_float: float) -> dict[str, Any]:
     row: dict[str, Any] = dict.fromkeys(TABLE_KEYS)
     row.update(
         weight_bits=bits,
@@ -208,7 +209,7 @@ def _weight_bits_rows(
     Wi, inj, st, _ = _quantized_operator(
         W, U, b, x, bits, opts["u_bits"], opts["input_bits"], opts["granularity"], opts["mult_bits"]
     )
-    if power_of_two_step(st.m, st.L) is None:
+    if power_of_two_step(st.m_lo, st.L_hi) is None:
         return [_uncertified_row(bits, ab, st, acc_float) for ab in act_bits], {}
     ref = reference_equilibrium(Wi, inj, stats=st)
     acc_q = _accuracy(ref.z, head_w, head_b, y)

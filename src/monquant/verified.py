@@ -1,0 +1,396 @@
+"""Verified floating-point bounds on the spectral quantities that certificates decide on.
+
+A certificate is a proof about the matrices that are actually stored. Every function here returns a
+bound that holds in exact real arithmetic for the matrix whose entries are the given floating-point
+numbers (widened, where a caller says so, by a known spectral-norm distance ``extra``), although
+the work is done in IEEE-754 double precision with round-to-nearest. The analysis is written out in
+``docs/theory.md`` (section "Certificates in floating point"); in short:
+
+- **Positive definiteness with a margin** (:func:`cholesky_lower_bound`). If the floating-point
+  Cholesky factorization of ``A^ = fl(A - tau I)`` runs to completion with a finite factor ``R``,
+  then ``R^T R = A^ + dA`` with ``|dA| <= gamma_{n+2} |R^T| |R|`` entrywise (Demmel 1989; Higham,
+  *Accuracy and Stability of Numerical Algorithms*, 2nd ed., Lemma 8.4 and Theorem 10.3: any order
+  of summation, hence blocked LAPACK; one rounding more than Higham's ``gamma_{n+1}`` covers a
+  division done as multiplication by a rounded reciprocal). With ``x_i = ||R e_i||`` Cauchy-Schwarz
+  gives ``|R^T||R| <= x x^T`` and ``x_i^2 <= a^_ii / (1 - gamma)``, so
+  ``||dA||_2 <= gamma / (1 - gamma) tr(A^)``. Since ``R^T R >= 0``,
+  ``lmin(A) >= tau - gamma/(1-gamma) tr(A^) - u max_i |a^_ii| - (underflow term)``: Rump's idea
+  ("Verification of positive definiteness", BIT 46 (2006) 433-452) with our own constants.
+- **An upper bound on lmin** (:func:`lmin_upper_bound`): the Rayleigh quotient of a computed
+  eigenvector ``v`` with the forward error of ``v^T (A v)`` bounded by ``gamma_{2n+1} |v|^T|A||v|``.
+- **An upper bound on ||M||_2** (:func:`norm2_upper_bound`): ``sigma^2 I - fl(M^T M)`` verified
+  positive definite, plus ``||fl(M^T M) - M^T M||_2 <= gamma_{k+1} ||M||_F^2``; the Frobenius norm
+  (itself bounded above) is the fallback and a cap.
+
+Scalars are combined with directed rounding: IEEE operations are correctly rounded, so stepping one
+ulp outward (:func:`up`, :func:`down`) after each operation gives a rigorous bound. Sums of ``k``
+non-negative terms computed in floating point are within a factor ``1 - gamma_{k}`` of the exact
+sum (any order), which :func:`inflate` undoes. Underflow is covered by a generous absolute term
+(``UNDERFLOW_UNIT`` per operation); overflow cannot go unnoticed (non-finite results fail the test).
+Nothing here is an estimate: a failed verification yields ``-inf`` (or ``inf``), never a guess.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from monquant.errors import MonquantError
+from monquant.operators import SpectralStats
+
+__all__ = [
+    "UNIT_ROUNDOFF",
+    "SpectralBounds",
+    "VerificationError",
+    "cholesky_lower_bound",
+    "difference_norm_bounds",
+    "down",
+    "frobenius_upper_bound",
+    "gamma",
+    "inflate",
+    "lmin_lower_bound",
+    "lmin_upper_bound",
+    "margin_bounds",
+    "modulus_upper_bound",
+    "norm2_bounds",
+    "norm2_upper_bound",
+    "spectral_bounds",
+    "sym_part_bounds",
+    "unit_roundoff",
+    "up",
+]
+
+#: Unit roundoff ``u = 2^-53`` of IEEE double precision (round to nearest).
+UNIT_ROUNDOFF = 2.0**-53
+#: An absolute error per operation that dominates every underflow error (``2^-1074`` is the
+#: smallest subnormal; this is 2^54 times larger and still far below any quantity of interest).
+UNDERFLOW_UNIT = 2.0**-1020
+
+
+class VerificationError(MonquantError, ValueError):
+    """Input that no verified bound can be computed for (non-finite, not square, not float)."""
+
+
+def up(x: float) -> float:
+    """The next float above ``x``: an upper bound on the exact result ``x`` was rounded from."""
+    return math.nextafter(x, math.inf)
+
+
+def down(x: float) -> float:
+    """The next float below ``x``: a lower bound on the exact result ``x`` was rounded from."""
+    return math.nextafter(x, -math.inf)
+
+
+def unit_roundoff(dtype: torch.dtype) -> float:
+    """Unit roundoff of a floating-point dtype (half an ulp of 1)."""
+    return float(torch.finfo(dtype).eps) / 2.0
+
+
+def gamma(k: int) -> float:
+    """Upper bound on Higham's ``gamma_k = k u / (1 - k u)`` (``u = 2^-53``); needs ``k u < 1/2``."""
+    ku = k * UNIT_ROUNDOFF  # exact: an integer times a power of two
+    if not ku < 0.5:
+        raise VerificationError(f"problem too large for the error analysis (k = {k})")
+    return up(ku / down(1.0 - ku))
+
+
+def inflate(x: float, k: int) -> float:
+    """Upper bound on an exact sum of non-negative terms whose floating-point value is ``x``.
+
+    The computed sum of ``k`` non-negative terms (each possibly a rounded product) is at least
+    ``(1 - gamma_k)`` times the exact one; ``1 / (1 - g) <= 1 + 2 g`` for ``g <= 1/2``.
+    """
+    if x <= 0.0:
+        return max(x, 0.0) + UNDERFLOW_UNIT * (k + 1)
+    return up(up(x * up(1.0 + 2.0 * gamma(k))) + UNDERFLOW_UNIT * (k + 1))
+
+
+def _check_square(A: torch.Tensor, name: str) -> int:
+    if not isinstance(A, torch.Tensor) or A.dim() != 2 or A.shape[0] != A.shape[1]:
+        raise VerificationError(f"{name} must be a square matrix")
+    if not A.is_floating_point():
+        raise VerificationError(f"{name} must be floating point, got {A.dtype}")
+    if not bool(torch.isfinite(A).all()):
+        raise VerificationError(f"{name} has non-finite entries")
+    return int(A.shape[0])
+
+
+def _f64(A: torch.Tensor) -> torch.Tensor:
+    """``A`` in float64 (exact for float16/bfloat16/float32/float64 inputs)."""
+    return A.detach().to(torch.float64)
+
+
+def frobenius_upper_bound(M: torch.Tensor) -> float:
+    """Rigorous ``||M||_F`` upper bound (sum of ``k`` squares, then a correctly rounded sqrt)."""
+    M64 = _f64(M)
+    if not bool(M64.any()):
+        return 0.0
+    s = inflate(float(M64.square().sum()), M64.numel() + 1)
+    return up(math.sqrt(s))
+
+
+def cholesky_lower_bound(A: torch.Tensor, tau: float) -> float | None:
+    """Verified ``lmin(A) >= tau - err`` if Cholesky of ``fl(A - tau I)`` completes, else ``None``.
+
+    ``A`` must be exactly symmetric (as stored). ``err = gamma_{n+2} / (1 - gamma_{n+2}) tr(A^)``
+    (backward error of the factorization) ``+ u max|a^_ii|`` (rounding of the shift) plus an
+    underflow term; see the module docstring for the proof.
+    """
+    A64 = _f64(A)
+    n = int(A64.shape[0])
+    Ash = A64.clone()
+    Ash.diagonal().sub_(float(tau))
+    R, info = torch.linalg.cholesky_ex(Ash)
+    if int(info) != 0 or not bool(torch.isfinite(R).all()):
+        return None
+    diag = Ash.diagonal()
+    if bool((diag < 0).any()):  # cannot happen after a completed factorization; be strict
+        return None
+    g = gamma(n + 2)
+    trace = inflate(float(diag.sum()), n)
+    chol_err = up(up(g / down(1.0 - g)) * trace)
+    dmax = float(diag.max())
+    shift_err = up(2.0 * UNIT_ROUNDOFF * dmax)
+    amax = float(Ash.abs().max())
+    uflow = up(UNDERFLOW_UNIT * up(4.0 * n * (n + 2) * up(1.0 + 3.0 * amax)))
+    total = up(up(chol_err + shift_err) + uflow)
+    return down(float(tau) - total)
+
+
+def lmin_lower_bound(A: torch.Tensor, extra: float = 0.0, estimate: float | None = None) -> float:
+    """Rigorous lower bound on ``lmin(A_true)`` for symmetric ``A`` with ``||A_true - A||_2 <= extra``.
+
+    Shifts ``tau`` just below the computed smallest eigenvalue and verifies ``A - tau I`` positive
+    definite (:func:`cholesky_lower_bound`), widening the shift up to six times. ``-inf`` when no
+    shift verifies (the bound is then useless, never wrong).
+    """
+    n = _check_square(A, "A")
+    A64 = _f64(A)
+    lam = float(torch.linalg.eigvalsh(A64)[0]) if estimate is None else float(estimate)
+    scale = float(A64.diagonal().sub(lam).abs().sum()) + float(torch.linalg.matrix_norm(A64))
+    base = gamma(n + 2) * scale + UNDERFLOW_UNIT * n * n
+    for k in range(6):
+        tau = lam - base * 4.0 * 16.0**k
+        lb = cholesky_lower_bound(A64, tau)
+        if lb is not None:
+            return down(lb - up(extra))
+    return -math.inf
+
+
+def lmin_upper_bound(A: torch.Tensor, extra: float = 0.0, v: torch.Tensor | None = None) -> float:
+    """Rigorous upper bound on ``lmin(A_true)``: a Rayleigh quotient with its rounding error.
+
+    ``lmin(A_true) <= v^T A_true v / v^T v`` for every ``v != 0``; ``v`` defaults to the computed
+    eigenvector of the smallest eigenvalue. ``fl(v^T fl(A v))`` is within ``gamma_{2n+1} |v|^T|A||v|``
+    of ``v^T A v`` and ``|v^T (A_true - A) v| <= extra v^T v``.
+    """
+    n = _check_square(A, "A")
+    A64 = _f64(A)
+    if v is None:
+        v = torch.linalg.eigh(A64)[1][:, 0]
+    v = v.to(torch.float64)
+    num = float(v @ (A64 @ v))
+    va = v.abs()
+    t = inflate(float(va @ (A64.abs() @ va)), 2 * n)
+    err = up(gamma(2 * n + 1) * t)
+    den = float(v @ v)
+    if not den > 0:
+        return math.inf
+    g = gamma(n)
+    den_lo, den_hi = down(den * down(1.0 - 2.0 * g)), up(den * up(1.0 + 2.0 * g))
+    num_hi = up(up(num + err) + up(float(extra) * den_hi))
+    return up(num_hi / den_lo) if num_hi >= 0 else up(num_hi / den_hi)
+
+
+def norm2_bounds(M: torch.Tensor, extra: float = 0.0) -> tuple[float, float]:
+    """``(upper, computed)``: a rigorous bound on ``||M_true||_2`` and the computed value.
+
+    ``M_true`` is any matrix with ``||M_true - M||_2 <= extra``. Verifies ``sigma^2 I - fl(M^T M)``
+    positive definite for ``sigma`` just above the computed largest singular value (``computed`` =
+    ``sqrt(lmax(fl(M^T M)))``, an estimate); ``||fl(M^T M) - M^T M||_2 <= gamma_{k+1} ||M||_F^2``
+    (``k`` rows; the symmetrization costs one more rounding). Capped by (and falling back to) the
+    Frobenius bound.
+    """
+    if not isinstance(M, torch.Tensor) or M.dim() != 2 or not M.is_floating_point():
+        raise VerificationError("M must be a floating-point matrix")
+    if not bool(torch.isfinite(M).all()):
+        raise VerificationError("M has non-finite entries")
+    M64 = _f64(M)
+    F = frobenius_upper_bound(M64)
+    best, computed = F, 0.0
+    if F > 0 and M64.shape[1] > 0:
+        G = M64.T @ M64
+        G = 0.5 * (G + G.T)
+        gram_err = up(gamma(int(M64.shape[0]) + 1) * up(F * F))
+        lam = float(torch.linalg.eigvalsh(G)[-1])
+        computed = math.sqrt(max(lam, 0.0))
+        base = gamma(int(G.shape[0]) + 2) * (float(G.diagonal().abs().sum()) + abs(lam))
+        for k in range(6):
+            s = lam + base * 4.0 * 16.0**k + UNDERFLOW_UNIT
+            lb = cholesky_lower_bound(-G, -s)  # lmin(-G) >= lb  <=>  lmax(G) <= -lb
+            if lb is not None:
+                best = min(best, up(math.sqrt(up(max(-lb, 0.0) + gram_err))))
+                break
+    return (up(best + up(float(extra))) if extra else best), computed
+
+
+def norm2_upper_bound(M: torch.Tensor, extra: float = 0.0) -> float:
+    """Rigorous upper bound on ``||M_true||_2`` (see :func:`norm2_bounds`)."""
+    return norm2_bounds(M, extra)[0]
+
+
+def difference_norm_bounds(A: torch.Tensor, B: torch.Tensor, radius: float = 0.0) -> tuple[float, float]:
+    """``(upper, computed)`` for ``||A - B||_2`` of two stored matrices (e.g. ``||W~ - W||``).
+
+    ``fl(A - B)`` errs by at most ``u |fl(A - B)|`` entrywise, i.e. ``u ||fl(A - B)||_F`` in norm;
+    ``radius`` (an entrywise uncertainty of ``A``) adds ``sqrt(rows cols) radius``.
+    """
+    D = _f64(A) - _f64(B)
+    extra = up(2.0 * UNIT_ROUNDOFF * frobenius_upper_bound(D))
+    if radius:
+        extra = up(extra + up(math.sqrt(D.numel()) * float(radius) * up(1.0 + 4 * UNIT_ROUNDOFF)))
+    return norm2_bounds(D, extra)
+
+
+def sym_part_bounds(W: torch.Tensor, radius: float = 0.0) -> tuple[torch.Tensor, float]:
+    """``S = fl(sym(I - W))`` in float64 (exactly symmetric) and ``e >= ||sym(I - W) - S||_2``.
+
+    Rounding: ``T = fl(W + W^T)`` errs by ``u |T|``, halving is exact (up to underflow) and
+    ``fl(I - T/2)`` errs by ``u |S|``; the error matrix is symmetric and non-negative-bounded, so its
+    spectral norm is at most its largest row sum. ``radius`` is an entrywise bound on
+    ``|W_true - W|`` (``0`` when ``W`` holds the operator's exact entries); it adds ``n radius``.
+    """
+    n = _check_square(W, "W")
+    W64 = _f64(W)
+    H = 0.5 * (W64 + W64.T)
+    S = torch.eye(n, dtype=torch.float64, device=W64.device) - H
+    rows = float((H.abs() + S.abs()).sum(dim=1).max())
+    e = up(up(UNIT_ROUNDOFF * inflate(rows, n + 1)) + UNDERFLOW_UNIT * 2 * n)
+    if radius:
+        e = up(e + up(n * float(radius)))
+    return S, e
+
+
+def margin_bounds(
+    W: torch.Tensor, radius: float = 0.0, upper: bool | None = None
+) -> tuple[float, float, float]:
+    """``(lower, upper, computed)`` for ``margin(W) = lmin(sym(I - W))`` of the stored ``W``.
+
+    ``lower <= margin(W) <= upper`` is proved; ``computed`` is the plain float64 eigenvalue (an
+    estimate, shown but never decisive). The Rayleigh-quotient upper bound needs an eigenvector; by
+    default (``upper=None``) it is computed only when the lower bound does not already certify
+    ``margin > 0``, otherwise ``upper`` is the cheap bound ``min_i S_ii + e``.
+    """
+    S, e = sym_part_bounds(W, radius)
+    lam = float(torch.linalg.eigvalsh(S)[0])
+    lo = lmin_lower_bound(S, e, estimate=lam)
+    if upper or (upper is None and not lo > 0):
+        hi = lmin_upper_bound(S, e)
+    else:
+        hi = up(float(S.diagonal().min()) + up(e))  # Rayleigh quotient of a unit vector
+    return lo, hi, lam
+
+
+def modulus_upper_bound(method: str, step: float, m_lo: float, L_hi: float) -> float | None:
+    """Rigorous upper bound (< 1) on a splitting method's contraction modulus, or ``None``.
+
+    Uses that the FB modulus ``sqrt(1 - 2 a m + a^2 L^2)`` and the PR modulus
+    ``sqrt(1 - 4 a m / (1 + a L)^2)`` decrease in ``m`` and increase in ``L``: plugging the verified
+    ``m_lo <= m`` and ``L_hi >= L`` bounds the true modulus; every operation is rounded outward.
+    DR: ``(1 + rho_PR) / 2``. ``None`` when the bound is not below 1 (nothing is certified).
+    """
+    a = float(step)
+    if not (m_lo > 0 and a > 0 and math.isfinite(L_hi) and math.isfinite(a)):
+        return None
+    if method == "fb":
+        pos = up(up(a * L_hi) * up(a * L_hi))
+        neg = down(2.0 * down(a * m_lo))
+        r2 = up(up(1.0 + pos) - neg)
+    elif method in ("pr", "dr"):
+        one_al = up(1.0 + up(a * L_hi))
+        frac = down(down(4.0 * down(a * m_lo)) / up(one_al * one_al))
+        r2 = up(1.0 - frac)
+    else:
+        raise VerificationError(f"unknown method {method!r}")
+    rho = up(math.sqrt(max(r2, 0.0)))
+    if method == "dr":
+        rho = up(0.5 * up(1.0 + rho))
+    return rho if rho < 1.0 else None
+
+
+@dataclass(frozen=True)
+class SpectralBounds:
+    """Verified bounds on the spectral constants of one stored operator ``W``.
+
+    ``m_lo <= margin(W) <= m_hi``, ``L(W) = ||I - W|| <= L_hi``, ``||W|| <= norm_hi`` hold in exact
+    arithmetic; ``m``, ``L``, ``norm_W`` are the float64 computed values (estimates, for display).
+    """
+
+    m_lo: float
+    m_hi: float
+    L_hi: float
+    norm_hi: float
+    m: float
+    L: float
+    norm_W: float
+
+    @property
+    def monotone(self) -> bool:
+        """Proved strongly monotone: ``margin(W) >= m_lo > 0``."""
+        return self.m_lo > 0
+
+    @property
+    def verdict(self) -> str:
+        """``certified`` (margin provably > 0), ``refuted`` (provably < 0) or ``undecided``."""
+        if self.m_lo > 0:
+            return "certified"
+        if self.m_hi < 0:
+            return "refuted"
+        return "undecided"
+
+    @property
+    def kappa_hi(self) -> float:
+        """Upper bound on ``kappa = L / m`` (``inf`` unless proved monotone)."""
+        return up(self.L_hi / self.m_lo) if self.m_lo > 0 else math.inf
+
+    def conservative(self) -> SpectralStats:
+        """``SpectralStats`` holding the proved ``m_lo``, ``L_hi``, ``norm_hi``.
+
+        Every modulus formula decreases in ``m`` and increases in ``L``, so a solver given these
+        constants reports moduli and a-posteriori errors that rest on proved bounds (up to the
+        rounding of those formulas).
+        """
+        return SpectralStats(m=self.m_lo, L=self.L_hi, norm_W=self.norm_hi)
+
+    def as_dict(self) -> dict[str, float | str]:
+        return {
+            "m": self.m,
+            "L": self.L,
+            "norm_W": self.norm_W,
+            "m_lower": self.m_lo,
+            "m_upper": self.m_hi,
+            "L_upper": self.L_hi,
+            "norm_W_upper": self.norm_hi,
+            "verdict": self.verdict,
+        }
+
+
+def spectral_bounds(W: torch.Tensor, radius: float = 0.0, norm: bool = True) -> SpectralBounds:
+    """Verified ``m``, ``L`` and ``||W||`` bounds of the stored ``W`` (see :class:`SpectralBounds`).
+
+    ``radius`` is an entrywise bound on ``|W_true - W|`` when the stored entries are themselves
+    rounded values of the operator (``0``: ``W`` is the operator). ``norm=False`` skips ``||W||``
+    (reported as ``nan``) when only ``m`` and ``L`` are needed.
+    """
+    n = _check_square(W, "W")
+    W64 = _f64(W)
+    lo, hi, lam = margin_bounds(W64, radius)
+    IW = torch.eye(n, dtype=torch.float64, device=W64.device) - W64
+    # fl(I - W) errs by u |fl(I - W)| entrywise: at most u ||fl(I - W)||_F in spectral norm.
+    e_iw = up(2.0 * UNIT_ROUNDOFF * frobenius_upper_bound(IW))
+    e_rad = up(n * float(radius)) if radius else 0.0
+    L_hi, L = norm2_bounds(IW, up(e_iw + e_rad))
+    norm_hi, norm_W = norm2_bounds(W64, e_rad) if norm else (math.nan, math.nan)
+    return SpectralBounds(m_lo=lo, m_hi=hi, L_hi=L_hi, norm_hi=norm_hi, m=lam, L=L, norm_W=norm_W)

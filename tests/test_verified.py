@@ -1,0 +1,259 @@
+"""Verified floating-point bounds (monquant.verified) and certificates that are proofs (issue 10)."""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+import pytest
+import torch
+from conftest import random_monotone_W
+from hypothesis import given
+from hypothesis import strategies as st
+
+from monquant.certify import certify, min_certified_bits
+from monquant.operators import spectral_stats
+from monquant.testing import (
+    exact_boundary_case,
+    exact_margin_sign,
+    shifted_singular_case,
+    transform_case,
+    weyl_boundary_case,
+)
+from monquant.verified import (
+    cholesky_lower_bound,
+    difference_norm_bounds,
+    down,
+    frobenius_upper_bound,
+    gamma,
+    lmin_lower_bound,
+    lmin_upper_bound,
+    margin_bounds,
+    modulus_upper_bound,
+    norm2_bounds,
+    spectral_bounds,
+    up,
+)
+
+# ----------------------------------------------------------------------------------------------
+# Scalar pieces
+# ----------------------------------------------------------------------------------------------
+
+
+def test_directed_rounding_brackets_the_exact_result():
+    a, b = 0.1, 0.2
+    exact = Fraction(a) + Fraction(b)
+    assert Fraction(down(a + b)) <= exact <= Fraction(up(a + b))
+    assert gamma(10) > 10 * 2.0**-53
+
+
+def test_gamma_refuses_problems_beyond_the_analysis():
+    with pytest.raises(ValueError, match="too large"):
+        gamma(2**52)
+
+
+def test_modulus_upper_bound_is_above_the_formula_and_below_one():
+    for m, L in ((0.5, 2.0), (0.01, 3.0), (1.0, 1.5)):
+        a = m / L**2
+        rho = modulus_upper_bound("fb", a, m, L)
+        assert rho is not None and math.sqrt(1 - 2 * a * m + a**2 * L**2) <= rho < 1
+        rho_pr = modulus_upper_bound("pr", 1 / L, m, L)
+        assert rho_pr is not None and math.sqrt(1 - 4 * m / L / 4) <= rho_pr < 1
+        rho_dr = modulus_upper_bound("dr", 1 / L, m, L)
+        assert rho_dr is not None and rho_dr >= 0.5 * (1 + rho_pr) - 1e-16
+    assert modulus_upper_bound("fb", 2 * 0.5 / 4.0, 0.5, 2.0) is None  # a = 2 m / L^2: rho = 1
+    assert modulus_upper_bound("pr", 1.0, 0.0, 2.0) is None
+    assert modulus_upper_bound("pr", 1.0, 1e-300, 1.0) is None  # rho rounds to 1: not certified
+
+
+# ----------------------------------------------------------------------------------------------
+# Matrix bounds against exact or independent values
+# ----------------------------------------------------------------------------------------------
+
+
+@given(n=st.integers(1, 12), shift=st.floats(-2.0, 2.0), seed=st.integers(0, 10_000))
+def test_lmin_bounds_bracket_the_eigenvalue(n, shift, seed):
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(n, n, generator=g, dtype=torch.float64)
+    A = A + A.T + shift * torch.eye(n, dtype=torch.float64)
+    lam = float(torch.linalg.eigvalsh(A)[0])
+    lo, hi = lmin_lower_bound(A), lmin_upper_bound(A)
+    assert lo <= lam + 1e-12 and hi >= lam - 1e-12
+    assert lam - lo < 1e-10 and hi - lam < 1e-10  # tight: only rounding is given away
+
+
+def test_cholesky_lower_bound_fails_rather_than_guesses():
+    A = torch.diag(torch.tensor([1.0, -1.0], dtype=torch.float64))
+    assert cholesky_lower_bound(A, 0.0) is None
+    assert lmin_lower_bound(A) <= -1.0
+
+
+@given(rows=st.integers(1, 10), cols=st.integers(1, 10), seed=st.integers(0, 10_000))
+def test_norm2_upper_bound_is_above_the_svd_and_tight(rows, cols, seed):
+    g = torch.Generator().manual_seed(seed)
+    M = torch.randn(rows, cols, generator=g, dtype=torch.float64)
+    hi, computed = norm2_bounds(M)
+    sv = float(torch.linalg.matrix_norm(M, ord=2))
+    assert hi >= sv and hi <= sv * (1 + 1e-10) + 1e-300
+    assert computed == pytest.approx(sv, rel=1e-12)
+    assert frobenius_upper_bound(M) >= float(M.norm())
+
+
+def test_norm_bounds_of_zero_and_exact_cases():
+    assert norm2_bounds(torch.zeros(3, 3, dtype=torch.float64))[0] == 0.0
+    eye = torch.eye(4, dtype=torch.float64)
+    hi, _ = norm2_bounds(3.0 * eye)
+    assert 3.0 <= hi < 3.0 + 1e-12
+    hi, computed = difference_norm_bounds(eye, 0.5 * eye)
+    assert 0.5 <= hi < 0.5 + 1e-12 and computed == pytest.approx(0.5)
+
+
+def test_float32_operator_is_bounded_as_stored():
+    W = random_monotone_W(20, 0.3, seed=3).float()
+    b = spectral_bounds(W)
+    exact = spectral_stats(W.double())
+    assert b.m_lo <= exact.m <= b.m_hi and b.L_hi >= exact.L and b.norm_hi >= exact.norm_W
+
+
+def test_radius_widens_the_bounds():
+    W = random_monotone_W(10, 0.3, seed=1)
+    plain, wide = spectral_bounds(W), spectral_bounds(W, radius=1e-6)
+    assert wide.m_lo < plain.m_lo - 5e-6 and wide.L_hi > plain.L_hi + 5e-6
+
+
+# ----------------------------------------------------------------------------------------------
+# The exact-boundary constructions: nothing is certified (issue 10's adversarial families)
+# ----------------------------------------------------------------------------------------------
+
+SIZES = (2, 3, 4, 5, 6, 8, 11, 16, 32, 64, 100, 128, 256)
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("family", [exact_boundary_case, weyl_boundary_case])
+def test_boundary_constructions_are_never_certified(n, family):
+    certified = 0
+    for seed in range(3 if n <= 64 else 1):
+        base = family(n, seed=seed)
+        for case in (base, transform_case(base, seed + 11)):
+            cert = certify(case.W, case.bits)
+            certified += cert.certified_exact or cert.certified_weyl or cert.certified_a_priori
+            assert cert.verdict == "undecided"  # margin(W~) is exactly 0
+            assert cert.margin_quantized_lower <= 0.0 <= cert.margin_quantized_upper
+            if case.kind.startswith("weyl"):
+                # m = ||dW|| exactly: the bounds bracket the common value and Weyl fails
+                assert cert.margin_lower <= cert.dW_norm_upper
+            for g in ("per-tensor",):
+                assert certify(case.W, W_tilde=case.W_tilde).verdict == "undecided", g
+    assert certified == 0
+
+
+def test_boundary_cases_sit_exactly_on_the_boundary():
+    for n in (2, 3, 5):
+        for family in (exact_boundary_case, weyl_boundary_case):
+            c = family(n, seed=n)
+            assert exact_margin_sign(c.W_tilde) == 0
+    c = weyl_boundary_case(4, seed=1)
+    dW = c.W_tilde - c.W
+    # ||dW|| = n D / 4 = margin(W): the block part is (D/4) 1 1^T, the padding D/2 <= n D / 4
+    assert float(torch.linalg.matrix_norm(dW, ord=2)) == pytest.approx(spectral_stats(c.W).m)
+
+
+def test_issue_examples_are_not_certified(tmp_path):
+    w3 = torch.tensor([[0.325, 0.325, 0.0], [0.325, 0.325, 0.0], [0.0, 0.0, -3.75]])
+    c3 = certify(w3.double(), 4)
+    assert not c3.certified_weyl and not c3.certified_exact and c3.verdict == "undecided"
+    W5 = torch.zeros(5, 5, dtype=torch.float64)
+    W5[:4, :4] = 0.25
+    W5[4, 4] = -1.875
+    c5 = certify(W5, 4)
+    assert c5.tier == "none" and c5.verdict == "undecided" and c5.rho_pr_exact is None
+    # at 2 bits the block rounds to 0 and W~ is genuinely monotone; Weyl never (margin(W) = 0)
+    mb = min_certified_bits(W5)
+    assert mb["exact"] == 2 and mb["weyl"] is None and mb["a_priori"] is None
+
+
+# ----------------------------------------------------------------------------------------------
+# The exact rational oracle on small dyadic instances near the boundary
+# ----------------------------------------------------------------------------------------------
+
+
+def _oracle_instances(count: int):
+    """Dyadic W (n <= 6) whose margin is exactly 0 or +-2^-j, j in [1, 60], plus generic ones."""
+    g = torch.Generator().manual_seed(2026)
+    for i in range(count):
+        n = 1 + i % 6
+        r = int(torch.randint(0, 10, (1,), generator=g))
+        if r < 7:
+            j = None if r == 0 else int(torch.randint(1, 61, (1,), generator=g))
+            yield shifted_singular_case(n, j, 1 if r % 2 else -1, seed=i)
+        else:  # generic dyadic entries k / 64
+            yield torch.randint(-80, 81, (n, n), generator=g).to(torch.float64) / 64.0
+
+
+def test_margin_verdicts_agree_with_the_exact_oracle():
+    counts = {"certified": 0, "refuted": 0, "undecided": 0, "oracle_zero": 0}
+    for W in _oracle_instances(10_000):
+        lo, hi, _ = margin_bounds(W)
+        truth = exact_margin_sign(W)
+        counts["oracle_zero"] += truth == 0
+        if lo > 0:
+            counts["certified"] += 1
+            assert truth == 1, W
+        elif hi < 0:
+            counts["refuted"] += 1
+            assert truth == -1, W
+        else:
+            counts["undecided"] += 1
+    # every exactly-singular instance is undecided, and most others are decided
+    assert counts["undecided"] >= counts["oracle_zero"] > 500
+    assert counts["certified"] > 2500 and counts["refuted"] > 2500
+    assert counts["undecided"] < 0.25 * 10_000
+
+
+def test_full_certificates_agree_with_the_oracle_on_small_operators():
+    for k, W in enumerate(_oracle_instances(600)):
+        cert = certify(W, W_tilde=W)
+        truth = exact_margin_sign(W)
+        if cert.verdict == "certified":
+            assert truth == 1 and cert.rho_pr_exact is not None and cert.rho_pr_exact < 1, k
+        elif cert.verdict == "refuted":
+            assert truth == -1, k
+
+
+# ----------------------------------------------------------------------------------------------
+# Away from the boundary nothing changes
+# ----------------------------------------------------------------------------------------------
+
+
+@given(
+    n=st.integers(2, 30),
+    m=st.floats(0.01, 1.0),
+    bits=st.integers(2, 12),
+    seed=st.integers(0, 10_000),
+)
+def test_random_operators_keep_their_plain_float_verdicts(n, m, bits, seed):
+    W = random_monotone_W(n, m, seed=seed)
+    cert = certify(W, bits)
+    plain_m, plain_mq = spectral_stats(W).m, cert.margin_quantized
+    if abs(plain_mq) > 1e-8:
+        assert cert.certified_exact == (plain_mq > 0)
+        assert cert.verdict == ("certified" if plain_mq > 0 else "refuted")
+    if abs(plain_m - cert.dW_norm) > 1e-8:
+        assert cert.certified_weyl == (plain_m - cert.dW_norm > 0)
+    assert plain_m - cert.margin_lower < 1e-10 * max(1.0, n)  # loss of margin: rounding only
+    assert cert.dW_norm_upper >= cert.dW_norm and cert.L_upper >= cert.L
+
+
+@given(n=st.integers(2, 20), m=st.floats(0.05, 1.0), seed=st.integers(0, 10_000))
+def test_tiers_imply_each_other_by_construction(n, m, seed):
+    W = random_monotone_W(n, m, seed=seed)
+    for bits in (2, 4, 6, 8, 12):
+        for gran in ("per-tensor", "per-channel"):
+            c = certify(W, bits, gran)
+            assert not c.certified_a_priori or c.certified_weyl
+            assert not c.certified_weyl or c.certified_exact
+            assert c.certified_exact == (c.verdict == "certified")
+            if c.certified_weyl:
+                assert c.margin_quantized_lower >= c.weyl_bound > 0
+            for rho in (c.rho_fb_exact, c.rho_pr_exact, c.rho_fb_cor1, c.rho_pr_cor1):
+                assert rho is None or rho < 1
