@@ -208,7 +208,8 @@ def cmd_ptq(args: argparse.Namespace) -> int:
     )
     ev, c = result["eval"], result["certificate"]
     text = (
-        f"{args.bits}-bit PTQ ({args.granularity}, {','.join(parts)}): tier {c['tier']}, "
+        f"{args.bits}-bit PTQ ({args.granularity}, {','.join(parts)}): tier {c['tier']} "
+        f"({c.get('verdict', 'undecided')}), "
         f"||dW||/m = {c['dW_over_m']:.4g}, margin(W~) = {c['margin_quantized']:.4g}\n"
         f"accuracy {ev['accuracy']:.4f} (float {result['float_eval']['accuracy']:.4f}); "
         f"converged {ev['converged']}/{ev['samples']} solves; iterations mean "
