@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from monquant.operators import OperatorError, check_weight
+from monquant.operators import MonotoneOperator, OperatorError, check_weight
 from monquant.quantize import check_bits, quantize
 from monquant.solvers import contraction_modulus, default_step
 from monquant.verified import (
@@ -45,6 +45,7 @@ __all__ = [
     "a_priori_min_bits",
     "backward_certificate",
     "certify",
+    "certify_operator",
     "certify_sweep",
     "condition_numbers",
     "displacement_bound",
@@ -53,6 +54,7 @@ __all__ = [
     "lipschitz_perturbation_bounds",
     "min_certified_bits",
     "quantized_contraction_modulus",
+    "quantized_operator",
     "relative_displacement_bound",
     "rigorous_displacement_check",
     "weyl_margin_bound",
@@ -322,47 +324,100 @@ def a_priori_entry_bound(step: torch.Tensor, w_max: torch.Tensor, dtype: torch.d
 
 
 def certify(
-    W: torch.Tensor,
+    W: torch.Tensor | MonotoneOperator,
     bits: int | None = None,
     granularity: str = "per-tensor",
-    W_tilde: torch.Tensor | None = None,
+    W_tilde: torch.Tensor | MonotoneOperator | None = None,
     W_tilde_radius: float = 0.0,
     float_bounds: SpectralBounds | None = None,
 ) -> Certificate:
     """Certify the quantization of ``W``: at ``bits`` with ``granularity``, or an explicit ``W~``.
+
+    ``W`` and ``W~`` are matrices or operators (:mod:`monquant.operators`; an operator is certified
+    through its matrix, :meth:`MonotoneOperator.dense`). With ``bits`` the paper's quantizer is
+    applied here (:func:`quantized_operator`) and the result handed to :func:`certify_operator`,
+    which is the certificate proper and never quantizes.
 
     The quantized operator certified is exactly the stored one: ``Q_b(W)`` is formed in ``W``'s own
     dtype, as the model's forward pass forms it (``codes * D`` rounded to that dtype), or ``W~`` is
     given (e.g. a deployment's exact dyadic ``codes * M 2^-S``; ``W_tilde_radius`` is an entrywise
     bound on ``|W~_true - W~|`` when the given entries are themselves rounded). No solver runs.
     ``float_bounds`` reuses ``spectral_bounds(W)`` across calls (sweeps over bit-widths).
-    Verdicts come from the proved bounds of :mod:`monquant.verified` only; a ``W`` that is not
-    provably monotone (``margin_lower <= 0``) gets every tier false.
     """
-    check_weight(W)
+    W = _as_matrix(W, "W")
+    if W_tilde is not None:
+        return certify_operator(
+            W, _as_matrix(W_tilde, "W_tilde"), radius=W_tilde_radius, float_bounds=float_bounds
+        )
+    if bits is None:
+        raise OperatorError("certify needs bits or an explicit W_tilde")
+    Wt, meta = quantized_operator(W, bits, granularity)
+    return certify_operator(W, Wt, float_bounds=float_bounds, **meta)
+
+
+def _as_matrix(W: torch.Tensor | MonotoneOperator, name: str) -> torch.Tensor:
+    if isinstance(W, MonotoneOperator):
+        W = W.dense()
+    return check_weight(W, name)
+
+
+def quantized_operator(
+    W: torch.Tensor, bits: int, granularity: str = "per-tensor"
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """``Q_b(W)`` in ``W``'s dtype and what the certificate needs to know about it.
+
+    Returns ``(W~, meta)`` with ``meta`` the keyword arguments of :func:`certify_operator`:
+    ``bits``, ``granularity``, ``step``, ``w_max`` and the proved a-priori bound on ``||W~ - W||``.
+    """
+    q = quantize(W.detach(), check_bits(bits), granularity)
+    entry = a_priori_entry_bound(q.step, q.w_max, W.dtype)
+    meta = {
+        "bits": q.bits,
+        "granularity": granularity,
+        "step": float(torch.as_tensor(q.step).max()),
+        "w_max": float(q.w_max.max()),
+        "a_priori": _a_priori_from_entries(entry, W.shape[0]),
+    }
+    return q.dequantized(), meta
+
+
+def certify_operator(
+    W: torch.Tensor | MonotoneOperator,
+    W_tilde: torch.Tensor | MonotoneOperator,
+    *,
+    radius: float = 0.0,
+    bits: int | None = None,
+    granularity: str = "explicit",
+    step: float | None = None,
+    w_max: float | None = None,
+    a_priori: float | None = None,
+    float_bounds: SpectralBounds | None = None,
+) -> Certificate:
+    """The certificate of the pair ``(W, W~)``: float operator and the quantized one it deploys.
+
+    Nothing is quantized here. ``radius`` is an entrywise bound on ``|W~_true - W~|``; ``a_priori``
+    a proved bound on ``||W~ - W||`` known without looking at ``W~`` (the quantizer's
+    ``n D_b / 2``), by default ``n max|W~ - W|`` rounded up. Verdicts come from the proved bounds
+    of :mod:`monquant.verified` only; a ``W`` that is not provably monotone
+    (``margin_lower <= 0``) gets the a-priori and Weyl tiers false.
+    """
+    W = _as_matrix(W, "W")
+    W_tilde = _as_matrix(W_tilde, "W_tilde")
+    if W_tilde.shape != W.shape:
+        raise OperatorError(f"W_tilde shape {tuple(W_tilde.shape)} != W shape {tuple(W.shape)}")
     W64 = W.detach().to(torch.float64)
+    Wt = W_tilde.detach().to(torch.float64)
     n = W.shape[0]
-    if W_tilde is None:
-        if bits is None:
-            raise OperatorError("certify needs bits or an explicit W_tilde")
-        q = quantize(W.detach(), check_bits(bits), granularity)
-        Wt = q.dequantized().to(torch.float64)
-        step_t, w_max = q.step, float(q.w_max.max())
-        entry = a_priori_entry_bound(q.step, q.w_max, W.dtype)
-        apb = _a_priori_from_entries(entry, n)
-    else:
-        check_weight(W_tilde, "W_tilde")
-        if W_tilde.shape != W.shape:
-            raise OperatorError(
-                f"W_tilde shape {tuple(W_tilde.shape)} != W shape {tuple(W.shape)}"
-            )
-        Wt = W_tilde.detach().to(torch.float64)
+    W_tilde_radius = float(radius)
+    if a_priori is None:
         dW_abs = float((Wt - W64).abs().max())
-        step_t, w_max = 2.0 * dW_abs, float(W64.abs().max())
         # |fl(Wt - W)| is within a factor (1 + u) of the exact entries; plus the radius.
-        e = up(up(dW_abs * up(1.0 + 2.0 * UNIT_ROUNDOFF)) + float(W_tilde_radius))
-        apb = up(e * n)
-        granularity = "explicit"
+        e = up(up(dW_abs * up(1.0 + 2.0 * UNIT_ROUNDOFF)) + W_tilde_radius)
+        a_priori = up(e * n)
+        step = 2.0 * dW_abs if step is None else step
+    apb = float(a_priori)
+    step_t = float(step) if step is not None else 0.0
+    w_max = float(W64.abs().max()) if w_max is None else float(w_max)
     st = float_bounds if float_bounds is not None else spectral_bounds(W64)
     st_q = spectral_bounds(Wt, radius=W_tilde_radius, norm=False)
     m, L, m_lo = st.m, st.L, st.m_lo
@@ -395,10 +450,10 @@ def certify(
     cond = condition_numbers(m_lo, st.norm_hi) if monotone else condition_numbers(0.0, 0.0)
     back = backward_certificate(cert_exact, rho_pr_x if rho_pr_x is not None else rho_pr_c)
     return Certificate(
-        bits=bits if W_tilde is None else None,
+        bits=bits,
         granularity=granularity,
         n=n,
-        step=float(torch.as_tensor(step_t).max()),
+        step=step_t,
         w_max=w_max,
         margin=m,
         L=L,

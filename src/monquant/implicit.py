@@ -23,7 +23,7 @@ from typing import Literal
 
 import torch
 
-from monquant.operators import spectral_stats
+from monquant.operators import DenseOperator, MonotoneOperator, as_operator
 from monquant.solvers import SolverConfig, SolverResult, mask_prox, solve
 
 __all__ = ["BackwardMode", "EquilibriumSolver", "SolveCounters", "direct_adjoint"]
@@ -100,9 +100,17 @@ class EquilibriumSolver:
     last_forward: SolverResult | None = None
     last_backward: SolverResult | None = None
 
-    def __call__(self, W: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-        """Equilibrium ``z*`` of ``z = relu(W z + q)``, differentiable in ``W`` and ``q``."""
-        if torch.is_grad_enabled() and (W.requires_grad or q.requires_grad):
+    def __call__(self, W: torch.Tensor | MonotoneOperator, q: torch.Tensor) -> torch.Tensor:
+        """Equilibrium ``z*`` of ``z = relu(W z + q)``, differentiable in ``W`` (a matrix or any
+        operator's parameters) and ``q``."""
+        if isinstance(W, DenseOperator):
+            W = W.W
+        if isinstance(W, MonotoneOperator):
+            params = W.parameters()
+            wants = q.requires_grad or any(p.requires_grad for p in params)
+            if torch.is_grad_enabled() and wants:
+                return _OperatorEquilibrium.apply(q, self, W, *params)
+        elif torch.is_grad_enabled() and (W.requires_grad or q.requires_grad):
             return _Equilibrium.apply(W, q, self)
         result = solve(W, q, self.forward_config)
         self._record_forward(result)
@@ -114,7 +122,7 @@ class EquilibriumSolver:
 
     def adjoint(
         self,
-        W: torch.Tensor,
+        W: torch.Tensor | MonotoneOperator,
         q: torch.Tensor,
         z: torch.Tensor,
         g: torch.Tensor,
@@ -122,13 +130,15 @@ class EquilibriumSolver:
     ) -> torch.Tensor:
         """``y = D (I - W^T D)^{-1} g`` by the configured backward mode.
 
-        ``forward`` is the forward solve's result: its step and spectral constants are reused.
+        The splitting mode solves the adjoint problem on the transposed operator; ``forward`` is
+        the forward solve's result: its step, spectral constants and resolvent are reused.
         """
-        active = (z @ W.T + q) > 0
+        op = as_operator(W)
+        active = (op.apply(z) + q) > 0
         if self.backward == "direct":
-            return direct_adjoint(W, active, g)
+            return direct_adjoint(op.dense(), active, g)
         fwd = forward
-        stats = fwd.stats if fwd is not None else spectral_stats(W)
+        stats = fwd.stats if fwd is not None else op.spectral_stats()
         cfg = self.forward_config
         bcfg = SolverConfig(
             method=cfg.method,
@@ -141,7 +151,7 @@ class EquilibriumSolver:
         )
         K = fwd.resolvent if fwd is not None else None
         result = solve(
-            W.T,
+            op.transpose(),
             g,
             bcfg,
             prox=mask_prox(active),
@@ -174,3 +184,40 @@ class _Equilibrium(torch.autograd.Function):
         grad_W = (y.T @ z).to(ctx.w_dtype) if ctx.needs_input_grad[0] else None
         grad_q = y if ctx.needs_input_grad[1] else None
         return grad_W, grad_q, None
+
+
+class _OperatorEquilibrium(torch.autograd.Function):
+    """The same map for any operator: parameter gradients by a vector-Jacobian product.
+
+    ``dl/dtheta = d/dtheta <y, W(theta) z*>`` with ``y`` the adjoint equilibrium, i.e. one
+    ``torch.autograd.grad`` of :meth:`MonotoneOperator.apply` at ``z*`` (for a dense ``W`` this is
+    ``y z*^T``).
+    """
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, owner: EquilibriumSolver, op: MonotoneOperator, *params):  # type: ignore[override]
+        opd = op.with_parameters(tuple(p.detach() for p in params))
+        result = solve(opd, q, owner.forward_config)
+        owner._record_forward(result)
+        ctx.owner, ctx.result, ctx.op = owner, result, op
+        ctx.save_for_backward(q.detach(), result.z, *params)
+        return result.z
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):  # type: ignore[override]
+        q, z, *params = ctx.saved_tensors
+        op = ctx.op.with_parameters(tuple(p.detach() for p in params)).to(dtype=q.dtype)
+        y = ctx.owner.adjoint(op, q, z, g, forward=ctx.result)
+        grads: list[torch.Tensor | None] = [None] * len(params)
+        need = [i for i, p in enumerate(params) if ctx.needs_input_grad[3 + i]]
+        if need:
+            with torch.enable_grad():
+                leaves = [p.detach().requires_grad_(True) for p in params]
+                out = ctx.op.with_parameters(tuple(leaves)).apply(z.to(leaves[0].dtype))
+                found = torch.autograd.grad(
+                    out, [leaves[i] for i in need], grad_outputs=y.to(out.dtype), allow_unused=True
+                )
+            for i, gi in zip(need, found, strict=True):
+                grads[i] = torch.zeros_like(params[i]) if gi is None else gi
+        grad_q = y if ctx.needs_input_grad[0] else None
+        return (grad_q, None, None, *grads)

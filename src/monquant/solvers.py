@@ -29,12 +29,20 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
 from monquant.errors import MonquantError
-from monquant.operators import SpectralStats, check_weight, spectral_stats
+from monquant.operators import (
+    DenseOperator,
+    LinearMap,
+    MatrixMap,
+    MonotoneOperator,
+    SpectralStats,
+    as_operator,
+    estimate_stats,
+)
 
 __all__ = [
     "METHODS",
@@ -42,12 +50,16 @@ __all__ = [
     "SolverError",
     "SolverResult",
     "SplittingMap",
+    "SplittingMethod",
     "certified_step_range",
     "contraction_modulus",
     "default_step",
     "estimate_lipschitz",
+    "get_solver",
     "mask_prox",
+    "register_solver",
     "solve",
+    "solver_names",
 ]
 
 Method = Literal["fb", "pr", "dr"]
@@ -79,8 +91,7 @@ class SolverConfig:
     spectral: str = "exact"
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise SolverError(f"unknown solver method {self.method!r}; choose one of {METHODS}")
+        get_solver(self.method)  # raises SolverError for a name that is not registered
         if self.step is not None and not (math.isfinite(self.step) and self.step > 0):
             raise SolverError(f"step must be a positive finite number, got {self.step}")
         if not (self.tol > 0):
@@ -126,7 +137,7 @@ class SolverResult:
     tol: float
     max_iter: int
     state: torch.Tensor = field(repr=False)
-    resolvent: torch.Tensor | None = field(default=None, repr=False)
+    resolvent: LinearMap | None = field(default=None, repr=False)
 
     @property
     def all_converged(self) -> bool:
@@ -162,7 +173,7 @@ class SolverResult:
         """Steps for which this method is a certified contraction on this ``W`` (None if unknown)."""
         if math.isnan(self.stats.m):
             return None
-        return certified_step_range(self.method, self.stats.m, self.stats.L)
+        return get_solver(self.method).certified_range(self.stats.m, self.stats.L)
 
 
 def mask_prox(mask: torch.Tensor) -> Prox:
@@ -225,51 +236,59 @@ def contraction_modulus(method: str, step: float, m: float, L: float) -> float |
     return 0.5 * (1.0 + rho_pr)
 
 
-def _check_inputs(W: torch.Tensor, q: torch.Tensor) -> None:
-    check_weight(W)
-    if q.dim() != 2 or q.shape[1] != W.shape[0]:
+def _check_inputs(op: MonotoneOperator, q: torch.Tensor) -> None:
+    if q.dim() != 1 + len(op.state_shape) or tuple(q.shape[1:]) != op.state_shape:
         raise SolverError(
-            f"injection must be (batch, {W.shape[0]}) to match W {tuple(W.shape)}, "
-            f"got {tuple(q.shape)}"
+            f"injection must be (batch, {', '.join(map(str, op.state_shape))}) to match the "
+            f"operator, got {tuple(q.shape)}"
         )
 
 
 class SplittingMap:
-    """One splitting method on a fixed ``(W, q, a, prox)``.
+    """One splitting method on a fixed ``(W, q, a, prox)``; ``W`` a matrix or any operator.
 
     The iterated variable ``s`` is ``z`` for FB and ``u`` for PR/DR; ``aux`` is ``J_F(u)`` for
     PR/DR. ``read`` returns the equilibrium estimate ``z = prox(R_F u)`` belonging to ``s`` (for
-    FB ``z = s``); ``advance`` performs one iteration. For PR/DR ``J_F(v) = v K + c`` with
-    ``K = (I + a (I - W))^{-T}`` (row layout) and ``c = a q K``: the inverse is formed once (or
-    passed in: the adjoint problem's ``K`` is the forward ``K`` transposed). Reading ``z`` through
-    ``prox`` makes it exactly feasible (``relu`` output, exact zeros).
+    FB ``z = s``); ``advance`` performs one iteration. FB applies the operator's ``fb_map(a)``
+    (``v -> (1 - a) v + a W v``); PR/DR apply its resolvent ``J = (I + a (I - W))^{-1}``, built once
+    (or passed in: the adjoint problem's resolvent is the forward one transposed), with
+    ``J_F(v) = J v + c``, ``c = a J q``. For a dense ``W`` both are one matrix product (``v K``,
+    row layout). Reading ``z`` through ``prox`` makes it exactly feasible (relu: exact zeros).
     """
 
     def __init__(
         self,
         method: str,
-        W: torch.Tensor,
+        W: torch.Tensor | MonotoneOperator,
         q: torch.Tensor,
         a: float,
         prox: Prox,
-        resolvent: torch.Tensor | None = None,
+        resolvent: torch.Tensor | LinearMap | None = None,
     ):
-        n = W.shape[0]
-        eye = torch.eye(n, dtype=W.dtype, device=W.device)
+        op = as_operator(W)
         self.method, self.prox = method, prox
         self.ok = True
         if method == "fb":
-            self.K = ((1.0 - a) * eye + a * W).T.contiguous()
+            self.map: LinearMap = op.fb_map(a)
             self.c = a * q
             return
         if resolvent is None:
-            Minv, info = torch.linalg.inv_ex(eye + a * (eye - W))
-            if int(info) != 0 or not bool(torch.isfinite(Minv).all()):
+            J = op.resolvent(a)
+            if J is None:
                 self.ok = False  # I + a (I - W) singular: only possible when margin(W) <= 0
                 return
-            resolvent = Minv.T.contiguous()
-        self.K = resolvent.to(W)
-        self.c = a * (q @ self.K)
+            resolvent = J
+        if isinstance(resolvent, torch.Tensor):
+            resolvent = MatrixMap(resolvent.to(q))
+        self.map = resolvent
+        self.c = a * resolvent.matmul(q)
+
+    @property
+    def K(self) -> torch.Tensor:
+        """The dense iteration matrix (row layout) when the operator is dense."""
+        if not isinstance(self.map, MatrixMap):
+            raise SolverError("this operator's splitting map has no dense matrix")
+        return self.map.K
 
     def apply(self, s: torch.Tensor) -> torch.Tensor:
         """One full iteration ``s -> T(s)`` of the splitting map (the contraction variable)."""
@@ -282,7 +301,7 @@ class SplittingMap:
         return self.read(s, self.start(s))[0]
 
     def start(self, s: torch.Tensor) -> torch.Tensor | None:
-        return None if self.method == "fb" else torch.addmm(self.c, s, self.K)
+        return None if self.method == "fb" else self.map.addmm(self.c, s)
 
     def read(self, s: torch.Tensor, x: torch.Tensor | None):
         if x is None:
@@ -292,10 +311,70 @@ class SplittingMap:
 
     def advance(self, s, x, z, y):
         if self.method == "fb":
-            return self.prox(torch.addmm(self.c, s, self.K)), None
+            return self.prox(self.map.addmm(self.c, s)), None
         # PR: u+ = R_G R_F u = 2 z - y;  DR: u+ = (u + R_G R_F u) / 2 = u + z - x
         u = torch.lerp(y, z, 2.0) if self.method == "pr" else s + z - x
-        return u, torch.addmm(self.c, u, self.K)
+        return u, self.map.addmm(self.c, u)
+
+
+@dataclass(frozen=True)
+class SplittingMethod:
+    """A registered splitting method: how to build its iteration, its step and its modulus.
+
+    ``build(op, q, a, prox, resolvent)`` returns an object with ``ok``, ``start``, ``read`` and
+    ``advance`` (see :class:`SplittingMap`) and optionally ``map`` (a resolvent to reuse);
+    ``default_step(m, L)``, ``modulus(a, m, L)`` (``None`` when not certified) and
+    ``certified_range(m, L)`` give the theory. ``uses_resolvent`` says whether the adjoint solve
+    may reuse the forward resolvent transposed.
+    """
+
+    name: str
+    build: Callable[..., Any]
+    default_step: Callable[[float, float], float]
+    modulus: Callable[[float, float, float], float | None]
+    certified_range: Callable[[float, float], tuple[float, float] | None]
+    uses_resolvent: bool = True
+
+
+_REGISTRY: dict[str, SplittingMethod] = {}
+
+
+def register_solver(method: SplittingMethod, *, replace: bool = False) -> SplittingMethod:
+    """Make a splitting method available by name to :func:`solve`, ``SolverConfig`` and the CLI."""
+    if method.name in _REGISTRY and not replace:
+        raise SolverError(f"a solver named {method.name!r} is registered already")
+    _REGISTRY[method.name] = method
+    return method
+
+
+def get_solver(name: str) -> SplittingMethod:
+    """The registered splitting method ``name`` (raises :class:`SolverError` if unknown)."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise SolverError(
+            f"unknown solver method {name!r}; choose one of {tuple(_REGISTRY)}"
+        ) from None
+
+
+def solver_names() -> tuple[str, ...]:
+    """Names of every registered splitting method."""
+    return tuple(_REGISTRY)
+
+
+for _name in METHODS:
+    register_solver(
+        SplittingMethod(
+            name=_name,
+            build=lambda op, q, a, prox, resolvent, _n=_name: SplittingMap(
+                _n, op, q, a, prox, resolvent
+            ),
+            default_step=lambda m, L, _n=_name: default_step(_n, m, L),
+            modulus=lambda a, m, L, _n=_name: contraction_modulus(_n, a, m, L),
+            certified_range=lambda m, L, _n=_name: certified_step_range(_n, m, L),
+            uses_resolvent=_name != "fb",
+        )
+    )
 
 
 def _failed_result(
@@ -341,39 +420,47 @@ def estimate_lipschitz(W: torch.Tensor, iters: int = 30) -> float:
 
 
 def solve(
-    W: torch.Tensor,
+    W: torch.Tensor | MonotoneOperator,
     q: torch.Tensor,
     config: SolverConfig | None = None,
     *,
     prox: Prox = torch.relu,
     stats: SpectralStats | None = None,
     init: torch.Tensor | None = None,
-    resolvent: torch.Tensor | None = None,
+    resolvent: torch.Tensor | LinearMap | None = None,
 ) -> SolverResult:
-    """Solve ``z = prox(W z + q)`` for every row of ``q`` with the configured splitting method.
+    """Solve ``z = prox(W z + q)`` for every sample (leading dimension) of ``q``.
 
-    ``W`` may be any square matrix (float, quantized, imported); it is cast to ``q``'s dtype and
-    device. ``stats`` (``m``, ``L`` of this ``W``) may be passed to skip their computation;
-    with ``config.spectral == "estimate"`` and no ``stats``, only an estimate of ``L`` is formed
-    (PR/DR) and the result carries no modulus (nothing is certified, the solve is just fast).
-    ``init`` warm-starts the iterated variable (``z`` for FB, ``u`` for PR/DR); ``resolvent`` is
-    a precomputed ``K`` for PR/DR (see :class:`SplittingMap`). Runs without autograd. Never raises
-    for non-convergence: it is reported per sample in the result.
+    ``W`` is any :class:`~monquant.operators.MonotoneOperator` or a square matrix (a
+    :class:`~monquant.operators.DenseOperator`: float, quantized, imported); it is cast to ``q``'s
+    dtype and device. The method is looked up in the solver registry (:func:`get_solver`).
+    ``stats`` (``m``, ``L`` of this ``W``) may be passed to skip their computation; with
+    ``config.spectral == "estimate"`` and no ``stats``, only an estimate of ``L`` is formed (PR/DR)
+    and the result carries no modulus. Stats flagged ``exact=False`` never give a modulus either
+    (nothing is certified by an estimate). ``init`` warm-starts the iterated variable (``z`` for FB,
+    ``u`` for PR/DR); ``resolvent`` is a precomputed resolvent for PR/DR (a :class:`LinearMap`, or
+    the dense row-layout matrix ``K``). Runs without autograd. Never raises for non-convergence:
+    it is reported per sample in the result.
     """
     cfg = config or SolverConfig()
-    _check_inputs(W, q)
-    W = W.detach().to(dtype=q.dtype, device=q.device)
+    method = get_solver(cfg.method)
+    op = as_operator(W)
+    _check_inputs(op, q)
+    op = op.detach().to(dtype=q.dtype, device=q.device)
     q = q.detach()
     if stats is not None:
         st = stats
-    elif cfg.spectral == "estimate" and cfg.method != "fb":
-        st = SpectralStats(m=math.nan, L=estimate_lipschitz(W), norm_W=math.nan)
+    elif cfg.spectral == "estimate" and method.uses_resolvent:
+        L_est = estimate_lipschitz(op.W) if isinstance(op, DenseOperator) else (
+            estimate_stats(op).L
+        )
+        st = SpectralStats(m=math.nan, L=L_est, norm_W=math.nan, exact=False)
     else:
-        st = spectral_stats(W)
-    a = float(cfg.step) if cfg.step is not None else default_step(cfg.method, st.m, st.L)
-    rho = None if math.isnan(st.m) else contraction_modulus(cfg.method, a, st.m, st.L)
+        st = op.spectral_stats()
+    a = float(cfg.step) if cfg.step is not None else method.default_step(st.m, st.L)
+    rho = None if (math.isnan(st.m) or not st.exact) else method.modulus(a, st.m, st.L)
     with torch.no_grad():
-        it = SplittingMap(cfg.method, W, q, a, prox, resolvent)
+        it = method.build(op, q, a, prox, resolvent)
         if not it.ok:
             return _failed_result(q, cfg, a, rho, st)
         s0 = torch.zeros_like(q) if init is None else init.detach().to(q).clone()
@@ -386,7 +473,7 @@ def solve(
     sample_it = torch.clamp(pending * cfg.check_every + 1, max=k)
     sample_it = torch.where(converged, sample_it, torch.full_like(sample_it, cfg.max_iter))
     if rho is not None and rho < 1.0:
-        error_bound = rho / (1.0 - rho) * (s - s_prev).norm(dim=1)
+        error_bound = rho / (1.0 - rho) * _flat_norm(s - s_prev)
         error_bound = torch.where(diverged, torch.full_like(error_bound, math.inf), error_bound)
     else:
         error_bound = torch.full((B,), math.inf, dtype=q.dtype, device=q.device)
@@ -405,8 +492,17 @@ def solve(
         tol=cfg.tol,
         max_iter=cfg.max_iter,
         state=s,
-        resolvent=None if cfg.method == "fb" else it.K,
+        resolvent=getattr(it, "map", None) if method.uses_resolvent else None,
     )
+
+
+def _sq(t: torch.Tensor) -> torch.Tensor:
+    """Per-sample squared norm over every non-batch dimension."""
+    return t.reshape(t.shape[0], -1).square().sum(dim=1)
+
+
+def _flat_norm(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(t.shape[0], -1).norm(dim=1)
 
 
 def _iterate(it: SplittingMap, s: torch.Tensor, q: torch.Tensor, cfg: SolverConfig):
@@ -419,7 +515,7 @@ def _iterate(it: SplittingMap, s: torch.Tensor, q: torch.Tensor, cfg: SolverConf
     """
     B = q.shape[0]
     tol2 = cfg.tol**2
-    floor = (8.0 * torch.finfo(q.dtype).eps) ** 2 * q.square().sum(dim=1)
+    floor = (8.0 * torch.finfo(q.dtype).eps) ** 2 * _sq(q)
     limit2 = (cfg.diverge_at * (1.0 + float(q.abs().max()) if q.numel() else 1.0)) ** 2
     x = it.start(s)
     z, y = it.read(s, x)
@@ -438,18 +534,18 @@ def _iterate(it: SplittingMap, s: torch.Tensor, q: torch.Tensor, cfg: SolverConf
         if k % cfg.check_every and k < cfg.max_iter:
             continue
         checks += 1
-        dz2 = (z - z_prev).square_().sum(dim=1)
-        zn2 = z.square().sum(dim=1)
+        dz2 = _sq(z - z_prev)
+        zn2 = _sq(z)
         ok = dz2 <= torch.add(floor, zn2, alpha=tol2)
         pending += ~ok
         if checks % 16 == 0 or k == cfg.max_iter:
-            sn2 = s.square().sum(dim=1)
+            sn2 = _sq(s)
             diverged = diverged | ~torch.isfinite(sn2) | (sn2 > limit2)
             if bool((ok | diverged).all()):
                 break
         elif bool(ok.all()):
             break
-    sn2 = s.square().sum(dim=1)
+    sn2 = _sq(s)
     diverged = diverged | ~torch.isfinite(sn2) | (sn2 > limit2) | ~torch.isfinite(dz2)
     ok = ok & torch.isfinite(dz2)
     return s, s_prev, z, k, pending, dz2, zn2, ok, diverged

@@ -1,4 +1,4 @@
-"""The monotone linear operator ``z -> (I - W) z`` of a MonDEQ layer and its spectral constants.
+"""Spectral constants of a dense weight matrix ``W`` (the monotone operator ``z -> (I - W) z``).
 
 A MonDEQ layer with weight ``W`` is well posed when its linear part ``I - W`` is strongly monotone:
 
@@ -109,11 +109,15 @@ class SpectralStats:
     """``m = margin(W)``, ``L = ||I - W||``, ``norm_W = ||W||`` and ``kappa = L / m``.
 
     ``kappa`` is ``inf`` when ``m <= 0`` (no monotone structure, nothing is certified).
+    ``exact`` is ``True`` when the values come from a full eigen/singular value computation of the
+    operator (float64), ``False`` for one-sided iterative estimates (power iteration, Lanczos),
+    which are labelled as such and never decide a certificate.
     """
 
     m: float
     L: float
     norm_W: float
+    exact: bool = True
 
     @property
     def kappa(self) -> float:

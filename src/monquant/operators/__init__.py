@@ -1,0 +1,44 @@
+"""Monotone operators: the protocol (``base``), its kinds (``dense``, ``wk``), dense spectral
+constants (``matrix``) and iterative, explicitly inexact estimates (``spectral``)."""
+
+from monquant.operators.base import LinearMap, MonotoneOperator
+from monquant.operators.dense import DenseOperator, MatrixMap
+from monquant.operators.matrix import (
+    OperatorError,
+    SpectralStats,
+    check_weight,
+    lipschitz,
+    margin,
+    margin_tensor,
+    spectral_norm,
+    spectral_stats,
+    wk_weight,
+)
+from monquant.operators.spectral import estimate_stats
+from monquant.operators.wk import WKOperator
+
+__all__ = [
+    "DenseOperator",
+    "LinearMap",
+    "MatrixMap",
+    "MonotoneOperator",
+    "OperatorError",
+    "SpectralStats",
+    "WKOperator",
+    "as_operator",
+    "check_weight",
+    "estimate_stats",
+    "lipschitz",
+    "margin",
+    "margin_tensor",
+    "spectral_norm",
+    "spectral_stats",
+    "wk_weight",
+]
+
+
+def as_operator(W_or_op) -> MonotoneOperator:
+    """A :class:`MonotoneOperator` from an operator (returned as is) or a square matrix (dense)."""
+    if isinstance(W_or_op, MonotoneOperator):
+        return W_or_op
+    return DenseOperator(W_or_op)

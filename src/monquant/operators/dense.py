@@ -1,0 +1,102 @@
+"""``DenseOperator``: a square weight matrix ``W`` (the paper's fully connected layer).
+
+Samples are rows, so ``W z`` is ``z @ W.T``. The resolvent ``(I + a (I - W))^{-1}`` is inverted once
+and applied as one matrix product (``K = J^T`` in row layout), exactly as the solvers always did.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from monquant.operators.base import LinearMap, MonotoneOperator
+from monquant.operators.matrix import (
+    OperatorError,
+    SpectralStats,
+    check_weight,
+    spectral_norm,
+    spectral_stats,
+)
+
+__all__ = ["DenseOperator", "MatrixMap"]
+
+
+class MatrixMap(LinearMap):
+    """``v -> v K`` in row layout, i.e. the map ``M = K^T`` on column vectors."""
+
+    def __init__(self, K: torch.Tensor):
+        self.K = K
+
+    def matmul(self, v: torch.Tensor) -> torch.Tensor:
+        return v @ self.K
+
+    def addmm(self, c: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return torch.addmm(c, v, self.K)
+
+    @property
+    def T(self) -> MatrixMap:
+        return MatrixMap(self.K.T)
+
+
+class DenseOperator(MonotoneOperator):
+    """A dense ``n x n`` weight ``W`` (any square matrix: float, quantized, imported)."""
+
+    def __init__(self, W: torch.Tensor):
+        self.W = check_weight(W)
+
+    @property
+    def state_shape(self) -> tuple[int, ...]:
+        return (int(self.W.shape[0]),)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.W.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.W.device
+
+    def apply(self, z: torch.Tensor) -> torch.Tensor:
+        return z @ self.W.T
+
+    def apply_T(self, z: torch.Tensor) -> torch.Tensor:
+        return z @ self.W
+
+    def resolvent(self, a: float) -> MatrixMap | None:
+        n = self.W.shape[0]
+        eye = torch.eye(n, dtype=self.W.dtype, device=self.W.device)
+        Minv, info = torch.linalg.inv_ex(eye + a * (eye - self.W))
+        if int(info) != 0 or not bool(torch.isfinite(Minv).all()):
+            return None  # I + a (I - W) singular: only possible when margin(W) <= 0
+        return MatrixMap(Minv.T.contiguous())
+
+    def fb_map(self, a: float) -> MatrixMap:
+        n = self.W.shape[0]
+        eye = torch.eye(n, dtype=self.W.dtype, device=self.W.device)
+        return MatrixMap(((1.0 - a) * eye + a * self.W).T.contiguous())
+
+    def spectral_stats(self) -> SpectralStats:
+        return spectral_stats(self.W)
+
+    def parameters(self) -> tuple[torch.Tensor, ...]:
+        return (self.W,)
+
+    def with_parameters(self, params: tuple[torch.Tensor, ...]) -> DenseOperator:
+        (W,) = params
+        return DenseOperator(W)
+
+    def transpose(self) -> DenseOperator:
+        return DenseOperator(self.W.T)
+
+    def minus(self, other: MonotoneOperator) -> float:
+        if not isinstance(other, DenseOperator) or other.W.shape != self.W.shape:
+            raise OperatorError("minus needs a dense operator of the same shape")
+        return spectral_norm(self.W.to(torch.float64) - other.W.to(torch.float64))
+
+    def to(self, dtype: torch.dtype | None = None, device=None) -> DenseOperator:
+        return DenseOperator(self.W.to(dtype=dtype or self.W.dtype, device=device or self.device))
+
+    def dense(self) -> torch.Tensor:
+        return self.W
+
+    def __repr__(self) -> str:
+        return f"DenseOperator(n={self.W.shape[0]}, dtype={self.W.dtype})"
