@@ -20,7 +20,7 @@ EPILOG_LOWBIT = """examples:
 
 
 def cmd_lowbit(args: argparse.Namespace) -> int:
-    from monquant.cli import _emit, _load_data
+    from monquant.cli.common import emit, load_data
     from monquant.experiments.lowbit import run_lowbit
     from monquant.lowbit_report import summary_rows
     from monquant.report import text_table
@@ -30,7 +30,7 @@ def cmd_lowbit(args: argparse.Namespace) -> int:
         options["budget_s"] = 60.0 * args.budget_minutes
     if args.train_limit is not None:
         options["train_limit"] = args.train_limit
-    data = _load_data(args)
+    data = load_data(args)
     echo = (lambda m: print(m, file=sys.stderr)) if args.json else print
     res = run_lowbit(
         Path(args.out),
@@ -61,7 +61,7 @@ def cmd_lowbit(args: argparse.Namespace) -> int:
         f"{text_table(h, rows)}\n\ntargets:\n{targets}{missing}\n"
         f"report: {Path(args.out) / 'report.md'}\nresults: {Path(args.out) / 'results.json'}"
     )
-    _emit(
+    emit(
         args,
         {"out": args.out, "groups": res["groups"], "targets": res["targets"]},
         text,
@@ -71,7 +71,7 @@ def cmd_lowbit(args: argparse.Namespace) -> int:
 
 def register(add: Callable[..., argparse.ArgumentParser]) -> None:
     """Add the ``lowbit`` subcommand through ``cli.build_parser``'s ``add``."""
-    from monquant.cli import _data_args
+    from monquant.cli.common import data_args
     from monquant.qtrain import KINDS
 
     p = add(
@@ -103,4 +103,4 @@ def register(add: Callable[..., argparse.ArgumentParser]) -> None:
         help="start no new configuration after this many minutes (resume later)",
     )
     p.add_argument("--no-progress", action="store_true")
-    _data_args(p)
+    data_args(p)

@@ -38,11 +38,11 @@ def _float_parts(checkpoint: str):
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from monquant.cli import _emit, _load_data
+    from monquant.cli.common import emit, load_data
     from monquant.deploy import export_deployment, export_float_checkpoint
 
     _, W, U, b, hw, hb = _float_parts(args.checkpoint)
-    data = _load_data(args)
+    data = load_data(args)
     calib = data.x_train[: args.calibration].double()
     out = Path(args.out or Path(args.checkpoint).with_name(f"deploy-{args.bits}bit.safetensors"))
     res = export_deployment(
@@ -57,7 +57,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         f"wrote {res.path} ({res.nbytes:,} bytes; {'certified' if res.certified else 'NOT certified'})"
         f"\nfloat32 file of the same tensors: {ref.nbytes:,} bytes -> {ratio:.2f}x smaller"
     )
-    _emit(args, {"path": str(res.path), "bytes": res.nbytes, "float32_bytes": ref.nbytes,
+    emit(args, {"path": str(res.path), "bytes": res.nbytes, "float32_bytes": ref.nbytes,
                  "ratio": ratio, "certified": res.certified, "metadata": res.metadata}, text)  # fmt: skip
     return 0
 
@@ -74,15 +74,15 @@ def _inputs(args: argparse.Namespace):
             raise CheckpointError(f"{args.input}: no tensor named 'x' (found {sorted(t)})")
         y = t.get("y")
         return t["x"].double(), (y.long() if y is not None else None)
-    from monquant.cli import _load_data
+    from monquant.cli.common import load_data
 
-    data = _load_data(args)
+    data = load_data(args)
     k = args.mnist
     return data.x_test[:k].to(torch.float64), data.y_test[:k]
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from monquant.cli import _emit
+    from monquant.cli.common import emit
     from monquant.deploy import load_deployment
     from monquant.errors import ConfigError
 
@@ -109,28 +109,28 @@ def cmd_run(args: argparse.Namespace) -> int:
         text += f"\nmax distance to the float64 equilibrium of W~: {summary['max_distance_to_float']:.3g}"
     if args.per_sample:
         summary["per_sample"] = report.per_sample()
-    _emit(args, {**summary, "predictions": pred.tolist()}, text)
+    emit(args, {**summary, "predictions": pred.tolist()}, text)
     return 0
 
 
 def cmd_intdeploy(args: argparse.Namespace) -> int:
-    from monquant.cli import _emit, _load_data
+    from monquant.cli.common import emit, load_data
     from monquant.experiments.intdeploy import run_intdeploy
 
     _, W, U, b, hw, hb = _float_parts(args.checkpoint)
-    data = _load_data(args)
+    data = load_data(args)
     x, y = data.x_test[: args.test_limit].double(), data.y_test[: args.test_limit]
     res = run_intdeploy(
         args.out, W, U, b, hw, hb, x, y, weight_bits=tuple(args.weight_bits),
         act_bits=tuple(args.act_bits), progress=not args.no_progress,
     )  # fmt: skip
-    _emit(args, res, f"report: {Path(args.out) / 'report.md'}")
+    emit(args, res, f"report: {Path(args.out) / 'report.md'}")
     return 0
 
 
 def register(add) -> None:
     """Add the deployment commands to the main parser (``add`` from :func:`monquant.cli`)."""
-    from monquant.cli import _data_args
+    from monquant.cli.common import data_args
 
     e = add("export", cmd_export, "write an integer deployment file (packed codes, certificate)",
             EPILOG_EXPORT)  # fmt: skip
@@ -144,7 +144,7 @@ def register(add) -> None:
     e.add_argument("--out", default=None)
     e.add_argument("--allow-uncertified", action="store_true",
                    help="write the file even if W~ is not certified (flagged; run refuses it)")  # fmt: skip
-    _data_args(e)
+    data_args(e)
 
     r = add("run", cmd_run, "run a deployment file with the integer solver (no training code)",
             EPILOG_RUN)  # fmt: skip
@@ -156,7 +156,7 @@ def register(add) -> None:
                    help="also solve the float64 equilibrium of the same W~ and report distances")  # fmt: skip
     r.add_argument("--per-sample", action="store_true", help="include per-input reports")
     r.add_argument("--allow-uncertified", action="store_true")
-    _data_args(r)
+    data_args(r)
 
     i = add("intdeploy", cmd_intdeploy, "validate integer iterates against Corollary 2",
             EPILOG_INTDEPLOY)  # fmt: skip
@@ -166,4 +166,4 @@ def register(add) -> None:
     i.add_argument("--act-bits", type=int, nargs="+", default=[8, 12, 16])
     i.add_argument("--test-limit", type=int, default=1000)
     i.add_argument("--no-progress", action="store_true")
-    _data_args(i)
+    data_args(i)

@@ -1,0 +1,198 @@
+"""``monquant certify``, ``ptq``, ``eval`` and ``demo``: certificates and their checks."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from monquant.cli.common import (
+    AddCommand,
+    certificate_rows,
+    data_args,
+    emit,
+    load_data,
+    load_W,
+)
+
+__all__ = ["cmd_certify", "cmd_demo", "cmd_eval", "cmd_ptq", "register"]
+
+EPILOG_CERTIFY = """examples:
+  monquant certify runs/float/model.safetensors --bits 3 4 5 6 8
+  monquant certify weights.npz --bits 4 8 --granularity per-channel --json
+  monquant certify runs/float/model.safetensors --min-bits
+"""
+EPILOG_PTQ = """examples:
+  monquant ptq runs/float/model.safetensors --bits 8
+  monquant ptq runs/float/model.safetensors --bits 6 --granularity per-channel --quantize W,U,b
+"""
+
+
+def cmd_certify(args: argparse.Namespace) -> int:
+    from monquant.certify import certify, min_certified_bits
+    from monquant.report import text_table
+    from monquant.verified import spectral_bounds
+
+    W, _ = load_W(args.path)
+    st = spectral_bounds(W)
+    kappa = st.L / st.m if st.m > 0 else float("inf")
+    head = (
+        f"W: {W.shape[0]}x{W.shape[1]}  m = margin(W) = {st.m:.6g} (proved >= {st.m_lo:.6g})  "
+        f"L = {st.L:.6g} (proved <= {st.L_hi:.6g})  kappa = {kappa:.4g}  ||W|| = {st.norm_W:.6g}"
+    )
+    if st.verdict == "refuted":
+        head += "\nW is NOT monotone (m < 0, proved): the float network has no certified equilibrium"
+    elif st.verdict == "undecided":
+        head += (
+            "\nmargin(W) is within rounding error of 0: W is not certified monotone, "
+            "so no quantization of it is certified either"
+        )
+    certs = [certify(W, b, args.granularity, float_bounds=st) for b in args.bits]
+    data: dict[str, Any] | list[Any] = [c.to_dict() for c in certs]
+    text = head
+    if certs:
+        h, rows = certificate_rows(certs)
+        text += (
+            f"\n({args.granularity}; plain columns are float64 computed values (estimates); "
+            "columns with >= or <= and a-priori are bounds proved in floating point; verdicts "
+            "use only the proved bounds)\n"
+        )
+        text += text_table(h, rows)
+        if any(c.verdict == "undecided" for c in certs):
+            text += (
+                "\nundecided: margin(W~) is within rounding error of 0 (the proved bounds "
+                "straddle 0, or no contraction modulus < 1 is provable): NOT certified"
+            )
+    if args.min_bits:
+        mb = {g: min_certified_bits(W, g) for g in ("per-tensor", "per-channel")}
+        lines = [
+            f"  {g:12s} a-priori {v['a_priori']}, Weyl {v['weyl']}, exact {v['exact']}"
+            for g, v in mb.items()
+        ]
+        text += "\nsmallest certified bit-width per tier:\n" + "\n".join(lines)
+        data = {"certificates": data, "min_bits": mb} if args.bits else {"min_bits": mb}
+    emit(args, data, text)
+    return 0
+
+
+# ------------------------------------------------------------------------------------ ptq/eval
+def cmd_ptq(args: argparse.Namespace) -> int:
+    from monquant.workflows import run_ptq
+
+    parts = tuple(p.strip() for p in args.quantize.split(",") if p.strip())
+    data = load_data(args)
+    result = run_ptq(
+        args.checkpoint,
+        data,
+        bits=args.bits,
+        granularity=args.granularity,
+        parts=parts,
+        out=args.out,
+        test_limit=args.test_limit,
+    )
+    ev, c = result["eval"], result["certificate"]
+    text = (
+        f"{args.bits}-bit PTQ ({args.granularity}, {','.join(parts)}): tier {c['tier']} "
+        f"({c.get('verdict', 'undecided')}), "
+        f"||dW||/m = {c['dW_over_m']:.4g}, margin(W~) = {c['margin_quantized']:.4g}\n"
+        f"accuracy {ev['accuracy']:.4f} (float {result['float_eval']['accuracy']:.4f}); "
+        f"converged {ev['converged']}/{ev['samples']} solves; iterations mean "
+        f"{ev['mean_iterations']:.1f}, max {ev['max_iterations']}\nquantized model: {result['out']}"
+    )
+    if ev["unconverged"]:
+        text += f"\nWARNING: {ev['unconverged']} solves did not converge (hit the cap or diverged)"
+    emit(args, result, text)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from monquant.workflows import run_eval
+
+    data = load_data(args)
+    result = run_eval(args.checkpoint, data, test_limit=args.test_limit)
+    ev = result["eval"]
+    text = (
+        f"accuracy {ev['accuracy']:.4f} on {ev['samples']} test images "
+        f"({'quantized' if result['quantized'] else 'float'} weights)\n"
+        f"m {result['m']:.4g}  L {result['L']:.4g}  kappa {result['kappa']:.4g}  "
+        f"iterations mean {ev['mean_iterations']:.1f} max {ev['max_iterations']}  "
+        f"unconverged {ev['unconverged']}"
+    )
+    emit(args, result, text)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """A synthetic MonDEQ: certificates, and a check against actual solves."""
+    import torch
+
+    from monquant.certify import certify
+    from monquant.operators import wk_weight
+    from monquant.quantize import quantize
+    from monquant.report import text_table
+    from monquant.solvers import SolverConfig, solve
+
+    g = torch.Generator().manual_seed(args.seed)
+    n = args.n
+    A = torch.randn(n, n, generator=g, dtype=torch.float64) / n**0.5
+    B = torch.randn(n, n, generator=g, dtype=torch.float64) / n**0.5
+    W = wk_weight(A, B, args.margin)
+    q = torch.randn(64, n, generator=g, dtype=torch.float64)
+    rows, data = [], []
+    for b in args.bits:
+        c = certify(W, b)
+        Wq = quantize(W, b).dequantized()
+        r = solve(Wq, q, SolverConfig(method="pr", tol=1e-8, max_iter=2000))
+        rows.append(
+            [b, c.dW_over_m, c.margin_quantized, c.tier, r.n_unconverged == 0, r.iterations]
+        )
+        data.append({"certificate": c.to_dict(), "solve": r.summary()})
+    text = (
+        f"synthetic MonDEQ: n={n}, m={args.margin}; PR solves of 64 random injections "
+        "(tol 1e-8, cap 2000)\n"
+        + text_table(
+            ["bits", "||dW||/m", "margin(W~)", "tier", "all converged", "iterations"], rows
+        )
+    )
+    emit(args, data, text)
+    return 0
+
+
+
+def register(add: AddCommand) -> None:
+    """Add ``certify``, ``ptq``, ``eval`` and ``demo`` to the main parser."""
+    c = add("certify", cmd_certify, "certify quantized W without running a solver", EPILOG_CERTIFY)
+    c.add_argument("path", help="monquant checkpoint, or .npz/.safetensors holding W (U, b)")
+    c.add_argument("--bits", type=int, nargs="*", default=[3, 4, 5, 6, 8])
+    c.add_argument("--granularity", choices=["per-tensor", "per-channel"], default="per-tensor")
+    c.add_argument("--min-bits", action="store_true", help="smallest certified bits per tier")
+
+    q = add("ptq", cmd_ptq, "post-training quantization: quantize, certify, evaluate", EPILOG_PTQ)
+    q.add_argument("checkpoint")
+    q.add_argument("--bits", type=int, required=True)
+    q.add_argument("--granularity", choices=["per-tensor", "per-channel"], default="per-tensor")
+    q.add_argument("--quantize", default="W", help="comma list of W,U,b (default W, as the paper)")
+    q.add_argument("--out", default=None, help="quantized model path (default: next to CKPT)")
+    q.add_argument("--test-limit", type=int, default=None, help="evaluate on the first k images")
+    data_args(q)
+
+    e = add(
+        "eval",
+        cmd_eval,
+        "evaluate a (float or quantized) checkpoint on the test set",
+        "examples:\n  monquant eval runs/float/model.safetensors\n"
+        "  monquant eval runs/float/ptq-4bit-per-tensor.safetensors --json\n",
+    )
+    e.add_argument("checkpoint")
+    e.add_argument("--test-limit", type=int, default=None)
+    data_args(e)
+
+    d = add(
+        "demo",
+        cmd_demo,
+        "certificates of a small synthetic MonDEQ, checked by solving",
+        "examples:\n  monquant demo\n  monquant demo --n 50 --margin 0.2 --bits 3 4 8 --json\n",
+    )
+    d.add_argument("--n", type=int, default=100)
+    d.add_argument("--margin", type=float, default=0.5)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--bits", type=int, nargs="*", default=[3, 4, 5, 6, 8, 12, 16])

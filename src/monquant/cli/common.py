@@ -1,0 +1,93 @@
+"""Shared pieces of the command line: output, argument groups, loaders (no commands here)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "AddCommand",
+    "certificate_rows",
+    "data_args",
+    "emit",
+    "load_W",
+    "load_data",
+    "solver_args",
+]
+
+#: ``add(name, func, help, epilog="") -> parser``: how a command family registers its commands.
+AddCommand = Callable[..., argparse.ArgumentParser]
+
+
+def emit(args: argparse.Namespace, data: Any, text: str) -> None:
+    from monquant.report import to_jsonable
+
+    if getattr(args, "json", False):
+        print(json.dumps(to_jsonable(data), indent=2))
+    else:
+        print(text)
+
+
+def solver_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("solver")
+    from monquant.solvers import solver_names
+
+    g.add_argument("--solver", choices=solver_names(), default="pr", help="splitting method")
+    g.add_argument("--tol", type=float, default=1e-4, help="relative residual tolerance")
+    g.add_argument("--max-iter", type=int, default=2000, help="iteration cap (reported if hit)")
+    g.add_argument("--step", type=float, default=None, help="step size (default: FB m/L^2, PR 1/L)")
+
+
+def data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--data-dir",
+        default=None,
+        help="folder with the MNIST IDX files (else $MONQUANT_DATA, the cache, or a download)",
+    )
+    p.add_argument("--no-download", action="store_true", help="never download MNIST")
+
+
+def load_data(args: argparse.Namespace):
+    from monquant.data import load_mnist
+
+    return load_mnist(args.data_dir, download=not args.no_download)
+
+
+def load_W(path: str):
+    """``W`` (and the model, if any) from a checkpoint or a plain weights file."""
+    from monquant.checkpoint import load_model
+    from monquant.errors import CheckpointError
+    from monquant.io import is_monquant_file, load_weight_file
+    from monquant.operators import check_weight
+
+    p = Path(path)
+    if p.suffix == ".safetensors" and is_monquant_file(p):
+        try:
+            loaded = load_model(p)
+            return loaded.model.layer.weight().detach().double(), loaded
+        except CheckpointError as exc:
+            if "not a monquant model checkpoint" not in str(exc):
+                raise
+    weights = load_weight_file(p)
+    if "W" not in weights:
+        raise CheckpointError(f"{p}: no tensor named 'W' (found: {', '.join(sorted(weights))})")
+    W = weights["W"]
+    if W.is_complex():
+        raise CheckpointError(f"{p}: W is complex ({W.dtype}); a MonDEQ weight must be real")
+    if not W.is_floating_point():
+        W = W.double()
+    check_weight(W, f"{p.name}:W")
+    return W.double(), None
+
+
+def certificate_rows(certs) -> tuple[list[str], list[list[Any]]]:
+    """Headers and rows of the certificate table (see :data:`report.CERTIFICATE_COLUMNS`)."""
+    from monquant.report import certificate_cells, certificate_headers
+
+    extra = ("rho_fb_exact", "rho_pr_exact", "relative_displacement_bound")
+    headers = certificate_headers(["rho_FB", "rho_PR", "rel.disp.bound"])
+    return headers, [certificate_cells(c.to_dict(), extra) for c in certs]
+

@@ -1,0 +1,79 @@
+"""Command-line interface: ``monquant <command>``. Thin: parse, call the library, print.
+
+Every command accepts ``--json`` for machine-readable output on stdout, exits non-zero on error
+with a one-line message on stderr, and shows progress on stderr for long work. This module holds
+the one command table; each command family lives in its own module and registers its commands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable, Sequence
+
+from monquant import __version__
+from monquant.cli import certificates, deploy, lowbit, studies, training
+from monquant.cli.common import AddCommand
+from monquant.errors import MonquantError
+
+__all__ = ["COMMAND_FAMILIES", "build_parser", "main"]
+
+#: The command table: every family's ``register(add)``, in the order ``--help`` lists them.
+COMMAND_FAMILIES: tuple[Callable[[AddCommand], None], ...] = (
+    training.register,
+    certificates.register,
+    studies.register,
+    deploy.register,
+    lowbit.register,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="monquant",
+        description="Quantize monotone operator equilibrium networks with certified convergence.",
+    )
+    p.add_argument("--version", action="version", version=f"monquant {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    def add(name: str, func: Callable[[argparse.Namespace], int], help_: str, epilog: str = ""):
+        sp = sub.add_parser(
+            name,
+            help=help_,
+            description=help_,
+            epilog=epilog,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        sp.set_defaults(func=func)
+        sp.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+        return sp
+
+    for register in COMMAND_FAMILIES:
+        register(add)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    t0 = time.perf_counter()
+    try:
+        return int(args.func(args) or 0)
+    except MonquantError as exc:
+        print(f"monquant {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(
+            f"monquant {args.command}: interrupted after {time.perf_counter() - t0:.0f} s",
+            file=sys.stderr,
+        )
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
+

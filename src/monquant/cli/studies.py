@@ -1,0 +1,112 @@
+"""``monquant reproduce`` and ``ste-recovery``: the paper's and the STE paper's studies."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from monquant.cli.common import AddCommand, data_args, emit, load_data
+
+__all__ = ["cmd_reproduce", "cmd_ste_recovery", "register"]
+
+EPILOG_REPRODUCE = """examples:
+  monquant reproduce                              # full paper setup -> results/paper/
+  monquant reproduce --quick --out results/quick  # same pipeline, small (a few minutes)
+  monquant reproduce --resume                     # skip stages finished by an earlier run
+  monquant reproduce --model runs/float/model.safetensors
+"""
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from monquant.experiments.reproduce import ReproduceConfig, run_reproduce
+
+    kw: dict[str, Any] = dict(
+        out=Path(args.out),
+        model=Path(args.model) if args.model else None,
+        seed=args.seed,
+        resume=args.resume,
+        progress=not args.no_progress,
+    )
+    if args.epochs is not None:
+        kw["epochs"] = args.epochs
+    if args.margin_init is not None:
+        kw["margin_init"] = args.margin_init
+    cfg = ReproduceConfig.quick_config(**kw) if args.quick else ReproduceConfig(**kw)
+    data = load_data(args)
+    echo = (lambda m: print(m, file=sys.stderr)) if args.json else print
+    res = run_reproduce(cfg, data, echo=echo)
+    verdicts = "\n".join(f"  [{c['verdict']}] {c['claim']}" for c in res["claims"])
+    text = (
+        f"report: {Path(args.out) / 'report.md'}\nresults: {Path(args.out) / 'results.json'}\n"
+        f"wall time (all stages): {res['wall_seconds_all_stages']:.1f} s\nclaims:\n{verdicts}"
+    )
+    emit(
+        args,
+        {"out": args.out, "claims": res["claims"], "stage_seconds": res["stage_seconds"]},
+        text,
+    )
+    return 0
+
+
+EPILOG_STE = """examples:
+  monquant ste-recovery                           # full study -> results/ste-recovery/
+  monquant ste-recovery --quick --out /tmp/ste    # small grid, seconds
+"""
+
+
+def cmd_ste_recovery(args: argparse.Namespace) -> int:
+    from monquant.experiments.ste_recovery import run_ste_recovery, summary_text
+
+    res = run_ste_recovery(
+        args.out,
+        quick=args.quick,
+        seed=args.seed,
+        trials=args.trials,
+        m=args.m,
+        T=args.T,
+        sigma_frac=args.noise,
+        progress=not args.no_progress,
+    )
+    emit(
+        args,
+        {"out": args.out, "scaling": res["scaling"], "timing": res["timing"]},
+        summary_text(res) + f"\nreport: {Path(args.out) / 'report.md'}",
+    )
+    return 0
+
+
+
+def register(add: AddCommand) -> None:
+    """Add ``reproduce`` and ``ste-recovery`` to the main parser."""
+    r = add("reproduce", cmd_reproduce, "reproduce every result of the paper", EPILOG_REPRODUCE)
+    r.add_argument("--out", default="results/paper", help="results folder")
+    r.add_argument("--quick", action="store_true", help="small CI-sized run of the same pipeline")
+    r.add_argument("--model", default=None, help="reuse a float checkpoint instead of training")
+    r.add_argument("--epochs", type=int, default=None, help="override the training epochs")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument(
+        "--margin-init",
+        type=float,
+        default=None,
+        help="initial learnable margin m of every trained model (the paper does not state it)",
+    )
+    r.add_argument("--resume", action="store_true", help="skip stages already finished")
+    r.add_argument("--no-progress", action="store_true")
+    data_args(r)
+
+    s = add(
+        "ste-recovery",
+        cmd_ste_recovery,
+        "finite-sample STE study: binary two-layer network recovery and recurrence",
+        EPILOG_STE,
+    )
+    s.add_argument("--out", default="results/ste-recovery")
+    s.add_argument("--quick", action="store_true", help="small grid (seconds)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--trials", type=int, default=50, help="independent trials per point")
+    s.add_argument("--m", type=int, default=32, help="hidden units of the recovery study")
+    s.add_argument("--T", type=int, default=2000, help="STE iterations")
+    s.add_argument("--noise", type=float, default=0.2, help="label noise / label std (recurrence)")
+    s.add_argument("--no-progress", action="store_true")

@@ -1,0 +1,79 @@
+"""``monquant train``: float and quantization-aware training on MNIST."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from monquant.cli.common import AddCommand, data_args, emit, load_data, solver_args
+
+__all__ = ["cmd_train", "register"]
+
+EPILOG_TRAIN = """examples:
+  monquant train --out runs/float                 # the paper's setup (15 epochs, PR solver)
+  monquant train --out runs/qat4 --qat-bits 4     # quantization-aware training at 4 bits
+  monquant train --out runs/float --resume        # continue an interrupted run
+"""
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from monquant.workflows import TrainRequest, run_training
+
+    req = TrainRequest(
+        out=Path(args.out),
+        hidden=args.hidden,
+        rank=args.rank,
+        margin_init=args.margin_init,
+        learn_margin=not args.fixed_margin,
+        solver=dict(method=args.solver, tol=args.tol, max_iter=args.max_iter, step=args.step),
+        backward=args.backward,
+        epochs=args.epochs,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        decay_epoch=args.decay_epoch,
+        decay=args.decay,
+        seed=args.seed,
+        qat_bits=args.qat_bits,
+        qat_granularity=args.granularity,
+        margin_target=args.margin_target,
+        margin_weight=args.margin_weight,
+        resume=args.resume,
+        progress=not args.no_progress,
+    )
+    data = load_data(args)
+    result = run_training(req, data, echo=None if args.json else print)
+    last = result["history"][-1]
+    emit(
+        args,
+        result,
+        f"trained {last['epoch']} epochs: test accuracy {last['test_accuracy']:.4f}, "
+        f"m {last['m']:.4f}, L {last['L']:.4f}, kappa {last['kappa']:.2f}, "
+        f"unconverged train/test solves {sum(h['train_unconverged'] for h in result['history'])}"
+        f"/{last['test_unconverged']}\nmodel: {result['model']}\nlog: {result['log']}",
+    )
+    return 0
+
+
+
+def register(add: AddCommand) -> None:
+    """Add ``train`` to the main parser."""
+    t = add("train", cmd_train, "train a MonDEQ on MNIST (float or QAT)", EPILOG_TRAIN)
+    t.add_argument("--out", required=True, help="run folder (checkpoint, model, log)")
+    t.add_argument("--hidden", type=int, default=100)
+    t.add_argument("--rank", type=int, default=None, help="rank of A (default: full)")
+    t.add_argument("--margin-init", type=float, default=1.0)
+    t.add_argument("--fixed-margin", action="store_true", help="do not learn the margin")
+    t.add_argument("--backward", choices=["splitting", "direct"], default="splitting")
+    t.add_argument("--epochs", type=int, default=15)
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--batch-size", type=int, default=128)
+    t.add_argument("--decay-epoch", type=int, default=10)
+    t.add_argument("--decay", type=float, default=0.1)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--qat-bits", type=int, default=None, help="quantization-aware training")
+    t.add_argument("--granularity", choices=["per-tensor", "per-channel"], default="per-tensor")
+    t.add_argument("--margin-target", type=float, default=None, help="margin-aware QAT target")
+    t.add_argument("--margin-weight", type=float, default=1.0)
+    t.add_argument("--resume", action="store_true", help="continue from the run's checkpoint")
+    t.add_argument("--no-progress", action="store_true")
+    solver_args(t)
+    data_args(t)
