@@ -14,6 +14,7 @@ from typing import Literal
 
 import torch
 
+from monquant.errors import ConfigError
 from monquant.ste import binary_sign, ste_sign
 
 __all__ = [
@@ -108,7 +109,7 @@ def grid_bits(n: int, dtype: torch.dtype = torch.float32) -> int:
     p = 1 - round(math.log2(torch.finfo(dtype).eps))
     f = math.floor(p - math.log2(4.0 * n * Z_CLIP))
     if f < 4:
-        raise ValueError(f"n = {n} is too large for exact binary matvecs in {dtype}")
+        raise ConfigError(f"n = {n} is too large for exact binary matvecs in {dtype}")
     return f
 
 
@@ -205,7 +206,7 @@ def _surrogate_constant(surrogate: Surrogate) -> float:
         return 1.0
     if surrogate == "relu":
         return 0.5
-    raise ValueError(f"unknown surrogate {surrogate!r}; use 'identity' or 'relu'")
+    raise ConfigError(f"unknown surrogate {surrogate!r}; use 'identity' or 'relu'")
 
 
 def _gradient_from(

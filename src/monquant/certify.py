@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from monquant.errors import ConfigError
 from monquant.operators import MonotoneOperator, OperatorError, check_weight
 from monquant.quantize import check_bits, quantize
 from monquant.solvers import contraction_modulus, default_step
@@ -116,7 +117,7 @@ def displacement_bound(
     per-sample tensor; ``injection_shift`` is ``||dU x + db||`` (0 when only ``W`` is quantized).
     """
     if m <= 0:
-        raise ValueError("Theorem 3 needs a monotone float operator (m > 0)")
+        raise ConfigError("Theorem 3 needs a monotone float operator (m > 0)")
     return (dW_norm * z_tilde_norm + injection_shift) / m
 
 

@@ -49,7 +49,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from monquant.errors import DataError
+from monquant.errors import ConfigError, DataError
 
 __all__ = [
     "ENV_VAR",
@@ -122,7 +122,7 @@ class ImageSet:
 
     def __init__(self, codes: torch.Tensor, dtype: torch.dtype = torch.float32) -> None:
         if codes.dtype != torch.uint8 or codes.dim() != 2:
-            raise ValueError("ImageSet holds a 2-D uint8 tensor of pixel codes")
+            raise ConfigError("ImageSet holds a 2-D uint8 tensor of pixel codes")
         self.codes = codes
         self.dtype = dtype
 
@@ -520,7 +520,7 @@ def load_mnist(
     in :func:`find_mnist` (see the module docstring). Raises :class:`DataError` on any problem.
     """
     if not dtype.is_floating_point:
-        raise ValueError(f"dtype must be a floating dtype, got {dtype}")
+        raise ConfigError(f"dtype must be a floating dtype, got {dtype}")
     folder = find_mnist(data_dir, download)
     x_train, y_train, md5 = _load_split(folder, "train", device, dtype)
     x_test, y_test, md5_test = _load_split(folder, "test", device, dtype)
@@ -534,7 +534,7 @@ def load_mnist(
 
 def _check_pair(x: torch.Tensor, y: torch.Tensor) -> int:
     if x.shape[0] != y.shape[0]:
-        raise ValueError(f"x has {x.shape[0]} rows but y has {y.shape[0]}")
+        raise ConfigError(f"x has {x.shape[0]} rows but y has {y.shape[0]}")
     return int(x.shape[0])
 
 
@@ -554,9 +554,9 @@ def iterate_batches(
     """
     n = _check_pair(x, y)
     if batch_size <= 0:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
+        raise ConfigError(f"batch_size must be positive, got {batch_size}")
     if shuffle and generator is None:
-        raise ValueError("shuffle=True needs a torch.Generator (seed it for reproducibility)")
+        raise ConfigError("shuffle=True needs a torch.Generator (seed it for reproducibility)")
     order = None
     if shuffle:
         assert generator is not None
@@ -574,7 +574,7 @@ def subset(x: torch.Tensor, y: torch.Tensor, k: int) -> tuple[torch.Tensor, torc
     """The first ``k`` samples (all of them when ``k`` is larger than the set)."""
     _check_pair(x, y)
     if k < 0:
-        raise ValueError(f"k must be non-negative, got {k}")
+        raise ConfigError(f"k must be non-negative, got {k}")
     return x[:k], y[:k]
 
 
@@ -584,7 +584,7 @@ def random_subset(
     """``k`` samples drawn without replacement, reproducibly from ``seed`` (order is random)."""
     n = _check_pair(x, y)
     if not 0 <= k <= n:
-        raise ValueError(f"k must be in 0..{n}, got {k}")
+        raise ConfigError(f"k must be in 0..{n}, got {k}")
     generator = torch.Generator().manual_seed(seed)
     idx = torch.randperm(n, generator=generator)[:k].to(x.device)
     return x[idx], y[idx.to(y.device)]

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from monquant.certify import certify
-from monquant.errors import CheckpointError
+from monquant.errors import CheckpointError, ConfigError
 from monquant.intsolver import (
     DyadicScale,
     FixedPointFormat,
@@ -101,7 +101,7 @@ def pack_codes(codes: torch.Tensor, bits: int, signed: bool = True) -> torch.Ten
     flat = codes.detach().reshape(-1).to(torch.int64).cpu()
     lo, hi = _code_range(b, signed)
     if flat.numel() and (int(flat.min()) < lo or int(flat.max()) > hi):
-        raise ValueError(f"codes outside the {b}-bit {'signed' if signed else 'unsigned'} range")
+        raise ConfigError(f"codes outside the {b}-bit {'signed' if signed else 'unsigned'} range")
     v = flat.numpy().astype(np.uint64) & np.uint64((1 << b) - 1)  # two's complement, b bits
     bitmat = (v[:, None] >> np.arange(b, dtype=np.uint64)) & np.uint64(1)
     stream = np.packbits(bitmat.astype(np.uint8).reshape(-1), bitorder="little")
@@ -113,7 +113,7 @@ def unpack_codes(packed: torch.Tensor, bits: int, count: int, signed: bool = Tru
     b = check_bits(bits)
     need = packed_nbytes(count, b)
     if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != need:
-        raise ValueError(
+        raise ConfigError(
             f"packed stream must be 1-D uint8 of {need} bytes for {count} x {b} bits, "
             f"got {packed.dtype} {tuple(packed.shape)}"
         )
@@ -143,14 +143,14 @@ class ExportResult:
 def _check_shapes(W, U, b, head_weight, head_bias) -> tuple[int, int, int]:
     n = int(W.shape[0]) if W.dim() == 2 else -1
     if n < 1 or W.shape[1] != n:
-        raise ValueError(f"W must be square, got {tuple(W.shape)}")
+        raise ConfigError(f"W must be square, got {tuple(W.shape)}")
     if U.dim() != 2 or U.shape[0] != n:
-        raise ValueError(f"U must be ({n}, d), got {tuple(U.shape)}")
+        raise ConfigError(f"U must be ({n}, d), got {tuple(U.shape)}")
     if b.reshape(-1).shape[0] != n:
-        raise ValueError(f"b must have {n} entries, got {tuple(b.shape)}")
+        raise ConfigError(f"b must have {n} entries, got {tuple(b.shape)}")
     k = int(head_weight.shape[0])
     if head_weight.dim() != 2 or head_weight.shape[1] != n or head_bias.reshape(-1).shape[0] != k:
-        raise ValueError("head weight must be (classes, n) and head bias (classes,)")
+        raise ConfigError("head weight must be (classes, n) and head bias (classes,)")
     return n, int(U.shape[1]), k
 
 
@@ -168,7 +168,7 @@ def _input_format(x_calib, bits: int, frac_bits: int | None) -> FixedPointFormat
     if frac_bits is not None:
         return FixedPointFormat(check_bits(bits), int(frac_bits), signed=True)
     if x_calib is None:
-        raise ValueError("give input_frac_bits or calibration inputs x_calib")
+        raise ConfigError("give input_frac_bits or calibration inputs x_calib")
     return calibrate_format(float(x_calib.detach().abs().max()), bits, signed=True)
 
 
@@ -183,7 +183,7 @@ def _calibration_peak(W, U, b, Wi: IntWeights, inj: Injection, certified: bool, 
         z = solve(W.detach().to(torch.float64), q, SolverConfig(method="pr", tol=1e-8)).z
     peak = float(z.max())
     if not math.isfinite(peak):
-        raise ValueError("no finite equilibrium to calibrate the iterate on; give act_frac_bits")
+        raise ConfigError("no finite equilibrium to calibrate the iterate on; give act_frac_bits")
     return peak
 
 
@@ -280,7 +280,7 @@ def export_deployment(
     if act_frac_bits is not None:
         act = FixedPointFormat(check_bits(act_bits), int(act_frac_bits), signed=False)
     elif x_calib is None:
-        raise ValueError("give act_frac_bits or calibration inputs x_calib")
+        raise ConfigError("give act_frac_bits or calibration inputs x_calib")
     else:
         inj, _ = injection_from_codes(Ui, xf.encode(x_calib), xf, cb, accumulator)
         peak = _calibration_peak(W, U, b, Wi, inj, certified, x_calib)
@@ -410,7 +410,7 @@ class Deployment:
                 "pass allow_uncertified=True to run it anyway"
             )
         if x.dim() != 2 or x.shape[1] != self.U.shape[1]:
-            raise ValueError(f"x must be (batch, {self.U.shape[1]}), got {tuple(x.shape)}")
+            raise ConfigError(f"x must be (batch, {self.U.shape[1]}), got {tuple(x.shape)}")
         inj = self.injection(x)
         res = self.solver.solve(inj)
         z = res.z.to(torch.float32)

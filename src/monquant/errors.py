@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["CheckpointError", "ConfigError", "DataError", "MonquantError"]
+__all__ = ["CheckpointError", "ConfigError", "DataError", "InputTypeError", "MonquantError"]
 
 
 class MonquantError(Exception):
@@ -19,3 +19,7 @@ class DataError(MonquantError):
 
 class CheckpointError(MonquantError):
     """A tensor/checkpoint/weight file is missing, corrupt, tampered with or in a refused format."""
+
+
+class InputTypeError(MonquantError, TypeError):
+    """A value of a type monquant cannot take (e.g. an object with no JSON form)."""

@@ -57,7 +57,7 @@ from typing import Any
 
 import torch
 
-from monquant.errors import MonquantError
+from monquant.errors import ConfigError, MonquantError
 from monquant.operators import check_weight
 from monquant.quantize import check_bits, quantize
 from monquant.solvers import SolverConfig, SolverResult, solve
@@ -126,9 +126,9 @@ class FixedPointFormat:
     def __post_init__(self) -> None:
         check_bits(self.bits)
         if isinstance(self.frac_bits, bool) or not isinstance(self.frac_bits, int):
-            raise ValueError(f"frac_bits must be an int, got {self.frac_bits!r}")
+            raise ConfigError(f"frac_bits must be an int, got {self.frac_bits!r}")
         if abs(self.frac_bits) > 96:
-            raise ValueError(f"frac_bits out of range [-96, 96]: {self.frac_bits}")
+            raise ConfigError(f"frac_bits out of range [-96, 96]: {self.frac_bits}")
 
     @property
     def code_min(self) -> int:
@@ -150,7 +150,7 @@ class FixedPointFormat:
     def _scaled(self, x: torch.Tensor) -> torch.Tensor:
         """``round(x 2^f)`` in float64; refuses NaN and inf."""
         if not bool(torch.isfinite(x).all()):
-            raise ValueError("cannot encode NaN or inf in fixed point")
+            raise ConfigError("cannot encode NaN or inf in fixed point")
         return torch.round(torch.ldexp(x.detach().to(torch.float64), torch.tensor(self.frac_bits)))
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -183,7 +183,7 @@ def calibrate_format(
     works and ``frac_bits = bits - 1`` is returned.
     """
     if not (math.isfinite(max_abs) and max_abs >= 0) or not headroom >= 1.0:
-        raise ValueError(f"need a finite max_abs >= 0 and headroom >= 1, got {max_abs}, {headroom}")
+        raise ConfigError(f"need a finite max_abs >= 0 and headroom >= 1, got {max_abs}, {headroom}")
     probe = FixedPointFormat(check_bits(bits), 0, signed)
     target = headroom * max_abs
     if target == 0:
@@ -218,10 +218,10 @@ def dyadic_scale(scale: torch.Tensor | float, mult_bits: int = 24) -> DyadicScal
     largest scale. All-zero scales give ``M = 0``.
     """
     if not 2 <= int(mult_bits) <= 31:
-        raise ValueError(f"mult_bits must be in [2, 31], got {mult_bits}")
+        raise ConfigError(f"mult_bits must be in [2, 31], got {mult_bits}")
     s = torch.as_tensor(scale, dtype=torch.float64).detach().cpu()
     if not bool(torch.isfinite(s).all()) or bool((s < 0).any()):
-        raise ValueError("scales must be finite and non-negative")
+        raise ConfigError("scales must be finite and non-negative")
     top = float(s.max()) if s.numel() else 0.0
     if top == 0.0:
         return DyadicScale(torch.zeros_like(s, dtype=torch.int64), 0)
@@ -275,7 +275,7 @@ def quantize_weights(
     Codes are those of :func:`monquant.quantize.quantize`; the step ``D_b`` becomes ``M 2^-S``.
     """
     if w.dim() != 2:
-        raise ValueError(f"expected a matrix, got shape {tuple(w.shape)}")
+        raise ConfigError(f"expected a matrix, got shape {tuple(w.shape)}")
     q = quantize(w.detach().to(torch.float64), bits, granularity)
     step = q.step.reshape(-1) if q.step.dim() else q.step
     return IntWeights(q.codes, dyadic_scale(step, mult_bits), q.bits, granularity)
@@ -312,7 +312,7 @@ def choose_accumulator(
     :class:`IntegerOverflowError`. ``"int64"`` forces int64. Any bound above ``2^63 - 1`` raises.
     """
     if accumulator not in ACCUMULATORS:
-        raise ValueError(f"accumulator must be one of {ACCUMULATORS}, got {accumulator!r}")
+        raise ConfigError(f"accumulator must be one of {ACCUMULATORS}, got {accumulator!r}")
     over32 = bound > INT32_MAX
     if bound > INT64_MAX:
         raise IntegerOverflowError(
@@ -446,7 +446,7 @@ def injection_from_codes(
     The matmul accumulator and the int64 sum are checked (:func:`injection_bound`) beforehand.
     """
     if bool((x_codes < x_format.code_min).any()) or bool((x_codes > x_format.code_max).any()):
-        raise ValueError("input codes lie outside their format's range")
+        raise ConfigError("input codes lie outside their format's range")
     acc = choose_accumulator(matmul_bound(U, x_format.max_abs_code), accumulator, "U x")
     total = injection_bound(U, x_format, b_codes)
     if total > INT64_MAX:
@@ -616,11 +616,11 @@ class IntFBSolver:
         and no modulus (every radius is then ``inf``): for experiments that show what happens.
         """
         if act.signed:
-            raise ValueError("the iterate format must be unsigned: relu outputs are >= 0")
+            raise ConfigError("the iterate format must be unsigned: relu outputs are >= 0")
         if W.shape[0] != W.shape[1]:
-            raise ValueError(f"W must be square, got {W.shape}")
+            raise ConfigError(f"W must be square, got {W.shape}")
         if int(max_iter) < 1:
-            raise ValueError("max_iter must be >= 1")
+            raise ConfigError("max_iter must be >= 1")
         st = stats if stats is not None else deployed_bounds(W)
         step, certified = cls._select_step(st, step_shift)
         if not certified and not allow_uncertified:
@@ -645,7 +645,7 @@ class IntFBSolver:
                 return best, True
             step_shift = _fallback_shift(st.L_hi)
         if int(step_shift) < 0:
-            raise ValueError(f"step_shift must be >= 0, got {step_shift}")
+            raise ConfigError(f"step_shift must be >= 0, got {step_shift}")
         a = math.ldexp(1.0, -int(step_shift))
         rho = modulus_upper_bound("fb", a, st.m_lo, st.L_hi)
         ok = rho is not None
@@ -692,7 +692,7 @@ class IntFBSolver:
     def _check_batch(self, inj: Injection, init: torch.Tensor | None) -> None:
         n = self.W.shape[0]
         if inj.Q.dim() != 2 or inj.Q.shape[1] != n or inj.Q.dtype != torch.int64:
-            raise ValueError(
+            raise ConfigError(
                 f"injection codes must be int64 (batch, {n}), got {tuple(inj.Q.shape)}"
             )
         if init is not None and (
@@ -700,7 +700,7 @@ class IntFBSolver:
             or bool((init < 0).any())
             or bool((init > self.act.code_max).any())
         ):
-            raise ValueError("init codes must match the batch and lie in the activation range")
+            raise ConfigError("init codes must match the batch and lie in the activation range")
 
     def step_codes(
         self, c: torch.Tensor, Qs: torch.Tensor, plan: RequantPlan

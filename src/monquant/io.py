@@ -35,7 +35,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as _st_load
 from safetensors.torch import save_file as _st_save_file
 
-from monquant.errors import CheckpointError
+from monquant.errors import CheckpointError, ConfigError, InputTypeError
 
 __all__ = [
     "FORMAT_VERSION",
@@ -155,7 +155,7 @@ def _prepare(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out = {}
     for name, t in tensors.items():
         if not isinstance(name, str) or not isinstance(t, torch.Tensor):
-            raise TypeError(
+            raise InputTypeError(
                 f"expected str -> torch.Tensor, got {type(name).__name__} -> {type(t).__name__}"
             )
         out[name] = t.detach().to("cpu").clone(memory_format=torch.contiguous_format)
@@ -166,7 +166,7 @@ def _metadata_json(metadata: Mapping[str, Any] | None) -> str:
     try:
         return json.dumps(dict(metadata or {}), sort_keys=True, allow_nan=False)
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"metadata must be JSON-serialisable (finite numbers): {exc}") from exc
+        raise ConfigError(f"metadata must be JSON-serialisable (finite numbers): {exc}") from exc
 
 
 def save_tensors(

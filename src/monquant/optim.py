@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from monquant.errors import ConfigError
+
 __all__ = ["Adam", "StepDecay"]
 
 
@@ -38,7 +40,7 @@ class Adam:
     ) -> None:
         self.params = [p for p in params]
         if not lr > 0:
-            raise ValueError(f"lr must be positive, got {lr}")
+            raise ConfigError(f"lr must be positive, got {lr}")
         self.param_groups: list[dict[str, Any]] = [
             {"lr": float(lr), "initial_lr": float(lr), "betas": tuple(betas), "eps": float(eps)}
         ]

@@ -14,6 +14,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from monquant.errors import InputTypeError
+
 __all__ = [
     "CERTIFICATE_COLUMNS",
     "atomic_write_text",
@@ -85,7 +87,7 @@ def to_jsonable(obj: Any) -> Any:
             return to_jsonable(obj.item())
     except ImportError:  # pragma: no cover
         pass
-    raise TypeError(f"cannot convert {type(obj).__name__} to JSON")
+    raise InputTypeError(f"cannot convert {type(obj).__name__} to JSON")
 
 
 def write_json(path: str | os.PathLike[str], data: Any) -> Path:

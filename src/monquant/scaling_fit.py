@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from monquant.errors import ConfigError
+
 __all__ = [
     "bootstrap_slope",
     "fit_scaling",
@@ -75,7 +77,7 @@ def _t_cdf(x: float, df: float, panels: int = 4000) -> float:
 def t_quantile(p: float, df: float) -> float:
     """Quantile of Student's t for ``p`` in (1/2, 1) by bisection on the Simpson CDF."""
     if not 0.5 < p < 1.0:
-        raise ValueError("t_quantile needs 1/2 < p < 1")
+        raise ConfigError("t_quantile needs 1/2 < p < 1")
     lo, hi = 0.0, 1.0
     while _t_cdf(hi, df) < p:
         lo, hi = hi, 2 * hi

@@ -25,6 +25,8 @@ from fractions import Fraction
 
 import torch
 
+from monquant.errors import ConfigError
+
 __all__ = [
     "BoundaryCase",
     "exact_boundary_case",
@@ -60,7 +62,7 @@ def _grid_block(n: int, bits: int, g: torch.Generator) -> tuple[torch.Tensor, fl
     deg = float(L.diagonal().max())
     p = max(0, int(deg).bit_length())  # 2^p > max degree: diagonal codes 2^p - L_ii in (0, 2^p]
     if 2**p + 8 > qmax:
-        raise ValueError(f"n = {n} needs more than {bits} bits")
+        raise ConfigError(f"n = {n} needs more than {bits} bits")
     D = 2.0**-p
     K = torch.randint(-2, 3, (n, n), generator=g).to(torch.float64)
     K = torch.triu(K, 1)
@@ -90,7 +92,7 @@ def exact_boundary_case(n: int, seed: int = 0, bits: int = 12) -> BoundaryCase:
 def weyl_boundary_case(n: int, seed: int = 0, bits: int = 12) -> BoundaryCase:
     """``margin(W) = ||Q_b(W) - W|| = n D / 4`` and ``margin(Q_b(W)) = 0``, exactly."""
     if n < 2:
-        raise ValueError("the Weyl boundary needs n >= 2")
+        raise ConfigError("the Weyl boundary needs n >= 2")
     g = torch.Generator().manual_seed(seed)
     Wt, D, w_max = _grid_block(n, bits, g)
     qmax = 2 ** (bits - 1) - 1

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from monquant.certify import iterate_error_bound, iterate_error_radius
+from monquant.errors import ConfigError
 from monquant.model import MonDEQClassifier
 from monquant.operators import spectral_stats
 from monquant.quantize import AdaptiveCellQuantizer, FixedCellQuantizer
@@ -37,7 +38,7 @@ def run_iterate_quantization(
     a = default_step(method, st.m, st.L)
     rho = contraction_modulus(method, a, st.m, st.L)
     if rho is None:
-        raise ValueError("the float model is not a certified contraction")
+        raise ConfigError("the float model is not a certified contraction")
     T = SplittingMap(method, W, q, a, torch.relu)
     exact = solve(W, q, SolverConfig(method=method, tol=1e-14, max_iter=100_000))
     s_star = exact.state

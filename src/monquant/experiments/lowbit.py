@@ -142,9 +142,9 @@ class LowbitConfig:
     def __post_init__(self) -> None:
         bad = set(self.methods) - set(KINDS)
         if bad:
-            raise ValueError(f"unknown methods {sorted(bad)}; choose from {KINDS}")
+            raise ConfigError(f"unknown methods {sorted(bad)}; choose from {KINDS}")
         if self.epochs < 1 or self.float_epochs < 1:
-            raise ValueError("epochs and float_epochs must be >= 1")
+            raise ConfigError("epochs and float_epochs must be >= 1")
 
     def method_specs(self) -> list[QuantMethod]:
         """Every configuration: methods x granularities x bits, then the mixed-precision rows."""
