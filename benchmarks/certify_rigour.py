@@ -27,7 +27,8 @@ import torch
 from monquant.certify import certify
 from monquant.operators import spectral_norm, spectral_stats, wk_weight
 from monquant.quantize import quantize
-from monquant.report import text_table, to_jsonable
+from monquant.report import text_table
+from monquant.storage.jsonio import to_jsonable
 from monquant.testing import (
     exact_boundary_case,
     exact_margin_sign,

@@ -16,8 +16,9 @@ import time
 import torch
 
 from monquant.operators import spectral_stats, wk_weight
-from monquant.report import text_table, to_jsonable
+from monquant.report import text_table
 from monquant.solvers import SolverConfig, solve
+from monquant.storage.jsonio import to_jsonable
 
 
 def operator_with_kappa(n: int, kappa: float, m: float = 0.5, seed: int = 0) -> torch.Tensor:

@@ -20,8 +20,9 @@ import torch
 
 from monquant.data import load_mnist
 from monquant.model import MonDEQClassifier, MonDEQConfig
-from monquant.report import text_table, to_jsonable
+from monquant.report import text_table
 from monquant.solvers import SolverConfig
+from monquant.storage.jsonio import to_jsonable
 from monquant.train import TrainConfig, train
 
 

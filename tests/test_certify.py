@@ -22,8 +22,8 @@ from monquant.certify import (
     weyl_margin_bound,
 )
 from monquant.operators import margin, spectral_norm, spectral_stats
-from monquant.report import to_jsonable
 from monquant.solvers import SolverConfig, solve
+from monquant.storage.jsonio import to_jsonable
 
 F64 = SolverConfig(method="pr", tol=1e-12, max_iter=200_000)
 

@@ -28,8 +28,8 @@ from monquant.intsolver import (
     injection_from_codes,
     quantize_weights,
 )
-from monquant.io import save_tensors
 from monquant.operators import wk_weight
+from monquant.storage.tensors import save_tensors
 
 # ----------------------------------------------------------------------------------------------
 # Bit packing

@@ -142,3 +142,13 @@ def test_zero_solution_is_converged():
     q = -torch.ones(3, 6, dtype=torch.float64) * 100  # relu kills everything: z* = 0
     r = solve(W, q, SolverConfig(method="fb", tol=1e-10))
     assert r.all_converged and float(r.z.abs().max()) == 0.0
+
+
+def test_solver_config_round_trips_every_setting():
+    cfg = SolverConfig(method="dr", step=0.5, tol=1e-7, max_iter=77, check_every=3, diverge_at=1e5)
+    d = cfg.as_dict()
+    assert d["diverge_at"] == 1e5
+    assert SolverConfig.from_dict(d) == cfg
+    assert SolverConfig.from_dict({"method": "fb"}) == SolverConfig(method="fb")
+    with pytest.raises(SolverError, match="unknown solver settings"):
+        SolverConfig.from_dict({"method": "pr", "bogus": 1})

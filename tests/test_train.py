@@ -11,12 +11,12 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from monquant.checkpoint import load_model, save_model
 from monquant.data import MNIST, load_mnist
 from monquant.errors import MonquantError
 from monquant.model import MonDEQClassifier, MonDEQConfig
 from monquant.operators import margin
 from monquant.quantize import QuantizationError, quantize
+from monquant.storage.checkpoints import load_model, save_model
 from monquant.train import (
     TrainConfig,
     epoch_generator,

@@ -1,7 +1,7 @@
 """Deployment files: a certified integer MonDEQ in one safetensors file, runnable without training code.
 
-File layout (written with :func:`monquant.io.save_tensors`, so it carries a SHA-256 digest over the
-tensors and the metadata and a tampered file is refused on load):
+File layout (written with :func:`monquant.storage.tensors.save_tensors`, so it carries a SHA-256
+digest over the tensors and the metadata and a tampered file is refused on load):
 
 - ``W.codes`` / ``U.codes``: the ``b``-bit signed weight codes packed densely into a little-endian
   bitstream of ``uint8`` (:func:`pack_codes`: ``ceil(count * b / 8)`` bytes, so 2-bit codes take
@@ -54,10 +54,10 @@ from monquant.intsolver import (
     quantize_weights,
     reference_equilibrium,
 )
-from monquant.io import PathLike, load_tensors, save_tensors
 from monquant.quantize import check_bits
-from monquant.report import to_jsonable
 from monquant.solvers import SolverConfig, solve
+from monquant.storage.jsonio import to_jsonable
+from monquant.storage.tensors import PathLike, load_tensors, save_tensors
 
 __all__ = [
     "DEPLOYMENT_KIND",

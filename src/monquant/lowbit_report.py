@@ -16,7 +16,9 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from monquant.report import atomic_write_text, markdown_table, new_figure, save_figure, write_json
+from monquant.report import markdown_table, new_figure, save_figure
+from monquant.storage.files import atomic_write_text
+from monquant.storage.jsonio import write_json
 
 __all__ = ["TARGETS", "aggregate", "judge_targets", "render_lowbit", "summary_rows"]
 

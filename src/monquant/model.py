@@ -66,7 +66,7 @@ class MonDEQConfig:
             raise ConfigError(f"backward must be 'splitting' or 'direct', got {self.backward!r}")
 
     def solver_config(self) -> SolverConfig:
-        return SolverConfig(**self.solver)
+        return SolverConfig.from_dict(self.solver)
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -12,14 +12,14 @@ from pathlib import Path
 from typing import Any
 
 from monquant.report import (
-    atomic_write_text,
     certificate_cells,
     certificate_headers,
     markdown_table,
     new_figure,
     save_figure,
-    write_json,
 )
+from monquant.storage.files import atomic_write_text
+from monquant.storage.jsonio import write_json
 
 __all__ = ["judge_claims", "render_report"]
 

@@ -1,103 +1,27 @@
-"""Rendering: JSON results, Markdown tables and figures (PNG + PDF).
+"""Rendering: text and Markdown tables from column specs, and figures (PNG + PDF).
 
-Experiments return plain data (dicts, lists, numbers); everything that turns data into files lives
-here, so that printing, plotting and writing happen in one place.
+Experiments return plain data (dicts, lists, numbers); turning data into tables and figures happens
+here, in one place. Files are written through :mod:`monquant.storage` (JSON, atomic text).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from monquant.errors import InputTypeError
-
 __all__ = [
     "CERTIFICATE_COLUMNS",
-    "atomic_write_text",
     "certificate_cells",
     "certificate_headers",
     "fmt",
     "markdown_table",
     "new_figure",
-    "read_json",
     "save_figure",
     "text_table",
-    "to_jsonable",
-    "write_json",
 ]
-
-
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
-    """Write ``text`` to ``path`` atomically (temporary file in the same folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def to_jsonable(obj: Any) -> Any:
-    """Convert tensors, numpy values, dataclasses and paths into JSON-serialisable data.
-
-    Non-finite floats become the strings ``"inf"``, ``"-inf"`` and ``"nan"`` so the JSON stays
-    standard (and a reader sees that a value was not finite rather than a silent ``null``).
-    """
-    import dataclasses
-
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, dict):
-        return {str(k): to_jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [to_jsonable(v) for v in obj]
-    if isinstance(obj, Path):
-        return str(obj)
-    if isinstance(obj, bool) or obj is None or isinstance(obj, (int, str)):
-        return obj
-    if isinstance(obj, float):
-        if math.isfinite(obj):
-            return obj
-        return "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
-    try:
-        import torch
-
-        if isinstance(obj, torch.Tensor):
-            return to_jsonable(obj.detach().cpu().tolist())
-    except ImportError:  # pragma: no cover
-        pass
-    try:
-        import numpy as np
-
-        if isinstance(obj, np.ndarray):
-            return to_jsonable(obj.tolist())
-        if isinstance(obj, np.generic):
-            return to_jsonable(obj.item())
-    except ImportError:  # pragma: no cover
-        pass
-    raise InputTypeError(f"cannot convert {type(obj).__name__} to JSON")
-
-
-def write_json(path: str | os.PathLike[str], data: Any) -> Path:
-    """Write ``data`` as indented JSON, atomically."""
-    return atomic_write_text(path, json.dumps(to_jsonable(data), indent=2) + "\n")
-
-
-def read_json(path: str | os.PathLike[str]) -> Any:
-    """Read a JSON file written by :func:`write_json`."""
-    return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
 def fmt(value: Any, digits: int = 4) -> str:

@@ -108,8 +108,18 @@ class SolverConfig:
             "tol": self.tol,
             "max_iter": self.max_iter,
             "check_every": self.check_every,
+            "diverge_at": self.diverge_at,
             "spectral": self.spectral,
         }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, object]) -> SolverConfig:
+        """Inverse of :meth:`as_dict` (unknown keys refused, missing keys take their defaults)."""
+        names = set(cls.__dataclass_fields__)
+        bad = sorted(set(d) - names)
+        if bad:
+            raise SolverError(f"unknown solver settings {bad}")
+        return cls(**d)  # type: ignore[arg-type]
 
 
 @dataclass

@@ -17,13 +17,13 @@ from typing import Any
 import torch
 
 from monquant.certify import certify
-from monquant.checkpoint import load_model, quantize_model, save_model
 from monquant.data import MNIST
 from monquant.errors import MonquantError
 from monquant.model import MonDEQClassifier, MonDEQConfig
 from monquant.operators import spectral_stats
-from monquant.report import write_json
 from monquant.solvers import SolverConfig
+from monquant.storage.checkpoints import load_model, quantize_model, save_model
+from monquant.storage.jsonio import write_json
 from monquant.train import TrainConfig, evaluate, train
 
 __all__ = ["TrainRequest", "run_eval", "run_ptq", "run_training"]

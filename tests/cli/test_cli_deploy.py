@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from monquant.checkpoint import save_model
 from monquant.cli import main
 from monquant.model import MonDEQClassifier, MonDEQConfig
+from monquant.storage.checkpoints import save_model
 
 
 @pytest.fixture(scope="module")

@@ -17,10 +17,10 @@ import torch
 from safetensors.torch import save_file
 
 from monquant.certify import JSON_KEYS, certify
-from monquant.checkpoint import load_model, save_model
 from monquant.cli import build_parser, main
 from monquant.model import MonDEQClassifier, MonDEQConfig
 from monquant.operators import wk_weight
+from monquant.storage.checkpoints import load_model, save_model
 
 N = 20
 CERT_KEYS = set(JSON_KEYS)
@@ -160,7 +160,7 @@ def test_certify_model_checkpoint(capsys: pytest.CaptureFixture[str], tmp_path: 
 def test_certify_monquant_tensor_file(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, W: torch.Tensor
 ) -> None:
-    from monquant.io import save_tensors
+    from monquant.storage.tensors import save_tensors
 
     path = save_tensors(tmp_path / "w.safetensors", {"W": W}, {"kind": "weights"})
     data = cli_json(capsys, "certify", path, "--bits", 4)
@@ -484,7 +484,7 @@ def test_eval_refuses_non_checkpoint(
     rc, _, err = cli(capsys, "eval", npz, "--data-dir", data_dir, "--no-download")
     assert_clean_error(rc, err, "eval")
     other = tmp_path / "w.safetensors"
-    from monquant.io import save_tensors
+    from monquant.storage.tensors import save_tensors
 
     save_tensors(other, {"W": torch.eye(3)}, {"kind": "weights"})
     rc, _, err = cli(capsys, "eval", other, "--data-dir", data_dir, "--no-download")

@@ -23,7 +23,7 @@ AddCommand = Callable[..., argparse.ArgumentParser]
 
 
 def emit(args: argparse.Namespace, data: Any, text: str) -> None:
-    from monquant.report import to_jsonable
+    from monquant.storage.jsonio import to_jsonable
 
     if getattr(args, "json", False):
         print(json.dumps(to_jsonable(data), indent=2))
@@ -58,10 +58,10 @@ def load_data(args: argparse.Namespace):
 
 def load_W(path: str):
     """``W`` (and the model, if any) from a checkpoint or a plain weights file."""
-    from monquant.checkpoint import load_model
     from monquant.errors import CheckpointError
-    from monquant.io import is_monquant_file, load_weight_file
     from monquant.operators import check_weight
+    from monquant.storage.checkpoints import load_model
+    from monquant.storage.tensors import is_monquant_file, load_weight_file
 
     p = Path(path)
     if p.suffix == ".safetensors" and is_monquant_file(p):

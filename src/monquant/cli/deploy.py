@@ -23,7 +23,7 @@ EPILOG_INTDEPLOY = """examples:
 
 
 def _float_parts(checkpoint: str):
-    from monquant.checkpoint import load_model
+    from monquant.storage.checkpoints import load_model
 
     model = load_model(checkpoint).model.eval()
     layer = model.layer
@@ -66,7 +66,7 @@ def _inputs(args: argparse.Namespace):
     import torch
 
     from monquant.errors import CheckpointError
-    from monquant.io import load_weight_file
+    from monquant.storage.tensors import load_weight_file
 
     if args.input:
         t = load_weight_file(args.input)

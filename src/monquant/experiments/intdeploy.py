@@ -55,8 +55,10 @@ from monquant.intsolver import (
     quantize_weights,
     reference_equilibrium,
 )
-from monquant.report import atomic_write_text, markdown_table, new_figure, save_figure, write_json
+from monquant.report import markdown_table, new_figure, save_figure
 from monquant.solvers import SolverConfig, solve
+from monquant.storage.files import atomic_write_text
+from monquant.storage.jsonio import write_json
 from monquant.verified import SpectralBounds
 
 __all__ = ["run_intdeploy"]

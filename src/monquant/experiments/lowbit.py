@@ -25,7 +25,6 @@ from typing import Any
 
 import torch
 
-from monquant.checkpoint import load_model
 from monquant.data import MNIST, random_subset
 from monquant.errors import ConfigError, MonquantError
 from monquant.experiments.reproduce import StageRunner
@@ -37,7 +36,8 @@ from monquant.qtrain import (
     free_copy,
     prepare_method,
 )
-from monquant.report import read_json, write_json
+from monquant.storage.checkpoints import load_model
+from monquant.storage.jsonio import read_json, write_json
 from monquant.train import TrainConfig, evaluate, train
 from monquant.workflows import TrainRequest, run_training
 

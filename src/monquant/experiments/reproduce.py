@@ -26,13 +26,13 @@ from typing import Any
 import torch
 
 from monquant import __version__
-from monquant.checkpoint import load_model
 from monquant.data import MNIST, random_subset
 from monquant.experiments.displacement import run_displacement
 from monquant.experiments.iterate_quant import run_iterate_quantization
 from monquant.experiments.phase_transition import PAPER_BITS, run_phase_transition
 from monquant.experiments.qat_vs_ptq import compare_row
-from monquant.report import read_json, write_json
+from monquant.storage.checkpoints import load_model
+from monquant.storage.jsonio import read_json, write_json
 from monquant.workflows import TrainRequest, run_training
 
 __all__ = ["ReproduceConfig", "StageRunner", "run_reproduce"]

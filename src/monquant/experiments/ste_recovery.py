@@ -96,14 +96,7 @@ from monquant.binary_ste import (
     ste_train,
     surrogate_loss,
 )
-from monquant.report import (
-    atomic_write_text,
-    markdown_table,
-    new_figure,
-    save_figure,
-    text_table,
-    write_json,
-)
+from monquant.report import markdown_table, new_figure, save_figure, text_table
 from monquant.scaling_fit import (
     bootstrap_slope,
     fit_scaling,
@@ -112,6 +105,8 @@ from monquant.scaling_fit import (
     local_slopes,
     t_quantile,
 )
+from monquant.storage.files import atomic_write_text
+from monquant.storage.jsonio import write_json
 
 __all__ = [
     "DEFAULT_NS",

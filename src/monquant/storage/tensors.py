@@ -17,15 +17,12 @@ Nothing here ever unpickles data: ``.pt``/``.pth``/``.pkl``/``.ckpt`` files are 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
 import struct
-import tempfile
 import zipfile
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -36,10 +33,10 @@ from safetensors.torch import load as _st_load
 from safetensors.torch import save_file as _st_save_file
 
 from monquant.errors import CheckpointError, ConfigError, InputTypeError
+from monquant.storage.files import PathLike, atomic_target
 
 __all__ = [
     "FORMAT_VERSION",
-    "atomic_write_bytes",
     "is_monquant_file",
     "load_tensors",
     "load_weight_file",
@@ -55,60 +52,6 @@ _PICKLE_SUFFIXES = {".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".bin", ".joblib"
 _MAX_HEADER = 100 << 20  # the safetensors library's own limit on header size
 _NUMERIC_KINDS = "biufc"  # numpy dtype kinds that map onto torch dtypes
 
-PathLike = str | os.PathLike[str]
-
-
-# ----------------------------------------------------------------------------------------------
-# Atomic writes
-# ----------------------------------------------------------------------------------------------
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Flush a folder's entry table so a rename inside it survives a crash (POSIX only)."""
-    if os.name != "posix":
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _target_mode(path: Path) -> int:
-    """Permission bits for the new file: the old file's, or rw-r--r-- (mkstemp makes rw-------)."""
-    try:
-        return path.stat().st_mode & 0o777
-    except OSError:
-        return 0o644
-
-
-@contextlib.contextmanager
-def _atomic_target(path: Path) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; on success fsync it and rename it onto ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        yield tmp
-        os.chmod(tmp, _target_mode(path))
-        with tmp.open("rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def atomic_write_bytes(path: PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically: temporary file in the same folder, fsync, rename.
-
-    Readers see either the old file or the complete new one, never a partial write.
-    """
-    path = Path(path)
-    with _atomic_target(path) as tmp:
-        tmp.write_bytes(data)
-    return path
 
 
 # ----------------------------------------------------------------------------------------------
@@ -187,7 +130,7 @@ def save_tensors(
         _VERSION_KEY: str(FORMAT_VERSION),
         _DIGEST_KEY: payload_digest(prepared, meta_json),
     }
-    with _atomic_target(path) as tmp:
+    with atomic_target(path) as tmp:
         _st_save_file(prepared, str(tmp), metadata=header)
     return path
 

@@ -10,16 +10,16 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from monquant.checkpoint import (
+from monquant.errors import CheckpointError
+from monquant.model import MonDEQClassifier, MonDEQConfig
+from monquant.optim import Adam
+from monquant.storage.checkpoints import (
     CHECKPOINT_FORMAT,
     load_model,
     quantize_model,
     save_model,
 )
-from monquant.errors import CheckpointError
-from monquant.io import load_tensors, save_tensors
-from monquant.model import MonDEQClassifier, MonDEQConfig
-from monquant.optim import Adam
+from monquant.storage.tensors import load_tensors, save_tensors
 from monquant.train import TrainConfig, train
 
 HIDDEN = 20
@@ -315,7 +315,7 @@ def test_save_is_atomic_and_overwrites(saved: tuple[Path, MonDEQClassifier]) -> 
 
 def test_frozen_format1_checkpoint_still_loads() -> None:
     """A checkpoint written by monquant 0.1.0 (format 1) loads and computes the same outputs."""
-    fixture = Path(__file__).parent / "data" / "checkpoint-format1-v0.1.0.safetensors"
+    fixture = Path(__file__).parents[1] / "data" / "checkpoint-format1-v0.1.0.safetensors"
     loaded = load_model(fixture)
     assert loaded.metadata["format"] == 1 and loaded.metadata["versions"]["monquant"] == "0.1.0"
     x = torch.linspace(-1, 1, 784, dtype=torch.float32).reshape(1, 784)

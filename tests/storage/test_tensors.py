@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import save_file
 
 from monquant.errors import CheckpointError, MonquantError
-from monquant.io import (
-    atomic_write_bytes,
+from monquant.storage.files import atomic_write_bytes
+from monquant.storage.tensors import (
     load_tensors,
     load_weight_file,
     payload_digest,

@@ -25,10 +25,10 @@ import torch
 
 from monquant import __version__
 from monquant.errors import CheckpointError, ConfigError
-from monquant.io import is_monquant_file, load_tensors, save_tensors
 from monquant.model import MonDEQClassifier, MonDEQConfig
 from monquant.quantize import Quantized, quantize
-from monquant.report import to_jsonable
+from monquant.storage.jsonio import to_jsonable
+from monquant.storage.tensors import is_monquant_file, load_tensors, save_tensors
 
 __all__ = [
     "CHECKPOINT_FORMAT",

@@ -1,0 +1,35 @@
+"""One atomic writer with ordinary permissions (storage.files) and the JSON convention (jsonio)."""
+
+from __future__ import annotations
+
+import math
+import os
+import stat
+from pathlib import Path
+
+from monquant.storage.files import atomic_write_bytes, atomic_write_text
+from monquant.storage.jsonio import read_json, to_jsonable, write_json
+
+
+def _mode(p: Path) -> int:
+    return stat.S_IMODE(os.stat(p).st_mode)
+
+
+def test_new_files_are_world_readable_and_replacements_keep_their_mode(tmp_path: Path) -> None:
+    for write in (lambda p: atomic_write_text(p, "x"), lambda p: write_json(p, {"a": 1})):
+        p = tmp_path / f"f{_mode(tmp_path)}-{id(write)}.txt"
+        write(p)
+        assert _mode(p) == 0o644  # not mkstemp's 0600
+        os.chmod(p, 0o640)
+        write(p)
+        assert _mode(p) == 0o640
+    assert not [q for q in tmp_path.iterdir() if q.name.startswith(".")]  # no temporaries left
+
+
+def test_text_and_json_round_trip(tmp_path: Path) -> None:
+    atomic_write_bytes(tmp_path / "a" / "b.bin", b"\x00\x01")
+    assert (tmp_path / "a" / "b.bin").read_bytes() == b"\x00\x01"
+    path = write_json(tmp_path / "r.json", {"x": math.inf, "y": [1.5, math.nan], "p": tmp_path})
+    data = read_json(path)
+    assert data == {"x": "inf", "y": [1.5, "nan"], "p": str(tmp_path)}
+    assert to_jsonable((1, 2)) == [1, 2]
