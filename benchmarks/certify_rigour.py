@@ -26,7 +26,7 @@ import torch
 
 from monquant.certify import certify
 from monquant.operators import spectral_norm, spectral_stats, wk_weight
-from monquant.quantize import quantize
+from monquant.quant.uniform import quantize
 from monquant.report import text_table
 from monquant.storage.jsonio import to_jsonable
 from monquant.testing import (

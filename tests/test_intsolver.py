@@ -28,7 +28,7 @@ from monquant.intsolver import (
     reference_equilibrium,
 )
 from monquant.operators import spectral_stats, wk_weight
-from monquant.quantize import quantize
+from monquant.quant.uniform import quantize
 from monquant.verified import modulus_upper_bound
 
 

@@ -25,7 +25,7 @@ from monquant.qtrain import (
     products_per_iteration,
     weyl_penalty,
 )
-from monquant.quantize import quantize
+from monquant.quant.uniform import quantize
 from monquant.train import TrainConfig, evaluate, train
 
 D, N, CLASSES = 12, 8, 4

@@ -10,7 +10,7 @@ import torch
 
 from monquant import binary_ste
 from monquant.experiments import ste_recovery as sr
-from monquant.ste import binary_sign
+from monquant.quant.ste import binary_sign
 
 
 def _problem(

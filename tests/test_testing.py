@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from monquant.quantize import quantize
+from monquant.quant.uniform import quantize
 from monquant.testing import (
     exact_boundary_case,
     exact_margin_sign,

@@ -15,7 +15,7 @@ from monquant.data import MNIST, load_mnist
 from monquant.errors import MonquantError
 from monquant.model import MonDEQClassifier, MonDEQConfig
 from monquant.operators import margin
-from monquant.quantize import QuantizationError, quantize
+from monquant.quant.uniform import QuantizationError, quantize
 from monquant.storage.checkpoints import load_model, save_model
 from monquant.train import (
     TrainConfig,

@@ -15,7 +15,7 @@ from typing import Literal
 import torch
 
 from monquant.errors import ConfigError
-from monquant.ste import binary_sign, ste_sign
+from monquant.quant.ste import binary_sign, ste_sign
 
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
@@ -262,7 +262,7 @@ def surrogate_loss(
 ) -> torch.Tensor:
     """Loss ``L(sign(u))`` per trial (B,) whose autograd gradient in ``u`` is ``g(sign(u))``.
 
-    The weights pass through :func:`monquant.ste.ste_sign` (identity backward) and the activation
+    The weights pass through :func:`monquant.quant.ste.ste_sign` (identity backward) and the activation
     through a straight-through step with backward ``mu'``; the chain rule then gives
     ``dL/du = (1/N) sum_i r_i Z_i^T (v o mu'(Z_i w))``, the STE coarse gradient.
     """

@@ -23,7 +23,7 @@ import torch
 
 from monquant.errors import ConfigError
 from monquant.operators import MonotoneOperator, OperatorError, check_weight
-from monquant.quantize import check_bits, quantize
+from monquant.quant.uniform import check_bits, quantize
 from monquant.solvers import contraction_modulus, default_step
 from monquant.verified import (
     UNIT_ROUNDOFF,

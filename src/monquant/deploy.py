@@ -54,7 +54,7 @@ from monquant.intsolver import (
     quantize_weights,
     reference_equilibrium,
 )
-from monquant.quantize import check_bits
+from monquant.quant.uniform import check_bits
 from monquant.solvers import SolverConfig, solve
 from monquant.storage.jsonio import to_jsonable
 from monquant.storage.tensors import PathLike, load_tensors, save_tensors

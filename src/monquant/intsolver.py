@@ -5,7 +5,7 @@ The deployed operator
 Everything the integer program touches is an exact dyadic rational, so the real-arithmetic map it
 implements is known exactly and its equilibrium ``z~*`` can be computed in float64 for comparison:
 
-- weights    ``W~ = s_W C_W``: integer codes ``C_W`` (``b`` bits, from :func:`monquant.quantize.quantize`)
+- weights    ``W~ = s_W C_W``: integer codes ``C_W`` (``b`` bits, :func:`monquant.quant.uniform.quantize`)
   and a dyadic scale ``s_W = M_W 2^-S_W`` (an integer multiplier ``M_W`` of ``mult_bits`` bits, per
   tensor or per row). ``s_W`` approximates the quantizer's step ``D_b`` to relative ``2^-mult_bits``;
   the certificate of the deployed operator is computed for this exact ``W~``;
@@ -59,7 +59,7 @@ import torch
 
 from monquant.errors import ConfigError, MonquantError
 from monquant.operators import check_weight
-from monquant.quantize import check_bits, quantize
+from monquant.quant.uniform import check_bits, quantize
 from monquant.solvers import SolverConfig, SolverResult, solve
 from monquant.verified import SpectralBounds, modulus_upper_bound, spectral_bounds
 
@@ -272,7 +272,7 @@ def quantize_weights(
 ) -> IntWeights:
     """Quantize ``w`` with the paper's quantizer (SPEC section 2) and make its step dyadic.
 
-    Codes are those of :func:`monquant.quantize.quantize`; the step ``D_b`` becomes ``M 2^-S``.
+    Codes are those of :func:`monquant.quant.uniform.quantize`; the step ``D_b`` becomes ``M 2^-S``.
     """
     if w.dim() != 2:
         raise ConfigError(f"expected a matrix, got shape {tuple(w.shape)}")

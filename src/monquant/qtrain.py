@@ -80,8 +80,8 @@ from monquant.certify import Certificate, certify
 from monquant.errors import ConfigError
 from monquant.model import MonDEQClassifier, softplus_inverse
 from monquant.operators import margin, margin_tensor, wk_weight
-from monquant.prox import Grid, ProxQuantizer, lambda_schedule
-from monquant.quantize import GRANULARITIES, check_bits, fake_quant, quantize, storage_bits
+from monquant.quant.prox import Grid, ProxQuantizer, lambda_schedule
+from monquant.quant.uniform import GRANULARITIES, check_bits, fake_quant, quantize, storage_bits
 from monquant.train import TrainConfig, TrainHooks
 
 __all__ = [
@@ -111,7 +111,7 @@ class QuantMethod:
     """One way to obtain a ``bits``-bit MonDEQ (see the module docstring for the kinds).
 
     ``granularity``: ``per-tensor`` or ``per-channel`` (one scale per row; ProxQuant's
-    ``per-row``). ``u_bits``: also quantize ``U`` (``None``: float ``U``, as the paper).
+    ``per-channel``). ``u_bits``: also quantize ``U`` (``None``: float ``U``, as the paper).
     ProxQuant: ``regularizer`` (``l1``/``l2``), ``schedule`` (``linear``/``constant``/
     ``exponential``) of ``lam_t`` reaching ``lam_max`` at ``freeze_epoch`` (``None``: freeze at the
     end of training), prox strength ``lr * lam_t`` with ``lr`` the base learning rate; ``mode``:

@@ -23,7 +23,7 @@ from monquant.errors import ConfigError, MonquantError
 from monquant.model import MonDEQClassifier
 from monquant.operators import margin_tensor, spectral_stats
 from monquant.optim import Adam, StepDecay
-from monquant.quantize import check_bits, fake_quant
+from monquant.quant.uniform import check_bits, fake_quant
 from monquant.verified import margin_bounds
 
 __all__ = [

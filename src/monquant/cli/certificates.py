@@ -127,7 +127,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     from monquant.certify import certify
     from monquant.operators import wk_weight
-    from monquant.quantize import quantize
+    from monquant.quant.uniform import quantize
     from monquant.report import text_table
     from monquant.solvers import SolverConfig, solve
 

@@ -19,7 +19,7 @@ from monquant.certify import (
     rigorous_displacement_check,
 )
 from monquant.model import MonDEQClassifier
-from monquant.quantize import quantize
+from monquant.quant.uniform import quantize
 from monquant.solvers import SolverConfig, solve
 from monquant.verified import difference_norm_bounds, spectral_bounds
 

@@ -18,7 +18,7 @@ from monquant.certify import iterate_error_bound, iterate_error_radius
 from monquant.errors import ConfigError
 from monquant.model import MonDEQClassifier
 from monquant.operators import spectral_stats
-from monquant.quantize import AdaptiveCellQuantizer, FixedCellQuantizer
+from monquant.quant.iterate import AdaptiveCellQuantizer, FixedCellQuantizer
 from monquant.solvers import SolverConfig, SplittingMap, contraction_modulus, default_step, solve
 
 __all__ = ["run_iterate_quantization"]

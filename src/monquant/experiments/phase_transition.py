@@ -15,7 +15,7 @@ import torch
 
 from monquant.certify import certify
 from monquant.model import MonDEQClassifier
-from monquant.quantize import quantize
+from monquant.quant.uniform import quantize
 from monquant.solvers import SolverConfig
 from monquant.train import evaluate
 

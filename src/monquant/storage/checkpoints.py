@@ -26,7 +26,7 @@ import torch
 from monquant import __version__
 from monquant.errors import CheckpointError, ConfigError
 from monquant.model import MonDEQClassifier, MonDEQConfig
-from monquant.quantize import Quantized, quantize
+from monquant.quant.uniform import Quantized, quantize
 from monquant.storage.jsonio import to_jsonable
 from monquant.storage.tensors import is_monquant_file, load_tensors, save_tensors
 

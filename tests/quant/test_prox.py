@@ -1,5 +1,5 @@
-"""Tests of monquant.prox: grids, exact proxes of the W-shaped regularizers, schedules, the
-trainer-agnostic ProxQuantizer and the paper's one-dimensional BinaryConnect/ProxQuant example."""
+"""Tests of monquant.quant.prox: grids, exact proxes of the W-shaped regularizers, schedules and
+the trainer-agnostic ProxQuantizer."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from monquant.errors import MonquantError
-from monquant.prox import (
+from monquant.quant.prox import (
     Grid,
     ProxQuantError,
     ProxQuantizer,
@@ -21,11 +21,8 @@ from monquant.prox import (
     prox,
     prox_l1,
     prox_l2,
-    toy_binaryconnect_vs_proxquant,
-    toy_grad,
-    toy_objective,
 )
-from monquant.ste import binary_sign
+from monquant.quant.ste import binary_sign
 
 GRIDS = [
     Grid("binary"),
@@ -34,7 +31,7 @@ GRIDS = [
     Grid("uniform", 3),
     Grid("uniform", 4),
 ]
-ALL_GRIDS = GRIDS + [Grid(g.kind, g.bits, "per-row") for g in GRIDS]
+ALL_GRIDS = GRIDS + [Grid(g.kind, g.bits, "per-channel") for g in GRIDS]
 FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 finite = st.floats(-3.0, 3.0, allow_nan=False, allow_infinity=False)
@@ -141,15 +138,17 @@ def test_uniform_grid_levels_and_spec_quantizer(bits):
 
 
 def test_uniform_grid_matches_monquant_quantize():
-    from monquant.quantize import quantize
+    from monquant.quant.uniform import quantize
 
     w = torch.randn(5, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     for bits in (2, 4, 8):
         for gran, alias in (("per-tensor", "per-tensor"), ("per-row", "per-channel")):
             ours = Grid("uniform", bits, gran).nearest(w)
             theirs = quantize(w, bits, alias).dequantized()
-            assert torch.allclose(ours, theirs, rtol=0, atol=1e-12)
-    assert Grid("uniform", 4, "per-channel").granularity == "per-row"
+            assert torch.equal(ours, theirs)  # the same rounding rule (quant.uniform.grid_codes)
+    # one vocabulary: per-channel (the old ProxQuant name per-row is accepted as an alias)
+    assert Grid("uniform", 4, "per-row").granularity == "per-channel"
+    assert quantize(w, 4, "per-row").granularity == "per-channel"
 
 
 def test_binary_and_ternary_scales_and_ties():
@@ -185,7 +184,7 @@ def test_zero_tensor_and_zero_row():
     for g in ALL_GRIDS:
         q = g.nearest(w)
         assert torch.isfinite(q).all()
-        if g.granularity == "per-row":
+        if g.granularity == "per-channel":
             assert torch.equal(q[0], torch.zeros(2))
 
 
@@ -408,44 +407,3 @@ def test_proxquantizer_rejects_bad_use():
     with pytest.raises(ProxQuantError, match="not managed"):
         quant.quantized(lin.bias)
     assert quant.penalty() > 0
-
-
-# --------------------------------------------------------------------------------- toy example
-
-
-def test_toy_functions():
-    assert toy_objective(-1.0, 1) == 0.0 and toy_objective(1.0, 1) == 1.0
-    assert toy_objective(1.0, -1) == 0.0 and toy_objective(-1.0, -1) == 1.0
-    for c in (1, -1):  # identical gradients at the binary points: what BinaryConnect sees
-        assert toy_grad(1.0, c) == 1.0 and toy_grad(-1.0, c) == -1.0
-    with pytest.raises(ProxQuantError):
-        toy_objective(0.0, 2)
-
-
-@pytest.mark.parametrize("x0", [0.0, 1e-3, 0.3])
-def test_toy_proxquant_finds_the_binary_minimizers_binaryconnect_cannot(x0):
-    steps = 1000
-    res = toy_binaryconnect_vs_proxquant(steps=steps, lr=0.01, lam_max=4.0, x0=x0)
-    # ProxQuant: -1 for f_1 and +1 for f_-1, exactly on the grid, and it stays there.
-    assert res.proxquant == {1: -1.0, -1: 1.0}
-    for c in (1, -1):
-        assert set(res.proxquant_paths[c][-100:]) == {-float(c)}
-        assert toy_objective(res.proxquant[c], c) == 0.0
-    # BinaryConnect: the very same iterates on both functions ...
-    assert res.binaryconnect_paths[1] == res.binaryconnect_paths[-1]
-    assert res.binaryconnect[1] == res.binaryconnect[-1]
-    assert res.binaryconnect_quantized[1] == res.binaryconnect_quantized[-1]
-    # ... so it is wrong on one of them, and it does not converge: the sign flips every step.
-    assert max(toy_objective(res.binaryconnect_quantized[c], c) for c in (1, -1)) == 1.0
-    tail = [1 if v >= 0 else -1 for v in res.binaryconnect_paths[1][-101:]]
-    assert all(a != b for a, b in itertools.pairwise(tail))
-    assert max(abs(v) for v in res.binaryconnect_paths[1][-100:]) <= 0.01 + 1e-12
-
-
-def test_toy_bc_answer_depends_on_step_parity_not_on_the_function():
-    odd = toy_binaryconnect_vs_proxquant(steps=999)
-    even = toy_binaryconnect_vs_proxquant(steps=1000)
-    assert odd.binaryconnect_quantized == {1: -1.0, -1: -1.0}
-    assert even.binaryconnect_quantized == {1: 1.0, -1: 1.0}
-    with pytest.raises(ProxQuantError):
-        toy_binaryconnect_vs_proxquant(steps=0)

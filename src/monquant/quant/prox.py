@@ -10,14 +10,14 @@ A :class:`Grid` is a finite, symmetric set of levels ``L(a)`` fixed by a scale `
 
 The uniform grid is monquant's quantizer (SPEC section 2): ``nearest`` is exactly
 ``Q(w) = D clamp(round(w / D), -(2^(b-1) - 1), 2^(b-1) - 1)``. The scale is one number per tensor
-(``per-tensor``) or one per row (``per-row``: entry ``(i, ...)`` uses the scale of row ``i``,
+(``per-tensor``) or one per row (``per-channel``: entry ``(i, ...)`` uses the scale of row ``i``,
 computed over all the other dimensions; a tensor with fewer than two dimensions has a single
 scale, as in :mod:`monquant.quantize`).
 
 ``nearest(w)`` is the projection onto ``L`` (hard quantization). Ties (``w`` exactly halfway between
 two levels) are broken like ``torch.round`` in ``Q``, i.e. half to even: ``(k + 1/2) D`` goes to the
 even one of ``k D, (k + 1) D`` (so ``+-D/2 -> 0``; for ternary ``+-a/2 -> 0``); for binary the only
-tie is ``w = 0``, which goes to ``+a`` (``sign(0) = +1``, as :func:`monquant.ste.binary_sign`). The
+tie is ``w = 0``, which goes to ``+a`` (``sign(0) = +1``, as :func:`monquant.quant.ste.binary_sign`). The
 tie rule is odd-symmetric for ternary/uniform: ``nearest(-w) = -nearest(w)``.
 
 Scale caveat: with ``a`` recomputed from its own output, hard quantization is not idempotent
@@ -80,32 +80,33 @@ from typing import Literal
 import torch
 
 from monquant.errors import MonquantError
-from monquant.ste import binary_sign
+from monquant.quant.ste import binary_sign
+from monquant.quant.uniform import (
+    MAX_BITS,
+    MIN_BITS,
+    QuantizationError,
+    check_granularity,
+    grid_codes,
+)
 
 __all__ = [
     "Grid",
     "LambdaSchedule",
     "ProxQuantError",
     "ProxQuantizer",
-    "ToyResult",
     "lambda_schedule",
     "prox",
     "prox_l1",
     "prox_l2",
-    "toy_binaryconnect_vs_proxquant",
-    "toy_grad",
-    "toy_objective",
 ]
 
 GridKind = Literal["binary", "ternary", "uniform"]
-Granularity = Literal["per-tensor", "per-row"]
+Granularity = Literal["per-tensor", "per-channel"]
 RegularizerKind = Literal["l1", "l2"]
 Mode = Literal["prox", "lazy"]
 ScheduleKind = Literal["linear", "constant", "exponential"]
 
 GRID_KINDS: tuple[str, ...] = ("binary", "ternary", "uniform")
-GRANULARITIES: tuple[str, ...] = ("per-tensor", "per-row")
-MIN_BITS, MAX_BITS = 2, 32
 MAX_LISTED_LEVELS = 1 << 16
 
 
@@ -171,7 +172,8 @@ class Grid:
 
     ``kind``: ``"binary"`` ``{-a, a}``, ``"ternary"`` ``{-a, 0, a}`` or ``"uniform"``
     ``{k D : |k| <= 2^(b-1) - 1}`` with ``D = 2a / (2^b - 1)``; ``bits`` (uniform only, 2..32);
-    ``granularity``: ``"per-tensor"`` or ``"per-row"`` (``"per-channel"`` is accepted as an alias).
+    ``granularity``: ``"per-tensor"`` or ``"per-channel"`` (one scale per row; the vocabulary of
+    :mod:`monquant.quant.uniform`, whose ``check_granularity`` also accepts ``"per-row"``).
     """
 
     kind: GridKind = "uniform"
@@ -182,11 +184,10 @@ class Grid:
         if self.kind not in GRID_KINDS:
             raise ProxQuantError(f"unknown grid kind {self.kind!r}; choose one of {GRID_KINDS}")
         _check_bits(self.kind, self.bits)
-        gran = "per-row" if self.granularity == "per-channel" else self.granularity
-        if gran not in GRANULARITIES:
-            raise ProxQuantError(
-                f"unknown granularity {self.granularity!r}; choose one of {GRANULARITIES}"
-            )
+        try:
+            gran = check_granularity(self.granularity)
+        except QuantizationError as exc:
+            raise ProxQuantError(str(exc)) from None
         object.__setattr__(self, "granularity", gran)
 
     @property
@@ -258,9 +259,7 @@ class Grid:
         if self.kind == "binary":
             return s * binary_sign(w)
         d = self.spacing(s)
-        safe = torch.where(d > 0, d, torch.ones_like(d))
-        k = torch.clamp(torch.round(w / safe), -self.max_index, self.max_index)
-        return k * d
+        return grid_codes(w, d, self.max_index) * d
 
     def distance(self, w: torch.Tensor, scale: torch.Tensor | float | None = None) -> torch.Tensor:
         """Entrywise ``dist(w, L(scale)) = |w - nearest(w)|`` (the W-shaped regularizer ``R1``)."""
@@ -560,95 +559,3 @@ class ProxQuantizer:
             d = e.grid.distance(e.param, self.scale_of(e.param))
             total += float(d.sum() if self.regularizer == "l1" else 0.5 * (d * d).sum())
         return total
-
-
-# ------------------------------------------------------------------------------ the toy example
-
-
-def toy_objective(x: float, c: int) -> float:
-    """``f_c(x) = |x + c/2| - 1/2`` for ``c in {1, -1}``: ``f_1(-1) = f_-1(+1) = 0``, else 1."""
-    _check_toy_c(c)
-    return abs(x + c / 2) - 0.5
-
-
-def toy_grad(x: float, c: int) -> float:
-    """A subgradient of ``f_c``: ``sign(x + c/2)`` (0 at the kink)."""
-    _check_toy_c(c)
-    return float(math.copysign(1.0, x + c / 2)) if x + c / 2 != 0 else 0.0
-
-
-def _check_toy_c(c: int) -> None:
-    if c not in (1, -1):
-        raise ProxQuantError(f"toy index c must be 1 or -1, got {c!r}")
-
-
-@dataclass(frozen=True)
-class ToyResult:
-    """Final points and paths ``x_0..x_T`` of both methods on ``f_1`` and ``f_-1`` (keys 1, -1).
-
-    ``binaryconnect`` holds the final latent iterate and ``binaryconnect_quantized`` its sign (the
-    weight BinaryConnect would deploy); ``proxquant`` the final ProxQuant iterate.
-    """
-
-    binaryconnect: dict[int, float]
-    binaryconnect_quantized: dict[int, float]
-    proxquant: dict[int, float]
-    binaryconnect_paths: dict[int, tuple[float, ...]]
-    proxquant_paths: dict[int, tuple[float, ...]]
-
-
-def _run_binaryconnect(c: int, x0: float, steps: int, lr: float) -> tuple[float, ...]:
-    """Lazy iteration ``x_{t+1} = x_t - lr f_c'(sign(x_t))`` with ``sign(0) = +1``."""
-    path = [x0]
-    for _ in range(steps):
-        x = path[-1]
-        path.append(x - lr * toy_grad(1.0 if x >= 0 else -1.0, c))
-    return tuple(path)
-
-
-def _run_proxquant(
-    c: int, x0: float, steps: int, lr: float, schedule: Callable[[int], float]
-) -> tuple[float, ...]:
-    """ProxQuant: ``x_{t+1} = prox_{lr lam_{t+1} R}(x_t - lr f_c'(x_t))``, R = dist(., {+-1})."""
-    grid = Grid("binary")
-    one = torch.ones((), dtype=torch.float64)
-    path = [x0]
-    for t in range(steps):
-        y = torch.tensor(path[-1] - lr * toy_grad(path[-1], c), dtype=torch.float64)
-        path.append(float(prox_l1(y, lr * schedule(t + 1), grid, one)))
-    return tuple(path)
-
-
-def toy_binaryconnect_vs_proxquant(
-    steps: int = 1000,
-    lr: float = 0.01,
-    lam_max: float = 4.0,
-    x0: float = 0.0,
-    schedule: ScheduleKind = "linear",
-) -> ToyResult:
-    """The paper's 1-D example: binary levels ``{-1, +1}``, ``f_1 = |x + 1/2| - 1/2`` (binary
-    minimizer ``-1``) and ``f_-1 = |x - 1/2| - 1/2`` (binary minimizer ``+1``).
-
-    Both functions have the same gradients at the binary points (``f_c'(+1) = +1``,
-    ``f_c'(-1) = -1``), so BinaryConnect, which only queries gradients there, runs the *same*
-    iterates on both: it cannot be right for both, and from ``x0`` it just oscillates around 0
-    (``x0 -> x0 - lr -> x0 -> ...``), its sign flipping every step. ProxQuant queries the gradient
-    at the float iterate; it first settles at the continuous minimizer ``-c/2`` and, once
-    ``lam_t > 1``, the prox wins and the iterate lands on ``-c`` (the correct binary minimizer).
-    """
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ProxQuantError(f"steps must be an integer >= 1, got {steps!r}")
-    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
-        raise ProxQuantError(f"lr must be a finite number > 0, got {lr!r}")
-    if not math.isfinite(x0):
-        raise ProxQuantError("x0 must be finite")
-    sched = lambda_schedule(schedule, lam_max=lam_max, total_steps=steps)
-    bc = {c: _run_binaryconnect(c, float(x0), steps, float(lr)) for c in (1, -1)}
-    pq = {c: _run_proxquant(c, float(x0), steps, float(lr), sched) for c in (1, -1)}
-    return ToyResult(
-        binaryconnect={c: p[-1] for c, p in bc.items()},
-        binaryconnect_quantized={c: 1.0 if p[-1] >= 0 else -1.0 for c, p in bc.items()},
-        proxquant={c: p[-1] for c, p in pq.items()},
-        binaryconnect_paths=bc,
-        proxquant_paths=pq,
-    )

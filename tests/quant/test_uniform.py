@@ -5,15 +5,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from monquant.quantize import (
-    AdaptiveCellQuantizer,
-    FixedCellQuantizer,
-    QuantizationError,
-    check_bits,
-    fake_quant,
-    quantize,
-    storage_bits,
-)
+from monquant.quant.iterate import AdaptiveCellQuantizer, FixedCellQuantizer
+from monquant.quant.uniform import QuantizationError, check_bits, fake_quant, quantize, storage_bits
 
 
 def _w(rows, cols, seed, scale=1.0):

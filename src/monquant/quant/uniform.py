@@ -1,4 +1,4 @@
-"""Weight and iterate quantizers (SPEC section 2; Corollary 2).
+"""The uniform weight quantizer ``Q_b`` (SPEC section 2): bits, granularity, step rule, codes.
 
 Symmetric uniform mid-tread quantizer with ``b`` bits over ``[-w_max, w_max]``:
 
@@ -25,13 +25,13 @@ from monquant.errors import MonquantError
 
 __all__ = [
     "GRANULARITIES",
-    "AdaptiveCellQuantizer",
-    "FixedCellQuantizer",
     "QuantizationError",
     "Quantized",
     "a_priori_step",
     "check_bits",
+    "check_granularity",
     "fake_quant",
+    "grid_codes",
     "quantize",
     "storage_bits",
 ]
@@ -58,7 +58,13 @@ def check_bits(bits: object) -> int:
     return b
 
 
-def _check_granularity(granularity: str) -> str:
+#: Accepted spellings of a granularity (``per-row`` is ProxQuant's old name for per-channel).
+ALIASES = {"per-row": "per-channel"}
+
+
+def check_granularity(granularity: str) -> str:
+    """The canonical granularity name (``per-tensor`` or ``per-channel``); raise otherwise."""
+    granularity = ALIASES.get(granularity, granularity)
     if granularity not in GRANULARITIES:
         raise QuantizationError(
             f"unknown granularity {granularity!r}; choose one of {', '.join(GRANULARITIES)}"
@@ -102,6 +108,15 @@ class Quantized:
         return 2 ** (self.bits - 1) - 1
 
 
+def grid_codes(w: torch.Tensor, step: torch.Tensor, qmax: int) -> torch.Tensor:
+    """Integer codes ``clamp(round(w / D), -qmax, qmax)`` (half to even); ``D = 0`` gives codes 0.
+
+    The one rounding rule of every uniform grid in monquant (this quantizer and ProxQuant's).
+    """
+    safe = torch.where(step > 0, step, torch.ones_like(step))
+    return torch.clamp(torch.round(w / safe), -qmax, qmax)
+
+
 def _range(w: torch.Tensor, granularity: str) -> torch.Tensor:
     a = w.detach().abs().to(torch.float64)
     if granularity == "per-tensor" or w.dim() < 2:
@@ -122,7 +137,7 @@ def quantize(
     bad bit-width or granularity and for NaN/inf entries.
     """
     b = check_bits(bits)
-    _check_granularity(granularity)
+    granularity = check_granularity(granularity)
     if not isinstance(w, torch.Tensor) or not w.is_floating_point():
         raise QuantizationError("quantize expects a floating-point tensor")
     if not bool(torch.isfinite(w).all()):
@@ -133,9 +148,8 @@ def quantize(
         else torch.as_tensor(w_max, dtype=torch.float64, device=w.device)
     )
     step = 2.0 * wmax / (2**b - 1)
-    safe = torch.where(step > 0, step, torch.ones_like(step))
     qmax = 2 ** (b - 1) - 1
-    codes = torch.clamp(torch.round(w.detach().to(torch.float64) / safe), -qmax, qmax)
+    codes = grid_codes(w.detach().to(torch.float64), step, qmax)
     return Quantized(
         codes=codes.to(_code_dtype(b)),
         step=step,
@@ -174,7 +188,7 @@ def fake_quant(
     since ``w_max`` is derived from ``w`` itself every entry is inside, but the rule matters when the
     range is shared or fixed. ``w_max`` is treated as a constant (no gradient through the range).
     """
-    return _FakeQuant.apply(w, check_bits(bits), _check_granularity(granularity), clip)
+    return _FakeQuant.apply(w, check_bits(bits), check_granularity(granularity), clip)
 
 
 def storage_bits(shape: tuple[int, ...], bits: int, granularity: str, scale_bits: int = 32) -> int:
@@ -182,46 +196,3 @@ def storage_bits(shape: tuple[int, ...], bits: int, granularity: str, scale_bits
     numel = math.prod(shape)
     n_scales = 1 if granularity == "per-tensor" or len(shape) < 2 else shape[0]
     return numel * check_bits(bits) + n_scales * scale_bits
-
-
-@dataclass(frozen=True)
-class FixedCellQuantizer:
-    """Iterate quantizer with a fixed cell width ``h``: ``z -> h round(z / h)``.
-
-    Per-step error ``||e_k|| <= sqrt(n) h / 2`` (Corollary 2: constant error, a ball of radius
-    ``e / (1 - rho)``).
-    """
-
-    width: float
-
-    def __call__(self, z_prev: torch.Tensor, z_next: torch.Tensor, k: int) -> torch.Tensor:
-        return self.width * torch.round(z_next / self.width)
-
-    def error_bound(self, k: int, n: int) -> float:
-        return math.sqrt(n) * self.width / 2.0
-
-
-@dataclass(frozen=True)
-class AdaptiveCellQuantizer:
-    """Quantize the increment with a geometrically shrinking cell width ``h_k = h_0 s^k``.
-
-    ``z_{k+1} = z_k + h_k round((T(z_k) - z_k) / h_k)``: the errors ``||e_k|| <= sqrt(n) h_k / 2``
-    are summable, so the iterates converge to the exact equilibrium (Corollary 2).
-    """
-
-    width: float
-    shrink: float
-
-    def __post_init__(self) -> None:
-        if not 0 < self.shrink < 1:
-            raise QuantizationError(f"shrink must be in (0, 1), got {self.shrink}")
-
-    def cell(self, k: int) -> float:
-        return self.width * self.shrink**k
-
-    def __call__(self, z_prev: torch.Tensor, z_next: torch.Tensor, k: int) -> torch.Tensor:
-        h = self.cell(k)
-        return z_prev + h * torch.round((z_next - z_prev) / h)
-
-    def error_bound(self, k: int, n: int) -> float:
-        return math.sqrt(n) * self.cell(k) / 2.0
