@@ -39,7 +39,7 @@ def _float_parts(checkpoint: str):
 
 def cmd_export(args: argparse.Namespace) -> int:
     from monquant.cli.common import emit, load_data
-    from monquant.deploy import export_deployment, export_float_checkpoint
+    from monquant.deploy.files import export_deployment, export_float_checkpoint
 
     _, W, U, b, hw, hb = _float_parts(args.checkpoint)
     data = load_data(args)
@@ -83,7 +83,7 @@ def _inputs(args: argparse.Namespace):
 
 def cmd_run(args: argparse.Namespace) -> int:
     from monquant.cli.common import emit
-    from monquant.deploy import load_deployment
+    from monquant.deploy.files import load_deployment
     from monquant.errors import ConfigError
 
     dep = load_deployment(args.file)

@@ -4,7 +4,7 @@ For every weight bit-width ``b_w`` (``W`` and, by default, ``U`` quantized with 
 quantizer, scales made dyadic) and activation bit-width ``b_a``:
 
 1. the deployed ``W~`` is certified exactly (``margin(W~) > 0`` and a power-of-two FB step
-   ``a = 2^-k < 2 m~ / L~^2``, see :func:`monquant.intsolver.power_of_two_step`); a configuration
+   ``a = 2^-k < 2 m~ / L~^2``, see :func:`monquant.deploy.intsolver.power_of_two_step`); a configuration
    that fails is reported as *not certified* and not run;
 2. inputs are encoded to signed fixed point and the injection ``q~ = U~ x~ + b~`` is formed in
    integers; ``z~*``, the float64 equilibrium of the same deployed operator, is solved to ``1e-12``
@@ -35,24 +35,26 @@ from typing import Any
 
 import torch
 
-from monquant.deploy import (
+from monquant.deploy.files import (
     export_deployment,
     export_float_checkpoint,
     load_deployment,
     packed_nbytes,
 )
-from monquant.intsolver import (
+from monquant.deploy.fixedpoint import (
     FixedPointFormat,
-    Injection,
     IntegerOverflowError,
-    IntFBSolver,
     IntWeights,
-    bias_codes,
     calibrate_format,
+    quantize_weights,
+)
+from monquant.deploy.intsolver import (
+    Injection,
+    IntFBSolver,
+    bias_codes,
     deployed_bounds,
     injection_from_codes,
     power_of_two_step,
-    quantize_weights,
     reference_equilibrium,
 )
 from monquant.report import markdown_table, new_figure, save_figure

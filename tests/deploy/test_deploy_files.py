@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from monquant.certify import certify
-from monquant.deploy import (
+from monquant.deploy.files import (
     export_deployment,
     export_float_checkpoint,
     load_deployment,
@@ -19,15 +19,15 @@ from monquant.deploy import (
     packed_nbytes,
     unpack_codes,
 )
-from monquant.errors import CheckpointError
-from monquant.experiments.intdeploy import run_intdeploy
-from monquant.intsolver import (
+from monquant.deploy.fixedpoint import quantize_weights
+from monquant.deploy.intsolver import (
     IntFBSolver,
     UncertifiedOperatorError,
     bias_codes,
     injection_from_codes,
-    quantize_weights,
 )
+from monquant.errors import CheckpointError
+from monquant.experiments.intdeploy import run_intdeploy
 from monquant.operators import wk_weight
 from monquant.storage.tensors import save_tensors
 

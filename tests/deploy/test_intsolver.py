@@ -7,24 +7,26 @@ import math
 import pytest
 import torch
 
-from monquant.intsolver import (
+from monquant.deploy.fixedpoint import (
     INT32_MAX,
     FixedPointFormat,
-    Injection,
     IntegerOverflowError,
+    calibrate_format,
+    choose_accumulator,
+    dyadic_scale,
+    int_matmul,
+    matmul_bound,
+    quantize_weights,
+)
+from monquant.deploy.intsolver import (
+    Injection,
     IntFBSolver,
     UncertifiedOperatorError,
     bias_codes,
-    calibrate_format,
-    choose_accumulator,
     deployed_bounds,
-    dyadic_scale,
     injection_from_codes,
     injection_from_float,
-    int_matmul,
-    matmul_bound,
     power_of_two_step,
-    quantize_weights,
     reference_equilibrium,
 )
 from monquant.operators import spectral_stats, wk_weight

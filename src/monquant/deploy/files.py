@@ -34,26 +34,28 @@ import numpy as np
 import torch
 
 from monquant.certify import certify
-from monquant.errors import CheckpointError, ConfigError
-from monquant.intsolver import (
+from monquant.deploy.fixedpoint import (
     DyadicScale,
     FixedPointFormat,
+    IntWeights,
+    calibrate_format,
+    quantize_weights,
+)
+from monquant.deploy.intsolver import (
     Injection,
     IntFBSolver,
     IntSolveResult,
-    IntWeights,
     RequantPlan,
     UncertifiedOperatorError,
     bias_codes,
-    calibrate_format,
     deployed_bounds,
     deployed_radius,
     injection_bound,
     injection_from_codes,
     power_of_two_step,
-    quantize_weights,
     reference_equilibrium,
 )
+from monquant.errors import CheckpointError, ConfigError
 from monquant.quant.uniform import check_bits
 from monquant.solvers import SolverConfig, solve
 from monquant.storage.jsonio import to_jsonable
@@ -257,7 +259,7 @@ def export_deployment(
 
     Formats: the input is signed ``input_bits`` fixed point, the iterate unsigned ``act_bits``;
     their fractional bits are given or calibrated on ``x_calib`` (inputs: ``max|x|``; iterate:
-    ``headroom * max z*``). The FB step is :func:`monquant.intsolver.power_of_two_step` of the
+    ``headroom * max z*``). The FB step is :func:`monquant.deploy.intsolver.power_of_two_step` of the
     deployed ``W~``. The worst-case integer bounds over every input in range are checked here,
     so the deployment can never overflow. An uncertified ``W~`` raises
     :class:`UncertifiedOperatorError` unless ``require_certified=False``; then the file is written
