@@ -23,7 +23,7 @@ from monquant.model import MonDEQClassifier, MonDEQConfig
 from monquant.report import text_table
 from monquant.solvers import SolverConfig
 from monquant.storage.jsonio import to_jsonable
-from monquant.train import TrainConfig, train
+from monquant.training.loop import TrainConfig, train
 
 
 def matmul_peak_gflops(size: int = 1024, repeats: int = 10) -> float:

@@ -13,7 +13,7 @@ from monquant.data import MNIST
 from monquant.errors import ConfigError
 from monquant.experiments.lowbit import LowbitConfig, run_lowbit, stage_name
 from monquant.lowbit_report import NAMES, aggregate, judge_targets
-from monquant.qtrain import KINDS, QuantMethod
+from monquant.training.methods import KINDS, QuantMethod
 
 FEATURES = 20
 

@@ -12,7 +12,6 @@ from safetensors.torch import save_file
 
 from monquant.errors import CheckpointError
 from monquant.model import MonDEQClassifier, MonDEQConfig
-from monquant.optim import Adam
 from monquant.storage.checkpoints import (
     CHECKPOINT_FORMAT,
     load_model,
@@ -20,7 +19,8 @@ from monquant.storage.checkpoints import (
     save_model,
 )
 from monquant.storage.tensors import load_tensors, save_tensors
-from monquant.train import TrainConfig, train
+from monquant.training.loop import TrainConfig, train
+from monquant.training.optim import Adam
 
 HIDDEN = 20
 

@@ -72,7 +72,7 @@ def cmd_lowbit(args: argparse.Namespace) -> int:
 def register(add: Callable[..., argparse.ArgumentParser]) -> None:
     """Add the ``lowbit`` subcommand through ``cli.build_parser``'s ``add``."""
     from monquant.cli.common import data_args
-    from monquant.qtrain import KINDS
+    from monquant.training.methods import KINDS
 
     p = add(
         "lowbit",

@@ -16,10 +16,9 @@ EPILOG_TRAIN = """examples:
 """
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from monquant.workflows import TrainRequest, run_training
+    from monquant.training.runs import TrainRequest, run_training
 
-    req = TrainRequest(
-        out=Path(args.out),
+    req = TrainRequest.of(Path(args.out),
         hidden=args.hidden,
         rank=args.rank,
         margin_init=args.margin_init,

@@ -1,7 +1,7 @@
 """``monquant lowbit``: how low can a MonDEQ go while its convergence stays certified?
 
 Compares, at 2, 3, 4, 6 and 8 bits and per-tensor / per-channel scaling, the methods of
-:mod:`monquant.qtrain`: PTQ, STE QAT, margin-aware QAT, ProxQuant on ``W`` and ProxQuant on the
+:mod:`monquant.training.methods`: PTQ, STE QAT, margin-aware QAT, ProxQuant on ``W`` and ProxQuant on the
 factors ``A``, ``B`` (plus mixed-precision rows where ``W`` and ``U`` get different bit-widths).
 For each configuration and seed: test accuracy through the deployed ``W~``, ``margin(W~)``,
 ``||dW||/m``, the certificate tier, the fraction of converged solves, the weight storage and the
@@ -29,17 +29,17 @@ from monquant.data import MNIST, random_subset
 from monquant.errors import ConfigError, MonquantError
 from monquant.experiments.reproduce import StageRunner
 from monquant.model import MonDEQClassifier
-from monquant.qtrain import (
+from monquant.storage.checkpoints import load_model
+from monquant.storage.jsonio import read_json, write_json
+from monquant.training.loop import TrainConfig, evaluate, train
+from monquant.training.methods import (
     KINDS,
     QuantMethod,
     deployed_weights,
     free_copy,
     prepare_method,
 )
-from monquant.storage.checkpoints import load_model
-from monquant.storage.jsonio import read_json, write_json
-from monquant.train import TrainConfig, evaluate, train
-from monquant.workflows import TrainRequest, run_training
+from monquant.training.runs import TrainRequest, run_training
 
 __all__ = [
     "PROTOCOL",
@@ -70,7 +70,7 @@ only the method differs (``QuantMethod.default``):
 - STE QAT: the forward solve on ``Q_b(W)``, straight-through gradients; nothing else (the paper);
 - margin-aware QAT: STE, plus ``m`` lifted before training just enough that
   ``margin(Q_b(W)) >= 0.1``, plus ``P_eig`` (``tau = 0.1``) and ``P_weyl``
-  (``||sg(Q_b(W)) - W||_F / margin(W) <= 1``, weight 0.1) (see :mod:`monquant.qtrain`);
+  (``||sg(Q_b(W)) - W||_F / margin(W) <= 1``, weight 0.1) (see :mod:`monquant.training.methods`);
 - ProxQuant: the W-shaped L1 prox toward the ``b``-bit uniform grid (scale per tensor or per row,
   calibrated at the start and then fixed), strength ``lr * lam_t``, ``lam_t`` linear from 0 to 5;
   on ``W`` (free parameterization) with the same lift and ``P_eig`` on ``nearest(W)`` as a guard;
@@ -271,8 +271,7 @@ def _float_stage(cfg: LowbitConfig, data: MNIST, seed: int, echo: Echo) -> dict[
     if cfg.float_model is not None:
         return {"model": str(cfg.float_model), "history": None, "train_seconds": 0.0}
     e = cfg.float_epochs
-    req = TrainRequest(
-        out=Path(cfg.out) / f"float-s{seed}",
+    req = TrainRequest.of(Path(cfg.out) / f"float-s{seed}",
         hidden=cfg.hidden,
         solver={"method": cfg.solver, "tol": cfg.tol, "max_iter": cfg.max_iter},
         epochs=e,

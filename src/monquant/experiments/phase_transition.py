@@ -17,7 +17,7 @@ from monquant.certify import certify
 from monquant.model import MonDEQClassifier
 from monquant.quant.uniform import quantize
 from monquant.solvers import SolverConfig
-from monquant.train import evaluate
+from monquant.training.loop import evaluate
 
 __all__ = ["PAPER_BITS", "run_phase_transition"]
 

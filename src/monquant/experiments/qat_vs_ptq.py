@@ -15,7 +15,7 @@ import torch
 from monquant.certify import certify
 from monquant.model import MonDEQClassifier
 from monquant.quant.uniform import quantize
-from monquant.train import evaluate, install_qat
+from monquant.training.loop import evaluate, install_qat
 
 __all__ = ["compare_row"]
 

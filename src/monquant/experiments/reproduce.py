@@ -33,7 +33,7 @@ from monquant.experiments.phase_transition import PAPER_BITS, run_phase_transiti
 from monquant.experiments.qat_vs_ptq import compare_row
 from monquant.storage.checkpoints import load_model
 from monquant.storage.jsonio import read_json, write_json
-from monquant.workflows import TrainRequest, run_training
+from monquant.training.runs import TrainRequest, run_training
 
 __all__ = ["ReproduceConfig", "StageRunner", "run_reproduce"]
 
@@ -126,8 +126,7 @@ def _subset(x: torch.Tensor, y: torch.Tensor, k: int | None) -> tuple[torch.Tens
 def _train_request(cfg: ReproduceConfig, out: Path, qat_bits: int | None) -> TrainRequest:
     """The paper's training setup; with ``resume`` an interrupted training continues."""
     epochs = cfg.epochs if qat_bits is None or cfg.qat_epochs is None else cfg.qat_epochs
-    return TrainRequest(
-        out=out,
+    return TrainRequest.of(out,
         solver={"method": cfg.solver, "tol": cfg.tol, "max_iter": cfg.max_iter},
         margin_init=cfg.margin_init,
         epochs=epochs,

@@ -1,4 +1,5 @@
-"""Quantized-training methods as configurations of the one training loop (:func:`monquant.train.train`).
+"""Quantized-training methods as configurations of the one training loop
+(:func:`monquant.training.loop.train`).
 
 A :class:`QuantMethod` names a way to obtain a low-bit MonDEQ; :func:`prepare_method` installs it
 on a :class:`~monquant.model.MonDEQClassifier` (hooks on the layer, :class:`TrainHooks` for the
@@ -37,7 +38,7 @@ With ``W~ = Q_b(W)`` (STE: ``dW~/dW := I``) the loss gets
     P_weyl = w_weyl * relu(||sg(W~) - W||_F / lmin(sym(I - W)) - rho)     (Weyl-tier target)
 
 ``sg`` is stop-gradient (under STE ``W~ - W`` has zero derivative, so the quantized point is held
-as a constant target). ``P_eig`` is :func:`monquant.train.margin_penalty` (``TrainConfig``
+as a constant target). ``P_eig`` is :func:`monquant.training.loop.margin_penalty` (``TrainConfig``
 ``margin_target``/``margin_weight``): it acts only while the quantized margin is below ``tau`` and
 moves ``W`` along the eigenvector of the smallest eigenvalue, the one direction that raises
 ``margin(W~)``. It certifies the exact tier but says nothing about ``||dW||``. ``P_weyl`` bounds
@@ -82,7 +83,7 @@ from monquant.model import MonDEQClassifier, softplus_inverse
 from monquant.operators import margin, margin_tensor, wk_weight
 from monquant.quant.prox import Grid, ProxQuantizer, lambda_schedule
 from monquant.quant.uniform import GRANULARITIES, check_bits, fake_quant, quantize, storage_bits
-from monquant.train import TrainConfig, TrainHooks
+from monquant.training.loop import TrainConfig, TrainHooks
 
 __all__ = [
     "KINDS",
@@ -262,7 +263,7 @@ def free_copy(model: MonDEQClassifier) -> MonDEQClassifier:
 
 @dataclass
 class PreparedMethod:
-    """A model made ready for a :class:`QuantMethod`: hooks for :func:`~monquant.train.train`.
+    """A model made ready for a :class:`QuantMethod`: hooks for :func:`~monquant.training.loop.train`.
 
     ``quantizer``: the ProxQuant driver (ProxQuant kinds); ``latent``: the float parameters just
     before the hard quantization (the reference ``W`` of the certificate); ``freeze_step``: the
@@ -391,7 +392,7 @@ def prepare_method(
     epochs: int,
     lr: float = 1e-3,
 ) -> PreparedMethod:
-    """Install ``method`` on ``model`` and return the hooks for :func:`~monquant.train.train`.
+    """Install ``method`` on ``model`` and return the hooks for :func:`~monquant.training.loop.train`.
 
     Train with ``train(model, ..., prepared.train_config(cfg), hooks=prepared.hooks)``.
     ProxQuant: ``lam_t`` follows ``method.schedule`` over the steps before the freeze

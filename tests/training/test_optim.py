@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from monquant.optim import Adam, StepDecay
+from monquant.training.optim import Adam, StepDecay
 
 
 def _params(seed=0):

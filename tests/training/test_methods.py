@@ -1,4 +1,4 @@
-"""Quantized-training methods (monquant.qtrain) on tiny synthetic MonDEQs."""
+"""Quantized-training methods (monquant.training.methods) on tiny synthetic MonDEQs."""
 
 from __future__ import annotations
 
@@ -13,7 +13,9 @@ from monquant.certify import certify
 from monquant.errors import ConfigError
 from monquant.model import MonDEQClassifier, MonDEQConfig
 from monquant.operators import margin, wk_weight
-from monquant.qtrain import (
+from monquant.quant.uniform import quantize
+from monquant.training.loop import TrainConfig, evaluate, train
+from monquant.training.methods import (
     KINDS,
     QuantMethod,
     apply_lift,
@@ -25,8 +27,6 @@ from monquant.qtrain import (
     products_per_iteration,
     weyl_penalty,
 )
-from monquant.quant.uniform import quantize
-from monquant.train import TrainConfig, evaluate, train
 
 D, N, CLASSES = 12, 8, 4
 

@@ -22,8 +22,8 @@ from torch.nn import functional as F
 from monquant.errors import ConfigError, MonquantError
 from monquant.model import MonDEQClassifier
 from monquant.operators import margin_tensor, spectral_stats
-from monquant.optim import Adam, StepDecay
 from monquant.quant.uniform import check_bits, fake_quant
+from monquant.training.optim import Adam, StepDecay
 from monquant.verified import margin_bounds
 
 __all__ = [

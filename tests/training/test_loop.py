@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import SHARED_MNIST
 from torch.nn import functional as F
 
 from monquant.data import MNIST, load_mnist
@@ -17,7 +18,7 @@ from monquant.model import MonDEQClassifier, MonDEQConfig
 from monquant.operators import margin
 from monquant.quant.uniform import QuantizationError, quantize
 from monquant.storage.checkpoints import load_model, save_model
-from monquant.train import (
+from monquant.training.loop import (
     TrainConfig,
     epoch_generator,
     evaluate,
@@ -25,7 +26,7 @@ from monquant.train import (
     margin_penalty,
     train,
 )
-from monquant.workflows import TrainRequest, run_training
+from monquant.training.runs import TrainRequest, run_training
 
 TIMING = {"seconds", "eval_seconds"}
 HIDDEN = 16
@@ -56,7 +57,7 @@ def data() -> MNIST:
 def real_mnist() -> MNIST:
     """The real MNIST (loaded once for this module), or skip when the files are absent."""
     env = os.environ.get("MONQUANT_DATA")
-    path = Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
+    path = Path(env) if env else SHARED_MNIST
     if not any((path / f"t10k-labels-idx1-ubyte{s}").exists() for s in ("", ".gz")):
         pytest.skip(f"MNIST files not found in {path}")
     return load_mnist(path, download=False)
@@ -167,16 +168,16 @@ def _echo_interrupting_at(epoch: int):
 
 def test_run_training_resume_equals_uninterrupted(data: MNIST, tmp_path: Path) -> None:
     base = dict(hidden=HIDDEN, epochs=3, batch_size=150, decay_epoch=2, seed=2, progress=False)
-    straight = run_training(TrainRequest(out=tmp_path / "a", **base), data, echo=None)
+    straight = run_training(TrainRequest.of(tmp_path / "a", **base), data, echo=None)
     # interrupted while logging epoch 3: only the checkpoint after epoch 2 exists
     with pytest.raises(KeyboardInterrupt):
-        run_training(TrainRequest(out=tmp_path / "b", **base), data, echo=_echo_interrupting_at(3))
+        run_training(TrainRequest.of(tmp_path / "b", **base), data, echo=_echo_interrupting_at(3))
     assert not (tmp_path / "b" / "model.safetensors").exists()
     ckpt = load_model(tmp_path / "b" / "checkpoint.safetensors")
     assert ckpt.train_state is not None and ckpt.train_state["epoch"] == 2
     lines: list[str] = []
     resumed = run_training(
-        TrainRequest(out=tmp_path / "b", resume=True, **base), data, echo=lines.append
+        TrainRequest.of(tmp_path / "b", resume=True, **base), data, echo=lines.append
     )
     assert lines[0].startswith("resuming") and len(lines) == 2  # resume note + epoch 3
     assert_same_weights(load_model(straight["model"]).model, load_model(resumed["model"]).model)
@@ -188,36 +189,35 @@ def test_run_training_resume_refuses_changed_settings_but_may_extend(
 ) -> None:
     """Only --epochs may change on resume (to extend a run); any other change is refused."""
     base = dict(hidden=HIDDEN, epochs=1, batch_size=300, seed=0, progress=False)
-    run_training(TrainRequest(out=tmp_path, **base), data, echo=None)
+    run_training(TrainRequest.of(tmp_path, **base), data, echo=None)
     with pytest.raises(MonquantError, match=r"training settings .*lr"):
         run_training(
-            TrainRequest(out=tmp_path, resume=True, **{**base, "lr": 2e-3}), data, echo=None
+            TrainRequest.of(tmp_path, resume=True, **{**base, "lr": 2e-3}), data, echo=None
         )
     with pytest.raises(MonquantError, match=r"model/solver settings .*hidden"):
         run_training(
-            TrainRequest(out=tmp_path, resume=True, **{**base, "hidden": HIDDEN + 2}),
+            TrainRequest.of(tmp_path, resume=True, **{**base, "hidden": HIDDEN + 2}),
             data,
             echo=None,
         )
     extended = run_training(
-        TrainRequest(out=tmp_path, resume=True, **{**base, "epochs": 2}), data, echo=None
+        TrainRequest.of(tmp_path, resume=True, **{**base, "epochs": 2}), data, echo=None
     )
     assert [h["epoch"] for h in extended["history"]] == [1, 2]
 
 
 def test_run_training_resume_refuses_changed_model_settings(data: MNIST, tmp_path: Path) -> None:
     base = dict(hidden=HIDDEN, epochs=1, batch_size=300, seed=0, progress=False)
-    run_training(TrainRequest(out=tmp_path, **base), data, echo=None)
+    run_training(TrainRequest.of(tmp_path, **base), data, echo=None)
     with pytest.raises(MonquantError):
         run_training(
-            TrainRequest(out=tmp_path, resume=True, **{**base, "hidden": 30}), data, echo=None
+            TrainRequest.of(tmp_path, resume=True, **{**base, "hidden": 30}), data, echo=None
         )
 
 
 def test_run_training_resume_without_checkpoint_starts_fresh(data: MNIST, tmp_path: Path) -> None:
     lines: list[str] = []
-    req = TrainRequest(
-        out=tmp_path, hidden=HIDDEN, epochs=1, batch_size=300, resume=True, progress=False
+    req = TrainRequest.of(tmp_path, hidden=HIDDEN, epochs=1, batch_size=300, resume=True, progress=False
     )
     result = run_training(req, data, echo=lines.append)
     assert "no checkpoint" in lines[0]
@@ -415,7 +415,7 @@ def test_short_training_on_real_mnist_learns(real_mnist: MNIST) -> None:
 
 
 def test_non_finite_loss_stops_training_with_a_clear_error(data: MNIST) -> None:
-    from monquant.train import TrainingDivergedError
+    from monquant.training.loop import TrainingDivergedError
 
     model = new_model()
     with torch.no_grad():

@@ -1,0 +1,174 @@
+"""Training runs: a run folder trained, checkpointed every epoch and resumable.
+
+A run folder holds ``checkpoint.safetensors`` (rewritten atomically after every epoch, with the
+optimizer state, so ``resume=True`` continues exactly), ``model.safetensors`` (the final model)
+and ``log.json`` (the per-epoch log and the settings).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from monquant.data import MNIST
+from monquant.errors import MonquantError
+from monquant.model import MonDEQClassifier, MonDEQConfig
+from monquant.solvers import SolverConfig
+from monquant.storage.checkpoints import load_model, save_model
+from monquant.storage.jsonio import write_json
+from monquant.training.loop import TrainConfig, train
+
+__all__ = ["TrainRequest", "run_training"]
+
+
+@dataclass
+class TrainRequest:
+    """Everything that defines a training run: the model and solver, the optimisation settings
+    (one :class:`~monquant.training.loop.TrainConfig`, not a copy of its fields) and the run folder.
+
+    :meth:`of` builds one from flat keyword settings (as the CLI and the studies have them),
+    sending each to the model or to ``TrainConfig`` by name; bad settings fail here, before any
+    data is loaded.
+    """
+
+    out: Path
+    hidden: int = 100
+    rank: int | None = None
+    margin_init: float = 1.0
+    learn_margin: bool = True
+    solver: dict[str, Any] = field(default_factory=lambda: {"method": "pr", "tol": 1e-4})
+    backward: str = "splitting"
+    train: TrainConfig = field(default_factory=TrainConfig)
+    resume: bool = False
+    progress: bool = True
+
+    @classmethod
+    def of(cls, out: str | Path, **settings: Any) -> TrainRequest:
+        """``TrainRequest`` from flat settings: ``TrainConfig`` fields go to ``train``."""
+        names = {f.name for f in dataclasses.fields(TrainConfig)}
+        train = TrainConfig(**{k: v for k, v in settings.items() if k in names})
+        own = {k: v for k, v in settings.items() if k not in names}
+        req = cls(out=Path(out), train=train, **own)
+        req.model_config(1, 1)  # validate the model and solver settings now
+        return req
+
+    def model_config(self, in_features: int, out_features: int) -> MonDEQConfig:
+        solver = SolverConfig(**{k: v for k, v in self.solver.items() if v is not None})
+        return MonDEQConfig(
+            in_features=in_features,
+            hidden=self.hidden,
+            out_features=out_features,
+            rank=self.rank,
+            margin_init=self.margin_init,
+            learn_margin=self.learn_margin,
+            solver=solver.as_dict(),
+            backward=self.backward,
+        )
+
+    def train_config(self) -> TrainConfig:
+        return self.train
+
+
+def _settings(req: TrainRequest, model: MonDEQClassifier, data: MNIST) -> dict[str, Any]:
+    return {
+        "model": model.config.as_dict(),
+        "train": req.train_config().as_dict(),
+        "seed": req.train.seed,
+        "data": {"source": str(data.source), "md5": data.md5},
+    }
+
+
+def _check_resumable(
+    ckpt: Path, stored: dict[str, Any], req: TrainRequest, data: MNIST, cfg: TrainConfig
+) -> None:
+    """Refuse to resume when anything but the number of epochs differs from the stored run."""
+    wanted_model = req.model_config(data.x_train.shape[1], 10).as_dict()
+    diffs = []
+    st_train = dict(stored.get("train") or {})
+    new_train = cfg.as_dict()
+    st_train.pop("epochs", None)
+    new_train.pop("epochs", None)
+    if st_train and st_train != new_train:
+        keys = sorted(k for k in new_train if st_train.get(k) != new_train[k])
+        diffs.append(f"training settings {keys}")
+    st_model = stored.get("model")
+    if st_model and st_model != wanted_model:
+        keys = sorted(k for k in wanted_model if st_model.get(k) != wanted_model[k])
+        diffs.append(f"model/solver settings {keys}")
+    st_data = (stored.get("data") or {}).get("md5")
+    if st_data and st_data != data.md5:
+        diffs.append("the data files (checksums differ)")
+    if diffs:
+        raise MonquantError(
+            f"--resume: {'; '.join(diffs)} differ from the interrupted run in {ckpt}; "
+            "resume with the same settings (only --epochs may grow) or use a new --out"
+        )
+
+
+def run_training(
+    req: TrainRequest,
+    data: MNIST,
+    echo: Callable[[str], None] | None = print,
+) -> dict[str, Any]:
+    """Train (or resume) the run in ``req.out``; return paths and the per-epoch history."""
+    out = Path(req.out)
+    ckpt = out / "checkpoint.safetensors"
+    cfg = req.train_config()
+    resume_state = None
+    if req.resume and ckpt.exists():
+        loaded = load_model(ckpt)
+        model, resume_state = loaded.model, loaded.train_state
+        _check_resumable(ckpt, loaded.metadata.get("settings", {}), req, data, cfg)
+        if resume_state is None:
+            raise MonquantError(f"{ckpt} holds no training state to resume from")
+        if echo:
+            echo(f"resuming {ckpt} after epoch {resume_state['epoch']}")
+    else:
+        if req.resume and echo:
+            echo(f"--resume: no checkpoint in {out}, starting from scratch")
+        torch.manual_seed(req.train.seed)
+        model = MonDEQClassifier(req.model_config(data.x_train.shape[1], 10))
+    settings = _settings(req, model, data)
+    started = time.perf_counter()
+
+    def on_epoch(entry: dict[str, Any]) -> None:
+        if echo:
+            echo(
+                f"epoch {entry['epoch']:2d}: loss {entry['loss']:.4f} "
+                f"train {entry['train_accuracy']:.4f} test {entry['test_accuracy']:.4f} "
+                f"m {entry['m']:.4f} kappa {entry['kappa']:.2f} it {entry['mean_iterations']:.1f}"
+                f" unconverged {entry['train_unconverged']}/{entry['test_unconverged']} "
+                f"{entry['seconds']:.1f}s"
+            )
+
+    def checkpoint(state: dict[str, Any]) -> None:
+        save_model(ckpt, model, train_state=state, extra={"settings": settings})
+        write_json(out / "log.json", {"settings": settings, "history": state["history"]})
+
+    history = train(
+        model,
+        data.x_train,
+        data.y_train,
+        data.x_test,
+        data.y_test,
+        cfg,
+        checkpoint=checkpoint,
+        resume_state=resume_state,
+        progress=req.progress,
+        log=on_epoch,
+    )
+    final = out / "model.safetensors"
+    save_model(final, model, extra={"settings": settings, "history": history})
+    return {
+        "model": str(final),
+        "checkpoint": str(ckpt),
+        "log": str(out / "log.json"),
+        "history": history,
+        "seconds": time.perf_counter() - started,
+    }
