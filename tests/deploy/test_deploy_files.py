@@ -27,7 +27,7 @@ from monquant.deploy.intsolver import (
     injection_from_codes,
 )
 from monquant.errors import CheckpointError
-from monquant.experiments.intdeploy import run_intdeploy
+from monquant.experiments.integer.study import run_intdeploy
 from monquant.operators import wk_weight
 from monquant.storage.tensors import save_tensors
 

@@ -115,7 +115,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_intdeploy(args: argparse.Namespace) -> int:
     from monquant.cli.common import emit, load_data
-    from monquant.experiments.intdeploy import run_intdeploy
+    from monquant.experiments.integer.study import run_intdeploy
 
     _, W, U, b, hw, hb = _float_parts(args.checkpoint)
     data = load_data(args)

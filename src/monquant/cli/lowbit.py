@@ -21,8 +21,8 @@ EPILOG_LOWBIT = """examples:
 
 def cmd_lowbit(args: argparse.Namespace) -> int:
     from monquant.cli.common import emit, load_data
-    from monquant.experiments.lowbit import run_lowbit
-    from monquant.lowbit_report import summary_rows
+    from monquant.experiments.lowbit_study.report import summary_rows
+    from monquant.experiments.lowbit_study.study import run_lowbit
     from monquant.report import text_table
 
     options: dict[str, Any] = {}

@@ -20,7 +20,7 @@ EPILOG_REPRODUCE = """examples:
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
-    from monquant.experiments.reproduce import ReproduceConfig, run_reproduce
+    from monquant.experiments.paper.reproduce import ReproduceConfig, run_reproduce
 
     kw: dict[str, Any] = dict(
         out=Path(args.out),
@@ -57,7 +57,7 @@ EPILOG_STE = """examples:
 
 
 def cmd_ste_recovery(args: argparse.Namespace) -> int:
-    from monquant.experiments.ste_recovery import run_ste_recovery, summary_text
+    from monquant.experiments.ste.study import run_ste_recovery, summary_text
 
     res = run_ste_recovery(
         args.out,

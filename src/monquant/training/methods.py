@@ -88,7 +88,7 @@ from monquant.training.loop import TrainConfig, TrainHooks
 __all__ = [
     "KINDS",
     "TRAINED_KINDS",
-    "Deployment",
+    "DeployedWeights",
     "PreparedMethod",
     "QuantMethod",
     "apply_lift",
@@ -466,7 +466,7 @@ def layer_storage_bits(
 
 
 @dataclass
-class Deployment:
+class DeployedWeights:
     """What a method deploys and what the weights prove about it.
 
     ``W_ref``: the float weight the hard quantization started from (PTQ/QAT: the float/latent
@@ -542,7 +542,7 @@ def _deployed_u(model: MonDEQClassifier, method: QuantMethod) -> torch.Tensor:
 @torch.no_grad()
 def deployed_weights(
     model: MonDEQClassifier, method: QuantMethod, prepared: PreparedMethod | None = None
-) -> Deployment:
+) -> DeployedWeights:
     """The deployed ``W~`` (and ``U~``), its certificate, storage and multiply count.
 
     PTQ/STE/margin: ``W~ = Q_b(W)`` certified by ``certify(W, bits, granularity)``. ProxQuant
@@ -553,9 +553,9 @@ def deployed_weights(
     """
     layer = model.layer
 
-    def deployment(W: torch.Tensor, Wt: torch.Tensor, cert: Certificate, **extra) -> Deployment:
+    def deployment(W: torch.Tensor, Wt: torch.Tensor, cert: Certificate, **extra) -> DeployedWeights:
         n, d, r = layer.config.hidden, layer.config.in_features, layer.config.rank
-        return Deployment(
+        return DeployedWeights(
             method,
             W,
             Wt,

@@ -1,6 +1,6 @@
 """Render ``monquant lowbit``: aggregate over seeds, judge the targets, draw, write the report.
 
-Takes the plain results of :func:`monquant.experiments.lowbit.run_lowbit` (one row per
+Takes the plain results of :func:`monquant.experiments.lowbit_study.study.run_lowbit` (one row per
 configuration and seed) and writes ``report.md``, ``results.json`` and ``lowbit.png``/``.pdf``.
 A configuration is *certified* on a seed when the exact tier holds (``margin(W~) > 0``; the
 factored ProxQuant form has ``margin(W~) >= m > 0`` by construction); its "tier on all seeds" is

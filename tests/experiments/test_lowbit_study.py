@@ -11,8 +11,8 @@ import torch
 from monquant.cli import main
 from monquant.data import MNIST
 from monquant.errors import ConfigError
-from monquant.experiments.lowbit import LowbitConfig, run_lowbit, stage_name
-from monquant.lowbit_report import NAMES, aggregate, judge_targets
+from monquant.experiments.lowbit_study.report import NAMES, aggregate, judge_targets
+from monquant.experiments.lowbit_study.study import LowbitConfig, run_lowbit, stage_name
 from monquant.training.methods import KINDS, QuantMethod
 
 FEATURES = 20

@@ -1,6 +1,6 @@
 """Render the paper reproduction: figures (PNG + PDF), ``report.md`` and ``results.json``.
 
-Takes the plain results of :func:`monquant.experiments.reproduce.run_reproduce` and draws every
+Takes the plain results of :func:`monquant.experiments.paper.reproduce.run_reproduce` and draws every
 table and figure; it also judges the paper's qualitative claims against what was measured,
 marking each reproduced or not, without softening a difference.
 """

@@ -77,7 +77,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from monquant.binary_ste import (
+from monquant.experiments.ste.binary_ste import (
     DEFAULT_CHUNK_BYTES,
     DEFAULT_NS,
     DEFAULT_RATIOS,
@@ -96,8 +96,7 @@ from monquant.binary_ste import (
     ste_train,
     surrogate_loss,
 )
-from monquant.report import markdown_table, new_figure, save_figure, text_table
-from monquant.scaling_fit import (
+from monquant.experiments.ste.scaling_fit import (
     bootstrap_slope,
     fit_scaling,
     interpolate_crossing,
@@ -105,6 +104,7 @@ from monquant.scaling_fit import (
     local_slopes,
     t_quantile,
 )
+from monquant.report import markdown_table, new_figure, save_figure, text_table
 from monquant.storage.files import atomic_write_text
 from monquant.storage.jsonio import write_json
 

@@ -9,7 +9,7 @@ finished stages, and an interrupted training resumes from its per-epoch checkpoi
 4. ``qat_<b>`` and ``qat_vs_ptq``: Figure 3, STE QAT from scratch against PTQ;
 5. ``iterate_quant``: Corollary 2.
 
-The report (Markdown + JSON + PNG/PDF figures) is rendered by :mod:`monquant.paper_report`.
+The report (Markdown + JSON + PNG/PDF figures) is rendered by :mod:`monquant.experiments.paper.report`.
 """
 
 from __future__ import annotations
@@ -27,10 +27,10 @@ import torch
 
 from monquant import __version__
 from monquant.data import MNIST, random_subset
-from monquant.experiments.displacement import run_displacement
-from monquant.experiments.iterate_quant import run_iterate_quantization
-from monquant.experiments.phase_transition import PAPER_BITS, run_phase_transition
-from monquant.experiments.qat_vs_ptq import compare_row
+from monquant.experiments.paper.displacement import run_displacement
+from monquant.experiments.paper.iterate_quant import run_iterate_quantization
+from monquant.experiments.paper.phase_transition import PAPER_BITS, run_phase_transition
+from monquant.experiments.paper.qat_vs_ptq import compare_row
 from monquant.storage.checkpoints import load_model
 from monquant.storage.jsonio import read_json, write_json
 from monquant.training.runs import TrainRequest, run_training
@@ -148,7 +148,7 @@ def run_reproduce(
     cfg: ReproduceConfig, data: MNIST, echo: Callable[[str], None] | None = print
 ) -> dict[str, Any]:
     """Run every stage (skipping finished ones on resume) and render the report."""
-    from monquant.paper_report import render_report
+    from monquant.experiments.paper.report import render_report
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)

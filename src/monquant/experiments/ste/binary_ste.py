@@ -2,7 +2,7 @@
 
 The model, data, loss and STE coarse gradient of the finite-sample STE study (SPEC section 5),
 and the vectorized latent iteration ``u_{t+1} = u_t - eta g(sign(u_t))`` over a batch of
-independent trials. The experiment driver is :mod:`monquant.experiments.ste_recovery`; the
+independent trials. The experiment driver is :mod:`monquant.experiments.ste.study`; the
 details of the arithmetic (exact grid for Z, incremental updates) are documented there.
 """
 

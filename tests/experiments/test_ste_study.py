@@ -1,4 +1,4 @@
-"""Tests of the finite-sample STE recovery experiment (monquant.experiments.ste_recovery)."""
+"""Tests of the finite-sample STE recovery experiment (monquant.experiments.ste.study)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from monquant import binary_ste
-from monquant.experiments import ste_recovery as sr
+from monquant.experiments.ste import study as sr
+from monquant.experiments.ste import binary_ste
 from monquant.quant.ste import binary_sign
 
 

@@ -27,7 +27,7 @@ import torch
 
 from monquant.data import MNIST, random_subset
 from monquant.errors import ConfigError, MonquantError
-from monquant.experiments.reproduce import StageRunner
+from monquant.experiments.paper.reproduce import StageRunner
 from monquant.model import MonDEQClassifier
 from monquant.storage.checkpoints import load_model
 from monquant.storage.jsonio import read_json, write_json
@@ -509,7 +509,7 @@ def _check_settings(cfg: LowbitConfig, out: Path) -> None:
 
 
 def _run(cfg: LowbitConfig, data: MNIST, echo: Echo) -> dict[str, Any]:
-    from monquant.lowbit_report import render_lowbit
+    from monquant.experiments.lowbit_study.report import render_lowbit
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,1 @@
+"""``monquant intdeploy``: integer iterates validated against Corollary 2 (``study``)."""

@@ -1,0 +1,1 @@
+"""``monquant lowbit``: certified low-bit MonDEQs (``study``) and its report (``report``)."""
