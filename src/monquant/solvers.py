@@ -281,6 +281,7 @@ class SplittingMap:
         if method == "fb":
             self.map: LinearMap = op.fb_map(a)
             self.c = a * q
+            self._K = self.map.K if isinstance(self.map, MatrixMap) else None
             return
         if resolvent is None:
             J = op.resolvent(a)
@@ -292,6 +293,7 @@ class SplittingMap:
             resolvent = MatrixMap(resolvent.to(q))
         self.map = resolvent
         self.c = a * resolvent.matmul(q)
+        self._K = resolvent.K if isinstance(resolvent, MatrixMap) else None  # dense fast path
 
     @property
     def K(self) -> torch.Tensor:
@@ -311,7 +313,10 @@ class SplittingMap:
         return self.read(s, self.start(s))[0]
 
     def start(self, s: torch.Tensor) -> torch.Tensor | None:
-        return None if self.method == "fb" else self.map.addmm(self.c, s)
+        if self.method == "fb":
+            return None
+        K = self._K  # the dense fast path is inlined: this runs once per iteration
+        return torch.addmm(self.c, s, K) if K is not None else self.map.addmm(self.c, s)
 
     def read(self, s: torch.Tensor, x: torch.Tensor | None):
         if x is None:
@@ -320,11 +325,13 @@ class SplittingMap:
         return self.prox(y), y
 
     def advance(self, s, x, z, y):
+        K = self._K
         if self.method == "fb":
-            return self.prox(self.map.addmm(self.c, s)), None
+            lin = torch.addmm(self.c, s, K) if K is not None else self.map.addmm(self.c, s)
+            return self.prox(lin), None
         # PR: u+ = R_G R_F u = 2 z - y;  DR: u+ = (u + R_G R_F u) / 2 = u + z - x
         u = torch.lerp(y, z, 2.0) if self.method == "pr" else s + z - x
-        return u, self.map.addmm(self.c, u)
+        return u, torch.addmm(self.c, u, K) if K is not None else self.map.addmm(self.c, u)
 
 
 @dataclass(frozen=True)
@@ -507,7 +514,9 @@ def solve(
 
 
 def _sq(t: torch.Tensor) -> torch.Tensor:
-    """Per-sample squared norm over every non-batch dimension."""
+    """Per-sample squared norm over every non-batch dimension (``t`` may be overwritten)."""
+    if t.dim() == 2:
+        return t.square().sum(dim=1)
     return t.reshape(t.shape[0], -1).square().sum(dim=1)
 
 
@@ -524,6 +533,7 @@ def _iterate(it: SplittingMap, s: torch.Tensor, q: torch.Tensor, cfg: SolverConf
     every 16 checks and at the end.
     """
     B = q.shape[0]
+    flat = q.dim() == 2  # the common (dense) layout takes the old, allocation-lean path
     tol2 = cfg.tol**2
     floor = (8.0 * torch.finfo(q.dtype).eps) ** 2 * _sq(q)
     limit2 = (cfg.diverge_at * (1.0 + float(q.abs().max()) if q.numel() else 1.0)) ** 2
@@ -544,8 +554,12 @@ def _iterate(it: SplittingMap, s: torch.Tensor, q: torch.Tensor, cfg: SolverConf
         if k % cfg.check_every and k < cfg.max_iter:
             continue
         checks += 1
-        dz2 = _sq(z - z_prev)
-        zn2 = _sq(z)
+        if flat:
+            dz2 = (z - z_prev).square_().sum(dim=1)
+            zn2 = z.square().sum(dim=1)
+        else:
+            dz2 = _sq(z - z_prev)
+            zn2 = _sq(z)
         ok = dz2 <= torch.add(floor, zn2, alpha=tol2)
         pending += ~ok
         if checks % 16 == 0 or k == cfg.max_iter:
