@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +116,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_intdeploy(args: argparse.Namespace) -> int:
     from monquant.cli.common import emit, load_data
+    from monquant.experiments.integer.report import write_report
     from monquant.experiments.integer.study import run_intdeploy
 
     _, W, U, b, hw, hb = _float_parts(args.checkpoint)
@@ -122,10 +124,15 @@ def cmd_intdeploy(args: argparse.Namespace) -> int:
     x, y = data.x_test[: args.test_limit].double(), data.y_test[: args.test_limit]
     res = run_intdeploy(
         args.out, W, U, b, hw, hb, x, y, weight_bits=tuple(args.weight_bits),
-        act_bits=tuple(args.act_bits), progress=not args.no_progress,
+        act_bits=tuple(args.act_bits), echo=None if args.no_progress else _stderr_line,
     )  # fmt: skip
+    res = write_report(args.out, res)
     emit(args, res, f"report: {Path(args.out) / 'report.md'}")
     return 0
+
+
+def _stderr_line(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
 
 
 def register(add) -> None:

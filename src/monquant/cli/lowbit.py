@@ -25,7 +25,7 @@ def cmd_lowbit(args: argparse.Namespace) -> int:
     from monquant.experiments.lowbit_study.study import run_lowbit
     from monquant.report import text_table
 
-    options: dict[str, Any] = {}
+    options: dict[str, Any] = {"command": ["monquant", *sys.argv[1:]]}
     if args.budget_minutes is not None:
         options["budget_s"] = 60.0 * args.budget_minutes
     if args.train_limit is not None:

@@ -28,6 +28,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         seed=args.seed,
         resume=args.resume,
         progress=not args.no_progress,
+        command=["monquant", *sys.argv[1:]],
     )
     if args.epochs is not None:
         kw["epochs"] = args.epochs
@@ -57,10 +58,10 @@ EPILOG_STE = """examples:
 
 
 def cmd_ste_recovery(args: argparse.Namespace) -> int:
-    from monquant.experiments.ste.study import run_ste_recovery, summary_text
+    from monquant.experiments.ste.report import summary_text, write_report
+    from monquant.experiments.ste.study import run_ste_recovery
 
     res = run_ste_recovery(
-        args.out,
         quick=args.quick,
         seed=args.seed,
         trials=args.trials,
@@ -69,6 +70,7 @@ def cmd_ste_recovery(args: argparse.Namespace) -> int:
         sigma_frac=args.noise,
         progress=not args.no_progress,
     )
+    res = write_report(args.out, res)
     emit(
         args,
         {"out": args.out, "scaling": res["scaling"], "timing": res["timing"]},

@@ -28,8 +28,8 @@ bits against the float32 weights (``W``, ``U``, ``b``, head) in the same contain
 from __future__ import annotations
 
 import math
-import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -57,10 +57,7 @@ from monquant.deploy.intsolver import (
     power_of_two_step,
     reference_equilibrium,
 )
-from monquant.report import markdown_table, new_figure, save_figure
 from monquant.solvers import SolverConfig, solve
-from monquant.storage.files import atomic_write_text
-from monquant.storage.jsonio import write_json
 from monquant.verified import SpectralBounds
 
 __all__ = ["run_intdeploy"]
@@ -109,9 +106,9 @@ TABLE_KEYS = [
 ]
 
 
-def _log(enabled: bool, msg: str) -> None:
-    if enabled:
-        print(f"[intdeploy] {msg}", file=sys.stderr, flush=True)
+def _log(echo: Callable[[str], None] | None, msg: str) -> None:
+    if echo is not None:
+        echo(f"[intdeploy] {msg}")
 
 
 def _mean(t: torch.Tensor) -> float:
@@ -269,72 +266,6 @@ def _size_rows(
     return rows
 
 
-def _plot(rows: list[dict[str, Any]], samples: dict[str, Any], stem: Path) -> list[Path]:
-    """Left: measured distance against predicted radius per sample; right: worst ratio per config."""
-    fig, axes = new_figure(ncols=2)
-    ax, bx = axes[0]
-    lo, hi = math.inf, 0.0
-    for key, s in samples.items():
-        r, d = torch.tensor(s["radius"]), torch.tensor(s["distance"])
-        ok = (r > 0) & (d > 0)
-        if bool(ok.any()):
-            ax.scatter(r[ok], d[ok], s=6, alpha=0.5, label=key)
-            lo, hi = min(lo, float(r[ok].min()), float(d[ok].min())), max(hi, float(r[ok].max()))
-    if hi > 0:
-        ax.plot([lo, hi], [lo, hi], "k--", lw=1, label="distance = radius")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-    ax.set_xlabel("predicted radius e_max / (1 - rho)")
-    ax.set_ylabel("measured ||z_int - z~*||")
-    ax.set_title("Corollary 2: integer iterates vs predicted ball")
-    ax.legend(fontsize=6)
-    ran = [r for r in rows if r.get("worst_ratio") is not None]
-    labels = [f"w{r['weight_bits']}/a{r['act_bits']}" for r in ran]
-    bx.bar(range(len(ran)), [r["worst_ratio"] for r in ran], color="tab:blue")
-    bx.axhline(1.0, color="k", ls="--", lw=1)
-    bx.set_xticks(range(len(ran)), labels, rotation=45, fontsize=7)
-    bx.set_ylabel("worst measured / predicted")
-    bx.set_title("worst ratio per configuration (<= 1: inside)")
-    return save_figure(fig, stem)
-
-
-def _report(results: dict[str, Any]) -> str:
-    rows = results["table"]
-    lines = [
-        "# Integer-arithmetic deployment (Corollary 2)",
-        "",
-        f"n = {results['n']} hidden units, d = {results['d']} inputs, "
-        f"{results['samples']} samples; float model accuracy {results['accuracy_float']:.4f}.",
-        "Integer FB iteration: W~ codes with dyadic scales, fixed-point iterate, power-of-two step "
-        "(the certified 2^-k with the smallest modulus), exact int32/int64 accumulation with "
-        "overflow bounds checked beforehand, relu + round-half-up requantization each step.",
-        "A sample is inside when ||z_int - z~*|| <= e_max/(1 - rho) + eps_ref (eps_ref: a-posteriori "
-        "error of the float64 reference); 'Cor.2 holds' checks the full bound "
-        "rho^K ||z0 - z~*|| + sum rho^(K-1-j) ||e_j||.",
-        "",
-        markdown_table(TABLE_HEADERS, [[r.get(k) for k in TABLE_KEYS] for r in rows]),
-        "",
-    ]
-    bad = [r for r in rows if r.get("status") not in ("ok", None)]
-    for r in bad:
-        lines.append(f"- W {r['weight_bits']} bits, act {r['act_bits']} bits: {r['status']}")
-    lines += ["", "## Deployment file size", ""]
-    hdr = [
-        "bits",
-        "certified",
-        "file bytes",
-        "float32 bytes",
-        "saving x",
-        "packed codes",
-        "roundtrip",
-    ]
-    keys = ["bits", "certified", "file_bytes", "float32_bytes", "ratio", "packed_code_bytes",
-            "codes_roundtrip_exact"]  # fmt: skip
-    lines += [markdown_table(hdr, [[r[k] for k in keys] for r in results["sizes"]]), ""]
-    lines += ["![Corollary 2 validation](intdeploy.png)", ""]
-    return "\n".join(lines)
-
-
 def run_intdeploy(
     out_dir: str | Path,
     W: torch.Tensor,
@@ -346,7 +277,7 @@ def run_intdeploy(
     y_test: torch.Tensor,
     weight_bits: tuple[int, ...] = (4, 6, 8),
     act_bits: tuple[int, ...] = (8, 12, 16),
-    progress: bool = True,
+    echo: Callable[[str], None] | None = None,
     *,
     u_bits: int | None = None,
     input_bits: int = 8,
@@ -357,11 +288,13 @@ def run_intdeploy(
     size_bits: tuple[int, ...] = (2, 4, 8),
     deploy_act_bits: int = 16,
 ) -> dict[str, Any]:
-    """Corollary-2 validation table and plot, and deployment file sizes; writes ``out_dir``.
+    """Corollary-2 validation table and deployment file sizes (plain data).
 
     ``W`` (n x n), ``U`` (n x d), ``b`` (n), ``head_w`` (classes x n), ``head_b`` (classes);
-    ``x_test`` (samples x d, already normalized) and integer labels ``y_test``. Writes
-    ``report.md``, ``results.json``, ``intdeploy.png``/``.pdf`` and the deployment files.
+    ``x_test`` (samples x d, already normalized) and integer labels ``y_test``. The deployment
+    files whose sizes are measured are written to ``out_dir`` (they are the measurement);
+    :func:`monquant.experiments.integer.report.write_report` renders the results. ``echo``
+    receives one progress line per configuration.
     """
     t0 = time.perf_counter()
     out = Path(out_dir)
@@ -369,7 +302,7 @@ def run_intdeploy(
     x = x_test.detach().to(torch.float64).reshape(x_test.shape[0], -1)
     opts = {
         "u_bits": u_bits, "input_bits": input_bits, "granularity": granularity,
-        "mult_bits": mult_bits, "max_iter": max_iter, "headroom": headroom, "progress": progress,
+        "mult_bits": mult_bits, "max_iter": max_iter, "headroom": headroom, "progress": echo,
     }  # fmt: skip
     acc_float = _float_accuracy(W, U, b, head_w, head_b, x, y_test)
     rows: list[dict[str, Any]] = []
@@ -391,8 +324,5 @@ def run_intdeploy(
         "sizes": sizes,
         "per_sample": samples,
     }
-    results["figures"] = [p.name for p in _plot(rows, samples, out / "intdeploy")]
     results["seconds"] = time.perf_counter() - t0
-    write_json(out / "results.json", results)
-    atomic_write_text(out / "report.md", _report(results))
     return results

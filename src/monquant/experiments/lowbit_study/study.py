@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import shlex
-import sys
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -116,7 +115,7 @@ class LowbitConfig:
     quick: bool = False
     resume: bool = False
     progress: bool = True
-    command: list[str] = field(default_factory=lambda: ["monquant", *sys.argv[1:]])
+    command: list[str] = field(default_factory=list)  # the command line, recorded in the report
 
     @classmethod
     def quick_config(cls, **kw: Any) -> LowbitConfig:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import platform
 import shlex
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -66,7 +65,7 @@ class ReproduceConfig:
     resume: bool = False
     progress: bool = True
     quick: bool = False
-    command: list[str] = field(default_factory=lambda: ["monquant", *sys.argv[1:]])
+    command: list[str] = field(default_factory=list)  # the command line, recorded in the report
 
     @classmethod
     def quick_config(cls, **kw: Any) -> ReproduceConfig:
