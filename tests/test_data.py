@@ -367,3 +367,10 @@ def test_image_set_normalises_on_access_exactly() -> None:
     assert images.shape == (50, 784) and len(images) == 50 and images.dtype == torch.float32
     with pytest.raises(ValueError):
         ImageSet(codes.float())
+
+
+def test_subset_is_the_one_first_k_rule() -> None:
+    x, y = torch.arange(10.0).reshape(5, 2), torch.arange(5)
+    assert data.subset(x, y, None)[0] is x
+    assert data.subset(x, y, 3)[1].tolist() == [0, 1, 2]
+    assert data.subset(x, y, 99)[1].tolist() == [0, 1, 2, 3, 4]

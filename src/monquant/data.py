@@ -570,9 +570,14 @@ def iterate_batches(
             yield x[idx], y[idx.to(y.device)]
 
 
-def subset(x: torch.Tensor, y: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first ``k`` samples (all of them when ``k`` is larger than the set)."""
+def subset(x: torch.Tensor, y: torch.Tensor, k: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``k`` samples (all of them when ``k`` is ``None`` or larger than the set).
+
+    The one "first k samples" rule of every ``--test-limit``, ``--mnist K`` and study limit.
+    """
     _check_pair(x, y)
+    if k is None:
+        return x, y
     if k < 0:
         raise ConfigError(f"k must be non-negative, got {k}")
     return x[:k], y[:k]

@@ -7,13 +7,23 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from monquant.certify import certify
-from monquant.data import MNIST
+from monquant.data import MNIST, subset
+from monquant.errors import ConfigError
 from monquant.operators import spectral_stats
 from monquant.storage.checkpoints import load_model, quantize_model, save_model
 from monquant.training.loop import evaluate
 
 __all__ = ["run_eval", "run_ptq"]
+
+
+def _test_set(data: MNIST, test_limit: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The test images, or the first ``test_limit`` of them (``>= 1``)."""
+    if test_limit is not None and test_limit < 1:
+        raise ConfigError(f"test_limit must be >= 1, got {test_limit}")
+    return subset(data.x_test, data.y_test, test_limit)
 
 
 def run_ptq(
@@ -33,9 +43,7 @@ def run_ptq(
     cert = certify(W, W_tilde=qw.tensor("W")) if "W" in qw.parts else certify(W, W_tilde=W)
     cert_d = cert.to_dict()
     cert_d.update(bits=bits, granularity=granularity)
-    x, y = data.x_test, data.y_test
-    if test_limit:
-        x, y = x[:test_limit], y[:test_limit]
+    x, y = _test_set(data, test_limit)
     float_eval = evaluate(model, x, y)
     q_eval = evaluate(model, x, y, **qw.overrides())
     dest = (
@@ -66,9 +74,7 @@ def run_eval(checkpoint: str | Path, data: MNIST, test_limit: int | None = None)
     W = overrides.get("W")
     W = W if W is not None else model.layer.weight().detach()
     st = spectral_stats(W)
-    x, y = data.x_test, data.y_test
-    if test_limit:
-        x, y = x[:test_limit], y[:test_limit]
+    x, y = _test_set(data, test_limit)
     ev = evaluate(model, x, y, **overrides)
     return {
         "checkpoint": str(checkpoint),

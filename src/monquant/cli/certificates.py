@@ -10,6 +10,7 @@ from monquant.cli.common import (
     certificate_rows,
     data_args,
     emit,
+    granularity_arg,
     load_data,
     load_W,
 )
@@ -163,13 +164,13 @@ def register(add: AddCommand) -> None:
     c = add("certify", cmd_certify, "certify quantized W without running a solver", EPILOG_CERTIFY)
     c.add_argument("path", help="monquant checkpoint, or .npz/.safetensors holding W (U, b)")
     c.add_argument("--bits", type=int, nargs="*", default=[3, 4, 5, 6, 8])
-    c.add_argument("--granularity", choices=["per-tensor", "per-channel"], default="per-tensor")
+    granularity_arg(c)
     c.add_argument("--min-bits", action="store_true", help="smallest certified bits per tier")
 
     q = add("ptq", cmd_ptq, "post-training quantization: quantize, certify, evaluate", EPILOG_PTQ)
     q.add_argument("checkpoint")
     q.add_argument("--bits", type=int, required=True)
-    q.add_argument("--granularity", choices=["per-tensor", "per-channel"], default="per-tensor")
+    granularity_arg(q)
     q.add_argument("--quantize", default="W", help="comma list of W,U,b (default W, as the paper)")
     q.add_argument("--out", default=None, help="quantized model path (default: next to CKPT)")
     q.add_argument("--test-limit", type=int, default=None, help="evaluate on the first k images")

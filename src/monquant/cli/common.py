@@ -13,6 +13,7 @@ __all__ = [
     "certificate_rows",
     "data_args",
     "emit",
+    "granularity_arg",
     "load_W",
     "load_data",
     "solver_args",
@@ -39,6 +40,13 @@ def solver_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tol", type=float, default=1e-4, help="relative residual tolerance")
     g.add_argument("--max-iter", type=int, default=2000, help="iteration cap (reported if hit)")
     g.add_argument("--step", type=float, default=None, help="step size (default: FB m/L^2, PR 1/L)")
+
+
+def granularity_arg(p: argparse.ArgumentParser, flag: str = "--granularity") -> None:
+    """``--granularity`` with the quantizer's own vocabulary (``quant.uniform.GRANULARITIES``)."""
+    from monquant.quant.uniform import GRANULARITIES
+
+    p.add_argument(flag, choices=GRANULARITIES, default="per-tensor", help="scale per tensor or per row")
 
 
 def data_args(p: argparse.ArgumentParser) -> None:

@@ -76,10 +76,11 @@ def _inputs(args: argparse.Namespace):
         y = t.get("y")
         return t["x"].double(), (y.long() if y is not None else None)
     from monquant.cli.common import load_data
+    from monquant.data import subset
 
     data = load_data(args)
-    k = args.mnist
-    return data.x_test[:k].to(torch.float64), data.y_test[:k]
+    x, y = subset(data.x_test, data.y_test, args.mnist)
+    return x.to(torch.float64), y
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -121,7 +122,10 @@ def cmd_intdeploy(args: argparse.Namespace) -> int:
 
     _, W, U, b, hw, hb = _float_parts(args.checkpoint)
     data = load_data(args)
-    x, y = data.x_test[: args.test_limit].double(), data.y_test[: args.test_limit]
+    from monquant.data import subset
+
+    x, y = subset(data.x_test, data.y_test, args.test_limit)
+    x = x.double()
     res = run_intdeploy(
         args.out, W, U, b, hw, hb, x, y, weight_bits=tuple(args.weight_bits),
         act_bits=tuple(args.act_bits), echo=None if args.no_progress else _stderr_line,
@@ -137,7 +141,7 @@ def _stderr_line(msg: str) -> None:
 
 def register(add) -> None:
     """Add the deployment commands to the main parser (``add`` from :func:`monquant.cli`)."""
-    from monquant.cli.common import data_args
+    from monquant.cli.common import data_args, granularity_arg
 
     e = add("export", cmd_export, "write an integer deployment file (packed codes, certificate)",
             EPILOG_EXPORT)  # fmt: skip
@@ -145,7 +149,7 @@ def register(add) -> None:
     e.add_argument("--bits", type=int, required=True, help="weight bit-width of W (and U)")
     e.add_argument("--u-bits", type=int, default=None, help="bit-width of U (default: --bits)")
     e.add_argument("--act-bits", type=int, default=16, help="fixed-point bits of the iterate")
-    e.add_argument("--granularity", choices=["per-tensor", "per-channel"], default="per-tensor")
+    granularity_arg(e)
     e.add_argument("--max-iter", type=int, default=2000)
     e.add_argument("--calibration", type=int, default=1000, help="training images to calibrate")
     e.add_argument("--out", default=None)

@@ -72,6 +72,7 @@ def cmd_lowbit(args: argparse.Namespace) -> int:
 def register(add: Callable[..., argparse.ArgumentParser]) -> None:
     """Add the ``lowbit`` subcommand through ``cli.build_parser``'s ``add``."""
     from monquant.cli.common import data_args
+    from monquant.quant.uniform import GRANULARITIES
     from monquant.training.methods import KINDS
 
     p = add(
@@ -90,7 +91,7 @@ def register(add: Callable[..., argparse.ArgumentParser]) -> None:
     p.add_argument(
         "--granularities",
         nargs="+",
-        choices=["per-tensor", "per-channel"],
+        choices=GRANULARITIES,
         default=None,
     )
     p.add_argument("--methods", nargs="+", choices=list(KINDS), default=None)

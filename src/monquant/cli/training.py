@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from monquant.cli.common import AddCommand, data_args, emit, load_data, solver_args
+from monquant.cli.common import AddCommand, data_args, emit, granularity_arg, load_data, solver_args
 
 __all__ = ["cmd_train", "register"]
 
@@ -69,7 +69,7 @@ def register(add: AddCommand) -> None:
     t.add_argument("--decay", type=float, default=0.1)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--qat-bits", type=int, default=None, help="quantization-aware training")
-    t.add_argument("--granularity", choices=["per-tensor", "per-channel"], default="per-tensor")
+    granularity_arg(t)
     t.add_argument("--margin-target", type=float, default=None, help="margin-aware QAT target")
     t.add_argument("--margin-weight", type=float, default=1.0)
     t.add_argument("--resume", action="store_true", help="continue from the run's checkpoint")

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from monquant.data import MNIST, random_subset
+from monquant.data import MNIST, random_subset, subset
 from monquant.errors import ConfigError, MonquantError
 from monquant.experiments.paper.reproduce import StageRunner
 from monquant.model import MonDEQClassifier
@@ -311,7 +311,7 @@ def _finetune(
     )
     k = cfg.check_limit  # the per-epoch log evaluates on a slice of the fine-tuning data
     hist = train(
-        model, x, y, x[:k], y[:k], prep.train_config(tcfg), hooks=prep.hooks, progress=False
+        model, x, y, *subset(x, y, k), prep.train_config(tcfg), hooks=prep.hooks, progress=False
     )
     return model, prep, hist
 
@@ -368,10 +368,6 @@ def _ptq_stage(
     }
 
 
-def _limit(x: torch.Tensor, y: torch.Tensor, k: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    return (x, y) if k is None or k >= x.shape[0] else (x[:k], y[:k])
-
-
 class _Budget:
     """Stops launching stages after ``budget_s`` seconds (``None``: no limit)."""
 
@@ -403,7 +399,7 @@ def _seed_stages(
     if fl is None:
         budget.skipped += [stage_name(m, seed) for m in specs if m.kind != "ptq"]
         return None, None, []
-    test_xy = _limit(data.x_test, data.y_test, cfg.test_limit)
+    test_xy = subset(data.x_test, data.y_test, cfg.test_limit)
     n_train = cfg.train_limit or data.x_train.shape[0]
     train_xy = random_subset(data.x_train, data.y_train, min(n_train, len(data.y_train)), seed)
     ptq_specs = [m for m in specs if m.kind == "ptq"]

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from monquant import __version__
-from monquant.data import MNIST, random_subset
+from monquant.data import MNIST, random_subset, subset
 from monquant.experiments.paper.displacement import run_displacement
 from monquant.experiments.paper.iterate_quant import run_iterate_quantization
 from monquant.experiments.paper.phase_transition import PAPER_BITS, run_phase_transition
@@ -116,12 +116,6 @@ class StageRunner:
         return read_json(path)["result"]
 
 
-def _subset(x: torch.Tensor, y: torch.Tensor, k: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    if k is None or k >= x.shape[0]:
-        return x, y
-    return x[:k], y[:k]
-
-
 def _train_request(cfg: ReproduceConfig, out: Path, qat_bits: int | None) -> TrainRequest:
     """The paper's training setup; with ``resume`` an interrupted training continues."""
     epochs = cfg.epochs if qat_bits is None or cfg.qat_epochs is None else cfg.qat_epochs
@@ -162,7 +156,7 @@ def run_reproduce(
             source=data.source,
             md5=data.md5,
         )
-    x_test, y_test = _subset(data.x_test, data.y_test, cfg.test_limit)
+    x_test, y_test = subset(data.x_test, data.y_test, cfg.test_limit)
 
     if cfg.model is not None:
         float_stage = runner.run(
