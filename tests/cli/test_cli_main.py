@@ -365,10 +365,13 @@ def test_train_text_output_and_resume(
 def test_train_refuses_bad_options(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, data_dir: Path, option: list[str]
 ) -> None:
-    rc, _, err = cli(
-        capsys, "train", "--out", tmp_path, *option, "--data-dir", data_dir, "--no-download"
-    )
-    assert_clean_error(rc, err, "train")
+    # refused by argparse itself (before any data loads): exit 2, the error line first
+    with pytest.raises(SystemExit) as info:
+        cli(capsys, "train", "--out", tmp_path, *option, "--data-dir", data_dir, "--no-download")
+    err = capsys.readouterr().err
+    assert info.value.code == 2
+    assert_clean_error(2, err, "train", option[0])
+    assert not tmp_path.joinpath("checkpoint.safetensors").exists()
 
 
 def test_train_missing_data_is_a_clean_error(

@@ -13,6 +13,9 @@ from monquant.cli.common import (
     granularity_arg,
     load_data,
     load_W,
+    positive_float,
+    positive_int,
+    require_checkpoint,
 )
 
 __all__ = ["cmd_certify", "cmd_demo", "cmd_eval", "cmd_ptq", "register"]
@@ -80,6 +83,7 @@ def cmd_ptq(args: argparse.Namespace) -> int:
     from monquant.workflows import run_ptq
 
     parts = tuple(p.strip() for p in args.quantize.split(",") if p.strip())
+    require_checkpoint(args.checkpoint, "ptq")
     data = load_data(args)
     result = run_ptq(
         args.checkpoint,
@@ -108,6 +112,7 @@ def cmd_ptq(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from monquant.workflows import run_eval
 
+    require_checkpoint(args.checkpoint, "eval")
     data = load_data(args)
     result = run_eval(args.checkpoint, data, test_limit=args.test_limit)
     ev = result["eval"]
@@ -173,7 +178,7 @@ def register(add: AddCommand) -> None:
     granularity_arg(q)
     q.add_argument("--quantize", default="W", help="comma list of W,U,b (default W, as the paper)")
     q.add_argument("--out", default=None, help="quantized model path (default: next to CKPT)")
-    q.add_argument("--test-limit", type=int, default=None, help="evaluate on the first k images")
+    q.add_argument("--test-limit", type=positive_int, default=None, help="evaluate on the first k images")
     data_args(q)
 
     e = add(
@@ -184,7 +189,7 @@ def register(add: AddCommand) -> None:
         "  monquant eval runs/float/ptq-4bit-per-tensor.safetensors --json\n",
     )
     e.add_argument("checkpoint")
-    e.add_argument("--test-limit", type=int, default=None)
+    e.add_argument("--test-limit", type=positive_int, default=None)
     data_args(e)
 
     d = add(
@@ -193,7 +198,7 @@ def register(add: AddCommand) -> None:
         "certificates of a small synthetic MonDEQ, checked by solving",
         "examples:\n  monquant demo\n  monquant demo --n 50 --margin 0.2 --bits 3 4 8 --json\n",
     )
-    d.add_argument("--n", type=int, default=100)
-    d.add_argument("--margin", type=float, default=0.5)
+    d.add_argument("--n", type=positive_int, default=100)
+    d.add_argument("--margin", type=positive_float, default=0.5)
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--bits", type=int, nargs="*", default=[3, 4, 5, 6, 8, 12, 16])

@@ -10,17 +10,66 @@ from typing import Any
 
 __all__ = [
     "AddCommand",
+    "Parser",
     "certificate_rows",
     "data_args",
     "emit",
     "granularity_arg",
     "load_W",
     "load_data",
+    "positive_float",
+    "positive_int",
+    "require_checkpoint",
     "solver_args",
 ]
 
 #: ``add(name, func, help, epilog="") -> parser``: how a command family registers its commands.
 AddCommand = Callable[..., argparse.ArgumentParser]
+
+
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose error output starts with the ``error:`` line (usage after it)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n{self.format_usage()}")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number ``>= 1`` (checked before any data loads)."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {v}")
+    return v
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number ``> 0``."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not (v > 0 and v < float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
+    return v
+
+
+def require_checkpoint(path: str, command: str) -> None:
+    """Refuse anything but a monquant model checkpoint, before any data is loaded."""
+    from monquant.errors import CheckpointError
+    from monquant.storage.tensors import is_monquant_file
+
+    p = Path(path)
+    ok = p.suffix == ".safetensors" and p.is_file() and is_monquant_file(p)
+    if not ok:
+        raise CheckpointError(
+            f"{p}: {command} takes a monquant model checkpoint (.safetensors written by "
+            "'monquant train' or 'monquant ptq'); a bare weight file (.npz or plain "
+            "safetensors holding W) goes to 'monquant certify'"
+            + ("" if p.exists() else " (no such file)")
+        )
 
 
 def emit(args: argparse.Namespace, data: Any, text: str) -> None:
@@ -37,9 +86,9 @@ def solver_args(p: argparse.ArgumentParser) -> None:
     from monquant.solvers import solver_names
 
     g.add_argument("--solver", choices=solver_names(), default="pr", help="splitting method")
-    g.add_argument("--tol", type=float, default=1e-4, help="relative residual tolerance")
-    g.add_argument("--max-iter", type=int, default=2000, help="iteration cap (reported if hit)")
-    g.add_argument("--step", type=float, default=None, help="step size (default: FB m/L^2, PR 1/L)")
+    g.add_argument("--tol", type=positive_float, default=1e-4, help="relative residual tolerance")
+    g.add_argument("--max-iter", type=positive_int, default=2000, help="iteration cap (reported if hit)")
+    g.add_argument("--step", type=positive_float, default=None, help="step size (default: FB m/L^2, PR 1/L)")
 
 
 def granularity_arg(p: argparse.ArgumentParser, flag: str = "--granularity") -> None:

@@ -7,6 +7,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from monquant.cli.common import (
+    data_args,
+    emit,
+    granularity_arg,
+    load_data,
+    positive_int,
+    require_checkpoint,
+)
+
 __all__ = ["register"]
 
 EPILOG_EXPORT = """examples:
@@ -23,9 +32,10 @@ EPILOG_INTDEPLOY = """examples:
 """
 
 
-def _float_parts(checkpoint: str):
+def _float_parts(checkpoint: str, command: str):
     from monquant.storage.checkpoints import load_model
 
+    require_checkpoint(checkpoint, command)
     model = load_model(checkpoint).model.eval()
     layer = model.layer
     return (
@@ -39,10 +49,9 @@ def _float_parts(checkpoint: str):
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from monquant.cli.common import emit, load_data
     from monquant.deploy.files import export_deployment, export_float_checkpoint
 
-    _, W, U, b, hw, hb = _float_parts(args.checkpoint)
+    _, W, U, b, hw, hb = _float_parts(args.checkpoint, args.command)
     data = load_data(args)
     calib = data.x_train[: args.calibration].double()
     out = Path(args.out or Path(args.checkpoint).with_name(f"deploy-{args.bits}bit.safetensors"))
@@ -75,7 +84,6 @@ def _inputs(args: argparse.Namespace):
             raise CheckpointError(f"{args.input}: no tensor named 'x' (found {sorted(t)})")
         y = t.get("y")
         return t["x"].double(), (y.long() if y is not None else None)
-    from monquant.cli.common import load_data
     from monquant.data import subset
 
     data = load_data(args)
@@ -84,7 +92,6 @@ def _inputs(args: argparse.Namespace):
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from monquant.cli.common import emit
     from monquant.deploy.files import load_deployment
     from monquant.errors import ConfigError
 
@@ -116,11 +123,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_intdeploy(args: argparse.Namespace) -> int:
-    from monquant.cli.common import emit, load_data
     from monquant.experiments.integer.report import write_report
     from monquant.experiments.integer.study import run_intdeploy
 
-    _, W, U, b, hw, hb = _float_parts(args.checkpoint)
+    _, W, U, b, hw, hb = _float_parts(args.checkpoint, args.command)
     data = load_data(args)
     from monquant.data import subset
 
@@ -141,7 +147,6 @@ def _stderr_line(msg: str) -> None:
 
 def register(add) -> None:
     """Add the deployment commands to the main parser (``add`` from :func:`monquant.cli`)."""
-    from monquant.cli.common import data_args, granularity_arg
 
     e = add("export", cmd_export, "write an integer deployment file (packed codes, certificate)",
             EPILOG_EXPORT)  # fmt: skip
@@ -150,8 +155,8 @@ def register(add) -> None:
     e.add_argument("--u-bits", type=int, default=None, help="bit-width of U (default: --bits)")
     e.add_argument("--act-bits", type=int, default=16, help="fixed-point bits of the iterate")
     granularity_arg(e)
-    e.add_argument("--max-iter", type=int, default=2000)
-    e.add_argument("--calibration", type=int, default=1000, help="training images to calibrate")
+    e.add_argument("--max-iter", type=positive_int, default=2000)
+    e.add_argument("--calibration", type=positive_int, default=1000, help="training images to calibrate")
     e.add_argument("--out", default=None)
     e.add_argument("--allow-uncertified", action="store_true",
                    help="write the file even if W~ is not certified (flagged; run refuses it)")  # fmt: skip
@@ -162,7 +167,7 @@ def register(add) -> None:
     r.add_argument("file")
     g = r.add_mutually_exclusive_group(required=True)
     g.add_argument("--input", help=".npz/.safetensors with tensor 'x' (and optional labels 'y')")
-    g.add_argument("--mnist", type=int, help="the first K MNIST test images")
+    g.add_argument("--mnist", type=positive_int, help="the first K MNIST test images")
     r.add_argument("--reference", action="store_true",
                    help="also solve the float64 equilibrium of the same W~ and report distances")  # fmt: skip
     r.add_argument("--per-sample", action="store_true", help="include per-input reports")
@@ -175,6 +180,6 @@ def register(add) -> None:
     i.add_argument("--out", default="results/intdeploy")
     i.add_argument("--weight-bits", type=int, nargs="+", default=[4, 6, 8])
     i.add_argument("--act-bits", type=int, nargs="+", default=[8, 12, 16])
-    i.add_argument("--test-limit", type=int, default=1000)
+    i.add_argument("--test-limit", type=positive_int, default=1000)
     i.add_argument("--no-progress", action="store_true")
     data_args(i)

@@ -8,6 +8,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from monquant.cli.common import data_args, emit, load_data, positive_int
+
 __all__ = ["cmd_lowbit", "register"]
 
 EPILOG_LOWBIT = """examples:
@@ -20,7 +22,6 @@ EPILOG_LOWBIT = """examples:
 
 
 def cmd_lowbit(args: argparse.Namespace) -> int:
-    from monquant.cli.common import emit, load_data
     from monquant.experiments.lowbit_study.report import summary_rows
     from monquant.experiments.lowbit_study.study import run_lowbit
     from monquant.report import text_table
@@ -71,7 +72,6 @@ def cmd_lowbit(args: argparse.Namespace) -> int:
 
 def register(add: Callable[..., argparse.ArgumentParser]) -> None:
     """Add the ``lowbit`` subcommand through ``cli.build_parser``'s ``add``."""
-    from monquant.cli.common import data_args
     from monquant.quant.uniform import GRANULARITIES
     from monquant.training.methods import KINDS
 
@@ -86,7 +86,7 @@ def register(add: Callable[..., argparse.ArgumentParser]) -> None:
     p.add_argument("--quick", action="store_true", help="small CI-sized run of the same pipeline")
     p.add_argument("--resume", action="store_true", help="skip configurations already finished")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 2")
-    p.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs (default 3)")
+    p.add_argument("--epochs", type=positive_int, default=None, help="fine-tuning epochs (default 3)")
     p.add_argument("--bits", type=int, nargs="+", default=None, help="default 2 3 4 6 8")
     p.add_argument(
         "--granularities",
@@ -96,7 +96,7 @@ def register(add: Callable[..., argparse.ArgumentParser]) -> None:
     )
     p.add_argument("--methods", nargs="+", choices=list(KINDS), default=None)
     p.add_argument("--model", default=None, help="float checkpoint to use for every seed")
-    p.add_argument("--train-limit", type=int, default=None, help="fine-tuning samples")
+    p.add_argument("--train-limit", type=positive_int, default=None, help="fine-tuning samples")
     p.add_argument(
         "--budget-minutes",
         type=float,

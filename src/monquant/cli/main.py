@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 
 from monquant import __version__
 from monquant.cli import certificates, deploy, lowbit, studies, training
-from monquant.cli.common import AddCommand
+from monquant.cli.common import AddCommand, Parser
 from monquant.errors import MonquantError
 
 __all__ = ["COMMAND_FAMILIES", "build_parser", "main"]
@@ -30,7 +30,7 @@ COMMAND_FAMILIES: tuple[Callable[[AddCommand], None], ...] = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="monquant",
         description="Quantize monotone operator equilibrium networks with certified convergence.",
     )

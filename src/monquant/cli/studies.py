@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from monquant.cli.common import AddCommand, data_args, emit, load_data
+from monquant.cli.common import AddCommand, data_args, emit, load_data, positive_int
 
 __all__ = ["cmd_reproduce", "cmd_ste_recovery", "register"]
 
@@ -86,7 +86,7 @@ def register(add: AddCommand) -> None:
     r.add_argument("--out", default="results/paper", help="results folder")
     r.add_argument("--quick", action="store_true", help="small CI-sized run of the same pipeline")
     r.add_argument("--model", default=None, help="reuse a float checkpoint instead of training")
-    r.add_argument("--epochs", type=int, default=None, help="override the training epochs")
+    r.add_argument("--epochs", type=positive_int, default=None, help="override the training epochs")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument(
         "--margin-init",
@@ -107,8 +107,8 @@ def register(add: AddCommand) -> None:
     s.add_argument("--out", default="results/ste-recovery")
     s.add_argument("--quick", action="store_true", help="small grid (seconds)")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--trials", type=int, default=50, help="independent trials per point")
-    s.add_argument("--m", type=int, default=32, help="hidden units of the recovery study")
-    s.add_argument("--T", type=int, default=2000, help="STE iterations")
+    s.add_argument("--trials", type=positive_int, default=50, help="independent trials per point")
+    s.add_argument("--m", type=positive_int, default=32, help="hidden units of the recovery study")
+    s.add_argument("--T", type=positive_int, default=2000, help="STE iterations")
     s.add_argument("--noise", type=float, default=0.2, help="label noise / label std (recurrence)")
     s.add_argument("--no-progress", action="store_true")

@@ -5,7 +5,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from monquant.cli.common import AddCommand, data_args, emit, granularity_arg, load_data, solver_args
+from monquant.cli.common import (
+    AddCommand,
+    data_args,
+    emit,
+    granularity_arg,
+    load_data,
+    positive_float,
+    positive_int,
+    solver_args,
+)
 
 __all__ = ["cmd_train", "register"]
 
@@ -57,16 +66,16 @@ def register(add: AddCommand) -> None:
     """Add ``train`` to the main parser."""
     t = add("train", cmd_train, "train a MonDEQ on MNIST (float or QAT)", EPILOG_TRAIN)
     t.add_argument("--out", required=True, help="run folder (checkpoint, model, log)")
-    t.add_argument("--hidden", type=int, default=100)
-    t.add_argument("--rank", type=int, default=None, help="rank of A (default: full)")
-    t.add_argument("--margin-init", type=float, default=1.0)
+    t.add_argument("--hidden", type=positive_int, default=100)
+    t.add_argument("--rank", type=positive_int, default=None, help="rank of A (default: full)")
+    t.add_argument("--margin-init", type=positive_float, default=1.0)
     t.add_argument("--fixed-margin", action="store_true", help="do not learn the margin")
     t.add_argument("--backward", choices=["splitting", "direct"], default="splitting")
-    t.add_argument("--epochs", type=int, default=15)
-    t.add_argument("--lr", type=float, default=1e-3)
-    t.add_argument("--batch-size", type=int, default=128)
-    t.add_argument("--decay-epoch", type=int, default=10)
-    t.add_argument("--decay", type=float, default=0.1)
+    t.add_argument("--epochs", type=positive_int, default=15)
+    t.add_argument("--lr", type=positive_float, default=1e-3)
+    t.add_argument("--batch-size", type=positive_int, default=128)
+    t.add_argument("--decay-epoch", type=positive_int, default=10)
+    t.add_argument("--decay", type=positive_float, default=0.1)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--qat-bits", type=int, default=None, help="quantization-aware training")
     granularity_arg(t)
