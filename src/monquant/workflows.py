@@ -26,6 +26,13 @@ def _test_set(data: MNIST, test_limit: int | None) -> tuple[torch.Tensor, torch.
     return subset(data.x_test, data.y_test, test_limit)
 
 
+def _ptq_name(bits: int, granularity: str, parts: tuple[str, ...]) -> str:
+    """``ptq-<b>bit-<granularity>[-<parts>].safetensors``: W alone keeps the short name, so that
+    quantizing W,U,b and W alone at the same bits never write the same file."""
+    tag = "" if tuple(parts) == ("W",) else "-" + "".join(parts)
+    return f"ptq-{bits}bit-{granularity}{tag}.safetensors"
+
+
 def run_ptq(
     checkpoint: str | Path,
     data: MNIST,
@@ -47,7 +54,7 @@ def run_ptq(
     float_eval = evaluate(model, x, y)
     q_eval = evaluate(model, x, y, **qw.overrides())
     dest = (
-        Path(out) if out else Path(checkpoint).with_name(f"ptq-{bits}bit-{granularity}.safetensors")
+        Path(out) if out else Path(checkpoint).with_name(_ptq_name(bits, granularity, parts))
     )
     save_model(
         dest,

@@ -45,3 +45,23 @@ def test_bad_input_gets_one_error_line_first(tmp_path: Path, command, argv, frag
     assert fragment in first
     assert "MNIST" not in proc.stderr  # refused before any data was looked for
     assert not out.exists()  # nothing written
+
+
+def test_unconverged_answers_have_their_own_exit_status(capsys: pytest.CaptureFixture[str]) -> None:
+    import argparse
+
+    from monquant.cli.common import EXIT_UNCONVERGED, unconverged_status
+
+    args = argparse.Namespace(command="eval", allow_unconverged=False)
+    assert unconverged_status(args, 0, "test solves did not converge") == 0
+    assert unconverged_status(args, 4, "test solves did not converge") == EXIT_UNCONVERGED == 3
+    assert capsys.readouterr().err.startswith("monquant eval: error: 4 test solves")
+    args.allow_unconverged = True
+    assert unconverged_status(args, 4, "test solves did not converge") == 0
+
+
+def test_ptq_output_names_do_not_collide() -> None:
+    from monquant.workflows import _ptq_name
+
+    names = {_ptq_name(6, "per-channel", p) for p in (("W",), ("W", "U", "b"), ("W", "U"))}
+    assert len(names) == 3 and _ptq_name(4, "per-tensor", ("W",)) == "ptq-4bit-per-tensor.safetensors"

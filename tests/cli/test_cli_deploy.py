@@ -35,9 +35,18 @@ def test_export_then_run(capsys, ckpt, mnist_dir, tmp_path):
                         "--data-dir", mnist_dir)  # fmt: skip
     assert rc == 0, err
     res = json.loads(out)
-    assert res["samples"] == 64 and len(res["predictions"]) == 64
+    assert res["samples"] == 64 and "predictions" not in res  # only with --per-sample
     assert 0.0 <= res["accuracy"] <= 1.0 and res["settled_fraction"] == 1.0
     assert res["max_distance_to_float"] >= 0
+    rc, out, err = _run(capsys, "run", dep, "--mnist", 8, "--per-sample", "--json",
+                        "--data-dir", mnist_dir)  # fmt: skip
+    assert rc == 0, err
+    assert len(json.loads(out)["predictions"]) == 8
+    # an iteration budget too small to settle: the answers are printed, the exit status says so
+    rc, out, err = _run(capsys, "run", dep, "--mnist", 8, "--json", "--data-dir", mnist_dir,
+                        "--max-iter", 1)  # fmt: skip
+    assert rc == 3 and err.startswith("monquant run: error: ") and "did not settle" in err
+    assert json.loads(out)["settled_fraction"] < 1.0
 
 
 def test_run_refuses_tampered_file(capsys, ckpt, mnist_dir, tmp_path):

@@ -7,6 +7,7 @@ from typing import Any
 
 from monquant.cli.common import (
     AddCommand,
+    allow_unconverged_arg,
     certificate_rows,
     data_args,
     emit,
@@ -16,6 +17,7 @@ from monquant.cli.common import (
     positive_float,
     positive_int,
     require_checkpoint,
+    unconverged_status,
 )
 
 __all__ = ["cmd_certify", "cmd_demo", "cmd_eval", "cmd_ptq", "register"]
@@ -124,7 +126,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         f"unconverged {ev['unconverged']}"
     )
     emit(args, result, text)
-    return 0
+    return unconverged_status(args, ev["unconverged"], "test solves did not converge")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -190,6 +192,7 @@ def register(add: AddCommand) -> None:
     )
     e.add_argument("checkpoint")
     e.add_argument("--test-limit", type=positive_int, default=None)
+    allow_unconverged_arg(e)
     data_args(e)
 
     d = add(

@@ -9,8 +9,10 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "EXIT_UNCONVERGED",
     "AddCommand",
     "Parser",
+    "allow_unconverged_arg",
     "certificate_rows",
     "data_args",
     "emit",
@@ -21,10 +23,38 @@ __all__ = [
     "positive_int",
     "require_checkpoint",
     "solver_args",
+    "unconverged_status",
 ]
 
 #: ``add(name, func, help, epilog="") -> parser``: how a command family registers its commands.
 AddCommand = Callable[..., argparse.ArgumentParser]
+
+
+#: Exit status of ``eval`` and ``run`` when some solve hit its cap or did not settle (the results
+#: are still printed); ``--allow-unconverged`` turns it back into 0.
+EXIT_UNCONVERGED = 3
+
+
+def unconverged_status(args: argparse.Namespace, count: int, what: str) -> int:
+    """``0``, or :data:`EXIT_UNCONVERGED` with an ``error:`` line on stderr when ``count > 0``."""
+    import sys
+
+    if count and not getattr(args, "allow_unconverged", False):
+        print(
+            f"monquant {args.command}: error: {count} {what} (exit status {EXIT_UNCONVERGED}; "
+            "--allow-unconverged to accept)",
+            file=sys.stderr,
+        )
+        return EXIT_UNCONVERGED
+    return 0
+
+
+def allow_unconverged_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--allow-unconverged",
+        action="store_true",
+        help=f"exit 0 even if some solve did not converge (default: exit {EXIT_UNCONVERGED})",
+    )
 
 
 class Parser(argparse.ArgumentParser):

@@ -8,12 +8,14 @@ from pathlib import Path
 from typing import Any
 
 from monquant.cli.common import (
+    allow_unconverged_arg,
     data_args,
     emit,
     granularity_arg,
     load_data,
     positive_int,
     require_checkpoint,
+    unconverged_status,
 )
 
 __all__ = ["register"]
@@ -96,6 +98,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from monquant.errors import ConfigError
 
     dep = load_deployment(args.file)
+    if args.max_iter is not None:
+        dep.solver.max_iter = args.max_iter
     x, y = _inputs(args)
     d = dep.U.shape[1]
     if x.dim() != 2 or x.shape[1] != d:
@@ -118,8 +122,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         text += f"\nmax distance to the float64 equilibrium of W~: {summary['max_distance_to_float']:.3g}"
     if args.per_sample:
         summary["per_sample"] = report.per_sample()
-    emit(args, {**summary, "predictions": pred.tolist()}, text)
-    return 0
+        summary["predictions"] = pred.tolist()
+    emit(args, summary, text)
+    return unconverged_status(args, unsettled, "inputs did not settle within the iteration budget")
 
 
 def cmd_intdeploy(args: argparse.Namespace) -> int:
@@ -172,6 +177,9 @@ def register(add) -> None:
                    help="also solve the float64 equilibrium of the same W~ and report distances")  # fmt: skip
     r.add_argument("--per-sample", action="store_true", help="include per-input reports")
     r.add_argument("--allow-uncertified", action="store_true")
+    r.add_argument("--max-iter", type=positive_int, default=None,
+                   help="iteration cap (default: the one stored in the file)")  # fmt: skip
+    allow_unconverged_arg(r)
     data_args(r)
 
     i = add("intdeploy", cmd_intdeploy, "validate integer iterates against Corollary 2",
