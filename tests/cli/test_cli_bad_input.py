@@ -65,3 +65,31 @@ def test_ptq_output_names_do_not_collide() -> None:
 
     names = {_ptq_name(6, "per-channel", p) for p in (("W",), ("W", "U", "b"), ("W", "U"))}
     assert len(names) == 3 and _ptq_name(4, "per-tensor", ("W",)) == "ptq-4bit-per-tensor.safetensors"
+
+
+def test_a_second_run_into_the_same_folder_is_refused(tmp_path: Path) -> None:
+    import time
+
+    run = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import time\nfrom monquant.storage.files import folder_lock\n"
+         f"with folder_lock({str(run)!r}, 'train'):\n    time.sleep(60)"],
+    )  # fmt: skip
+    try:
+        for _ in range(200):
+            if (run / ".monquant.lock").exists():
+                break
+            time.sleep(0.05)
+        proc = subprocess.run(
+            [sys.executable, "-m", "monquant", "train", "--out", str(run), "--epochs", "1",
+             "--data-dir", str(tmp_path / "no-data"), "--no-download"],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+    finally:
+        holder.kill()
+        holder.wait()
+    assert proc.returncode == 2
+    first = proc.stderr.splitlines()[0]
+    assert first.startswith("monquant train: error: ") and "in use by another" in first
+    assert "MNIST" not in proc.stderr  # refused before any data was looked for

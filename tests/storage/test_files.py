@@ -33,3 +33,41 @@ def test_text_and_json_round_trip(tmp_path: Path) -> None:
     data = read_json(path)
     assert data == {"x": "inf", "y": [1.5, "nan"], "p": str(tmp_path)}
     assert to_jsonable((1, 2)) == [1, 2]
+
+
+def test_folder_lock_refuses_a_second_live_writer_and_takes_over_stale_locks(
+    tmp_path: Path,
+) -> None:
+    import subprocess
+    import sys
+
+    import pytest
+
+    from monquant.storage.files import LOCK_NAME, FolderLockedError, folder_lock
+
+    run = tmp_path / "run"
+    with folder_lock(run, "train"):
+        assert (run / LOCK_NAME).read_text().strip() == str(os.getpid())
+        with folder_lock(run, "train"):  # re-entrant in one process
+            pass
+        assert (run / LOCK_NAME).exists()
+        child = subprocess.run(
+            [sys.executable, "-c",
+             "from monquant.storage.files import folder_lock\n"
+             f"with folder_lock({str(run)!r}, 'train'): pass"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert child.returncode != 0 and "FolderLockedError" in child.stderr
+        assert "in use by another train run" in child.stderr
+    assert not run.exists()  # it wrote nothing: nothing is left behind
+    # a lock whose owner is gone (killed) is stale and taken over
+    run.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (run / LOCK_NAME).write_text(f"{dead.pid}\n")
+    with folder_lock(run):
+        (run / "result.txt").write_text("ok")
+    assert (run / "result.txt").exists() and not (run / LOCK_NAME).exists()
+    with pytest.raises(Exception, match="cannot"), folder_lock("/proc/monquant-no-such-place/run"):
+        pass
+    _ = FolderLockedError

@@ -16,8 +16,9 @@ from monquant import __version__
 from monquant.cli import certificates, deploy, lowbit, studies, training
 from monquant.cli.common import AddCommand, Parser
 from monquant.errors import MonquantError
+from monquant.storage.files import folder_lock
 
-__all__ = ["COMMAND_FAMILIES", "build_parser", "main"]
+__all__ = ["COMMAND_FAMILIES", "FOLDER_COMMANDS", "build_parser", "main"]
 
 #: The command table: every family's ``register(add)``, in the order ``--help`` lists them.
 COMMAND_FAMILIES: tuple[Callable[[AddCommand], None], ...] = (
@@ -27,6 +28,10 @@ COMMAND_FAMILIES: tuple[Callable[[AddCommand], None], ...] = (
     deploy.register,
     lowbit.register,
 )
+
+
+#: Commands that write a run or results folder (``--out``): each holds the folder's lock.
+FOLDER_COMMANDS = frozenset({"train", "reproduce", "lowbit", "ste-recovery", "intdeploy"})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,6 +67,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     t0 = time.perf_counter()
     try:
+        if args.command in FOLDER_COMMANDS:
+            # one writer per run/results folder, taken before any data loads or work starts
+            with folder_lock(args.out, args.command):
+                return int(args.func(args) or 0)
         return int(args.func(args) or 0)
     except MonquantError as exc:
         print(f"monquant {args.command}: error: {exc}", file=sys.stderr)

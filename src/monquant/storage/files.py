@@ -13,7 +13,16 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["PathLike", "atomic_target", "atomic_write_bytes", "atomic_write_text"]
+from monquant.errors import ConfigError, MonquantError
+
+__all__ = [
+    "FolderLockedError",
+    "PathLike",
+    "atomic_target",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "folder_lock",
+]
 
 PathLike = str | os.PathLike[str]
 
@@ -71,3 +80,83 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> Path:
 def atomic_write_text(path: PathLike, text: str) -> Path:
     """Write ``text`` (UTF-8) to ``path`` atomically (see :func:`atomic_write_bytes`)."""
     return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+class FolderLockedError(MonquantError):
+    """Another live process writes the same run or results folder."""
+
+
+_HELD: dict[Path, int] = {}
+LOCK_NAME = ".monquant.lock"
+
+
+@contextlib.contextmanager
+def folder_lock(folder: PathLike, what: str = "monquant") -> Iterator[Path]:
+    """Hold ``folder`` exclusively while a run writes it (``<folder>/.monquant.lock``, pid inside).
+
+    A second process asking for the same folder gets :class:`FolderLockedError` at once, before
+    any work; a lock left by a process that no longer exists (killed, crashed) is stale and taken
+    over. Re-entrant within one process. Creating the folder and the lock file also proves, before
+    any long work, that the location is writable (a clear error otherwise).
+    """
+    folder = Path(folder).resolve()
+    if _HELD.get(folder):
+        _HELD[folder] += 1
+        try:
+            yield folder
+        finally:
+            _HELD[folder] -= 1
+        return
+    path = folder / LOCK_NAME
+    created = not folder.exists()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create the output folder {folder}: {exc.strerror or exc}") from exc
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            owner = _lock_owner(path)
+            if owner is not None and _alive(owner):
+                raise FolderLockedError(
+                    f"{folder} is in use by another {what} run (pid {owner}); wait for it, or "
+                    f"choose another output folder (a stale lock is {path})"
+                ) from None
+            path.unlink(missing_ok=True)  # stale: its owner is gone
+            continue
+        except OSError as exc:
+            raise ConfigError(f"cannot write to {folder}: {exc.strerror or exc}") from exc
+        with os.fdopen(fd, "w") as fh:
+            fh.write(f"{os.getpid()}\n")
+        break
+    else:  # pragma: no cover - a third process won the race twice
+        raise FolderLockedError(f"{folder} is in use by another {what} run")
+    _HELD[folder] = 1
+    try:
+        yield folder
+    finally:
+        _HELD.pop(folder, None)
+        if _lock_owner(path) == os.getpid():
+            path.unlink(missing_ok=True)
+        if created and not any(folder.iterdir()):
+            folder.rmdir()  # a run that wrote nothing leaves nothing behind
+
+
+def _lock_owner(path: Path) -> int | None:
+    try:
+        return int(path.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -21,6 +21,7 @@ from monquant.errors import MonquantError
 from monquant.model import MonDEQClassifier, MonDEQConfig
 from monquant.solvers import SolverConfig
 from monquant.storage.checkpoints import load_model, save_model
+from monquant.storage.files import folder_lock
 from monquant.storage.jsonio import write_json
 from monquant.training.loop import TrainConfig, train
 
@@ -116,7 +117,18 @@ def run_training(
     data: MNIST,
     echo: Callable[[str], None] | None = print,
 ) -> dict[str, Any]:
-    """Train (or resume) the run in ``req.out``; return paths and the per-epoch history."""
+    """Train (or resume) the run in ``req.out``; return paths and the per-epoch history.
+
+    The run folder is locked for the duration (:func:`monquant.storage.files.folder_lock`): a
+    second training into the same folder is refused instead of silently overwriting it.
+    """
+    with folder_lock(req.out, "training"):
+        return _run_training(req, data, echo)
+
+
+def _run_training(
+    req: TrainRequest, data: MNIST, echo: Callable[[str], None] | None
+) -> dict[str, Any]:
     out = Path(req.out)
     ckpt = out / "checkpoint.safetensors"
     cfg = req.train_config()
