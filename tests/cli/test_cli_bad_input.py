@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 ROWS = [
     ("demo", ["--n", "-3"], "--n"),
@@ -20,15 +21,24 @@ ROWS = [
     ("ptq", ["{npz}", "--bits", "4", "--out", "{out}"], "takes a monquant model checkpoint"),
     ("export", ["{npz}", "--bits", "8", "--out", "{out}"], "takes a monquant model checkpoint"),
     ("export", ["{npz}", "--bits", "8", "--calibration", "-5"], "--calibration"),
+    ("certify", ["{zip}", "--bits", "4"], "not a numpy array"),
+    ("export", ["{ckpt}", "--bits", "8", "--out", "{tmp}"], "is a folder"),
+    ("ptq", ["{ckpt}", "--bits", "8", "--out", "{file}/q.safetensors"], "is a file, not a folder"),
 ]
+CKPT = Path(__file__).resolve().parents[1] / "data" / "checkpoint-format1-v0.1.0.safetensors"
 
 
 @pytest.mark.parametrize(("command", "argv", "fragment"), ROWS)
 def test_bad_input_gets_one_error_line_first(tmp_path: Path, command, argv, fragment) -> None:
     npz = tmp_path / "w.npz"
     np.savez(npz, W=np.eye(3) * 0.5)
+    zipped = tmp_path / "zip.npz"  # a torch.save file renamed .npz
+    torch.save({"W": torch.eye(3)}, zipped)
+    afile = tmp_path / "afile"
+    afile.write_text("")
     out = tmp_path / "out"
-    args = [a.format(out=out, npz=npz) for a in argv]
+    names = {"out": out, "npz": npz, "zip": zipped, "ckpt": CKPT, "tmp": tmp_path, "file": afile}
+    args = [a.format(**names) for a in argv]
     env_data = ["--data-dir", str(tmp_path / "no-data"), "--no-download"]
     if command in ("train", "eval", "ptq", "export"):
         args += env_data

@@ -19,6 +19,7 @@ from monquant.cli.common import (
     require_checkpoint,
     unconverged_status,
 )
+from monquant.storage.files import check_output_file
 
 __all__ = ["cmd_certify", "cmd_demo", "cmd_eval", "cmd_ptq", "register"]
 
@@ -86,6 +87,8 @@ def cmd_ptq(args: argparse.Namespace) -> int:
 
     parts = tuple(p.strip() for p in args.quantize.split(",") if p.strip())
     require_checkpoint(args.checkpoint, "ptq")
+    if args.out:
+        check_output_file(args.out)
     data = load_data(args)
     result = run_ptq(
         args.checkpoint,

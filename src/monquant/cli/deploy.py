@@ -17,6 +17,7 @@ from monquant.cli.common import (
     require_checkpoint,
     unconverged_status,
 )
+from monquant.storage.files import check_output_file
 
 __all__ = ["register"]
 
@@ -54,6 +55,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     from monquant.deploy.files import export_deployment, export_float_checkpoint
 
     _, W, U, b, hw, hb = _float_parts(args.checkpoint, args.command)
+    if args.out:
+        check_output_file(args.out)
     data = load_data(args)
     calib = data.x_train[: args.calibration].double()
     out = Path(args.out or Path(args.checkpoint).with_name(f"deploy-{args.bits}bit.safetensors"))

@@ -21,6 +21,7 @@ __all__ = [
     "atomic_target",
     "atomic_write_bytes",
     "atomic_write_text",
+    "check_output_file",
     "folder_lock",
 ]
 
@@ -66,14 +67,37 @@ def atomic_target(path: Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def check_output_file(path: PathLike) -> Path:
+    """Refuse, before any work, an output file path that cannot be written.
+
+    A path naming a folder, a path under an existing file, or a folder that cannot be created or
+    written gets a :class:`~monquant.errors.ConfigError` naming the reason.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path} is a folder; give a file name for the output")
+    parent = path.parent
+    for p in (parent, *parent.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise ConfigError(f"cannot write {path}: {p} is a file, not a folder")
+            if not os.access(p, os.W_OK | os.X_OK):
+                raise ConfigError(f"cannot write {path}: {p} is not writable")
+            break
+    return path
+
+
 def atomic_write_bytes(path: PathLike, data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically: temporary file in the same folder, fsync, rename.
 
     Readers see either the old file or the complete new one, never a partial write.
     """
     path = Path(path)
-    with atomic_target(path) as tmp:
-        tmp.write_bytes(data)
+    try:
+        with atomic_target(path) as tmp:
+            tmp.write_bytes(data)
+    except OSError as exc:
+        raise ConfigError(f"cannot write {path}: {exc.strerror or exc}") from exc
     return path
 
 

@@ -130,8 +130,11 @@ def save_tensors(
         _VERSION_KEY: str(FORMAT_VERSION),
         _DIGEST_KEY: payload_digest(prepared, meta_json),
     }
-    with atomic_target(path) as tmp:
-        _st_save_file(prepared, str(tmp), metadata=header)
+    try:
+        with atomic_target(path) as tmp:
+            _st_save_file(prepared, str(tmp), metadata=header)
+    except OSError as exc:
+        raise CheckpointError(f"cannot write {path}: {exc.strerror or exc}") from exc
     return path
 
 
@@ -327,6 +330,11 @@ def _npz_array(path: Path, archive: Any, name: str) -> torch.Tensor:
             f"{path}: array '{name}' holds Python objects (pickled data), which are refused "
             "for safety; save plain numeric arrays"
         ) from exc
+    if not isinstance(arr, np.ndarray):  # a zip of other files (e.g. torch.save) named .npz
+        raise CheckpointError(
+            f"{path}: entry '{name}' is not a numpy array: this is not an .npz written by "
+            "numpy.savez (a torch.save file renamed .npz?); see 'monquant certify --help'"
+        )
     if arr.dtype.kind not in _NUMERIC_KINDS:
         raise CheckpointError(f"{path}: array '{name}' has non-numeric dtype {arr.dtype}")
     try:
