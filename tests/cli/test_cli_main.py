@@ -585,3 +585,13 @@ def test_certify_reports_proved_bounds_beside_computed_values(
         assert c["dW_norm_upper"] >= c["dW_norm"]
         assert c["verdict"] in ("certified", "refuted", "undecided")
         assert (c["verdict"] == "certified") == c["certified_exact"]
+
+
+def test_every_option_has_help_and_shows_its_default() -> None:
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, sp in sub.choices.items():
+        for action in sp._actions:
+            assert action.help, f"{name} {action.dest} has no help"
+        text = sp.format_help()
+        assert "(default:" in text, name

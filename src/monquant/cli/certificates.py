@@ -47,7 +47,9 @@ def cmd_certify(args: argparse.Namespace) -> int:
         f"L = {st.L:.6g} (proved <= {st.L_hi:.6g})  kappa = {kappa:.4g}  ||W|| = {st.norm_W:.6g}"
     )
     if st.verdict == "refuted":
-        head += "\nW is NOT monotone (m < 0, proved): the float network has no certified equilibrium"
+        head += (
+            "\nW is NOT monotone (m < 0, proved): the float network has no certified equilibrium"
+        )
     elif st.verdict == "undecided":
         head += (
             "\nmargin(W) is within rounding error of 0: W is not certified monotone, "
@@ -168,22 +170,29 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-
 def register(add: AddCommand) -> None:
     """Add ``certify``, ``ptq``, ``eval`` and ``demo`` to the main parser."""
     c = add("certify", cmd_certify, "certify quantized W without running a solver", EPILOG_CERTIFY)
     c.add_argument("path", help="monquant checkpoint, or .npz/.safetensors holding W (U, b)")
-    c.add_argument("--bits", type=int, nargs="*", default=[3, 4, 5, 6, 8])
+    c.add_argument(
+        "--bits",
+        type=int,
+        nargs="*",
+        default=[3, 4, 5, 6, 8],
+        help="bit-widths to certify (none: only --min-bits)",
+    )
     granularity_arg(c)
     c.add_argument("--min-bits", action="store_true", help="smallest certified bits per tier")
 
     q = add("ptq", cmd_ptq, "post-training quantization: quantize, certify, evaluate", EPILOG_PTQ)
-    q.add_argument("checkpoint")
-    q.add_argument("--bits", type=int, required=True)
+    q.add_argument("checkpoint", help="monquant model checkpoint (.safetensors from train)")
+    q.add_argument("--bits", type=int, required=True, help="weight bit-width")
     granularity_arg(q)
     q.add_argument("--quantize", default="W", help="comma list of W,U,b (default W, as the paper)")
     q.add_argument("--out", default=None, help="quantized model path (default: next to CKPT)")
-    q.add_argument("--test-limit", type=positive_int, default=None, help="evaluate on the first k images")
+    q.add_argument(
+        "--test-limit", type=positive_int, default=None, help="evaluate on the first k images"
+    )
     data_args(q)
 
     e = add(
@@ -193,8 +202,10 @@ def register(add: AddCommand) -> None:
         "examples:\n  monquant eval runs/float/model.safetensors\n"
         "  monquant eval runs/float/ptq-4bit-per-tensor.safetensors --json\n",
     )
-    e.add_argument("checkpoint")
-    e.add_argument("--test-limit", type=positive_int, default=None)
+    e.add_argument("checkpoint", help="monquant model checkpoint (float or quantized)")
+    e.add_argument(
+        "--test-limit", type=positive_int, default=None, help="evaluate on the first k test images"
+    )
     allow_unconverged_arg(e)
     data_args(e)
 
@@ -204,7 +215,17 @@ def register(add: AddCommand) -> None:
         "certificates of a small synthetic MonDEQ, checked by solving",
         "examples:\n  monquant demo\n  monquant demo --n 50 --margin 0.2 --bits 3 4 8 --json\n",
     )
-    d.add_argument("--n", type=positive_int, default=100)
-    d.add_argument("--margin", type=positive_float, default=0.5)
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--bits", type=int, nargs="*", default=[3, 4, 5, 6, 8, 12, 16])
+    d.add_argument(
+        "--n", type=positive_int, default=100, help="hidden units of the synthetic operator"
+    )
+    d.add_argument(
+        "--margin", type=positive_float, default=0.5, help="margin m of the synthetic W-K operator"
+    )
+    d.add_argument("--seed", type=int, default=0, help="random seed")
+    d.add_argument(
+        "--bits",
+        type=int,
+        nargs="*",
+        default=[3, 4, 5, 6, 8, 12, 16],
+        help="bit-widths to certify and solve",
+    )

@@ -117,15 +117,21 @@ def solver_args(p: argparse.ArgumentParser) -> None:
 
     g.add_argument("--solver", choices=solver_names(), default="pr", help="splitting method")
     g.add_argument("--tol", type=positive_float, default=1e-4, help="relative residual tolerance")
-    g.add_argument("--max-iter", type=positive_int, default=2000, help="iteration cap (reported if hit)")
-    g.add_argument("--step", type=positive_float, default=None, help="step size (default: FB m/L^2, PR 1/L)")
+    g.add_argument(
+        "--max-iter", type=positive_int, default=2000, help="iteration cap (reported if hit)"
+    )
+    g.add_argument(
+        "--step", type=positive_float, default=None, help="step size (default: FB m/L^2, PR 1/L)"
+    )
 
 
 def granularity_arg(p: argparse.ArgumentParser, flag: str = "--granularity") -> None:
     """``--granularity`` with the quantizer's own vocabulary (``quant.uniform.GRANULARITIES``)."""
     from monquant.quant.uniform import GRANULARITIES
 
-    p.add_argument(flag, choices=GRANULARITIES, default="per-tensor", help="scale per tensor or per row")
+    p.add_argument(
+        flag, choices=GRANULARITIES, default="per-tensor", help="scale per tensor or per row"
+    )
 
 
 def data_args(p: argparse.ArgumentParser) -> None:
@@ -177,4 +183,3 @@ def certificate_rows(certs) -> tuple[list[str], list[list[Any]]]:
     extra = ("rho_fb_exact", "rho_pr_exact", "relative_displacement_bound")
     headers = certificate_headers(["rho_FB", "rho_PR", "rel.disp.bound"])
     return headers, [certificate_cells(c.to_dict(), extra) for c in certs]
-

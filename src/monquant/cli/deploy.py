@@ -158,28 +158,43 @@ def register(add) -> None:
 
     e = add("export", cmd_export, "write an integer deployment file (packed codes, certificate)",
             EPILOG_EXPORT)  # fmt: skip
-    e.add_argument("checkpoint")
+    e.add_argument("checkpoint", help="monquant model checkpoint (.safetensors from train)")
     e.add_argument("--bits", type=int, required=True, help="weight bit-width of W (and U)")
     e.add_argument("--u-bits", type=int, default=None, help="bit-width of U (default: --bits)")
     e.add_argument("--act-bits", type=int, default=16, help="fixed-point bits of the iterate")
     granularity_arg(e)
-    e.add_argument("--max-iter", type=positive_int, default=2000)
-    e.add_argument("--calibration", type=positive_int, default=1000, help="training images to calibrate")
-    e.add_argument("--out", default=None)
+    e.add_argument(
+        "--max-iter",
+        type=positive_int,
+        default=2000,
+        help="iteration cap of the integer solver stored in the file",
+    )
+    e.add_argument(
+        "--calibration", type=positive_int, default=1000, help="training images to calibrate"
+    )
+    e.add_argument(
+        "--out",
+        default=None,
+        help="deployment file (default: deploy-<bits>bit.safetensors beside CKPT)",
+    )
     e.add_argument("--allow-uncertified", action="store_true",
                    help="write the file even if W~ is not certified (flagged; run refuses it)")  # fmt: skip
     data_args(e)
 
     r = add("run", cmd_run, "run a deployment file with the integer solver (no training code)",
             EPILOG_RUN)  # fmt: skip
-    r.add_argument("file")
+    r.add_argument("file", help="deployment file written by 'monquant export'")
     g = r.add_mutually_exclusive_group(required=True)
     g.add_argument("--input", help=".npz/.safetensors with tensor 'x' (and optional labels 'y')")
     g.add_argument("--mnist", type=positive_int, help="the first K MNIST test images")
     r.add_argument("--reference", action="store_true",
                    help="also solve the float64 equilibrium of the same W~ and report distances")  # fmt: skip
     r.add_argument("--per-sample", action="store_true", help="include per-input reports")
-    r.add_argument("--allow-uncertified", action="store_true")
+    r.add_argument(
+        "--allow-uncertified",
+        action="store_true",
+        help="run a file flagged uncertified (radii are then inf)",
+    )
     r.add_argument("--max-iter", type=positive_int, default=None,
                    help="iteration cap (default: the one stored in the file)")  # fmt: skip
     allow_unconverged_arg(r)
@@ -187,10 +202,20 @@ def register(add) -> None:
 
     i = add("intdeploy", cmd_intdeploy, "validate integer iterates against Corollary 2",
             EPILOG_INTDEPLOY)  # fmt: skip
-    i.add_argument("checkpoint")
-    i.add_argument("--out", default="results/intdeploy")
-    i.add_argument("--weight-bits", type=int, nargs="+", default=[4, 6, 8])
-    i.add_argument("--act-bits", type=int, nargs="+", default=[8, 12, 16])
-    i.add_argument("--test-limit", type=positive_int, default=1000)
-    i.add_argument("--no-progress", action="store_true")
+    i.add_argument("checkpoint", help="monquant model checkpoint (.safetensors from train)")
+    i.add_argument("--out", default="results/intdeploy", help="results folder")
+    i.add_argument(
+        "--weight-bits", type=int, nargs="+", default=[4, 6, 8], help="bit-widths of W (and U)"
+    )
+    i.add_argument(
+        "--act-bits",
+        type=int,
+        nargs="+",
+        default=[8, 12, 16],
+        help="fixed-point bits of the iterate",
+    )
+    i.add_argument(
+        "--test-limit", type=positive_int, default=1000, help="first k MNIST test images"
+    )
+    i.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
     data_args(i)

@@ -86,15 +86,19 @@ def register(add: Callable[..., argparse.ArgumentParser]) -> None:
     p.add_argument("--quick", action="store_true", help="small CI-sized run of the same pipeline")
     p.add_argument("--resume", action="store_true", help="skip configurations already finished")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 2")
-    p.add_argument("--epochs", type=positive_int, default=None, help="fine-tuning epochs (default 3)")
+    p.add_argument(
+        "--epochs", type=positive_int, default=None, help="fine-tuning epochs (default 3)"
+    )
     p.add_argument("--bits", type=int, nargs="+", default=None, help="default 2 3 4 6 8")
     p.add_argument(
         "--granularities",
         nargs="+",
         choices=GRANULARITIES,
         default=None,
+        help="granularities to compare (default: both)",
     )
-    p.add_argument("--methods", nargs="+", choices=list(KINDS), default=None)
+    p.add_argument("--methods", nargs="+", choices=list(KINDS), default=None,
+                   help="training methods to compare (default: all)")  # fmt: skip
     p.add_argument("--model", default=None, help="float checkpoint to use for every seed")
     p.add_argument("--train-limit", type=positive_int, default=None, help="fine-tuning samples")
     p.add_argument(
@@ -103,5 +107,5 @@ def register(add: Callable[..., argparse.ArgumentParser]) -> None:
         default=None,
         help="start no new configuration after this many minutes (resume later)",
     )
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress output on stderr")
     data_args(p)

@@ -30,6 +30,10 @@ COMMAND_FAMILIES: tuple[Callable[[AddCommand], None], ...] = (
 )
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Examples kept as written, and every option's default shown in ``--help``."""
+
+
 #: Commands that write a run or results folder (``--out``): each holds the folder's lock.
 FOLDER_COMMANDS = frozenset({"train", "reproduce", "lowbit", "ste-recovery", "intdeploy"})
 
@@ -48,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
             help=help_,
             description=help_,
             epilog=epilog,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
+            formatter_class=HelpFormatter,
         )
         sp.set_defaults(func=func)
         sp.add_argument("--json", action="store_true", help="machine-readable output on stdout")
@@ -85,4 +89,3 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
-

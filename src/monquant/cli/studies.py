@@ -79,7 +79,6 @@ def cmd_ste_recovery(args: argparse.Namespace) -> int:
     return 0
 
 
-
 def register(add: AddCommand) -> None:
     """Add ``reproduce`` and ``ste-recovery`` to the main parser."""
     r = add("reproduce", cmd_reproduce, "reproduce every result of the paper", EPILOG_REPRODUCE)
@@ -87,7 +86,7 @@ def register(add: AddCommand) -> None:
     r.add_argument("--quick", action="store_true", help="small CI-sized run of the same pipeline")
     r.add_argument("--model", default=None, help="reuse a float checkpoint instead of training")
     r.add_argument("--epochs", type=positive_int, default=None, help="override the training epochs")
-    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--seed", type=int, default=0, help="random seed of every training")
     r.add_argument(
         "--margin-init",
         type=float,
@@ -95,7 +94,7 @@ def register(add: AddCommand) -> None:
         help="initial learnable margin m of every trained model (the paper does not state it)",
     )
     r.add_argument("--resume", action="store_true", help="skip stages already finished")
-    r.add_argument("--no-progress", action="store_true")
+    r.add_argument("--no-progress", action="store_true", help="no progress output on stderr")
     data_args(r)
 
     s = add(
@@ -104,11 +103,11 @@ def register(add: AddCommand) -> None:
         "finite-sample STE study: binary two-layer network recovery and recurrence",
         EPILOG_STE,
     )
-    s.add_argument("--out", default="results/ste-recovery")
+    s.add_argument("--out", default="results/ste-recovery", help="results folder")
     s.add_argument("--quick", action="store_true", help="small grid (seconds)")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, default=0, help="random seed")
     s.add_argument("--trials", type=positive_int, default=50, help="independent trials per point")
     s.add_argument("--m", type=positive_int, default=32, help="hidden units of the recovery study")
     s.add_argument("--T", type=positive_int, default=2000, help="STE iterations")
     s.add_argument("--noise", type=float, default=0.2, help="label noise / label std (recurrence)")
-    s.add_argument("--no-progress", action="store_true")
+    s.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")

@@ -24,10 +24,12 @@ EPILOG_TRAIN = """examples:
   monquant train --out runs/float --resume        # continue an interrupted run
 """
 
+
 def cmd_train(args: argparse.Namespace) -> int:
     from monquant.training.runs import TrainRequest, run_training
 
-    req = TrainRequest.of(Path(args.out),
+    req = TrainRequest.of(
+        Path(args.out),
         hidden=args.hidden,
         rank=args.rank,
         margin_init=args.margin_init,
@@ -61,27 +63,47 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-
 def register(add: AddCommand) -> None:
     """Add ``train`` to the main parser."""
     t = add("train", cmd_train, "train a MonDEQ on MNIST (float or QAT)", EPILOG_TRAIN)
     t.add_argument("--out", required=True, help="run folder (checkpoint, model, log)")
-    t.add_argument("--hidden", type=positive_int, default=100)
+    t.add_argument(
+        "--hidden", type=positive_int, default=100, help="hidden units n of the MonDEQ layer"
+    )
     t.add_argument("--rank", type=positive_int, default=None, help="rank of A (default: full)")
-    t.add_argument("--margin-init", type=positive_float, default=1.0)
+    t.add_argument(
+        "--margin-init",
+        type=positive_float,
+        default=1.0,
+        help="initial learnable margin m (W-K parameterization)",
+    )
     t.add_argument("--fixed-margin", action="store_true", help="do not learn the margin")
-    t.add_argument("--backward", choices=["splitting", "direct"], default="splitting")
-    t.add_argument("--epochs", type=positive_int, default=15)
-    t.add_argument("--lr", type=positive_float, default=1e-3)
-    t.add_argument("--batch-size", type=positive_int, default=128)
-    t.add_argument("--decay-epoch", type=positive_int, default=10)
-    t.add_argument("--decay", type=positive_float, default=0.1)
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument(
+        "--backward",
+        choices=["splitting", "direct"],
+        default="splitting",
+        help="implicit backward: splitting (Theorem 5) or a direct dense solve",
+    )
+    t.add_argument("--epochs", type=positive_int, default=15, help="training epochs")
+    t.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate")
+    t.add_argument("--batch-size", type=positive_int, default=128, help="mini-batch size")
+    t.add_argument(
+        "--decay-epoch",
+        type=positive_int,
+        default=10,
+        help="epoch at which the learning rate is multiplied by --decay",
+    )
+    t.add_argument(
+        "--decay", type=positive_float, default=0.1, help="learning-rate decay factor in (0, 1]"
+    )
+    t.add_argument("--seed", type=int, default=0, help="random seed (initialization and batches)")
     t.add_argument("--qat-bits", type=int, default=None, help="quantization-aware training")
     granularity_arg(t)
     t.add_argument("--margin-target", type=float, default=None, help="margin-aware QAT target")
-    t.add_argument("--margin-weight", type=float, default=1.0)
+    t.add_argument(
+        "--margin-weight", type=float, default=1.0, help="weight of the margin-aware penalty"
+    )
     t.add_argument("--resume", action="store_true", help="continue from the run's checkpoint")
-    t.add_argument("--no-progress", action="store_true")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     solver_args(t)
     data_args(t)
