@@ -501,15 +501,24 @@ def _a_priori_from_entries(entry: torch.Tensor, n_cols: int) -> float:
 
 
 def certify_sweep(
-    W: torch.Tensor, bits_list: list[int], granularity: str = "per-tensor"
+    W: torch.Tensor, bits_list: list[int], granularity: str = "per-tensor", progress: bool = False
 ) -> list[Certificate]:
-    """One :class:`Certificate` per bit-width."""
+    """One :class:`Certificate` per bit-width (the float operator's bounds computed once).
+
+    ``progress=True`` shows a progress bar on stderr.
+    """
+    from tqdm.auto import tqdm
+
     st = spectral_bounds(check_weight(W))
-    return [certify(W, b, granularity, float_bounds=st) for b in bits_list]
+    bar = tqdm(bits_list, desc=f"certify {granularity}", disable=not progress, leave=False)
+    return [certify(W, b, granularity, float_bounds=st) for b in bar]
 
 
 def min_certified_bits(
-    W: torch.Tensor, granularity: str = "per-tensor", bits_range: range = range(2, 33)
+    W: torch.Tensor,
+    granularity: str = "per-tensor",
+    bits_range: range = range(2, 33),
+    progress: bool = False,
 ) -> dict[str, int | None]:
     """The smallest bit-width certified by each tier (``None`` if none in ``bits_range``).
 
@@ -517,7 +526,7 @@ def min_certified_bits(
     the tier holds is reported, together with whether it also holds for every larger ``b`` checked
     (key ``<tier>_monotone_from_min``).
     """
-    certs = certify_sweep(W, list(bits_range), granularity)
+    certs = certify_sweep(W, list(bits_range), granularity, progress)
     out: dict[str, Any] = {}
     for t in TIERS:
         ok = [getattr(c, f"certified_{t}") for c in certs]

@@ -72,7 +72,10 @@ def cmd_certify(args: argparse.Namespace) -> int:
                 "straddle 0, or no contraction modulus < 1 is provable): NOT certified"
             )
     if args.min_bits:
-        mb = {g: min_certified_bits(W, g) for g in ("per-tensor", "per-channel")}
+        mb = {
+            g: min_certified_bits(W, g, progress=not args.no_progress)
+            for g in ("per-tensor", "per-channel")
+        }
         lines = [
             f"  {g:12s} a-priori {v['a_priori']}, Weyl {v['weyl']}, exact {v['exact']}"
             for g, v in mb.items()

@@ -217,5 +217,4 @@ def register(add) -> None:
     i.add_argument(
         "--test-limit", type=positive_int, default=1000, help="first k MNIST test images"
     )
-    i.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
     data_args(i)

@@ -107,5 +107,4 @@ def register(add: Callable[..., argparse.ArgumentParser]) -> None:
         default=None,
         help="start no new configuration after this many minutes (resume later)",
     )
-    p.add_argument("--no-progress", action="store_true", help="no progress output on stderr")
     data_args(p)

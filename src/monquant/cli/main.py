@@ -56,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
         sp.set_defaults(func=func)
         sp.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+        sp.add_argument("--no-progress", action="store_true", help="no progress output on stderr")
         return sp
 
     for register in COMMAND_FAMILIES:

@@ -94,7 +94,6 @@ def register(add: AddCommand) -> None:
         help="initial learnable margin m of every trained model (the paper does not state it)",
     )
     r.add_argument("--resume", action="store_true", help="skip stages already finished")
-    r.add_argument("--no-progress", action="store_true", help="no progress output on stderr")
     data_args(r)
 
     s = add(
@@ -110,4 +109,3 @@ def register(add: AddCommand) -> None:
     s.add_argument("--m", type=positive_int, default=32, help="hidden units of the recovery study")
     s.add_argument("--T", type=positive_int, default=2000, help="STE iterations")
     s.add_argument("--noise", type=float, default=0.2, help="label noise / label std (recurrence)")
-    s.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")

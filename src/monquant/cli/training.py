@@ -104,6 +104,5 @@ def register(add: AddCommand) -> None:
         "--margin-weight", type=float, default=1.0, help="weight of the margin-aware penalty"
     )
     t.add_argument("--resume", action="store_true", help="continue from the run's checkpoint")
-    t.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     solver_args(t)
     data_args(t)
