@@ -327,3 +327,26 @@ def test_frozen_format1_checkpoint_still_loads() -> None:
     assert out == pytest.approx(expected_float, abs=1e-4)
     assert outq == pytest.approx(expected_quant, abs=1e-4)
     assert loaded.quantized.bits == 4 and loaded.quantized.parts["W"].codes.dtype == torch.int8
+
+
+@pytest.mark.parametrize(
+    ("edit", "fragment"),
+    [
+        (lambda t, m: t.pop("quant.W.step"), "lacks quant.W.step"),
+        (lambda t, m: m["quantization"].update(bits="abc"), "invalid quantization metadata"),
+        (lambda t, m: t["quant.W.codes"].view(-1).__setitem__(0, -128), "outside the symmetric"),
+        (lambda t, m: m["quantization"].pop("parts"), "invalid quantization metadata"),
+    ],
+)
+def test_broken_quantized_checkpoints_are_refused_by_name(tmp_path: Path, edit, fragment) -> None:
+    from monquant.storage.checkpoints import quantize_model
+
+    model = MonDEQClassifier(MonDEQConfig(in_features=6, hidden=5, out_features=3))
+    qw = quantize_model(model, 8, "per-tensor", ("W",))
+    good = save_model(tmp_path / "q.safetensors", model, quantized=qw)
+    tensors, meta = load_tensors(good)
+    tensors = {k: v.clone() for k, v in tensors.items()}
+    edit(tensors, meta)
+    bad = save_tensors(tmp_path / "bad.safetensors", tensors, meta)  # validly signed, wrong inside
+    with pytest.raises(CheckpointError, match=fragment):
+        load_model(bad)

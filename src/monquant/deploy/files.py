@@ -436,7 +436,7 @@ def _weights_from(tensors: dict[str, torch.Tensor], meta: dict[str, Any], name: 
     bits = check_bits(info["bits"])
     codes = unpack_codes(tensors[f"{name}.codes"], bits, rows * cols).reshape(rows, cols)
     qmax = 2 ** (bits - 1) - 1
-    if bool((codes.abs() > qmax).any()):
+    if bool((codes.to(torch.int64).abs() > qmax).any()):
         raise CheckpointError(f"{name} codes outside the symmetric {bits}-bit range")
     mult = tensors[f"{name}.multiplier"].to(torch.int64)
     if info["granularity"] == "per-tensor":

@@ -26,7 +26,13 @@ import torch
 from monquant import __version__
 from monquant.errors import CheckpointError, ConfigError
 from monquant.model import MonDEQClassifier, MonDEQConfig
-from monquant.quant.uniform import Quantized, quantize
+from monquant.quant.uniform import (
+    QuantizationError,
+    Quantized,
+    check_bits,
+    check_granularity,
+    quantize,
+)
 from monquant.storage.jsonio import to_jsonable
 from monquant.storage.tensors import is_monquant_file, load_tensors, save_tensors
 
@@ -166,6 +172,42 @@ def _config(meta: dict[str, Any]) -> MonDEQConfig:
         raise CheckpointError(f"checkpoint has an invalid model config: {exc}") from exc
 
 
+def _quantized_parts(
+    path: str | os.PathLike[str], qm: Any, tensors: dict[str, torch.Tensor], dtype: torch.dtype
+) -> QuantizedWeights:
+    """The quantized parts recorded in a checkpoint, checked: every key, bit-width and code range.
+
+    A file whose metadata or tensors do not describe a valid quantization is refused with a
+    :class:`CheckpointError` naming what is wrong (never a KeyError deep inside).
+    """
+    try:
+        bits = check_bits(qm["bits"])
+        quantized = QuantizedWeights(bits=bits, granularity=str(qm["granularity"]))
+        for name in qm["parts"]:
+            keys = [f"quant.{name}.{k}" for k in ("codes", "step", "w_max")]
+            missing = [k for k in keys if k not in tensors]
+            if missing:
+                raise CheckpointError(f"{path}: quantized part {name!r} lacks {', '.join(missing)}")
+            codes = tensors[keys[0]]
+            qmax = 2 ** (bits - 1) - 1
+            if codes.is_floating_point() or bool((codes.to(torch.int64).abs() > qmax).any()):
+                raise CheckpointError(
+                    f"{path}: {keys[0]} holds codes outside the symmetric {bits}-bit range "
+                    f"[-{qmax}, {qmax}]"
+                )
+            quantized.parts[name] = Quantized(
+                codes=codes,
+                step=tensors[keys[1]],
+                w_max=tensors[keys[2]],
+                bits=bits,
+                granularity=check_granularity(qm["granularities"][name]),
+                dtype=dtype,
+            )
+    except (KeyError, TypeError, QuantizationError) as exc:
+        raise CheckpointError(f"{path}: invalid quantization metadata: {exc}") from None
+    return quantized
+
+
 def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> LoadedModel:
     """Load a checkpoint written by :func:`save_model` (never unpickles; verifies the digest)."""
     if Path(path).suffix == ".safetensors" and not is_monquant_file(path):
@@ -203,15 +245,5 @@ def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu")
     quantized = None
     qm = meta.get("quantization")
     if qm is not None:
-        quantized = QuantizedWeights(bits=int(qm["bits"]), granularity=qm["granularity"])
-        dtype = model.layer.B.dtype
-        for name in qm["parts"]:
-            quantized.parts[name] = Quantized(
-                codes=tensors[f"quant.{name}.codes"],
-                step=tensors[f"quant.{name}.step"],
-                w_max=tensors[f"quant.{name}.w_max"],
-                bits=int(qm["bits"]),
-                granularity=qm["granularities"][name],
-                dtype=dtype,
-            )
+        quantized = _quantized_parts(path, qm, tensors, model.layer.B.dtype)
     return LoadedModel(model=model, metadata=meta, train_state=train_state, quantized=quantized)
