@@ -250,3 +250,16 @@ def test_deployment_certificate_is_for_the_deployed_dyadic_operator(tmp_path: Pa
     assert cert["margin_quantized_lower"] == ref.margin_quantized_lower
     assert cert["verdict"] == "certified" and cert["bits"] == 6
     assert res.metadata["solver"]["margin_quantized_lower"] > 0
+
+
+def test_a_validly_signed_file_with_a_wrong_head_is_refused_by_name(tmp_path: Path) -> None:
+    from monquant.storage.tensors import load_tensors
+
+    W, U, b, hw, hb, x = small_model()
+    path = export_deployment(tmp_path / "d.safetensors", W, U, b, hw, hb, 4, 12, x_calib=x).path
+    tensors, meta = load_tensors(path)
+    tensors = dict(tensors)
+    tensors["head.weight"] = torch.zeros(3, 7)  # wrong width (n = 16)
+    bad = save_tensors(tmp_path / "bad.safetensors", tensors, meta)
+    with pytest.raises(CheckpointError, match=r"head\.weight \(3, 7\)"):
+        load_deployment(bad)

@@ -451,6 +451,18 @@ def _weights_from(tensors: dict[str, torch.Tensor], meta: dict[str, Any], name: 
     )
 
 
+def _check_head(path: Path, tensors: dict[str, torch.Tensor], n: int) -> None:
+    """The output head must be ``(classes, n)`` with a ``(classes,)`` bias (named if not)."""
+    hw, hb = tensors.get("head.weight"), tensors.get("head.bias")
+    if hw is None or hb is None:
+        raise CheckpointError(f"{path}: deployment file lacks head.weight or head.bias")
+    if hw.dim() != 2 or hw.shape[1] != n or hb.reshape(-1).shape[0] != hw.shape[0]:
+        raise CheckpointError(
+            f"{path}: head.weight {tuple(hw.shape)} and head.bias {tuple(hb.shape)} do not fit "
+            f"n = {n} (expected (classes, {n}) and (classes,))"
+        )
+
+
 def _check_solver_claim(solver: IntFBSolver, claim: dict[str, Any], path: Path) -> None:
     """The stored verdict and step must be what the codes themselves give."""
     if bool(claim["certified"]) != solver.certified:
@@ -499,6 +511,7 @@ def load_deployment(
     if verify_certificate:
         _check_solver_claim(solver, sv, path)
     solver.plan_for(int(meta["bias"]["frac_bits"]), injection_bound(Ui, xf, tensors["bias.codes"]))
+    _check_head(path, tensors, Wi.shape[0])
     return Deployment(
         Wi,
         Ui,
