@@ -22,6 +22,7 @@ ROWS = [
     ("export", ["{npz}", "--bits", "8", "--out", "{out}"], "takes a monquant model checkpoint"),
     ("export", ["{npz}", "--bits", "8", "--calibration", "-5"], "--calibration"),
     ("certify", ["{zip}", "--bits", "4"], "not a numpy array"),
+    ("certify", ["{intw}", "--bits", "4"], "floating point"),
     ("export", ["{ckpt}", "--bits", "8", "--out", "{tmp}"], "is a folder"),
     ("ptq", ["{ckpt}", "--bits", "8", "--out", "{file}/q.safetensors"], "is a file, not a folder"),
 ]
@@ -34,10 +35,13 @@ def test_bad_input_gets_one_error_line_first(tmp_path: Path, command, argv, frag
     np.savez(npz, W=np.eye(3) * 0.5)
     zipped = tmp_path / "zip.npz"  # a torch.save file renamed .npz
     torch.save({"W": torch.eye(3)}, zipped)
+    intw = tmp_path / "int.npz"  # integer (or bool) weights are refused, not cast silently
+    np.savez(intw, W=np.eye(3, dtype=np.int64))
     afile = tmp_path / "afile"
     afile.write_text("")
     out = tmp_path / "out"
     names = {"out": out, "npz": npz, "zip": zipped, "ckpt": CKPT, "tmp": tmp_path, "file": afile}
+    names["intw"] = intw
     args = [a.format(**names) for a in argv]
     env_data = ["--data-dir", str(tmp_path / "no-data"), "--no-download"]
     if command in ("train", "eval", "ptq", "export"):

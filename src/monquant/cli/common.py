@@ -171,7 +171,10 @@ def load_W(path: str):
     if W.is_complex():
         raise CheckpointError(f"{p}: W is complex ({W.dtype}); a MonDEQ weight must be real")
     if not W.is_floating_point():
-        W = W.double()
+        raise CheckpointError(
+            f"{p}: W has dtype {W.dtype}; a MonDEQ weight is real-valued floating point "
+            "(save it as float32/float64, e.g. W.astype(np.float64), if the integers are meant)"
+        )
     check_weight(W, f"{p.name}:W")
     return W.double(), None
 
