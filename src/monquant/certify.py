@@ -180,17 +180,17 @@ def iterate_error_radius(e: float, rho: float) -> float:
     return e / (1.0 - rho) if rho < 1.0 else math.inf
 
 
-def a_priori_dW_bound(step: torch.Tensor | float, n_cols: int) -> float:
-    """A-priori bound ``||dW|| <= ||dW||_F <= n D_b / 2`` (no quantization needed).
+def a_priori_dW_bound(entry: torch.Tensor | float, n_cols: int) -> float:
+    """A-priori bound ``||dW|| <= ||dW||_F <= n D_b / 2`` (no quantization needed), proved.
 
-    Every entry of ``dW`` is at most ``D/2`` in magnitude. With one step per row (per-channel) the
-    Frobenius bound is ``sqrt(n_cols * sum_i (D_i / 2)^2)``, which is ``n D / 2`` for a square
-    ``n x n`` matrix with a single step.
+    ``entry`` bounds every ``|dW_ij|``: one number (per-tensor; ``D_b / 2`` in exact arithmetic,
+    :func:`a_priori_entry_bound` for the stored ``W~``) or one per row (per-channel). The bound is
+    ``n_cols * e``, or ``sqrt(n_cols * sum_i e_i^2)`` with one ``e_i`` per row, rounded up.
     """
-    s = torch.as_tensor(step, dtype=torch.float64).reshape(-1)
-    if s.numel() == 1:
-        return float(s[0]) * n_cols / 2.0 if n_cols else 0.0
-    return math.sqrt(n_cols * float((s / 2.0).square().sum()))
+    e = torch.as_tensor(entry, dtype=torch.float64).reshape(-1)
+    if e.numel() == 1:
+        return up(float(e[0]) * n_cols)
+    return up(math.sqrt(inflate(n_cols * float(e.square().sum()), e.numel() + 2)))
 
 
 def a_priori_min_bits(
@@ -208,7 +208,7 @@ def a_priori_min_bits(
     wm = torch.tensor(float(w_max), dtype=torch.float64)
     for b in range(2, 33):
         e = a_priori_entry_bound(2.0 * wm / (2**b - 1), wm, dtype)
-        if up(float(e) * n) < m:
+        if a_priori_dW_bound(e, n) < m:
             return b
     return None
 
@@ -377,7 +377,7 @@ def quantized_operator(
         "granularity": granularity,
         "step": float(torch.as_tensor(q.step).max()),
         "w_max": float(q.w_max.max()),
-        "a_priori": _a_priori_from_entries(entry, W.shape[0]),
+        "a_priori": a_priori_dW_bound(entry, W.shape[0]),
     }
     return q.dequantized(), meta
 
@@ -409,20 +409,20 @@ def certify_operator(
     W64 = W.detach().to(torch.float64)
     Wt = W_tilde.detach().to(torch.float64)
     n = W.shape[0]
-    W_tilde_radius = float(radius)
+    radius = float(radius)
     if a_priori is None:
         dW_abs = float((Wt - W64).abs().max())
         # |fl(Wt - W)| is within a factor (1 + u) of the exact entries; plus the radius.
-        e = up(up(dW_abs * up(1.0 + 2.0 * UNIT_ROUNDOFF)) + W_tilde_radius)
-        a_priori = up(e * n)
+        e = up(up(dW_abs * up(1.0 + 2.0 * UNIT_ROUNDOFF)) + radius)
+        a_priori = a_priori_dW_bound(e, n)
         step = 2.0 * dW_abs if step is None else step
     apb = float(a_priori)
     step_t = float(step) if step is not None else 0.0
     w_max = float(W64.abs().max()) if w_max is None else float(w_max)
     st = float_bounds if float_bounds is not None else spectral_bounds(W64)
-    st_q = spectral_bounds(Wt, radius=W_tilde_radius, norm=False)
+    st_q = spectral_bounds(Wt, radius=radius, norm=False)
     m, L, m_lo = st.m, st.L, st.m_lo
-    dW_hi, dW = difference_norm_bounds(Wt, W64, W_tilde_radius)
+    dW_hi, dW = difference_norm_bounds(Wt, W64, radius)
     dW_hi = min(dW_hi, apb)  # both are proved; the a-priori bound is the Frobenius bound's cap
     monotone = st.monotone
     weyl_lo = down(m_lo - dW_hi) if monotone else -math.inf
@@ -442,13 +442,13 @@ def certify_operator(
     cert_weyl = monotone and weyl_lo > 0 and rho_pr_c is not None
     cert_ap = cert_weyl and apb < m_lo
     cert_exact = cert_weyl or (mq_lo > 0 and rho_pr_x is not None)
-    if cert_exact:
+    if cert_exact:  # a proved margin > 0 and a proved modulus < 1
         verdict = "certified"
     elif st_q.m_hi < 0:
         verdict = "refuted"
     else:
         verdict = "undecided"
-    cond = condition_numbers(m_lo, st.norm_hi) if monotone else condition_numbers(0.0, 0.0)
+    cond = condition_numbers(m_lo, st.norm_hi)  # inf unless proved monotone (m_lo > 0)
     back = backward_certificate(cert_exact, rho_pr_x if rho_pr_x is not None else rho_pr_c)
     return Certificate(
         bits=bits,
@@ -490,14 +490,6 @@ def certify_operator(
         L_quantized_upper=L_hi_q,
         verdict=verdict,
     )
-
-
-def _a_priori_from_entries(entry: torch.Tensor, n_cols: int) -> float:
-    """Proved ``||dW||_2 <= ||dW||_F`` bound from per-row entry bounds (``n D / 2`` per-tensor)."""
-    e = entry.reshape(-1)
-    if e.numel() == 1:
-        return up(float(e[0]) * n_cols)
-    return up(math.sqrt(inflate(n_cols * float(e.square().sum()), e.numel() + 2)))
 
 
 def certify_sweep(

@@ -53,6 +53,7 @@ __all__ = [
     "lmin_lower_bound",
     "lmin_upper_bound",
     "margin_bounds",
+    "margin_verdict",
     "modulus_upper_bound",
     "norm2_bounds",
     "norm2_upper_bound",
@@ -293,6 +294,19 @@ def margin_bounds(
     return lo, hi, lam
 
 
+def margin_verdict(lower: float, upper: float) -> str:
+    """The three-valued verdict of proved bounds ``lower <= margin <= upper``.
+
+    ``certified`` when ``lower > 0``, ``refuted`` when ``upper < 0``, otherwise ``undecided``
+    (the margin is within rounding error of 0).
+    """
+    if lower > 0:
+        return "certified"
+    if upper < 0:
+        return "refuted"
+    return "undecided"
+
+
 def modulus_upper_bound(method: str, step: float, m_lo: float, L_hi: float) -> float | None:
     """Rigorous upper bound (< 1) on a splitting method's contraction modulus, or ``None``.
 
@@ -344,11 +358,7 @@ class SpectralBounds:
     @property
     def verdict(self) -> str:
         """``certified`` (margin provably > 0), ``refuted`` (provably < 0) or ``undecided``."""
-        if self.m_lo > 0:
-            return "certified"
-        if self.m_hi < 0:
-            return "refuted"
-        return "undecided"
+        return margin_verdict(self.m_lo, self.m_hi)
 
     @property
     def kappa_hi(self) -> float:

@@ -24,7 +24,7 @@ from monquant.model import MonDEQClassifier
 from monquant.operators import margin_tensor, spectral_stats
 from monquant.quant.uniform import check_bits, fake_quant
 from monquant.training.optim import Adam, StepDecay
-from monquant.verified import margin_bounds
+from monquant.verified import margin_bounds, margin_verdict
 
 __all__ = [
     "EvalResult",
@@ -359,10 +359,8 @@ def _epoch_entry(model, epoch, n, loss_sum, correct, ev, before, after, seconds)
         "eval_seconds": ev.seconds,
     }
     if model.layer.weight_transform is not None:
-        Wq = margin_bounds(model.layer.effective_weight().detach())
-        entry["margin_quantized"] = Wq[2]  # computed (an estimate)
-        entry["margin_quantized_lower"] = Wq[0]  # proved
-        entry["margin_quantized_verdict"] = (
-            "certified" if Wq[0] > 0 else "refuted" if Wq[1] < 0 else "undecided"
-        )
+        lo, hi, computed = margin_bounds(model.layer.effective_weight().detach())
+        entry["margin_quantized"] = computed  # an estimate
+        entry["margin_quantized_lower"] = lo  # proved
+        entry["margin_quantized_verdict"] = margin_verdict(lo, hi)
     return entry
