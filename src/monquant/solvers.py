@@ -298,9 +298,9 @@ class SplittingMap:
     @property
     def K(self) -> torch.Tensor:
         """The dense iteration matrix (row layout) when the operator is dense."""
-        if not isinstance(self.map, MatrixMap):
+        if self._K is None:
             raise SolverError("this operator's splitting map has no dense matrix")
-        return self.map.K
+        return self._K
 
     def apply(self, s: torch.Tensor) -> torch.Tensor:
         """One full iteration ``s -> T(s)`` of the splitting map (the contraction variable)."""

@@ -205,14 +205,19 @@ def lmin_upper_bound(A: torch.Tensor, extra: float = 0.0, v: torch.Tensor | None
     return up(num_hi / den_lo) if num_hi >= 0 else up(num_hi / den_hi)
 
 
-def norm2_bounds(M: torch.Tensor, extra: float = 0.0) -> tuple[float, float]:
+def norm2_bounds(
+    M: torch.Tensor, extra: float = 0.0, rounded: bool = False
+) -> tuple[float, float]:
     """``(upper, computed)``: a rigorous bound on ``||M_true||_2`` and the computed value.
 
-    ``M_true`` is any matrix with ``||M_true - M||_2 <= extra``. Verifies ``sigma^2 I - fl(M^T M)``
-    positive definite for ``sigma`` just above the computed largest singular value (``computed`` =
-    ``sqrt(lmax(fl(M^T M)))``, an estimate); ``||fl(M^T M) - M^T M||_2 <= gamma_{k+1} ||M||_F^2``
-    (``k`` rows; the symmetrization costs one more rounding). Capped by (and falling back to) the
-    Frobenius bound.
+    ``M_true`` is any matrix with ``||M_true - M||_2 <= extra``; ``rounded=True`` says that ``M``
+    itself is the correctly rounded result of one operation per entry (``fl(I - W)``,
+    ``fl(A - B)``), which adds ``2 u ||M||_F`` to ``extra`` (``|error| <= u |M|`` entrywise, with
+    room for the ``(1 + u)``), from the Frobenius bound computed here anyway. Verifies
+    ``sigma^2 I - fl(M^T M)`` positive definite for ``sigma`` just above the computed largest
+    singular value (``computed`` = ``sqrt(lmax(fl(M^T M)))``, an estimate);
+    ``||fl(M^T M) - M^T M||_2 <= gamma_{k+1} ||M||_F^2`` (``k`` rows; the symmetrization costs one
+    more rounding). Capped by (and falling back to) the Frobenius bound.
     """
     if not isinstance(M, torch.Tensor) or M.dim() != 2 or not M.is_floating_point():
         raise VerificationError("M must be a floating-point matrix")
@@ -220,6 +225,9 @@ def norm2_bounds(M: torch.Tensor, extra: float = 0.0) -> tuple[float, float]:
         raise VerificationError("M has non-finite entries")
     M64 = _f64(M)
     F = frobenius_upper_bound(M64)
+    if rounded:
+        e_round = up(2.0 * UNIT_ROUNDOFF * F)
+        extra = up(float(extra) + e_round) if extra else e_round
     best, computed = F, 0.0
     if F > 0 and M64.shape[1] > 0:
         G = M64.T @ M64
@@ -249,10 +257,8 @@ def difference_norm_bounds(A: torch.Tensor, B: torch.Tensor, radius: float = 0.0
     ``radius`` (an entrywise uncertainty of ``A``) adds ``sqrt(rows cols) radius``.
     """
     D = _f64(A) - _f64(B)
-    extra = up(2.0 * UNIT_ROUNDOFF * frobenius_upper_bound(D))
-    if radius:
-        extra = up(extra + up(math.sqrt(D.numel()) * float(radius) * up(1.0 + 4 * UNIT_ROUNDOFF)))
-    return norm2_bounds(D, extra)
+    extra = up(math.sqrt(D.numel()) * float(radius) * up(1.0 + 4 * UNIT_ROUNDOFF)) if radius else 0.0
+    return norm2_bounds(D, extra, rounded=True)
 
 
 def sym_part_bounds(W: torch.Tensor, radius: float = 0.0) -> tuple[torch.Tensor, float]:
@@ -398,9 +404,7 @@ def spectral_bounds(W: torch.Tensor, radius: float = 0.0, norm: bool = True) -> 
     W64 = _f64(W)
     lo, hi, lam = margin_bounds(W64, radius)
     IW = torch.eye(n, dtype=torch.float64, device=W64.device) - W64
-    # fl(I - W) errs by u |fl(I - W)| entrywise: at most u ||fl(I - W)||_F in spectral norm.
-    e_iw = up(2.0 * UNIT_ROUNDOFF * frobenius_upper_bound(IW))
     e_rad = up(n * float(radius)) if radius else 0.0
-    L_hi, L = norm2_bounds(IW, up(e_iw + e_rad))
+    L_hi, L = norm2_bounds(IW, e_rad, rounded=True)  # fl(I - W) is one rounding per entry
     norm_hi, norm_W = norm2_bounds(W64, e_rad) if norm else (math.nan, math.nan)
     return SpectralBounds(m_lo=lo, m_hi=hi, L_hi=L_hi, norm_hi=norm_hi, m=lam, L=L, norm_W=norm_W)

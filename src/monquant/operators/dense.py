@@ -40,8 +40,8 @@ class MatrixMap(LinearMap):
 class DenseOperator(MonotoneOperator):
     """A dense ``n x n`` weight ``W`` (any square matrix: float, quantized, imported)."""
 
-    def __init__(self, W: torch.Tensor):
-        self.W = check_weight(W)
+    def __init__(self, W: torch.Tensor, *, checked: bool = False):
+        self.W = W if checked else check_weight(W)
 
     @property
     def state_shape(self) -> tuple[int, ...]:
@@ -85,7 +85,7 @@ class DenseOperator(MonotoneOperator):
         return DenseOperator(W)
 
     def transpose(self) -> DenseOperator:
-        return DenseOperator(self.W.T)
+        return DenseOperator(self.W.T, checked=True)
 
     def minus(self, other: MonotoneOperator) -> float:
         if not isinstance(other, DenseOperator) or other.W.shape != self.W.shape:
@@ -93,7 +93,12 @@ class DenseOperator(MonotoneOperator):
         return spectral_norm(self.W.to(torch.float64) - other.W.to(torch.float64))
 
     def to(self, dtype: torch.dtype | None = None, device=None) -> DenseOperator:
-        return DenseOperator(self.W.to(dtype=dtype or self.W.dtype, device=device or self.device))
+        W = self.W.to(dtype=dtype or self.W.dtype, device=device or self.device)
+        # a cast may overflow to inf, so a new tensor is checked; the same tensor is not
+        return self if W is self.W else DenseOperator(W)
+
+    def detach(self) -> DenseOperator:
+        return DenseOperator(self.W.detach(), checked=True)  # the same (checked) values
 
     def dense(self) -> torch.Tensor:
         return self.W
