@@ -16,7 +16,6 @@ Prints four tables (asserts nothing; the tests assert):
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -28,7 +27,7 @@ from monquant.certify import certify
 from monquant.operators import spectral_norm, spectral_stats, wk_weight
 from monquant.quant.uniform import quantize
 from monquant.report import text_table
-from monquant.storage.jsonio import to_jsonable
+from monquant.storage.jsonio import dumps_json
 from monquant.testing import (
     exact_boundary_case,
     exact_margin_sign,
@@ -163,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
                      [[t["n"], t["proved_s"], t["plain_s"], t["ratio"]] for t in res["timing"]]))  # fmt: skip
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(json.dumps(to_jsonable(res), indent=2) + "\n")
+        a.json.write_text(dumps_json(res) + "\n")
     return 0
 
 

@@ -10,7 +10,6 @@ Target (issue 2): PR needs at most a third of FB's iterations at FB's certified 
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import torch
@@ -18,7 +17,7 @@ import torch
 from monquant.operators import spectral_stats, wk_weight
 from monquant.report import text_table
 from monquant.solvers import SolverConfig, solve
-from monquant.storage.jsonio import to_jsonable
+from monquant.storage.jsonio import dumps_json
 
 
 def operator_with_kappa(n: int, kappa: float, m: float = 0.5, seed: int = 0) -> torch.Tensor:
@@ -114,7 +113,7 @@ def main() -> None:
     )
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump(to_jsonable({"stats": st.as_dict(), "rows": out}), fh, indent=2)
+            fh.write(dumps_json({"stats": st.as_dict(), "rows": out}))
 
 
 if __name__ == "__main__":

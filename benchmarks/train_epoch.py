@@ -12,7 +12,6 @@ matmul peak measured in the same run. Asserts nothing.
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import time
 
@@ -22,7 +21,7 @@ from monquant.data import load_mnist
 from monquant.model import MonDEQClassifier, MonDEQConfig
 from monquant.report import text_table
 from monquant.solvers import SolverConfig
-from monquant.storage.jsonio import to_jsonable
+from monquant.storage.jsonio import dumps_json
 from monquant.training.loop import TrainConfig, train
 
 
@@ -149,7 +148,7 @@ def main() -> None:
     )
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump(to_jsonable({"summary": summary, "epochs": log}), fh, indent=2)
+            fh.write(dumps_json({"summary": summary, "epochs": log}))
 
 
 if __name__ == "__main__":

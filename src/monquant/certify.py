@@ -301,13 +301,17 @@ class Certificate:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Certificate:
+        """Rebuild from :meth:`to_dict` output, also as read back from JSON (null plus flag)."""
+        from monquant.storage.jsonio import from_jsonable
+
+        d = from_jsonable(d)
         names = {f.name for f in dataclasses.fields(cls)}
         kw = {}
         for k, v in d.items():
             if k not in names:
                 continue
             if isinstance(v, str) and v in ("inf", "-inf", "nan"):
-                v = float(v)
+                v = float(v)  # files written before the null-plus-flag JSON convention
             kw[k] = v
         kw["L_quantized_bounds"] = tuple(kw["L_quantized_bounds"])
         return cls(**kw)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import stat
@@ -30,8 +31,13 @@ def test_text_and_json_round_trip(tmp_path: Path) -> None:
     atomic_write_bytes(tmp_path / "a" / "b.bin", b"\x00\x01")
     assert (tmp_path / "a" / "b.bin").read_bytes() == b"\x00\x01"
     path = write_json(tmp_path / "r.json", {"x": math.inf, "y": [1.5, math.nan], "p": tmp_path})
+    raw = json.loads(path.read_text())  # numbers stay numbers: null plus a flag
+    assert raw == {
+        "x": None, "y": [1.5, None], "p": str(tmp_path), "nonfinite": {"x": "inf", "y/1": "nan"}
+    }  # fmt: skip
     data = read_json(path)
-    assert data == {"x": "inf", "y": [1.5, "nan"], "p": str(tmp_path)}
+    assert data["x"] == math.inf and data["y"][0] == 1.5 and math.isnan(data["y"][1])
+    assert set(data) == {"x", "y", "p"}
     assert to_jsonable((1, 2)) == [1, 2]
 
 
@@ -71,3 +77,26 @@ def test_folder_lock_refuses_a_second_live_writer_and_takes_over_stale_locks(
     with pytest.raises(Exception, match="cannot"), folder_lock("/proc/monquant-no-such-place/run"):
         pass
     _ = FolderLockedError
+
+
+def test_nonfinite_numbers_round_trip_through_nested_objects_and_lists() -> None:
+    import torch
+
+    from monquant.storage.jsonio import dumps_json, from_jsonable
+
+    data = {
+        "a/b": -math.inf,
+        "rows": [{"L": math.inf, "m": 0.5}, {"L": 2.0, "r": [math.nan, 1.0, math.inf]}],
+        "t": torch.tensor([1.0, float("inf")]),
+        "grid": [[1.0, -math.inf]],
+    }
+    text = dumps_json(data)
+    assert "Infinity" not in text and "NaN" not in text and '"inf",' not in text.split("nonfinite")[0]
+    raw = json.loads(text)
+    assert raw["nonfinite"] == {"a~1b": "-inf", "t/1": "inf", "grid/0/1": "-inf"}
+    assert raw["rows"][0] == {"L": None, "m": 0.5, "nonfinite": {"L": "inf"}}
+    back = from_jsonable(raw)
+    assert back["a/b"] == -math.inf and back["t"] == [1.0, math.inf] and back["grid"] == [[1.0, -math.inf]]
+    assert back["rows"][0] == {"L": math.inf, "m": 0.5}
+    assert math.isnan(back["rows"][1]["r"][0]) and back["rows"][1]["r"][1:] == [1.0, math.inf]
+    assert from_jsonable({"nonfinite": {"x": "y"}}) == {"nonfinite": {"x": "y"}}  # not a flag

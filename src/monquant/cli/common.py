@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -103,10 +102,10 @@ def require_checkpoint(path: str, command: str) -> None:
 
 
 def emit(args: argparse.Namespace, data: Any, text: str) -> None:
-    from monquant.storage.jsonio import to_jsonable
+    from monquant.storage.jsonio import dumps_json
 
     if getattr(args, "json", False):
-        print(json.dumps(to_jsonable(data), indent=2))
+        print(dumps_json(data))
     else:
         print(text)
 

@@ -34,6 +34,7 @@ from safetensors.torch import save_file as _st_save_file
 
 from monquant.errors import CheckpointError, ConfigError, InputTypeError
 from monquant.storage.files import PathLike, atomic_target
+from monquant.storage.jsonio import from_jsonable
 
 __all__ = [
     "FORMAT_VERSION",
@@ -262,7 +263,7 @@ def _check_ours(
             f"{path}: SHA-256 digest mismatch: the file was tampered with or corrupted after "
             "it was saved"
         )
-    return user
+    return from_jsonable(user)
 
 
 def _check_finite(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
