@@ -503,10 +503,10 @@ def certify_sweep(
 
     ``progress=True`` shows a progress bar on stderr.
     """
-    from tqdm.auto import tqdm
+    from monquant.progress import progress_bar
 
     st = spectral_bounds(check_weight(W))
-    bar = tqdm(bits_list, desc=f"certify {granularity}", disable=not progress, leave=False)
+    bar = progress_bar(bits_list, desc=f"certify {granularity}", enabled=progress, unit="bits")
     return [certify(W, b, granularity, float_bounds=st) for b in bar]
 
 

@@ -573,7 +573,8 @@ def iterate_batches(
 def subset(x: torch.Tensor, y: torch.Tensor, k: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """The first ``k`` samples (all of them when ``k`` is ``None`` or larger than the set).
 
-    The one "first k samples" rule of every ``--test-limit``, ``--mnist K`` and study limit.
+    The one "first k samples" rule of every ``--test-limit K``, ``--train-limit K``,
+    ``--calibration-limit K`` and study limit.
     """
     _check_pair(x, y)
     if k is None:

@@ -41,8 +41,11 @@ def run_ptq(
     parts: tuple[str, ...] = ("W",),
     out: str | Path | None = None,
     test_limit: int | None = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
-    """Quantize a float checkpoint, certify it, evaluate float and quantized, save the result."""
+    """Quantize a float checkpoint, certify it, evaluate float and quantized, save the result.
+
+    ``progress`` shows bars on stderr for the two evaluations."""
     loaded = load_model(checkpoint)
     model = loaded.model.eval()
     qw = quantize_model(model, bits, granularity, parts)
@@ -51,8 +54,8 @@ def run_ptq(
     cert_d = cert.to_dict()
     cert_d.update(bits=bits, granularity=granularity)
     x, y = _test_set(data, test_limit)
-    float_eval = evaluate(model, x, y)
-    q_eval = evaluate(model, x, y, **qw.overrides())
+    float_eval = evaluate(model, x, y, progress=progress, desc="float model")
+    q_eval = evaluate(model, x, y, **qw.overrides(), progress=progress, desc=f"{bits}-bit model")
     dest = (
         Path(out) if out else Path(checkpoint).with_name(_ptq_name(bits, granularity, parts))
     )
@@ -73,8 +76,10 @@ def run_ptq(
     }
 
 
-def run_eval(checkpoint: str | Path, data: MNIST, test_limit: int | None = None) -> dict[str, Any]:
-    """Evaluate a checkpoint (with its quantized weights, if it has them)."""
+def run_eval(
+    checkpoint: str | Path, data: MNIST, test_limit: int | None = None, progress: bool = False
+) -> dict[str, Any]:
+    """Evaluate a checkpoint (with its quantized weights, if it has them); ``progress``: a bar."""
     loaded = load_model(checkpoint)
     model = loaded.model.eval()
     overrides = loaded.quantized.overrides() if loaded.quantized else {}
@@ -82,7 +87,7 @@ def run_eval(checkpoint: str | Path, data: MNIST, test_limit: int | None = None)
     W = W if W is not None else model.layer.weight().detach()
     st = spectral_stats(W)
     x, y = _test_set(data, test_limit)
-    ev = evaluate(model, x, y, **overrides)
+    ev = evaluate(model, x, y, **overrides, progress=progress)
     return {
         "checkpoint": str(checkpoint),
         "quantized": loaded.quantized is not None,

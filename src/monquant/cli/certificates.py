@@ -8,6 +8,7 @@ from typing import Any
 from monquant.cli.common import (
     AddCommand,
     allow_unconverged_arg,
+    bits_arg,
     certificate_rows,
     data_args,
     emit,
@@ -35,7 +36,7 @@ EPILOG_PTQ = """examples:
 
 
 def cmd_certify(args: argparse.Namespace) -> int:
-    from monquant.certify import certify, min_certified_bits
+    from monquant.certify import TIERS, certify, min_certified_bits
     from monquant.report import text_table
     from monquant.verified import spectral_bounds
 
@@ -55,7 +56,8 @@ def cmd_certify(args: argparse.Namespace) -> int:
             "\nmargin(W) is within rounding error of 0: W is not certified monotone, "
             "so no quantization of it is certified either"
         )
-    certs = [certify(W, b, args.granularity, float_bounds=st) for b in args.bits]
+    bits = args.bits if args.bits is not None else ([] if args.min_bits else [3, 4, 5, 6, 8])
+    certs = [certify(W, b, args.granularity, float_bounds=st) for b in bits]
     data: dict[str, Any] | list[Any] = [c.to_dict() for c in certs]
     text = head
     if certs:
@@ -77,11 +79,11 @@ def cmd_certify(args: argparse.Namespace) -> int:
             for g in ("per-tensor", "per-channel")
         }
         lines = [
-            f"  {g:12s} a-priori {v['a_priori']}, Weyl {v['weyl']}, exact {v['exact']}"
+            f"  {g:12s} " + ", ".join(f"{t} {v[t]}" for t in TIERS)
             for g, v in mb.items()
         ]
         text += "\nsmallest certified bit-width per tier:\n" + "\n".join(lines)
-        data = {"certificates": data, "min_bits": mb} if args.bits else {"min_bits": mb}
+        data = {"certificates": data, "min_bits": mb} if bits else {"min_bits": mb}
     emit(args, data, text)
     return 0
 
@@ -103,6 +105,7 @@ def cmd_ptq(args: argparse.Namespace) -> int:
         parts=parts,
         out=args.out,
         test_limit=args.test_limit,
+        progress=not args.no_progress,
     )
     ev, c = result["eval"], result["certificate"]
     text = (
@@ -124,7 +127,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     require_checkpoint(args.checkpoint, "eval")
     data = load_data(args)
-    result = run_eval(args.checkpoint, data, test_limit=args.test_limit)
+    result = run_eval(args.checkpoint, data, test_limit=args.test_limit, progress=not args.no_progress)
     ev = result["eval"]
     text = (
         f"accuracy {ev['accuracy']:.4f} on {ev['samples']} test images "
@@ -177,25 +180,21 @@ def register(add: AddCommand) -> None:
     """Add ``certify``, ``ptq``, ``eval`` and ``demo`` to the main parser."""
     c = add("certify", cmd_certify, "certify quantized W without running a solver", EPILOG_CERTIFY)
     c.add_argument("path", help="monquant checkpoint, or .npz/.safetensors holding W (U, b)")
-    c.add_argument(
-        "--bits",
-        type=int,
-        nargs="*",
-        default=[3, 4, 5, 6, 8],
-        help="bit-widths to certify (none: only --min-bits)",
-    )
+    bits_arg(c, many=True, help_="bit-widths to certify (default: 3 4 5 6 8; with --min-bits "
+             "and no --bits, only the smallest certified bit-widths)")  # fmt: skip
     granularity_arg(c)
     c.add_argument("--min-bits", action="store_true", help="smallest certified bits per tier")
 
     q = add("ptq", cmd_ptq, "post-training quantization: quantize, certify, evaluate", EPILOG_PTQ)
     q.add_argument("checkpoint", help="monquant model checkpoint (.safetensors from train)")
-    q.add_argument("--bits", type=int, required=True, help="weight bit-width")
+    bits_arg(q, many=False, required=True, help_="weight bit-width")
     granularity_arg(q)
     q.add_argument("--quantize", default="W", help="comma list of W,U,b (default W, as the paper)")
     q.add_argument("--out", default=None, help="quantized model path (default: next to CKPT)")
     q.add_argument(
-        "--test-limit", type=positive_int, default=None, help="evaluate on the first k images"
-    )
+        "--test-limit", type=positive_int, default=None, metavar="K",
+        help="evaluate on the first K test images",
+    )  # fmt: skip
     data_args(q)
 
     e = add(
@@ -207,8 +206,9 @@ def register(add: AddCommand) -> None:
     )
     e.add_argument("checkpoint", help="monquant model checkpoint (float or quantized)")
     e.add_argument(
-        "--test-limit", type=positive_int, default=None, help="evaluate on the first k test images"
-    )
+        "--test-limit", type=positive_int, default=None, metavar="K",
+        help="evaluate on the first K test images",
+    )  # fmt: skip
     allow_unconverged_arg(e)
     data_args(e)
 
@@ -225,10 +225,4 @@ def register(add: AddCommand) -> None:
         "--margin", type=positive_float, default=0.5, help="margin m of the synthetic W-K operator"
     )
     d.add_argument("--seed", type=int, default=0, help="random seed")
-    d.add_argument(
-        "--bits",
-        type=int,
-        nargs="*",
-        default=[3, 4, 5, 6, 8, 12, 16],
-        help="bit-widths to certify and solve",
-    )
+    bits_arg(d, many=True, default=[3, 4, 5, 6, 8, 12, 16], help_="bit-widths to certify and solve")

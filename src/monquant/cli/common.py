@@ -12,6 +12,8 @@ __all__ = [
     "AddCommand",
     "Parser",
     "allow_unconverged_arg",
+    "bit_width",
+    "bits_arg",
     "certificate_rows",
     "data_args",
     "emit",
@@ -20,6 +22,7 @@ __all__ = [
     "load_data",
     "positive_float",
     "positive_int",
+    "renamed_flag",
     "require_checkpoint",
     "solver_args",
     "unconverged_status",
@@ -83,6 +86,75 @@ def positive_float(text: str) -> float:
     if not (v > 0 and v < float("inf")):
         raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
     return v
+
+
+def bit_width(text: str) -> int:
+    """argparse type: a weight bit-width in the quantizer's range ``[MIN_BITS, MAX_BITS]``."""
+    from monquant.quant.uniform import MAX_BITS, MIN_BITS
+
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a bit-width, got {text!r}") from None
+    if not MIN_BITS <= v <= MAX_BITS:
+        raise argparse.ArgumentTypeError(f"a bit-width is in [{MIN_BITS}, {MAX_BITS}], got {v}")
+    return v
+
+
+def bits_arg(
+    p: argparse.ArgumentParser,
+    *,
+    many: bool,
+    help_: str,
+    default: Any = None,
+    required: bool = False,
+    flag: str = "--bits",
+    kind: Callable[[str], int] = bit_width,
+) -> None:
+    """The one ``--bits`` convention (docs/cli.md): a command that writes one model takes one
+    value (``--bits B``); a command that sweeps takes one or more (``--bits B [B ...]``), never
+    zero."""
+    p.add_argument(
+        flag,
+        type=kind,
+        nargs="+" if many else None,
+        default=default,
+        required=required,
+        metavar="B",
+        help=help_,
+    )
+
+
+class _Renamed(argparse.Action):
+    """A flag that was renamed: warn and store into the new flag's ``dest`` (``keep``), or refuse."""
+
+    def __init__(self, option_strings, dest, new: str = "", keep: bool = True, note: str = "",
+                 **kw):  # fmt: skip
+        self.new, self.keep, self.note = new, keep, note
+        super().__init__(option_strings, dest, **kw)
+
+    def __call__(self, parser, namespace, values, option_string=None):  # type: ignore[override]
+        import sys
+
+        if not self.keep:
+            parser.error(f"{option_string} was renamed {self.new}{self.note}")
+        print(f"{parser.prog}: warning: {option_string} is now {self.new}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def renamed_flag(
+    p: argparse.ArgumentParser | Any,
+    old: str,
+    new: str,
+    dest: str,
+    keep: bool = True,
+    note: str = "",
+    **kw: Any,
+) -> None:
+    """Accept ``old`` as a hidden alias of ``new`` with a warning (``keep``), or refuse it with a
+    one-line error naming ``new`` (when the old name meant something else elsewhere)."""
+    p.add_argument(old, dest=dest, action=_Renamed, new=new, keep=keep, note=note,
+                   help=argparse.SUPPRESS, default=argparse.SUPPRESS, **kw)  # fmt: skip
 
 
 def require_checkpoint(path: str, command: str) -> None:

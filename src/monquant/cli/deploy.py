@@ -9,11 +9,14 @@ from typing import Any
 
 from monquant.cli.common import (
     allow_unconverged_arg,
+    bit_width,
+    bits_arg,
     data_args,
     emit,
     granularity_arg,
     load_data,
     positive_int,
+    renamed_flag,
     require_checkpoint,
     unconverged_status,
 )
@@ -26,12 +29,12 @@ EPILOG_EXPORT = """examples:
   monquant export runs/float/model.safetensors --bits 4 --act-bits 16 --u-bits 8
 """
 EPILOG_RUN = """examples:
-  monquant run model-int8.safetensors --mnist 1000          # first 1000 MNIST test images
+  monquant run model-int8.safetensors --test-limit 1000     # first 1000 MNIST test images
   monquant run model-int8.safetensors --input batch.npz     # tensor 'x' (N x 784), optional 'y'
 """
 EPILOG_INTDEPLOY = """examples:
   monquant intdeploy runs/float/model.safetensors --out results/intdeploy
-  monquant intdeploy runs/float/model.safetensors --weight-bits 4 8 --act-bits 12 16 --test-limit 500
+  monquant intdeploy runs/float/model.safetensors --bits 4 8 --act-bits 12 16 --test-limit 500
 """
 
 
@@ -58,7 +61,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.out:
         check_output_file(args.out)
     data = load_data(args)
-    calib = data.x_train[: args.calibration].double()
+    calib = data.x_train[: args.calibration_limit].double()
     out = Path(args.out or Path(args.checkpoint).with_name(f"deploy-{args.bits}bit.safetensors"))
     res = export_deployment(
         out, W, U, b, hw, hb, args.bits, args.act_bits, x_calib=calib, u_bits=args.u_bits,
@@ -92,7 +95,7 @@ def _inputs(args: argparse.Namespace):
     from monquant.data import subset
 
     data = load_data(args)
-    x, y = subset(data.x_test, data.y_test, args.mnist)
+    x, y = subset(data.x_test, data.y_test, args.test_limit)
     return x.to(torch.float64), y
 
 
@@ -107,7 +110,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     d = dep.U.shape[1]
     if x.dim() != 2 or x.shape[1] != d:
         raise ConfigError(f"inputs must be (N, {d}) to match the deployment, got {tuple(x.shape)}")
-    logits, report = dep.run(x, reference=args.reference, allow_uncertified=args.allow_uncertified)
+    logits, report = dep.run(x, reference=args.reference, allow_uncertified=args.allow_uncertified,
+                             progress=not args.no_progress)  # fmt: skip
     pred = logits.argmax(dim=1)
     summary: dict[str, Any] = report.summary()
     summary["samples"] = int(x.shape[0])
@@ -141,7 +145,7 @@ def cmd_intdeploy(args: argparse.Namespace) -> int:
     x, y = subset(data.x_test, data.y_test, args.test_limit)
     x = x.double()
     res = run_intdeploy(
-        args.out, W, U, b, hw, hb, x, y, weight_bits=tuple(args.weight_bits),
+        args.out, W, U, b, hw, hb, x, y, weight_bits=tuple(args.bits),
         act_bits=tuple(args.act_bits), echo=None if args.no_progress else _stderr_line,
     )  # fmt: skip
     res = write_report(args.out, res)
@@ -159,8 +163,8 @@ def register(add) -> None:
     e = add("export", cmd_export, "write an integer deployment file (packed codes, certificate)",
             EPILOG_EXPORT)  # fmt: skip
     e.add_argument("checkpoint", help="monquant model checkpoint (.safetensors from train)")
-    e.add_argument("--bits", type=int, required=True, help="weight bit-width of W (and U)")
-    e.add_argument("--u-bits", type=int, default=None, help="bit-width of U (default: --bits)")
+    bits_arg(e, many=False, required=True, help_="weight bit-width of W (and U)")
+    bits_arg(e, many=False, flag="--u-bits", help_="bit-width of U (default: --bits)")
     e.add_argument("--act-bits", type=int, default=16, help="fixed-point bits of the iterate")
     granularity_arg(e)
     e.add_argument(
@@ -170,8 +174,13 @@ def register(add) -> None:
         help="iteration cap of the integer solver stored in the file",
     )
     e.add_argument(
-        "--calibration", type=positive_int, default=1000, help="training images to calibrate"
+        "--calibration-limit",
+        type=positive_int,
+        default=1000,
+        metavar="K",
+        help="calibrate the activation format on the first K training images",
     )
+    renamed_flag(e, "--calibration", "--calibration-limit", "calibration_limit", type=positive_int)
     e.add_argument(
         "--out",
         default=None,
@@ -186,7 +195,9 @@ def register(add) -> None:
     r.add_argument("file", help="deployment file written by 'monquant export'")
     g = r.add_mutually_exclusive_group(required=True)
     g.add_argument("--input", help=".npz/.safetensors with tensor 'x' (and optional labels 'y')")
-    g.add_argument("--mnist", type=positive_int, help="the first K MNIST test images")
+    g.add_argument("--test-limit", type=positive_int, metavar="K",
+                   help="the first K MNIST test images")  # fmt: skip
+    renamed_flag(g, "--mnist", "--test-limit", "test_limit", type=positive_int)
     r.add_argument("--reference", action="store_true",
                    help="also solve the float64 equilibrium of the same W~ and report distances")  # fmt: skip
     r.add_argument("--per-sample", action="store_true", help="include per-input reports")
@@ -204,9 +215,8 @@ def register(add) -> None:
             EPILOG_INTDEPLOY)  # fmt: skip
     i.add_argument("checkpoint", help="monquant model checkpoint (.safetensors from train)")
     i.add_argument("--out", default="results/intdeploy", help="results folder")
-    i.add_argument(
-        "--weight-bits", type=int, nargs="+", default=[4, 6, 8], help="bit-widths of W (and U)"
-    )
+    bits_arg(i, many=True, default=[4, 6, 8], help_="bit-widths of W (and U)")
+    renamed_flag(i, "--weight-bits", "--bits", "bits", type=bit_width, nargs="+")
     i.add_argument(
         "--act-bits",
         type=int,
@@ -215,6 +225,7 @@ def register(add) -> None:
         help="fixed-point bits of the iterate",
     )
     i.add_argument(
-        "--test-limit", type=positive_int, default=1000, help="first k MNIST test images"
-    )
+        "--test-limit", type=positive_int, default=1000, metavar="K",
+        help="the first K MNIST test images",
+    )  # fmt: skip
     data_args(i)

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from monquant.cli.common import data_args, emit, load_data, positive_int
+from monquant.cli.common import bits_arg, data_args, emit, load_data, positive_int
 
 __all__ = ["cmd_lowbit", "register"]
 
@@ -89,7 +89,7 @@ def register(add: Callable[..., argparse.ArgumentParser]) -> None:
     p.add_argument(
         "--epochs", type=positive_int, default=None, help="fine-tuning epochs (default 3)"
     )
-    p.add_argument("--bits", type=int, nargs="+", default=None, help="default 2 3 4 6 8")
+    bits_arg(p, many=True, help_="weight bit-widths (default 2 3 4 6 8)")
     p.add_argument(
         "--granularities",
         nargs="+",

@@ -42,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = Parser(
         prog="monquant",
         description="Quantize monotone operator equilibrium networks with certified convergence.",
+        allow_abbrev=False,
     )
     p.add_argument("--version", action="version", version=f"monquant {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -53,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
             description=help_,
             epilog=epilog,
             formatter_class=HelpFormatter,
+            allow_abbrev=False,  # a prefix of a flag is refused, not silently taken for it
         )
         sp.set_defaults(func=func)
         sp.add_argument("--json", action="store_true", help="machine-readable output on stdout")

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from monquant.cli.common import AddCommand, data_args, emit, load_data, positive_int
+from monquant.cli.common import AddCommand, data_args, emit, load_data, positive_int, renamed_flag
 
 __all__ = ["cmd_reproduce", "cmd_ste_recovery", "register"]
 
@@ -65,7 +65,7 @@ def cmd_ste_recovery(args: argparse.Namespace) -> int:
         quick=args.quick,
         seed=args.seed,
         trials=args.trials,
-        m=args.m,
+        m=args.hidden,
         T=args.T,
         sigma_frac=args.noise,
         progress=not args.no_progress,
@@ -106,6 +106,10 @@ def register(add: AddCommand) -> None:
     s.add_argument("--quick", action="store_true", help="small grid (seconds)")
     s.add_argument("--seed", type=int, default=0, help="random seed")
     s.add_argument("--trials", type=positive_int, default=50, help="independent trials per point")
-    s.add_argument("--m", type=positive_int, default=32, help="hidden units of the recovery study")
+    s.add_argument(
+        "--hidden", type=positive_int, default=32, help="hidden units m of the recovery study"
+    )
+    renamed_flag(s, "--m", "--hidden", "hidden", keep=False,
+                 note=" (hidden units; --m would read as the margin, its meaning elsewhere)")  # fmt: skip
     s.add_argument("--T", type=positive_int, default=2000, help="STE iterations")
     s.add_argument("--noise", type=float, default=0.2, help="label noise / label std (recurrence)")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from monquant.cli.common import (
     AddCommand,
+    bits_arg,
     data_args,
     emit,
     granularity_arg,
@@ -97,7 +98,7 @@ def register(add: AddCommand) -> None:
         "--decay", type=positive_float, default=0.1, help="learning-rate decay factor in (0, 1]"
     )
     t.add_argument("--seed", type=int, default=0, help="random seed (initialization and batches)")
-    t.add_argument("--qat-bits", type=int, default=None, help="quantization-aware training")
+    bits_arg(t, many=False, flag="--qat-bits", help_="quantization-aware training at B bits")
     granularity_arg(t)
     t.add_argument("--margin-target", type=float, default=None, help="margin-aware QAT target")
     t.add_argument(

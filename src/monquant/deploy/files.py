@@ -399,12 +399,18 @@ class Deployment:
         return inj
 
     def run(
-        self, x: torch.Tensor, *, reference: bool = False, allow_uncertified: bool = False
+        self,
+        x: torch.Tensor,
+        *,
+        reference: bool = False,
+        allow_uncertified: bool = False,
+        progress: bool = False,
     ) -> tuple[torch.Tensor, RunReport]:
         """Logits (float32) and the per-sample report for a batch of inputs ``x``.
 
         Refuses an uncertified deployment unless ``allow_uncertified``. ``reference=True`` also
         solves the float64 equilibrium of the same deployed operator and reports the distance.
+        ``progress`` shows the integer solve's settled samples on stderr.
         """
         if not self.certified and not allow_uncertified:
             raise UncertifiedOperatorError(
@@ -414,7 +420,7 @@ class Deployment:
         if x.dim() != 2 or x.shape[1] != self.U.shape[1]:
             raise ConfigError(f"x must be (batch, {self.U.shape[1]}), got {tuple(x.shape)}")
         inj = self.injection(x)
-        res = self.solver.solve(inj)
+        res = self.solver.solve(inj, progress=progress)
         z = res.z.to(torch.float32)
         logits = z @ self.head_weight.T + self.head_bias
         report = RunReport(res, self.input_format.saturated(x).sum(dim=1))

@@ -486,14 +486,17 @@ class IntFBSolver:
         *,
         init: torch.Tensor | None = None,
         initial_distance: torch.Tensor | None = None,
+        progress: bool = False,
     ) -> IntSolveResult:
         """Iterate ``c <- requant(T~(2^-f c))`` from ``init`` (default 0) for every sample.
 
         A sample stops when its codes no longer change (settled: an exact fixed point of the
         integer map) or after ``max_iter`` steps. With ``initial_distance`` (an upper bound on
         ``||z_0 - z~*||`` per sample) the Corollary 2 bound is tracked as
-        ``B_{j+1} = rho B_j + ||e_j||``.
+        ``B_{j+1} = rho B_j + ||e_j||``. ``progress`` shows the settled samples on stderr.
         """
+        from monquant.progress import progress_bar
+
         self._check_batch(inj, init)
         plan = self.plan(inj)
         B, dev = inj.Q.shape[0], inj.Q.device
@@ -508,6 +511,7 @@ class IntFBSolver:
         track = initial_distance is not None and rho is not None
         bound = initial_distance.to(torch.float64).clone() if track else None
         active = torch.arange(B, device=dev)
+        bar = progress_bar(desc="integer solve (settled)", enabled=progress, total=B, unit="img")
         for it in range(1, self.max_iter + 1):
             if active.numel() == 0:
                 break
@@ -523,6 +527,8 @@ class IntFBSolver:
             iters[active[same]] = it
             settled[active[same]] = True
             active = active[~same]
+            bar.update(int(same.sum()))
+        bar.close()
         return IntSolveResult(
             c, self.act, iters, settled, saturated, e_max, e_last, rho, bound, plan, self.max_iter
         )

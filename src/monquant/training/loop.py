@@ -10,7 +10,6 @@ checkpoint reproduces the uninterrupted run exactly.
 from __future__ import annotations
 
 import math
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -22,6 +21,7 @@ from torch.nn import functional as F
 from monquant.errors import ConfigError, MonquantError
 from monquant.model import MonDEQClassifier
 from monquant.operators import margin_tensor, spectral_stats
+from monquant.progress import progress_bar
 from monquant.quant.uniform import check_bits, fake_quant
 from monquant.training.optim import Adam, StepDecay
 from monquant.verified import margin_bounds, margin_verdict
@@ -157,16 +157,20 @@ def evaluate(
     W: torch.Tensor | None = None,
     U: torch.Tensor | None = None,
     b: torch.Tensor | None = None,
+    progress: bool = False,
+    desc: str = "evaluate",
 ) -> EvalResult:
     """Accuracy of ``model`` (optionally with replacement weights ``W``/``U``/``b``).
 
     A sample whose solve did not converge (or diverged) still gets a prediction, but it is
-    counted in ``unconverged``; non-finite logits count as wrong.
+    counted in ``unconverged``; non-finite logits count as wrong. ``progress`` shows a bar over
+    the samples on stderr.
     """
     t0 = time.perf_counter()
     correct, loss_sum = 0, 0.0
     conv = div = 0
     iters = []
+    bar = progress_bar(desc=desc, enabled=progress, total=x.shape[0], unit="img")
     for i in range(0, x.shape[0], batch_size):
         xb, yb = x[i : i + batch_size], y[i : i + batch_size]
         logits = model(xb, W=W, U=U, b=b)
@@ -182,6 +186,8 @@ def evaluate(
             loss_sum += float(F.cross_entropy(logits, yb, reduction="sum"))
         else:
             loss_sum = math.nan
+        bar.update(xb.shape[0])
+    bar.close()
     it = torch.cat(iters)
     n = x.shape[0]
     return EvalResult(
@@ -196,11 +202,6 @@ def evaluate(
         seconds=time.perf_counter() - t0,
     )
 
-
-def _progress(total: int, desc: str, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, leave=False, disable=not enabled, file=sys.stderr)
 
 
 def train(
@@ -293,7 +294,7 @@ def _train_one_epoch(
     nb = math.ceil(n / cfg.batch_size)
     perm = torch.randperm(n, generator=epoch_generator(cfg.seed, epoch)).to(x_train.device)
     loss_sum = correct = 0.0
-    bar = _progress(nb, f"epoch {epoch + 1}/{cfg.epochs}", progress)
+    bar = progress_bar(desc=f"epoch {epoch + 1}/{cfg.epochs}", enabled=progress, total=nb)
     for i in range(nb):
         idx = perm[i * cfg.batch_size : (i + 1) * cfg.batch_size]
         xb, yb = x_train[idx], y_train[idx]

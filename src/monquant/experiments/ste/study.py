@@ -66,7 +66,6 @@ Implementation notes
 from __future__ import annotations
 
 import math
-import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -101,6 +100,7 @@ from monquant.experiments.ste.scaling_fit import (
     local_slopes,
     t_quantile,
 )
+from monquant.progress import progress_bar
 
 __all__ = [
     "DEFAULT_NS",
@@ -295,13 +295,6 @@ def default_N_grid(n: int, ratios: Sequence[float] = DEFAULT_RATIOS) -> list[int
     return sorted({max(2, round(r * n)) for r in ratios})
 
 
-def _progress(iterable: Any, desc: str, enabled: bool, total: int | None = None) -> Any:
-    """Wrap ``iterable`` in a tqdm bar on stderr when ``enabled``."""
-    from tqdm import tqdm
-
-    return tqdm(iterable, desc=desc, total=total, file=sys.stderr, disable=not enabled)
-
-
 @contextmanager
 def _torch_threads(threads: int | None) -> Iterator[None]:
     """Set torch's intra-op thread count inside the block (``None``: leave it), then restore."""
@@ -375,7 +368,8 @@ def _stage_recovery(
 ) -> list[list[dict[str, Any]]]:
     """Stage 1: recovery-rate curves, a list (one per ``n``) of per-``N`` summaries."""
     grids = {n: default_N_grid(n, ratios) for n in ns}
-    bar = _progress(None, "stage 1: recovery rate", progress, sum(map(len, grids.values())))
+    total = sum(map(len, grids.values()))
+    bar = progress_bar(desc="stage 1: recovery rate", enabled=progress, total=total, leave=True)
     with bar:
         return [_curve(n, grids[n], cfg, bar, adaptive) for n in ns]
 
@@ -426,7 +420,7 @@ def _run_stages(
     scaling = _stage_scaling(curves, cfg["seed"], cfg["n_boot"])
     timing["2_scaling"] = time.perf_counter() - t1
     t2 = time.perf_counter()
-    for _ in _progress(range(1), "stage 3: recurrence", progress):
+    for _ in progress_bar(range(1), desc="stage 3: recurrence", enabled=progress, leave=True):
         rec = recurrence_experiment(**rec_cfg, kappa=cfg["kappa"], seed=cfg["seed"])
     timing["3_recurrence"] = time.perf_counter() - t2
     return {"recovery": curves, "scaling": scaling, "recurrence": rec}, timing
