@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from monquant.errors import ConfigError
+from monquant.names import TIERS
 from monquant.operators import MonotoneOperator, OperatorError, check_weight
 from monquant.quant.uniform import check_bits, quantize
 from monquant.solvers import contraction_modulus, default_step
@@ -61,7 +62,6 @@ __all__ = [
     "weyl_margin_bound",
 ]
 
-TIERS: tuple[str, ...] = ("a_priori", "weyl", "exact")
 
 #: Keys every certificate's JSON form carries (other tools parse ``monquant certify --json``).
 JSON_KEYS: tuple[str, ...] = (

@@ -34,6 +34,7 @@ from typing import Any, Literal
 import torch
 
 from monquant.errors import MonquantError
+from monquant.names import SPLITTING_METHODS
 from monquant.operators import (
     DenseOperator,
     LinearMap,
@@ -63,7 +64,7 @@ __all__ = [
 ]
 
 Method = Literal["fb", "pr", "dr"]
-METHODS: tuple[str, ...] = ("fb", "pr", "dr")
+METHODS: tuple[str, ...] = SPLITTING_METHODS
 Prox = Callable[[torch.Tensor], torch.Tensor]
 
 

@@ -24,6 +24,7 @@ __all__ = [
     "positive_int",
     "renamed_flag",
     "require_checkpoint",
+    "require_deployment",
     "solver_args",
     "unconverged_status",
 ]
@@ -90,7 +91,7 @@ def positive_float(text: str) -> float:
 
 def bit_width(text: str) -> int:
     """argparse type: a weight bit-width in the quantizer's range ``[MIN_BITS, MAX_BITS]``."""
-    from monquant.quant.uniform import MAX_BITS, MIN_BITS
+    from monquant.names import MAX_BITS, MIN_BITS
 
     try:
         v = int(text)
@@ -134,11 +135,12 @@ class _Renamed(argparse.Action):
         super().__init__(option_strings, dest, **kw)
 
     def __call__(self, parser, namespace, values, option_string=None):  # type: ignore[override]
-        import sys
-
         if not self.keep:
             parser.error(f"{option_string} was renamed {self.new}{self.note}")
-        print(f"{parser.prog}: warning: {option_string} is now {self.new}", file=sys.stderr)
+        # printed by main after the command (an error line, if any, stays the first line)
+        notes = list(getattr(namespace, "_deprecations", []))
+        notes.append(f"{parser.prog}: warning: {option_string} is now {self.new}")
+        namespace._deprecations = notes
         setattr(namespace, self.dest, values)
 
 
@@ -158,8 +160,13 @@ def renamed_flag(
 
 
 def require_checkpoint(path: str, command: str) -> None:
-    """Refuse anything but a monquant model checkpoint, before any data is loaded."""
+    """Refuse anything but a sound monquant model checkpoint, before any data is loaded.
+
+    The whole file is loaded once here (digest, config, finite weights), so a corrupt or
+    tampered checkpoint is named before MNIST is looked for.
+    """
     from monquant.errors import CheckpointError
+    from monquant.storage.checkpoints import load_model
     from monquant.storage.tensors import is_monquant_file
 
     p = Path(path)
@@ -170,6 +177,20 @@ def require_checkpoint(path: str, command: str) -> None:
             "'monquant train' or 'monquant ptq'); a bare weight file (.npz or plain "
             "safetensors holding W) goes to 'monquant certify'"
             + ("" if p.exists() else " (no such file)")
+        )
+    load_model(p)
+
+
+def require_deployment(path: str, command: str) -> None:
+    """Refuse anything but a monquant file for ``run`` (the deployment kind is checked on load)."""
+    from monquant.errors import CheckpointError
+    from monquant.storage.tensors import is_monquant_file
+
+    p = Path(path)
+    if not (p.suffix == ".safetensors" and p.is_file() and is_monquant_file(p)):
+        raise CheckpointError(
+            f"{p}: {command} takes an integer deployment file (.safetensors written by "
+            "'monquant export')" + ("" if p.exists() else " (no such file)")
         )
 
 
@@ -183,10 +204,10 @@ def emit(args: argparse.Namespace, data: Any, text: str) -> None:
 
 
 def solver_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("solver")
-    from monquant.solvers import solver_names
+    from monquant.names import SPLITTING_METHODS
 
-    g.add_argument("--solver", choices=solver_names(), default="pr", help="splitting method")
+    g = p.add_argument_group("solver")
+    g.add_argument("--solver", choices=SPLITTING_METHODS, default="pr", help="splitting method")
     g.add_argument("--tol", type=positive_float, default=1e-4, help="relative residual tolerance")
     g.add_argument(
         "--max-iter", type=positive_int, default=2000, help="iteration cap (reported if hit)"
@@ -198,7 +219,7 @@ def solver_args(p: argparse.ArgumentParser) -> None:
 
 def granularity_arg(p: argparse.ArgumentParser, flag: str = "--granularity") -> None:
     """``--granularity`` with the quantizer's own vocabulary (``quant.uniform.GRANULARITIES``)."""
-    from monquant.quant.uniform import GRANULARITIES
+    from monquant.names import GRANULARITIES
 
     p.add_argument(
         flag, choices=GRANULARITIES, default="per-tensor", help="scale per tensor or per row"

@@ -18,6 +18,7 @@ from monquant.cli.common import (
     positive_int,
     renamed_flag,
     require_checkpoint,
+    require_deployment,
     unconverged_status,
 )
 from monquant.storage.files import check_output_file
@@ -55,11 +56,13 @@ def _float_parts(checkpoint: str, command: str):
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from monquant.deploy.files import export_deployment, export_float_checkpoint
+    from monquant.deploy.files import check_deployable, export_deployment, export_float_checkpoint
 
     _, W, U, b, hw, hb = _float_parts(args.checkpoint, args.command)
     if args.out:
         check_output_file(args.out)
+    if not args.allow_uncertified:  # decided by W alone: refused before any data loads
+        check_deployable(W, args.bits, args.granularity, allow="--allow-uncertified")
     data = load_data(args)
     calib = data.x_train[: args.calibration_limit].double()
     out = Path(args.out or Path(args.checkpoint).with_name(f"deploy-{args.bits}bit.safetensors"))
@@ -103,6 +106,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from monquant.deploy.files import load_deployment
     from monquant.errors import ConfigError
 
+    require_deployment(args.file, args.command)
     dep = load_deployment(args.file)
     if args.max_iter is not None:
         dep.solver.max_iter = args.max_iter

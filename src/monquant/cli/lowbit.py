@@ -72,8 +72,8 @@ def cmd_lowbit(args: argparse.Namespace) -> int:
 
 def register(add: Callable[..., argparse.ArgumentParser]) -> None:
     """Add the ``lowbit`` subcommand through ``cli.build_parser``'s ``add``."""
-    from monquant.quant.uniform import GRANULARITIES
-    from monquant.training.methods import KINDS
+    from monquant.names import GRANULARITIES
+    from monquant.names import QUANT_METHODS as KINDS
 
     p = add(
         "lowbit",

@@ -46,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--version", action="version", version=f"monquant {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    commands: dict[str, argparse.ArgumentParser] = {}
 
     def add(name: str, func: Callable[[argparse.Namespace], int], help_: str, epilog: str = ""):
         sp = sub.add_parser(
@@ -57,22 +58,36 @@ def build_parser() -> argparse.ArgumentParser:
             allow_abbrev=False,  # a prefix of a flag is refused, not silently taken for it
         )
         sp.set_defaults(func=func)
+        commands[name] = sp
         sp.add_argument("--json", action="store_true", help="machine-readable output on stdout")
         sp.add_argument("--no-progress", action="store_true", help="no progress output on stderr")
         return sp
 
     for register in COMMAND_FAMILIES:
         register(add)
+    p.set_defaults(_commands=commands)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # an unknown flag gets the subcommand's error and usage, not the top-level one
+        target = args._commands.get(getattr(args, "command", None) or "", parser)
+        target.error(f"unrecognized arguments: {' '.join(extra)}")
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
     t0 = time.perf_counter()
+    try:
+        return _dispatch(args, t0)
+    finally:
+        for note in getattr(args, "_deprecations", []):
+            print(note, file=sys.stderr)
+
+
+def _dispatch(args: argparse.Namespace, t0: float) -> int:
+    """Run the command: an ``error:`` line and exit 2 for a :class:`MonquantError`."""
     try:
         if args.command in FOLDER_COMMANDS:
             # one writer per run/results folder, taken before any data loads or work starts

@@ -67,6 +67,7 @@ __all__ = [
     "Deployment",
     "ExportResult",
     "RunReport",
+    "check_deployable",
     "export_deployment",
     "export_float_checkpoint",
     "load_deployment",
@@ -233,6 +234,24 @@ def _deployment_tensors(
     }
 
 
+def check_deployable(
+    W: torch.Tensor,
+    bits: int,
+    granularity: str = "per-tensor",
+    mult_bits: int = 24,
+    allow: str = "require_certified=False",
+) -> None:
+    """Raise :class:`UncertifiedOperatorError` unless the deployed ``W~ = codes * M 2^-S`` of ``W``
+    at ``bits`` has a certified power-of-two FB step (from proved bounds only). ``allow`` names,
+    in the message, how the caller accepts an uncertified file (the CLI says its own flag)."""
+    st = deployed_bounds(quantize_weights(W, bits, granularity, mult_bits))
+    if power_of_two_step(st.m_lo, st.L_hi) is None:
+        raise UncertifiedOperatorError(
+            f"{bits}-bit W~ is not certified (margin(W~) = {st.m:.4g}, proved >= {st.m_lo:.4g}: "
+            f"{st.verdict}; L(W~) <= {st.L_hi:.4g}); pass {allow} to write it anyway, flagged"
+        )
+
+
 def export_deployment(
     path: PathLike,
     W: torch.Tensor,
@@ -274,11 +293,7 @@ def export_deployment(
     st = deployed_bounds(Wi)
     certified = power_of_two_step(st.m_lo, st.L_hi) is not None
     if not certified and require_certified:
-        raise UncertifiedOperatorError(
-            f"{bits}-bit W~ is not certified (margin(W~) = {st.m:.4g}, proved >= {st.m_lo:.4g}: "
-            f"{st.verdict}; L(W~) <= {st.L_hi:.4g}); "
-            "pass require_certified=False to write it anyway, flagged"
-        )
+        check_deployable(W, bits, granularity, mult_bits)  # raises, with the full message
     if act_frac_bits is not None:
         act = FixedPointFormat(check_bits(act_bits), int(act_frac_bits), signed=False)
     elif x_calib is None:

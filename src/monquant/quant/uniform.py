@@ -22,6 +22,7 @@ from typing import Literal
 import torch
 
 from monquant.errors import MonquantError
+from monquant.names import GRANULARITIES, MAX_BITS, MIN_BITS
 
 __all__ = [
     "GRANULARITIES",
@@ -37,8 +38,6 @@ __all__ = [
 ]
 
 Granularity = Literal["per-tensor", "per-channel"]
-GRANULARITIES: tuple[str, ...] = ("per-tensor", "per-channel")
-MIN_BITS, MAX_BITS = 2, 32
 
 
 class QuantizationError(MonquantError, ValueError):

@@ -120,7 +120,8 @@ def folder_lock(folder: PathLike, what: str = "monquant") -> Iterator[Path]:
 
     A second process asking for the same folder gets :class:`FolderLockedError` at once, before
     any work; a lock left by a process that no longer exists (killed, crashed) is stale and taken
-    over. Re-entrant within one process. Creating the folder and the lock file also proves, before
+    over, and the atomic writer's temporaries (``.<name>.*.tmp``) that its owner left are removed.
+    Re-entrant within one process. Creating the folder and the lock file also proves, before
     any long work, that the location is writable (a clear error otherwise).
     """
     folder = Path(folder).resolve()
@@ -137,6 +138,7 @@ def folder_lock(folder: PathLike, what: str = "monquant") -> Iterator[Path]:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ConfigError(f"cannot create the output folder {folder}: {exc.strerror or exc}") from exc
+    stale = False
     for _ in range(2):
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -148,6 +150,7 @@ def folder_lock(folder: PathLike, what: str = "monquant") -> Iterator[Path]:
                     f"choose another output folder (a stale lock is {path})"
                 ) from None
             path.unlink(missing_ok=True)  # stale: its owner is gone
+            stale = True
             continue
         except OSError as exc:
             raise ConfigError(f"cannot write to {folder}: {exc.strerror or exc}") from exc
@@ -156,6 +159,9 @@ def folder_lock(folder: PathLike, what: str = "monquant") -> Iterator[Path]:
         break
     else:  # pragma: no cover - a third process won the race twice
         raise FolderLockedError(f"{folder} is in use by another {what} run")
+    if stale:  # a killed owner may have left half-written temporaries of the atomic writer
+        for tmp in folder.glob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
     _HELD[folder] = 1
     try:
         yield folder

@@ -80,6 +80,7 @@ from torch.nn import functional as F
 from monquant.certify import Certificate, certify
 from monquant.errors import ConfigError
 from monquant.model import MonDEQClassifier, softplus_inverse
+from monquant.names import QUANT_METHODS
 from monquant.operators import margin, margin_tensor, wk_weight
 from monquant.quant.prox import Grid, ProxQuantizer, lambda_schedule
 from monquant.quant.uniform import GRANULARITIES, check_bits, fake_quant, quantize, storage_bits
@@ -101,7 +102,7 @@ __all__ = [
     "weyl_penalty",
 ]
 
-KINDS: tuple[str, ...] = ("ptq", "ste", "margin", "proxquant-w", "proxquant-factors")
+KINDS: tuple[str, ...] = QUANT_METHODS
 TRAINED_KINDS: tuple[str, ...] = KINDS[1:]
 PROX_KINDS: tuple[str, ...] = ("proxquant-w", "proxquant-factors")
 FLOAT_BITS = 32

@@ -1,0 +1,40 @@
+"""The shared vocabulary of the library and the command line, importable without torch.
+
+One name for each thing, everywhere (JSON keys and values, tables, ``--help``; docs/cli.md lists
+them): the command line validates its arguments against these tuples before it imports torch or
+loads any data, and the modules that implement each concept import their names from here.
+
+- bit-widths: integers in ``[MIN_BITS, MAX_BITS]``;
+- granularities: ``per-tensor`` (one step for the tensor) and ``per-channel`` (one per row);
+- splitting methods: ``fb`` (forward-backward), ``pr`` (Peaceman-Rachford), ``dr``
+  (Douglas-Rachford) — the built-ins; :func:`monquant.solvers.register_solver` may add more;
+- certificate tiers, strongest first: ``a_priori`` (``n D_b / 2 < m``, before quantizing),
+  ``weyl`` (Theorem 2, ``||dW|| < m``), ``exact`` (``margin(W~) > 0``), ``none``; the low-bit
+  study adds ``construction`` for factored weights that are monotone by construction;
+- verdicts: ``certified``, ``refuted`` (proved non-monotone), ``undecided`` (within rounding);
+- training methods: ``ptq``, ``ste``, ``margin`` (margin-aware QAT), ``proxquant-w``,
+  ``proxquant-factors``.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "GRANULARITIES",
+    "MAX_BITS",
+    "MIN_BITS",
+    "QUANT_METHODS",
+    "SPLITTING_METHODS",
+    "TIERS",
+    "TIER_VALUES",
+    "VERDICTS",
+]
+
+MIN_BITS, MAX_BITS = 2, 32
+GRANULARITIES: tuple[str, ...] = ("per-tensor", "per-channel")
+SPLITTING_METHODS: tuple[str, ...] = ("fb", "pr", "dr")
+#: The certificate tiers in the order they imply each other (a_priori => weyl => exact).
+TIERS: tuple[str, ...] = ("a_priori", "weyl", "exact")
+#: Every value a ``tier`` field takes.
+TIER_VALUES: tuple[str, ...] = ("construction", *TIERS, "none")
+VERDICTS: tuple[str, ...] = ("certified", "refuted", "undecided")
+QUANT_METHODS: tuple[str, ...] = ("ptq", "ste", "margin", "proxquant-w", "proxquant-factors")
