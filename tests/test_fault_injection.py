@@ -118,3 +118,27 @@ def test_kill_9_at_random_moments_then_resume_is_bit_exact(tmp_path: Path) -> No
     ]
     assert not list(run.glob(".*.tmp"))  # no temporaries left behind
     assert not (run / ".monquant.lock").exists()
+
+
+def test_sigint_stops_cleanly_with_status_130_and_the_run_resumes(tmp_path: Path) -> None:
+    data = tmp_path / "mnist"
+    data.mkdir()
+    _idx(data, "train", 1200, 0)
+    _idx(data, "t10k", 200, 1)
+    run = tmp_path / "run"
+    ckpt = run / "checkpoint.safetensors"
+    proc = subprocess.Popen(_train(run, data, False), env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and not ckpt.exists() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    if proc.returncode == 0:
+        pytest.skip("training finished before the interrupt arrived")
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "interrupted after" in err.splitlines()[-1]
+    assert not (run / ".monquant.lock").exists() and not list(run.glob(".*.tmp"))
+    done = subprocess.run(_train(run, data, True), env=ENV, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("resuming ")
