@@ -1,4 +1,4 @@
-"""Certificates: what the weights alone prove about a quantized MonDEQ (SPEC section 3).
+"""Certificates: what the weights alone prove about a quantized MonDEQ (docs/theory.md section 3).
 
 Each theorem of the paper is one function named for what it computes; :func:`certify` assembles
 them into a :class:`Certificate` for one quantization of one ``W``. Notation: ``m = margin(W)``,

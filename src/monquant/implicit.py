@@ -1,4 +1,4 @@
-"""Implicit differentiation of the MonDEQ equilibrium (SPEC section 1, Theorem 5).
+"""Implicit differentiation of the MonDEQ equilibrium (docs/theory.md section 1, Theorem 5).
 
 At the equilibrium ``z* = relu(W z* + q)`` let ``D = diag(1[W z* + q > 0])``. The implicit function
 theorem gives ``dz* = (I - D W)^{-1} D (dW z* + dq)``, so for a loss gradient ``g = dl/dz*``

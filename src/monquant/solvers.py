@@ -228,7 +228,7 @@ def certified_step_range(method: str, m: float, L: float) -> tuple[float, float]
 
 
 def contraction_modulus(method: str, step: float, m: float, L: float) -> float | None:
-    """Contraction modulus of one iteration of ``method`` (SPEC section 1; Corollary 1's formulas).
+    """Contraction modulus of one iteration of ``method`` (docs/theory.md section 1; Corollary 1's formulas).
 
     FB: ``sqrt(1 - 2 a m + a^2 L^2)``; PR: ``sqrt(1 - 4 a m / (1 + a L)^2)``;
     DR: ``(1 + rho_PR) / 2``. Returns ``None`` when not certified (``m <= 0`` or the FB step is out

@@ -209,7 +209,7 @@ class IntWeights:
 def quantize_weights(
     w: torch.Tensor, bits: int, granularity: str = "per-tensor", mult_bits: int = 24
 ) -> IntWeights:
-    """Quantize ``w`` with the paper's quantizer (SPEC section 2) and make its step dyadic.
+    """Quantize ``w`` with the paper's quantizer (docs/theory.md section 2) and make its step dyadic.
 
     Codes are those of :func:`monquant.quant.uniform.quantize`; the step ``D_b`` becomes ``M 2^-S``.
     """

@@ -74,7 +74,7 @@ def _sym_i_minus(W: torch.Tensor) -> torch.Tensor:
 
 
 def margin(W: torch.Tensor) -> float:
-    """Monotonicity margin ``margin(W) = lmin(sym(I - W))`` (float64 eigenvalue; SPEC section 1).
+    """Monotonicity margin ``margin(W) = lmin(sym(I - W))`` (float64 eigenvalue; docs/theory.md section 1).
 
     ``> 0`` iff ``z -> (I - W) z`` is strongly monotone, i.e. the MonDEQ has a unique equilibrium.
     """
@@ -98,7 +98,7 @@ def spectral_norm(M: torch.Tensor) -> float:
 
 
 def lipschitz(W: torch.Tensor) -> float:
-    """Lipschitz constant ``L(W) = ||I - W||`` (spectral norm, float64; SPEC section 1)."""
+    """Lipschitz constant ``L(W) = ||I - W||`` (spectral norm, float64; docs/theory.md section 1)."""
     check_weight(W)
     eye = torch.eye(W.shape[0], dtype=torch.float64, device=W.device)
     return spectral_norm(eye - W.detach().to(torch.float64))

@@ -1,4 +1,4 @@
-"""ProxQuant (Bai, Wang, Liberty, ICLR 2019): quantization by proximal operators (SPEC section 5).
+"""ProxQuant (Bai, Wang, Liberty, ICLR 2019): quantization by proximal operators.
 
 Quantization grids
 ------------------
@@ -8,7 +8,7 @@ A :class:`Grid` is a finite, symmetric set of levels ``L(a)`` fixed by a scale `
 - ``ternary``: ``L = {-a, 0, +a}``, ``a = mean |w|``
 - ``uniform``: ``L = {k D : |k| <= 2^(b-1) - 1}``, ``D = 2 a / (2^b - 1)``, ``a = w_max = max |w|``
 
-The uniform grid is monquant's quantizer (SPEC section 2): ``nearest`` is exactly
+The uniform grid is monquant's quantizer (docs/theory.md section 2): ``nearest`` is exactly
 ``Q(w) = D clamp(round(w / D), -(2^(b-1) - 1), 2^(b-1) - 1)``. The scale is one number per tensor
 (``per-tensor``) or one per row (``per-channel``: entry ``(i, ...)`` uses the scale of row ``i``,
 computed over all the other dimensions; a tensor with fewer than two dimensions has a single

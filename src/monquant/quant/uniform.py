@@ -1,4 +1,4 @@
-"""The uniform weight quantizer ``Q_b`` (SPEC section 2): bits, granularity, step rule, codes.
+"""The uniform weight quantizer ``Q_b`` (docs/theory.md section 2): bits, granularity, step rule, codes.
 
 Symmetric uniform mid-tread quantizer with ``b`` bits over ``[-w_max, w_max]``:
 
@@ -129,7 +129,7 @@ def quantize(
     granularity: str = "per-tensor",
     w_max: torch.Tensor | float | None = None,
 ) -> Quantized:
-    """The paper's quantizer ``Q_b`` (SPEC section 2): codes, steps and the dequantized tensor.
+    """The paper's quantizer ``Q_b`` (docs/theory.md section 2): codes, steps and the dequantized tensor.
 
     ``w_max`` defaults to ``max|w|`` over the tensor (per-tensor) or over each row (per-channel).
     An all-zero tensor (or row) gets step 0 and codes 0. Raises :class:`QuantizationError` for a

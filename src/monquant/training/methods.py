@@ -7,7 +7,7 @@ loop, overrides of :class:`TrainConfig`); :func:`deployed_weights` returns what 
 deployed (``W~``, ``U~``) with its certificate, its storage and its cost per solver iteration.
 Nothing here is a second training loop.
 
-Methods (``b`` = ``bits``, ``Q_b`` the symmetric uniform quantizer of SPEC section 2)
+Methods (``b`` = ``bits``, ``Q_b`` the symmetric uniform quantizer of docs/theory.md section 2)
 --------------------------------------------------------------------------------------
 - ``ptq``: no training; ``W~ = Q_b(W)`` of the float model.
 - ``ste``: QAT; the forward solve uses ``Q_b(W)`` with straight-through gradients; ``W~ = Q_b(W)``.

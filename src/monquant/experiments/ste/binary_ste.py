@@ -1,6 +1,6 @@
 """Binary two-layer network trained with the straight-through estimator (Jeong, Xin, Yin).
 
-The model, data, loss and STE coarse gradient of the finite-sample STE study (SPEC section 5),
+The model, data, loss and STE coarse gradient of the finite-sample STE study,
 and the vectorized latent iteration ``u_{t+1} = u_t - eta g(sign(u_t))`` over a batch of
 independent trials. The experiment driver is :mod:`monquant.experiments.ste.study`; the
 details of the arithmetic (exact grid for Z, incremental updates) are documented there.
