@@ -21,7 +21,7 @@ from monquant.certify import (
     rigorous_displacement_check,
     weyl_margin_bound,
 )
-from monquant.operators import margin, spectral_norm, spectral_stats
+from monquant.operators import margin, spectral_norm, spectral_stats, wk_weight
 from monquant.solvers import SolverConfig, solve
 from monquant.storage.jsonio import to_jsonable
 
@@ -186,3 +186,22 @@ def test_explicit_w_tilde_and_min_bits():
     assert mb["a_priori"] == a_priori_min_bits(20, float(W.abs().max()), margin(W))
     with pytest.raises(ValueError):
         certify(W, W_tilde=Wt[:5, :5])
+
+
+@pytest.mark.parametrize("rule", ["paper", "narrow"])
+def test_step_rule_is_recorded_and_the_a_priori_bits_follow_its_formula(rule: str) -> None:
+    import math as _m
+
+    W = wk_weight(torch.randn(20, 20, dtype=torch.float64) / 5, torch.randn(20, 20,
+                  dtype=torch.float64) / 5, 0.3)  # fmt: skip
+    c = certify(W, 6, step_rule=rule)
+    assert c.step_rule == rule and Certificate.from_dict(c.to_dict()).step_rule == rule
+    qmax = 2**5 - 1
+    expected = c.w_max / qmax if rule == "narrow" else 2 * c.w_max / (2**6 - 1)
+    assert c.step == pytest.approx(expected, rel=1e-15)
+    n, w, m = 20, c.w_max, c.margin
+    b = a_priori_min_bits(n, w, m, step_rule=rule)
+    exact = _m.log2(1 + n * w / m) if rule == "paper" else 1 + _m.log2(1 + n * w / (2 * m))
+    assert b == _m.floor(exact) + 1  # the smallest integer above the closed form (no tie here)
+    assert certify(W, b, step_rule=rule).certified_a_priori
+    assert not certify(W, b - 1, step_rule=rule).certified_a_priori

@@ -24,7 +24,7 @@ import torch
 from monquant.errors import ConfigError
 from monquant.names import TIERS
 from monquant.operators import MonotoneOperator, OperatorError, check_weight
-from monquant.quant.uniform import check_bits, quantize
+from monquant.quant.uniform import check_bits, quantize, step_size
 from monquant.solvers import contraction_modulus, default_step
 from monquant.verified import (
     UNIT_ROUNDOFF,
@@ -194,11 +194,12 @@ def a_priori_dW_bound(entry: torch.Tensor | float, n_cols: int) -> float:
 
 
 def a_priori_min_bits(
-    n: int, w_max: float, m: float, dtype: torch.dtype = torch.float64
+    n: int, w_max: float, m: float, dtype: torch.dtype = torch.float64, step_rule: str = "paper"
 ) -> int | None:
     """Pre-deployment check: the smallest ``b`` in ``[2, 32]`` with ``n D_b / 2 < m`` (per-tensor).
 
-    ``n D_b / 2 < m  <=>  b > log2(1 + n w_max / m)`` in exact arithmetic; the test here uses the
+    ``n D_b / 2 < m  <=>  b > log2(1 + n w_max / m)`` in exact arithmetic for the paper's step
+    (``b > 1 + log2(1 + n w_max / (2m))`` for the narrow one); the test here uses the
     same proved entry bound as :func:`certify` (:func:`a_priori_entry_bound`, for ``W~`` stored in
     ``dtype``), so it agrees with the a-priori tier. Pass a proved lower bound on the margin as ``m``.
     Returns ``None`` when ``m <= 0`` or no ``b <= 32`` passes.
@@ -207,7 +208,7 @@ def a_priori_min_bits(
         return None
     wm = torch.tensor(float(w_max), dtype=torch.float64)
     for b in range(2, 33):
-        e = a_priori_entry_bound(2.0 * wm / (2**b - 1), wm, dtype)
+        e = a_priori_entry_bound(step_size(wm, b, step_rule), wm, dtype)
         if a_priori_dW_bound(e, n) < m:
             return b
     return None
@@ -284,6 +285,7 @@ class Certificate:
     margin_quantized_upper: float = math.inf
     L_quantized_upper: float = math.inf
     verdict: str = "undecided"
+    step_rule: str | None = None
 
     @property
     def tier(self) -> str:
@@ -335,8 +337,10 @@ def certify(
     W_tilde: torch.Tensor | MonotoneOperator | None = None,
     W_tilde_radius: float = 0.0,
     float_bounds: SpectralBounds | None = None,
+    step_rule: str = "paper",
 ) -> Certificate:
-    """Certify the quantization of ``W``: at ``bits`` with ``granularity``, or an explicit ``W~``.
+    """Certify the quantization of ``W``: at ``bits`` with ``granularity`` and ``step_rule``
+    (``paper`` or ``narrow``, recorded in the certificate), or an explicit ``W~``.
 
     ``W`` and ``W~`` are matrices or operators (:mod:`monquant.operators`; an operator is certified
     through its matrix, :meth:`MonotoneOperator.dense`). With ``bits`` the paper's quantizer is
@@ -356,7 +360,7 @@ def certify(
         )
     if bits is None:
         raise OperatorError("certify needs bits or an explicit W_tilde")
-    Wt, meta = quantized_operator(W, bits, granularity)
+    Wt, meta = quantized_operator(W, bits, granularity, step_rule)
     return certify_operator(W, Wt, float_bounds=float_bounds, **meta)
 
 
@@ -367,18 +371,20 @@ def _as_matrix(W: torch.Tensor | MonotoneOperator, name: str) -> torch.Tensor:
 
 
 def quantized_operator(
-    W: torch.Tensor, bits: int, granularity: str = "per-tensor"
+    W: torch.Tensor, bits: int, granularity: str = "per-tensor", step_rule: str = "paper"
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """``Q_b(W)`` in ``W``'s dtype and what the certificate needs to know about it.
 
     Returns ``(W~, meta)`` with ``meta`` the keyword arguments of :func:`certify_operator`:
-    ``bits``, ``granularity``, ``step``, ``w_max`` and the proved a-priori bound on ``||W~ - W||``.
+    ``bits``, ``granularity``, ``step_rule``, ``step``, ``w_max`` and the proved a-priori bound on
+    ``||W~ - W||``.
     """
-    q = quantize(W.detach(), check_bits(bits), granularity)
+    q = quantize(W.detach(), check_bits(bits), granularity, step_rule=step_rule)
     entry = a_priori_entry_bound(q.step, q.w_max, W.dtype)
     meta = {
         "bits": q.bits,
         "granularity": granularity,
+        "step_rule": step_rule,
         "step": float(torch.as_tensor(q.step).max()),
         "w_max": float(q.w_max.max()),
         "a_priori": a_priori_dW_bound(entry, W.shape[0]),
@@ -397,6 +403,7 @@ def certify_operator(
     w_max: float | None = None,
     a_priori: float | None = None,
     float_bounds: SpectralBounds | None = None,
+    step_rule: str | None = None,
 ) -> Certificate:
     """The certificate of the pair ``(W, W~)``: float operator and the quantized one it deploys.
 
@@ -455,6 +462,7 @@ def certify_operator(
     cond = condition_numbers(m_lo, st.norm_hi)  # inf unless proved monotone (m_lo > 0)
     back = backward_certificate(cert_exact, rho_pr_x if rho_pr_x is not None else rho_pr_c)
     return Certificate(
+        step_rule=step_rule,
         bits=bits,
         granularity=granularity,
         n=n,
@@ -497,7 +505,11 @@ def certify_operator(
 
 
 def certify_sweep(
-    W: torch.Tensor, bits_list: list[int], granularity: str = "per-tensor", progress: bool = False
+    W: torch.Tensor,
+    bits_list: list[int],
+    granularity: str = "per-tensor",
+    progress: bool = False,
+    step_rule: str = "paper",
 ) -> list[Certificate]:
     """One :class:`Certificate` per bit-width (the float operator's bounds computed once).
 
@@ -507,7 +519,7 @@ def certify_sweep(
 
     st = spectral_bounds(check_weight(W))
     bar = progress_bar(bits_list, desc=f"certify {granularity}", enabled=progress, unit="bits")
-    return [certify(W, b, granularity, float_bounds=st) for b in bar]
+    return [certify(W, b, granularity, float_bounds=st, step_rule=step_rule) for b in bar]
 
 
 def min_certified_bits(
@@ -515,6 +527,7 @@ def min_certified_bits(
     granularity: str = "per-tensor",
     bits_range: range = range(2, 33),
     progress: bool = False,
+    step_rule: str = "paper",
 ) -> dict[str, int | None]:
     """The smallest bit-width certified by each tier (``None`` if none in ``bits_range``).
 
@@ -522,7 +535,7 @@ def min_certified_bits(
     the tier holds is reported, together with whether it also holds for every larger ``b`` checked
     (key ``<tier>_monotone_from_min``).
     """
-    certs = certify_sweep(W, list(bits_range), granularity, progress)
+    certs = certify_sweep(W, list(bits_range), granularity, progress, step_rule)
     out: dict[str, Any] = {}
     for t in TIERS:
         ok = [getattr(c, f"certified_{t}") for c in certs]

@@ -5,6 +5,7 @@ them): the command line validates its arguments against these tuples before it i
 loads any data, and the modules that implement each concept import their names from here.
 
 - bit-widths: integers in ``[MIN_BITS, MAX_BITS]``;
+- quantizer step rules: ``paper`` (``2 w_max / (2^b - 1)``) and ``narrow`` (``w_max / (2^(b-1) - 1)``);
 - granularities: ``per-tensor`` (one step for the tensor) and ``per-channel`` (one per row);
 - splitting methods: ``fb`` (forward-backward), ``pr`` (Peaceman-Rachford), ``dr``
   (Douglas-Rachford) — the built-ins; :func:`monquant.solvers.register_solver` may add more;
@@ -24,6 +25,7 @@ __all__ = [
     "MIN_BITS",
     "QUANT_METHODS",
     "SPLITTING_METHODS",
+    "STEP_RULES",
     "TIERS",
     "TIER_VALUES",
     "VERDICTS",
@@ -32,6 +34,9 @@ __all__ = [
 MIN_BITS, MAX_BITS = 2, 32
 GRANULARITIES: tuple[str, ...] = ("per-tensor", "per-channel")
 SPLITTING_METHODS: tuple[str, ...] = ("fb", "pr", "dr")
+#: Quantizer step rules: ``paper`` ``D = 2 w_max / (2^b - 1)`` (the paper's text, the default),
+#: ``narrow`` ``D = w_max / (2^(b-1) - 1)`` (the paper's code; torch.ao, TensorRT, Brevitas).
+STEP_RULES: tuple[str, ...] = ("paper", "narrow")
 #: The certificate tiers in the order they imply each other (a_priori => weyl => exact).
 TIERS: tuple[str, ...] = ("a_priori", "weyl", "exact")
 #: Every value a ``tier`` field takes.

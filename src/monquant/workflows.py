@@ -42,17 +42,18 @@ def run_ptq(
     out: str | Path | None = None,
     test_limit: int | None = None,
     progress: bool = False,
+    step_rule: str = "paper",
 ) -> dict[str, Any]:
     """Quantize a float checkpoint, certify it, evaluate float and quantized, save the result.
 
     ``progress`` shows bars on stderr for the two evaluations."""
     loaded = load_model(checkpoint)
     model = loaded.model.eval()
-    qw = quantize_model(model, bits, granularity, parts)
+    qw = quantize_model(model, bits, granularity, parts, step_rule)
     W = model.layer.weight().detach()
     cert = certify(W, W_tilde=qw.tensor("W")) if "W" in qw.parts else certify(W, W_tilde=W)
     cert_d = cert.to_dict()
-    cert_d.update(bits=bits, granularity=granularity)
+    cert_d.update(bits=bits, granularity=granularity, step_rule=step_rule)
     x, y = _test_set(data, test_limit)
     float_eval = evaluate(model, x, y, progress=progress, desc="float model")
     q_eval = evaluate(model, x, y, **qw.overrides(), progress=progress, desc=f"{bits}-bit model")
@@ -68,6 +69,7 @@ def run_ptq(
     return {
         "bits": bits,
         "granularity": granularity,
+        "step_rule": step_rule,
         "quantized": list(parts),
         "certificate": cert_d,
         "eval": q_eval.as_dict(),

@@ -115,3 +115,31 @@ def test_iterate_quantizers():
     with pytest.raises(QuantizationError):
         AdaptiveCellQuantizer(0.1, 1.0)
     assert math.isclose(fq.error_bound(0, 4), 0.1)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 8, 12])
+@pytest.mark.parametrize("gran", ["per-tensor", "per-channel"])
+def test_narrow_step_rule(bits: int, gran: str) -> None:
+    from monquant.quant.uniform import step_size
+
+    g = torch.Generator().manual_seed(bits)
+    w = torch.randn(12, 9, generator=g, dtype=torch.float64)
+    paper, narrow = quantize(w, bits, gran), quantize(w, bits, gran, step_rule="narrow")
+    qmax = 2 ** (bits - 1) - 1
+    assert narrow.step_rule == "narrow" and paper.step_rule == "paper"
+    assert torch.allclose(narrow.step, narrow.w_max / qmax, rtol=0, atol=0)
+    assert torch.equal(paper.step, 2 * paper.w_max / (2**bits - 1))
+    assert bool((narrow.step >= paper.step).all())  # narrow is the coarser grid
+    # the narrow rule's top level is w_max itself, and it is idempotent
+    top = narrow.codes.to(torch.int64).abs().reshape(12, -1).max(dim=1).values
+    assert int(top.max()) == qmax
+    again = quantize(narrow.dequantized(), bits, gran, step_rule="narrow")
+    assert torch.equal(again.dequantized(), narrow.dequantized())
+    for q in (paper, narrow):
+        assert bool(((q.dequantized() - w).abs() <= q.step / 2 * (1 + 1e-12)).all())
+    assert step_size(1.0, bits, "narrow") == 1.0 / qmax
+
+
+def test_unknown_step_rule_is_refused() -> None:
+    with pytest.raises(QuantizationError, match="step rule"):
+        quantize(torch.eye(3, dtype=torch.float64), 4, step_rule="wide")

@@ -350,3 +350,15 @@ def test_broken_quantized_checkpoints_are_refused_by_name(tmp_path: Path, edit, 
     bad = save_tensors(tmp_path / "bad.safetensors", tensors, meta)  # validly signed, wrong inside
     with pytest.raises(CheckpointError, match=fragment):
         load_model(bad)
+
+
+def test_the_step_rule_survives_save_and_load(tmp_path: Path) -> None:
+    model = new_model()
+    qw = quantize_model(model, 4, "per-channel", ("W", "U"), step_rule="narrow")
+    path = save_model(tmp_path / "q.safetensors", model, quantized=qw)
+    back = load_model(path).quantized
+    assert back is not None and back.step_rule == "narrow"
+    assert all(q.step_rule == "narrow" for q in back.parts.values())
+    assert torch.equal(back.tensor("W"), qw.tensor("W"))
+    paper = quantize_model(model, 4, "per-channel", ("W",))
+    assert not torch.equal(paper.tensor("W"), qw.tensor("W"))  # the rules differ

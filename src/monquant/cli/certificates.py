@@ -18,6 +18,7 @@ from monquant.cli.common import (
     positive_float,
     positive_int,
     require_checkpoint,
+    step_rule_arg,
     unconverged_status,
 )
 from monquant.storage.files import check_output_file
@@ -57,13 +58,15 @@ def cmd_certify(args: argparse.Namespace) -> int:
             "so no quantization of it is certified either"
         )
     bits = args.bits if args.bits is not None else ([] if args.min_bits else [3, 4, 5, 6, 8])
-    certs = [certify(W, b, args.granularity, float_bounds=st) for b in bits]
+    certs = [certify(W, b, args.granularity, float_bounds=st, step_rule=args.step_rule)
+             for b in bits]  # fmt: skip
     data: dict[str, Any] | list[Any] = [c.to_dict() for c in certs]
     text = head
     if certs:
         h, rows = certificate_rows(certs)
         text += (
-            f"\n({args.granularity}; plain columns are float64 computed values (estimates); "
+            f"\n({args.granularity}, {args.step_rule} step; plain columns are float64 computed "
+            "values (estimates); "
             "columns with >= or <= and a-priori are bounds proved in floating point; verdicts "
             "use only the proved bounds)\n"
         )
@@ -75,7 +78,7 @@ def cmd_certify(args: argparse.Namespace) -> int:
             )
     if args.min_bits:
         mb = {
-            g: min_certified_bits(W, g, progress=not args.no_progress)
+            g: min_certified_bits(W, g, progress=not args.no_progress, step_rule=args.step_rule)
             for g in ("per-tensor", "per-channel")
         }
         lines = [
@@ -106,10 +109,12 @@ def cmd_ptq(args: argparse.Namespace) -> int:
         out=args.out,
         test_limit=args.test_limit,
         progress=not args.no_progress,
+        step_rule=args.step_rule,
     )
     ev, c = result["eval"], result["certificate"]
     text = (
-        f"{args.bits}-bit PTQ ({args.granularity}, {','.join(parts)}): tier {c['tier']} "
+        f"{args.bits}-bit PTQ ({args.granularity}, {args.step_rule} step, {','.join(parts)}): "
+        f"tier {c['tier']} "
         f"({c.get('verdict', 'undecided')}), "
         f"||dW||/m = {c['dW_over_m']:.4g}, margin(W~) = {c['margin_quantized']:.4g}\n"
         f"accuracy {ev['accuracy']:.4f} (float {result['float_eval']['accuracy']:.4f}); "
@@ -183,12 +188,14 @@ def register(add: AddCommand) -> None:
     bits_arg(c, many=True, help_="bit-widths to certify (default: 3 4 5 6 8; with --min-bits "
              "and no --bits, only the smallest certified bit-widths)")  # fmt: skip
     granularity_arg(c)
+    step_rule_arg(c)
     c.add_argument("--min-bits", action="store_true", help="smallest certified bits per tier")
 
     q = add("ptq", cmd_ptq, "post-training quantization: quantize, certify, evaluate", EPILOG_PTQ)
     q.add_argument("checkpoint", help="monquant model checkpoint (.safetensors from train)")
     bits_arg(q, many=False, required=True, help_="weight bit-width")
     granularity_arg(q)
+    step_rule_arg(q)
     q.add_argument("--quantize", default="W", help="comma list of W,U,b (default W, as the paper)")
     q.add_argument("--out", default=None, help="quantized model path (default: next to CKPT)")
     q.add_argument(

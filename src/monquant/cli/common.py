@@ -26,6 +26,7 @@ __all__ = [
     "require_checkpoint",
     "require_deployment",
     "solver_args",
+    "step_rule_arg",
     "unconverged_status",
 ]
 
@@ -223,6 +224,19 @@ def granularity_arg(p: argparse.ArgumentParser, flag: str = "--granularity") -> 
 
     p.add_argument(
         flag, choices=GRANULARITIES, default="per-tensor", help="scale per tensor or per row"
+    )
+
+
+def step_rule_arg(p: argparse.ArgumentParser) -> None:
+    """``--step-rule paper|narrow`` (``monquant.names.STEP_RULES``)."""
+    from monquant.names import STEP_RULES
+
+    p.add_argument(
+        "--step-rule",
+        choices=STEP_RULES,
+        default="paper",
+        help="quantizer step: paper 2 w_max/(2^b - 1) (the paper's text) or narrow "
+        "w_max/(2^(b-1) - 1) (the paper's code, torch.ao, TensorRT)",
     )
 
 

@@ -2,27 +2,30 @@
 
 Symmetric uniform mid-tread quantizer with ``b`` bits over ``[-w_max, w_max]``:
 
-    D_b  = 2 w_max / (2^b - 1)
+    D_b  = 2 w_max / (2^b - 1)          (step rule "paper", the default: the paper's text)
+    D_b  = w_max / (2^(b-1) - 1)        (step rule "narrow": the paper's code, torch.ao, TensorRT)
     Q(w) = D_b * clamp(round(w / D_b), -(2^(b-1) - 1), 2^(b-1) - 1)
 
-so there are ``2^b - 1`` levels, the integer codes fit a ``b``-bit signed integer, and
+so there are ``2^b - 1`` levels (the narrow rule's top level is ``w_max`` itself), the integer
+codes fit a ``b``-bit signed integer, and
 ``|Q(w) - w| <= D_b / 2`` for every ``|w| <= w_max``. Per-tensor scaling uses one ``w_max = max|W_ij|``
 (the paper); per-channel uses one ``w_max`` per row. ``round`` is round-half-to-even.
 
-Note: with ``w_max`` re-derived from its input ``Q`` is not idempotent (the top level
-``(2^(b-1) - 1) D_b`` is below ``w_max``); with the range held fixed it is.
+Note: with ``w_max`` re-derived from its input the paper's ``Q`` is not idempotent (its top
+level ``(2^(b-1) - 1) D_b`` is below ``w_max``); the narrow rule's is, and both are with the range
+held fixed.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
 from monquant.errors import MonquantError
-from monquant.names import GRANULARITIES, MAX_BITS, MIN_BITS
+from monquant.names import GRANULARITIES, MAX_BITS, MIN_BITS, STEP_RULES
 
 __all__ = [
     "GRANULARITIES",
@@ -31,9 +34,11 @@ __all__ = [
     "a_priori_step",
     "check_bits",
     "check_granularity",
+    "check_step_rule",
     "fake_quant",
     "grid_codes",
     "quantize",
+    "step_size",
     "storage_bits",
 ]
 
@@ -75,9 +80,25 @@ def _code_dtype(bits: int) -> torch.dtype:
     return torch.int8 if bits <= 8 else torch.int16 if bits <= 16 else torch.int32
 
 
-def a_priori_step(w_max: float, bits: int) -> float:
-    """Quantization step ``D_b = 2 w_max / (2^b - 1)``."""
-    return 2.0 * w_max / (2 ** check_bits(bits) - 1)
+def check_step_rule(rule: str) -> str:
+    """``rule`` if it is one of :data:`monquant.names.STEP_RULES`; raise otherwise."""
+    if rule not in STEP_RULES:
+        raise QuantizationError(f"unknown step rule {rule!r}; choose one of {', '.join(STEP_RULES)}")
+    return rule
+
+
+def step_size(w_max: Any, bits: int, rule: str = "paper") -> Any:
+    """The step ``D_b`` of the rule: ``2 w_max / (2^b - 1)`` (``paper``) or
+    ``w_max / (2^(b-1) - 1)`` (``narrow``). ``w_max`` may be a float or a tensor."""
+    b = check_bits(bits)
+    if check_step_rule(rule) == "paper":
+        return 2.0 * w_max / (2**b - 1)
+    return w_max / (2 ** (b - 1) - 1)
+
+
+def a_priori_step(w_max: float, bits: int, rule: str = "paper") -> float:
+    """Quantization step ``D_b`` for ``w_max`` (:func:`step_size` of a float)."""
+    return float(step_size(float(w_max), bits, rule))
 
 
 @dataclass
@@ -94,6 +115,7 @@ class Quantized:
     bits: int
     granularity: str
     dtype: torch.dtype
+    step_rule: str = "paper"
 
     def dequantized(self) -> torch.Tensor:
         return (self.codes.to(torch.float64) * self.step).to(self.dtype)
@@ -128,10 +150,12 @@ def quantize(
     bits: int,
     granularity: str = "per-tensor",
     w_max: torch.Tensor | float | None = None,
+    step_rule: str = "paper",
 ) -> Quantized:
     """The paper's quantizer ``Q_b`` (docs/theory.md section 2): codes, steps and the dequantized tensor.
 
-    ``w_max`` defaults to ``max|w|`` over the tensor (per-tensor) or over each row (per-channel).
+    ``step_rule``: ``paper`` or ``narrow`` (:func:`step_size`). ``w_max`` defaults to ``max|w|``
+    over the tensor (per-tensor) or over each row (per-channel).
     An all-zero tensor (or row) gets step 0 and codes 0. Raises :class:`QuantizationError` for a
     bad bit-width or granularity and for NaN/inf entries.
     """
@@ -146,7 +170,7 @@ def quantize(
         if w_max is None
         else torch.as_tensor(w_max, dtype=torch.float64, device=w.device)
     )
-    step = 2.0 * wmax / (2**b - 1)
+    step = step_size(wmax, b, step_rule)
     qmax = 2 ** (b - 1) - 1
     codes = grid_codes(w.detach().to(torch.float64), step, qmax)
     return Quantized(
@@ -156,6 +180,7 @@ def quantize(
         bits=b,
         granularity=granularity,
         dtype=w.dtype,
+        step_rule=step_rule,
     )
 
 

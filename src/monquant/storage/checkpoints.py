@@ -31,6 +31,7 @@ from monquant.quant.uniform import (
     Quantized,
     check_bits,
     check_granularity,
+    check_step_rule,
     quantize,
 )
 from monquant.storage.jsonio import to_jsonable
@@ -56,6 +57,7 @@ class QuantizedWeights:
     bits: int
     granularity: str
     parts: dict[str, Quantized] = field(default_factory=dict)
+    step_rule: str = "paper"
 
     def tensor(self, name: str) -> torch.Tensor | None:
         q = self.parts.get(name)
@@ -67,9 +69,14 @@ class QuantizedWeights:
 
 
 def quantize_model(
-    model: MonDEQClassifier, bits: int, granularity: str = "per-tensor", parts=("W",)
+    model: MonDEQClassifier,
+    bits: int,
+    granularity: str = "per-tensor",
+    parts=("W",),
+    step_rule: str = "paper",
 ) -> QuantizedWeights:
-    """Post-training quantization of ``W`` (default, as in the paper) and optionally ``U``, ``b``."""
+    """Post-training quantization of ``W`` (default, as in the paper) and optionally ``U``, ``b``,
+    with the quantizer's ``step_rule`` (``paper`` or ``narrow``; recorded in the file)."""
     bad = set(parts) - {"W", "U", "b"}
     if bad or not parts:
         raise ConfigError(f"can quantize W, U and b only, got {sorted(set(parts))}")
@@ -79,10 +86,10 @@ def quantize_model(
         "U": layer.U.weight.detach(),
         "b": layer.U.bias.detach(),
     }
-    out = QuantizedWeights(bits=bits, granularity=granularity)
+    out = QuantizedWeights(bits=bits, granularity=granularity, step_rule=step_rule)
     for name in parts:
         gran = "per-tensor" if name == "b" else granularity
-        out.parts[name] = quantize(src[name], bits, gran)
+        out.parts[name] = quantize(src[name], bits, gran, step_rule=step_rule)
     return out
 
 
@@ -146,6 +153,7 @@ def save_model(
         meta["quantization"] = {
             "bits": quantized.bits,
             "granularity": quantized.granularity,
+            "step_rule": quantized.step_rule,
             "parts": sorted(quantized.parts),
             "granularities": {k: q.granularity for k, q in quantized.parts.items()},
         }
@@ -182,7 +190,8 @@ def _quantized_parts(
     """
     try:
         bits = check_bits(qm["bits"])
-        quantized = QuantizedWeights(bits=bits, granularity=str(qm["granularity"]))
+        rule = check_step_rule(qm.get("step_rule", "paper"))  # files before the rule: paper
+        quantized = QuantizedWeights(bits=bits, granularity=str(qm["granularity"]), step_rule=rule)
         for name in qm["parts"]:
             keys = [f"quant.{name}.{k}" for k in ("codes", "step", "w_max")]
             missing = [k for k in keys if k not in tensors]
@@ -202,6 +211,7 @@ def _quantized_parts(
                 bits=bits,
                 granularity=check_granularity(qm["granularities"][name]),
                 dtype=dtype,
+                step_rule=rule,
             )
     except (KeyError, TypeError, QuantizationError) as exc:
         raise CheckpointError(f"{path}: invalid quantization metadata: {exc}") from None

@@ -1,4 +1,4 @@
-"""``monquant reproduce``: every result of the source paper (Li, Leong, Chaffey 2026; docs/theory.md), stage by stage.
+"""``monquant reproduce``: every result of the source paper (Li, Leong, Chaffey 2026), stage by stage.
 
 Stages (each saved to ``<out>/stages/<name>.json`` as soon as it finishes; ``resume=True`` skips
 finished stages, and an interrupted training resumes from its per-epoch checkpoint):
