@@ -49,6 +49,9 @@ class MonDEQConfig:
     backward: str = "splitting"
     backward_tol: float | None = None
     parameterization: str = "wk"
+    #: ``uniform``: A, B ~ U(+-1/sqrt(n)), U and b as ``nn.Linear``; ``paper``: the paper's code,
+    #: A, B (its S) and U ~ 0.01 N(0, 1), b = 0.
+    init: str = "uniform"
 
     def __post_init__(self) -> None:
         if self.parameterization not in ("wk", "free"):
@@ -62,6 +65,12 @@ class MonDEQConfig:
             raise ConfigError(f"rank must be in [1, hidden={self.hidden}], got {self.rank}")
         if not self.margin_init > 0:
             raise ConfigError(f"margin_init must be positive, got {self.margin_init}")
+        if self.init not in ("uniform", "paper"):
+            raise ConfigError(f"init must be 'uniform' or 'paper', got {self.init!r}")
+        if not 0 <= self.margin_floor < self.margin_init:
+            raise ConfigError(
+                f"margin_floor must be in [0, margin_init={self.margin_init}), got {self.margin_floor}"
+            )
         if self.backward not in ("splitting", "direct"):
             raise ConfigError(f"backward must be 'splitting' or 'direct', got {self.backward!r}")
 
@@ -91,10 +100,17 @@ class MonDEQLayer(nn.Module):
         n, d = config.hidden, config.in_features
         r = config.rank or n
         self.U = nn.Linear(d, n)
-        bound = 1.0 / math.sqrt(n)
-        A = torch.empty(r, n).uniform_(-bound, bound)
-        B = torch.empty(n, n).uniform_(-bound, bound)
-        m_raw = torch.tensor(softplus_inverse(config.margin_init))
+        if config.init == "paper":
+            A, B = 0.01 * torch.randn(r, n), 0.01 * torch.randn(n, n)
+            with torch.no_grad():
+                self.U.weight.copy_(0.01 * torch.randn(n, d))
+                self.U.bias.zero_()
+        else:
+            bound = 1.0 / math.sqrt(n)
+            A = torch.empty(r, n).uniform_(-bound, bound)
+            B = torch.empty(n, n).uniform_(-bound, bound)
+        # m = softplus(m_raw) + floor starts at margin_init
+        m_raw = torch.tensor(softplus_inverse(config.margin_init - config.margin_floor))
         if config.parameterization == "free":
             self.W = nn.Parameter(wk_weight(A, B, F.softplus(m_raw)).detach())
         else:

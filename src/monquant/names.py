@@ -21,6 +21,7 @@ from __future__ import annotations
 
 __all__ = [
     "GRANULARITIES",
+    "IMPORT_LAYOUTS",
     "MAX_BITS",
     "MIN_BITS",
     "QUANT_METHODS",
@@ -42,4 +43,6 @@ TIERS: tuple[str, ...] = ("a_priori", "weyl", "exact")
 #: Every value a ``tier`` field takes.
 TIER_VALUES: tuple[str, ...] = ("construction", *TIERS, "none")
 VERDICTS: tuple[str, ...] = ("certified", "refuted", "undecided")
+#: Checkpoint layouts ``monquant import`` reads (``monquant.storage.foreign``).
+IMPORT_LAYOUTS: tuple[str, ...] = ("mondeq-quant", "monotone-op-net")
 QUANT_METHODS: tuple[str, ...] = ("ptq", "ste", "margin", "proxquant-w", "proxquant-factors")

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from monquant import __version__
-from monquant.cli import certificates, deploy, lowbit, studies, training
+from monquant.cli import certificates, deploy, interop, lowbit, studies, training
 from monquant.cli.common import AddCommand, Parser
 from monquant.errors import MonquantError
 from monquant.storage.files import folder_lock
@@ -27,6 +27,7 @@ COMMAND_FAMILIES: tuple[Callable[[AddCommand], None], ...] = (
     studies.register,
     deploy.register,
     lowbit.register,
+    interop.register,
 )
 
 
