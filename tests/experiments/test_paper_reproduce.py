@@ -74,10 +74,31 @@ def test_results_structure_and_theorems(quick_run):
         assert r["violations"] == 0 and r["fraction_within_bound"] == 1.0
     assert {r["method"] for r in res["qat_vs_ptq"]["rows"]} == {"PTQ", "QAT"}
     verdicts = {c["verdict"] for c in res["claims"]}
-    assert verdicts <= {"reproduced", "NOT reproduced", "not run"}
+    assert verdicts <= {"reproduced", "NOT reproduced", "not run", "within noise: not decided"}
     report = (quick_run / "report.md").read_text()
     assert "The paper's claims against this run" in report
-    assert "fig1_phase_transition.png" in report
+    assert "fig1_phase_transition.png" in report and "fig1_paper_solver.png" in report
+    # the paper's setup by default, each setting with its source
+    cfg = res["config"]
+    assert (cfg["setup"], cfg["seed"], cfg["rank"], cfg["init"]) == ("paper", 42, 25, "paper")
+    assert cfg["margin_floor"] == 1e-4 and cfg["tol"] == 1e-5
+    assert "## Setup and where each setting comes from" in report and "paper code (" in report
+    # Figure 1's solver as the paper ran it, and the narrow step rule's table
+    pt = res["phase_transition"]
+    assert pt["paper_fb"]["samples"] == 64 and pt["paper_fb"]["tol"] == 1e-5
+    for r, nr in zip(pt["rows"], pt["narrow_rows"], strict=True):
+        assert r["paper_fb_samples"] == 64 and r["paper_fb_step"] > 0
+        if r["margin_quantized"] <= 0:
+            assert r["paper_fb_step"] == 0.01
+        assert nr["bits"] == r["bits"] and nr["step"] >= r["step"]  # narrow is coarser
+    assert (quick_run / "fig1_paper_solver.png").stat().st_size > 1000
+
+
+def test_accuracy_noise_level() -> None:
+    from monquant.experiments.paper.report import accuracy_noise
+
+    assert accuracy_noise(0.98, 0.98, 10_000) == pytest.approx(1.96 * (2 * 0.98 * 0.02 / 1e4) ** 0.5)
+    assert accuracy_noise(0.98, 0.9797, 10_000) > 0.0003  # 3 images of 10,000 is noise
 
 
 def test_resume_skips_finished_stages(quick_run, mnist_dir, capsys):

@@ -7,7 +7,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from monquant.cli.common import AddCommand, data_args, emit, load_data, positive_int, renamed_flag
+from monquant.cli.common import (
+    AddCommand,
+    data_args,
+    emit,
+    load_data,
+    positive_float,
+    positive_int,
+    renamed_flag,
+)
 
 __all__ = ["cmd_reproduce", "cmd_ste_recovery", "register"]
 
@@ -16,6 +24,9 @@ EPILOG_REPRODUCE = """examples:
   monquant reproduce --quick --out results/quick  # same pipeline, small (a few minutes)
   monquant reproduce --resume                     # skip stages finished by an earlier run
   monquant reproduce --model runs/float/model.safetensors
+  monquant import mondeq-quant mnist_mondeq_float.pt --out paper.safetensors
+  monquant reproduce --model paper.safetensors --out results/paper-checkpoint
+  monquant reproduce --setup fast --out results/fast   # monquant's earlier, faster defaults
 """
 
 
@@ -25,11 +36,13 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     kw: dict[str, Any] = dict(
         out=Path(args.out),
         model=Path(args.model) if args.model else None,
-        seed=args.seed,
+        setup=args.setup,
         resume=args.resume,
         progress=not args.no_progress,
         command=["monquant", *sys.argv[1:]],
     )
+    if args.seed is not None:
+        kw["seed"] = args.seed
     if args.epochs is not None:
         kw["epochs"] = args.epochs
     if args.margin_init is not None:
@@ -86,12 +99,20 @@ def register(add: AddCommand) -> None:
     r.add_argument("--quick", action="store_true", help="small CI-sized run of the same pipeline")
     r.add_argument("--model", default=None, help="reuse a float checkpoint instead of training")
     r.add_argument("--epochs", type=positive_int, default=None, help="override the training epochs")
-    r.add_argument("--seed", type=int, default=0, help="random seed of every training")
+    r.add_argument(
+        "--setup",
+        choices=("paper", "fast"),
+        default="paper",
+        help="paper: the paper's code where its text is silent (m0 0.2, rank 25, 0.01 N(0,1) "
+        "init, seed 42, tol 1e-5); fast: monquant's earlier defaults (m0 0.05, full rank, seed 0)",
+    )
+    r.add_argument("--seed", type=int, default=None, help="random seed of every training "
+                   "(default: the setup's, 42 or 0)")  # fmt: skip
     r.add_argument(
         "--margin-init",
-        type=float,
+        type=positive_float,
         default=None,
-        help="initial learnable margin m of every trained model (the paper does not state it)",
+        help="initial learnable margin m of every trained model (default: the setup's)",
     )
     r.add_argument("--resume", action="store_true", help="skip stages already finished")
     data_args(r)

@@ -43,6 +43,8 @@ class TrainRequest:
     rank: int | None = None
     margin_init: float = 1.0
     learn_margin: bool = True
+    margin_floor: float = 0.0
+    init: str = "uniform"
     solver: dict[str, Any] = field(default_factory=lambda: {"method": "pr", "tol": 1e-4})
     backward: str = "splitting"
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -68,6 +70,8 @@ class TrainRequest:
             rank=self.rank,
             margin_init=self.margin_init,
             learn_margin=self.learn_margin,
+            margin_floor=self.margin_floor,
+            init=self.init,
             solver=solver.as_dict(),
             backward=self.backward,
         )

@@ -80,7 +80,12 @@ def run_displacement(
                 "mean_relative_displacement": float(rel_emp.mean()),
             }
         )
-        per_sample[str(b)] = {"empirical": emp, "bound": bound}
+        per_sample[str(b)] = {
+            "empirical": emp,
+            "bound": bound,
+            # the paper's relative form: ||z* - z~*|| / ||z~*|| against ||dW|| / m
+            "relative": emp / rq.z.norm(dim=1).clamp_min(1e-300),
+        }
     return {
         "m": st.m,
         "L": st.L,

@@ -19,9 +19,19 @@ from monquant.quant.uniform import quantize
 from monquant.solvers import SolverConfig
 from monquant.training.loop import evaluate
 
-__all__ = ["PAPER_BITS", "run_phase_transition"]
+__all__ = ["PAPER_BITS", "PAPER_FB", "paper_fb_config", "run_phase_transition"]
 
 PAPER_BITS: tuple[int, ...] = (3, 4, 5, 6, 7, 8, 10, 12, 16, 32)
+#: Figure 1's solver as the paper's script runs it (experiments/margin_stability_certificate.py):
+#: FB at ``m~/L~^2`` when ``margin(W~) > 0``, else at 0.01; tol 1e-5; cap 2000; 64 test images.
+PAPER_FB: dict[str, float] = {"fallback_step": 0.01, "tol": 1e-5, "max_iter": 2000}
+
+
+def paper_fb_config(m_q: float, L_q: float) -> SolverConfig:
+    """The paper's Figure 1 FB settings for an operator with (computed) ``m~``, ``L~``."""
+    step = m_q / L_q**2 if m_q > 0 else PAPER_FB["fallback_step"]
+    return SolverConfig(method="fb", step=step, tol=PAPER_FB["tol"],
+                        max_iter=int(PAPER_FB["max_iter"]))  # fmt: skip
 
 
 @contextmanager
@@ -44,6 +54,7 @@ def run_phase_transition(
     batch_size: int = 2000,
     progress: Any = None,
     fb_samples: int = 1000,
+    paper_fb_samples: int = 64,
 ) -> dict[str, Any]:
     """PTQ sweep over ``bits``; returns ``{"float": {...}, "rows": [...]}`` (plain numbers).
 
@@ -51,6 +62,10 @@ def run_phase_transition(
     forward-backward splitting, FB is also run on the first ``fb_samples`` inputs with the same
     tolerance and cap, at the step of the operator actually used (``m~/L~^2``; for a
     non-monotone ``W~`` no certified step exists and ``1/L~^2`` is used), columns ``fb_*``.
+    Figure 1's solver as the paper ran it (:data:`PAPER_FB`) runs on the first
+    ``paper_fb_samples`` test images, columns ``paper_fb_*`` (monquant's per-sample residual test
+    is stricter than the paper's batch Frobenius one). ``narrow_rows`` repeats the certificates
+    under the narrow step rule ``w_max/(2^(b-1) - 1)`` (no solves).
     """
     model.eval()
     W = model.layer.weight().detach()
@@ -58,7 +73,8 @@ def run_phase_transition(
     base = model.solver.forward_config
     fb_cfg = SolverConfig(method="fb", tol=base.tol, max_iter=base.max_iter)
     xf, yf = x[:fb_samples], y[:fb_samples]
-    rows = []
+    xp, yp = x[:paper_fb_samples], y[:paper_fb_samples]
+    rows, narrow_rows = [], []
     for b in bits:
         cert = certify(W, b, granularity)
         Wq = quantize(W, b, granularity).dequantized()
@@ -76,6 +92,23 @@ def run_phase_transition(
             max_iterations=ev.max_iterations,
             all_converged=ev.unconverged == 0,
         )
+        if paper_fb_samples > 0:
+            pcfg = paper_fb_config(cert.margin_quantized, cert.L_quantized)
+            with solver_settings(model, pcfg):
+                pfb = evaluate(model, xp, yp, batch_size, W=Wq)
+                res = model.solver.last_forward
+            row.update(
+                paper_fb_step=pcfg.step,
+                paper_fb_samples=pfb.samples,
+                paper_fb_converged_fraction=pfb.converged_fraction,
+                paper_fb_max_iterations=pfb.max_iterations,
+                paper_fb_final_residual=float(res.residual.max()) if res is not None else None,
+                paper_fb_all_converged=pfb.unconverged == 0,
+            )
+        nc = certify(W, b, granularity, step_rule="narrow")
+        narrow_rows.append({"bits": b, "step": nc.step, "dW_over_m": nc.dW_over_m,
+                            "margin_quantized": nc.margin_quantized, "tier": nc.tier,
+                            "verdict": nc.verdict})  # fmt: skip
         if fb is not None:
             row.update(
                 fb_samples=fb.samples,
@@ -95,4 +128,6 @@ def run_phase_transition(
         "samples": int(x.shape[0]),
         "float": {**fl.as_dict(), **certify(W, 32).to_dict()},
         "rows": rows,
+        "narrow_rows": narrow_rows,
+        "paper_fb": dict(PAPER_FB, samples=int(min(paper_fb_samples, x.shape[0]))),
     }

@@ -7,7 +7,9 @@ finished stages, and an interrupted training resumes from its per-epoch checkpoi
 2. ``phase_transition``: Figure 1, PTQ of W at 3..32 bits;
 3. ``displacement``: Figure 2, Theorem 3 on float64 equilibria;
 4. ``qat_<b>`` and ``qat_vs_ptq``: Figure 3, STE QAT from scratch against PTQ;
-5. ``iterate_quant``: Corollary 2.
+5. ``iterate_quant``: Corollary 2;
+6. ``seeds``: the float model trained again at ``extra_seeds`` and its PTQ certificates at 3..8
+   bits under both step rules (no solves): does the phase transition hold across seeds?
 
 The report (Markdown + JSON + PNG/PDF figures) is rendered by :mod:`monquant.experiments.paper.report`.
 """
@@ -34,7 +36,55 @@ from monquant.storage.checkpoints import load_model
 from monquant.storage.jsonio import read_json, write_json
 from monquant.training.runs import TrainRequest, run_training
 
-__all__ = ["ReproduceConfig", "StageRunner", "run_reproduce"]
+__all__ = ["SETUPS", "SETUP_SOURCES", "ReproduceConfig", "StageRunner", "run_reproduce"]
+
+#: Where the paper's text is silent, ``paper`` follows the paper's public code
+#: (github JLi-Projects/mondeq-quant); ``fast`` is monquant's earlier choice, kept by name.
+SETUPS: dict[str, dict[str, Any]] = {
+    "paper": {
+        "margin_init": 0.2 + 1e-4,  # softplus(m_raw0) = 0.2, plus the 1e-4 floor
+        "margin_floor": 1e-4,
+        "rank": "n/4",  # max(4, n // 4) = 25 for n = 100
+        "init": "paper",
+        "seed": 42,
+        "tol": 1e-5,
+        "max_iter": 500,
+    },
+    "fast": {
+        "margin_init": 0.05,
+        "margin_floor": 0.0,
+        "rank": "n",
+        "init": "uniform",
+        "seed": 0,
+        "tol": 1e-4,
+        "max_iter": 2000,
+    },
+}
+
+#: Each setting of the reproduction and where it comes from (file:line of the paper's code).
+SETUP_SOURCES: list[tuple[str, str, str]] = [
+    ("hidden units n = 100, relu, linear head, 784 inputs normalised (0.1307, 0.3081)",
+     "paper text", "all setups"),
+    ("Adam, lr 1e-3, 15 epochs, x0.1 at epoch 10, batch 128", "paper text", "all setups"),
+    ("initial margin m0 = 0.2 (m = softplus(m_raw) + 1e-4)",
+     "paper code (src/mondeq/operators.py: m_init=0.2, `+ 1e-4`)", "paper"),
+    ("rank of A = max(4, n // 4) = 25", "paper code (src/mondeq/operators.py)", "paper"),
+    ("A, S, U ~ 0.01 N(0, 1), b = 0", "paper code (src/mondeq/operators.py)", "paper"),
+    ("seed 42", "paper code (experiments/train_and_quantise.py: --seed 42)", "paper"),
+    ("training solver: Peaceman-Rachford at tol 1e-5, cap 500 (the paper's code trains with FB, "
+     "alpha 1 halved by a tuner, tol 1e-5, 500 iterations)",
+     "monquant's choice: PR reaches the same unique equilibrium of the same operator (every "
+     "solve converged is checked and reported), in far fewer iterations", "paper"),
+    ("quantizer step 2 w_max / (2^b - 1); the table under w_max / (2^(b-1) - 1) is shown too",
+     "paper text (the code uses the narrow rule, src/mondeq/quant.py)", "all setups"),
+    ("Figure 1 solver as the paper ran it: FB at m~/L~^2 (0.01 when margin(W~) <= 0), tol 1e-5, "
+     "cap 2000, the first 64 test images", "paper code (experiments/margin_stability_certificate.py)",
+     "all setups"),
+    ("equilibria for Theorem 3 in float64 to 1e-12 with a-posteriori errors (the paper's code: "
+     "float32, PR tol 1e-6, 500 iterations)", "monquant's choice: the rigorous check", "all setups"),
+    ("m0 = 0.05, full-rank A, A, B ~ U(+-1/sqrt(n)), U, b as nn.Linear, seed 0, PR tol 1e-4",
+     "monquant's earlier defaults (faster to train; kappa ~ 57)", "fast"),
+]
 
 
 @dataclass
@@ -52,20 +102,39 @@ class ReproduceConfig:
     displacement_bits: tuple[int, ...] = (6, 8, 12, 16)
     qat_bits: tuple[int, ...] = (4, 6, 8)
     fb_samples: int = 1000
-    # The paper does not state the initial margin. Its Figure 1 has ||dW||/m > 1 at 5 bits,
-    # which for this architecture (||dW_5|| ~ 0.2) needs a trained margin well below 0.2; the
-    # library default m0 = 1.0 trains to m ~ 0.5. m0 = 0.05 trains to m ~ 0.06.
-    margin_init: float = 0.05
+    paper_fb_samples: int = 64
+    #: more training seeds for the across-seeds table (certificates only); quick mode: none
+    extra_seeds: tuple[int, ...] = (43, 44)
+    seed_bits: tuple[int, ...] = (3, 4, 5, 6, 7, 8)
+    #: ``paper`` (default): the paper's code wherever its text is silent; ``fast``: monquant's
+    #: earlier defaults. ``None`` fields below are filled from :data:`SETUPS`.
+    setup: str = "paper"
+    margin_init: float | None = None
+    margin_floor: float | None = None
+    rank: int | None = None
+    init: str | None = None
     iterate_samples: int = 64
     iterate_steps: int = 300
-    seed: int = 0
+    seed: int | None = None
     solver: str = "pr"
-    tol: float = 1e-4
-    max_iter: int = 2000
+    tol: float | None = None
+    max_iter: int | None = None
     resume: bool = False
     progress: bool = True
     quick: bool = False
     command: list[str] = field(default_factory=list)  # the command line, recorded in the report
+
+    def __post_init__(self) -> None:
+        from monquant.errors import ConfigError
+
+        if self.setup not in SETUPS:
+            raise ConfigError(f"unknown setup {self.setup!r}; choose one of {', '.join(SETUPS)}")
+        preset = SETUPS[self.setup]
+        for name in ("margin_init", "margin_floor", "init", "seed", "tol", "max_iter"):
+            if getattr(self, name) is None:
+                setattr(self, name, preset[name])
+        if self.rank is None and preset["rank"] == "n/4":
+            self.rank = max(4, 100 // 4)
 
     @classmethod
     def quick_config(cls, **kw: Any) -> ReproduceConfig:
@@ -78,6 +147,7 @@ class ReproduceConfig:
             qat_bits=(4,),
             iterate_samples=16,
             iterate_steps=150,
+            extra_seeds=(),
             quick=True,
         )
         base.update(kw)
@@ -122,6 +192,9 @@ def _train_request(cfg: ReproduceConfig, out: Path, qat_bits: int | None) -> Tra
     return TrainRequest.of(out,
         solver={"method": cfg.solver, "tol": cfg.tol, "max_iter": cfg.max_iter},
         margin_init=cfg.margin_init,
+        margin_floor=cfg.margin_floor,
+        rank=cfg.rank,
+        init=cfg.init,
         epochs=epochs,
         decay_epoch=10 if epochs > 10 else max(1, epochs - 1),
         seed=cfg.seed,
@@ -135,6 +208,43 @@ def _train_stage(cfg: ReproduceConfig, data: MNIST, out: Path, qat_bits: int | N
     req = _train_request(cfg, out, qat_bits)
     res = run_training(req, data, echo=echo)
     return {"model": res["model"], "history": res["history"], "train_seconds": res["seconds"]}
+
+
+def _seed_certificates(model: Any, seed: int, bits: tuple[int, ...], accuracy: float) -> dict:
+    from monquant.certify import certify
+    from monquant.verified import spectral_bounds
+
+    W = model.layer.weight().detach()
+    st = spectral_bounds(W)
+    rows = {}
+    for rule in ("paper", "narrow"):
+        rows[rule] = [
+            {"bits": c.bits, "dW_over_m": c.dW_over_m, "margin_quantized": c.margin_quantized,
+             "verdict": c.verdict, "tier": c.tier}
+            for c in (certify(W, b, step_rule=rule, float_bounds=st) for b in bits)
+        ]  # fmt: skip
+    return {"seed": seed, "accuracy": accuracy, "m": st.m, "L": st.L,
+            "kappa": st.L / st.m if st.m > 0 else float("inf"),
+            "w_max": float(W.abs().max()), "rows": rows}  # fmt: skip
+
+
+def _seed_study(cfg: ReproduceConfig, data: MNIST, out: Path, model: Any, float_stage: dict,
+                echo: Callable[[str], None] | None) -> dict[str, Any]:  # fmt: skip
+    """The float model at ``cfg.seed`` and at every extra seed, with PTQ certificates."""
+    from dataclasses import replace
+
+    hist = float_stage.get("history") or [{}]
+    acc = hist[-1].get("test_accuracy", float("nan"))
+    main_seed = _seed_certificates(model, int(cfg.seed or 0), cfg.seed_bits, acc)
+    per_seed = [main_seed]
+    for s in cfg.extra_seeds:
+        if cfg.model is not None:
+            break  # a given checkpoint has no seed to vary
+        scfg = replace(cfg, seed=s)
+        res = _train_stage(scfg, data, out / f"float-seed{s}", None, echo)
+        m = load_model(res["model"]).model.eval()
+        per_seed.append(_seed_certificates(m, s, cfg.seed_bits, res["history"][-1]["test_accuracy"]))
+    return {"bits": list(cfg.seed_bits), "seeds": per_seed}
 
 
 def run_reproduce(
@@ -180,7 +290,8 @@ def run_reproduce(
     phase = runner.run(
         "phase_transition",
         lambda: run_phase_transition(
-            model, x_test, y_test, cfg.ptq_bits, progress=ptq_progress, fb_samples=cfg.fb_samples
+            model, x_test, y_test, cfg.ptq_bits, progress=ptq_progress, fb_samples=cfg.fb_samples,
+            paper_fb_samples=cfg.paper_fb_samples,
         ),
     )
     xd, _ = random_subset(data.x_test, data.y_test, cfg.displacement_samples, cfg.seed)
@@ -201,6 +312,7 @@ def run_reproduce(
         "iterate_quant",
         lambda: run_iterate_quantization(model, xi, iters=cfg.iterate_steps, method=cfg.solver),
     )
+    seeds = runner.run("seeds", lambda: _seed_study(cfg, data, out, model, float_stage, echo))
     total = time.perf_counter() - t_start
     results = {
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
@@ -218,6 +330,7 @@ def run_reproduce(
         "displacement": disp,
         "qat_vs_ptq": qvp,
         "iterate_quant": itq,
+        "seeds": seeds,
         "stage_seconds": runner.timings,
         "resumed_stages": runner.skipped,
         "wall_seconds_this_invocation": total,
