@@ -263,3 +263,25 @@ def test_a_validly_signed_file_with_a_wrong_head_is_refused_by_name(tmp_path: Pa
     bad = save_tensors(tmp_path / "bad.safetensors", tensors, meta)
     with pytest.raises(CheckpointError, match=r"head\.weight \(3, 7\)"):
         load_deployment(bad)
+
+
+def test_the_step_rule_is_recorded_in_the_deployment_file(tmp_path) -> None:
+    from monquant.deploy.files import export_deployment, load_deployment
+    from monquant.deploy.fixedpoint import quantize_weights
+
+    g = torch.Generator().manual_seed(3)
+    n, d = 12, 6
+    A = torch.randn(n, n, generator=g, dtype=torch.float64) / n**0.5
+    B = torch.randn(n, n, generator=g, dtype=torch.float64) / n**0.5
+    W = 0.5 * torch.eye(n, dtype=torch.float64) - 0.1 * A.T @ A + 0.2 * (B - B.T)
+    U = torch.randn(n, d, generator=g, dtype=torch.float64)
+    b = torch.zeros(n, dtype=torch.float64)
+    hw, hb = torch.randn(3, n), torch.zeros(3)
+    x = torch.rand(20, d, dtype=torch.float64)
+    res = export_deployment(tmp_path / "d.safetensors", W, U, b, hw, hb, 8, 16, x_calib=x,
+                            step_rule="narrow")  # fmt: skip
+    assert res.metadata["W"]["step_rule"] == "narrow"
+    dep = load_deployment(res.path)
+    assert dep.W.step_rule == "narrow"
+    assert torch.equal(dep.W.codes, quantize_weights(W, 8, step_rule="narrow").codes)
+    assert not torch.equal(dep.W.codes, quantize_weights(W, 8).codes)

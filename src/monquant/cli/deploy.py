@@ -19,6 +19,7 @@ from monquant.cli.common import (
     renamed_flag,
     require_checkpoint,
     require_deployment,
+    step_rule_arg,
     unconverged_status,
 )
 from monquant.storage.files import check_output_file
@@ -62,13 +63,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.out:
         check_output_file(args.out)
     if not args.allow_uncertified:  # decided by W alone: refused before any data loads
-        check_deployable(W, args.bits, args.granularity, allow="--allow-uncertified")
+        check_deployable(W, args.bits, args.granularity, allow="--allow-uncertified",
+                         step_rule=args.step_rule)  # fmt: skip
     data = load_data(args)
     calib = data.x_train[: args.calibration_limit].double()
     out = Path(args.out or Path(args.checkpoint).with_name(f"deploy-{args.bits}bit.safetensors"))
     res = export_deployment(
         out, W, U, b, hw, hb, args.bits, args.act_bits, x_calib=calib, u_bits=args.u_bits,
-        granularity=args.granularity, max_iter=args.max_iter,
+        granularity=args.granularity, max_iter=args.max_iter, step_rule=args.step_rule,
         require_certified=not args.allow_uncertified,
     )  # fmt: skip
     ref = export_float_checkpoint(out.with_name(out.stem + ".float32-reference.safetensors"),
@@ -171,6 +173,7 @@ def register(add) -> None:
     bits_arg(e, many=False, flag="--u-bits", help_="bit-width of U (default: --bits)")
     e.add_argument("--act-bits", type=int, default=16, help="fixed-point bits of the iterate")
     granularity_arg(e)
+    step_rule_arg(e)
     e.add_argument(
         "--max-iter",
         type=positive_int,

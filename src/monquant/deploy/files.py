@@ -56,7 +56,7 @@ from monquant.deploy.intsolver import (
     reference_equilibrium,
 )
 from monquant.errors import CheckpointError, ConfigError
-from monquant.quant.uniform import check_bits
+from monquant.quant.uniform import check_bits, check_step_rule
 from monquant.solvers import SolverConfig, solve
 from monquant.storage.jsonio import to_jsonable
 from monquant.storage.tensors import PathLike, load_tensors, save_tensors
@@ -161,6 +161,7 @@ def _weights_meta(w: IntWeights, mult_bits: int) -> dict[str, Any]:
     return {
         "bits": w.bits,
         "granularity": w.granularity,
+        "step_rule": w.step_rule,
         "shape": list(w.shape),
         "shift": w.scale.shift,
         "mult_bits": mult_bits,
@@ -240,11 +241,12 @@ def check_deployable(
     granularity: str = "per-tensor",
     mult_bits: int = 24,
     allow: str = "require_certified=False",
+    step_rule: str = "paper",
 ) -> None:
     """Raise :class:`UncertifiedOperatorError` unless the deployed ``W~ = codes * M 2^-S`` of ``W``
     at ``bits`` has a certified power-of-two FB step (from proved bounds only). ``allow`` names,
     in the message, how the caller accepts an uncertified file (the CLI says its own flag)."""
-    st = deployed_bounds(quantize_weights(W, bits, granularity, mult_bits))
+    st = deployed_bounds(quantize_weights(W, bits, granularity, mult_bits, step_rule))
     if power_of_two_step(st.m_lo, st.L_hi) is None:
         raise UncertifiedOperatorError(
             f"{bits}-bit W~ is not certified (margin(W~) = {st.m:.4g}, proved >= {st.m_lo:.4g}: "
@@ -273,6 +275,7 @@ def export_deployment(
     headroom: float = 1.5,
     accumulator: str = "auto",
     require_certified: bool = True,
+    step_rule: str = "paper",
 ) -> ExportResult:
     """Quantize ``W`` (``bits``) and ``U`` (``u_bits``, default ``bits``) and write a deployment file.
 
@@ -285,15 +288,16 @@ def export_deployment(
     with ``certified: false`` and its loader refuses to run it by default.
     """
     n, d, k = _check_shapes(W, U, b, head_weight, head_bias)
-    Wi = quantize_weights(W, bits, granularity, mult_bits)
-    Ui = quantize_weights(U, u_bits if u_bits is not None else bits, granularity, mult_bits)
+    Wi = quantize_weights(W, bits, granularity, mult_bits, step_rule)
+    Ui = quantize_weights(U, u_bits if u_bits is not None else bits, granularity, mult_bits,
+                          step_rule)  # fmt: skip
     xf = _input_format(x_calib, input_bits, input_frac_bits)
     G = Ui.scale.shift + xf.frac_bits
     cb = bias_codes(b, G)
     st = deployed_bounds(Wi)
     certified = power_of_two_step(st.m_lo, st.L_hi) is not None
     if not certified and require_certified:
-        check_deployable(W, bits, granularity, mult_bits)  # raises, with the full message
+        check_deployable(W, bits, granularity, mult_bits, step_rule=step_rule)  # raises
     if act_frac_bits is not None:
         act = FixedPointFormat(check_bits(act_bits), int(act_frac_bits), signed=False)
     elif x_calib is None:
@@ -467,8 +471,9 @@ def _weights_from(tensors: dict[str, torch.Tensor], meta: dict[str, Any], name: 
     elif mult.numel() != rows:
         raise CheckpointError(f"{name}: per-channel scale needs {rows} multipliers")
     dtype = torch.int8 if bits <= 8 else torch.int16 if bits <= 16 else torch.int32
+    rule = check_step_rule(info.get("step_rule", "paper"))  # files before the rule: paper
     return IntWeights(
-        codes.to(dtype), DyadicScale(mult, int(info["shift"])), bits, info["granularity"]
+        codes.to(dtype), DyadicScale(mult, int(info["shift"])), bits, info["granularity"], rule
     )
 
 

@@ -186,6 +186,7 @@ class IntWeights:
     scale: DyadicScale
     bits: int
     granularity: str
+    step_rule: str = "paper"
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -207,17 +208,22 @@ class IntWeights:
 
 
 def quantize_weights(
-    w: torch.Tensor, bits: int, granularity: str = "per-tensor", mult_bits: int = 24
+    w: torch.Tensor,
+    bits: int,
+    granularity: str = "per-tensor",
+    mult_bits: int = 24,
+    step_rule: str = "paper",
 ) -> IntWeights:
-    """Quantize ``w`` with the paper's quantizer (docs/theory.md section 2) and make its step dyadic.
+    """Quantize ``w`` with the paper's quantizer (docs/theory.md section 2, ``step_rule`` paper or
+    narrow) and make its step dyadic.
 
     Codes are those of :func:`monquant.quant.uniform.quantize`; the step ``D_b`` becomes ``M 2^-S``.
     """
     if w.dim() != 2:
         raise ConfigError(f"expected a matrix, got shape {tuple(w.shape)}")
-    q = quantize(w.detach().to(torch.float64), bits, granularity)
+    q = quantize(w.detach().to(torch.float64), bits, granularity, step_rule=step_rule)
     step = q.step.reshape(-1) if q.step.dim() else q.step
-    return IntWeights(q.codes, dyadic_scale(step, mult_bits), q.bits, granularity)
+    return IntWeights(q.codes, dyadic_scale(step, mult_bits), q.bits, granularity, step_rule)
 
 
 @dataclass(frozen=True)
