@@ -29,6 +29,33 @@ def random_monotone_W(
     return wk_weight(A, B, m)
 
 
+def write_tiny_mnist(folder: Path, n_train: int, n_test: int) -> Path:
+    """Raw IDX files of learnable 28 x 28 images in ``folder`` (class k lights up its own band
+    of pixels): train and t10k splits, seeds 0 and 1."""
+    import struct
+
+    import numpy as np
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n, seed in (("train", n_train, 0), ("t10k", n_test, 1)):
+        rng = np.random.default_rng(seed)
+        y = rng.integers(0, 10, n).astype(np.uint8)
+        x = rng.integers(0, 60, (n, 784)).astype(np.uint8)
+        for k in range(10):
+            x[y == k, k * 78 : (k + 1) * 78] = 255
+        images = struct.pack(">IIII", 0x803, n, 28, 28) + x.tobytes()
+        (folder / f"{split}-images-idx3-ubyte").write_bytes(images)
+        labels = struct.pack(">II", 0x801, n) + y.tobytes()
+        (folder / f"{split}-labels-idx1-ubyte").write_bytes(labels)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_mnist():
+    """``tiny_mnist(folder, n_train, n_test) -> folder``: learnable IDX files (no real MNIST)."""
+    return write_tiny_mnist
+
+
 @pytest.fixture(scope="session")
 def mnist_dir() -> Path:
     """The MNIST folder for tests: MONQUANT_DATA if set, else ../shared/data/mnist; skip if absent."""

@@ -12,13 +12,11 @@ import json
 import os
 import random
 import signal
-import struct
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -26,18 +24,6 @@ from monquant.storage.checkpoints import load_model
 from monquant.storage.tensors import load_tensors
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL is POSIX")
-
-
-def _idx(folder: Path, split: str, n: int, seed: int) -> None:
-    """Raw IDX files of ``n`` learnable 28 x 28 images (class k lights up its own band)."""
-    rng = np.random.default_rng(seed)
-    y = rng.integers(0, 10, n).astype(np.uint8)
-    x = rng.integers(0, 60, (n, 784)).astype(np.uint8)
-    for k in range(10):
-        x[y == k, k * 78 : (k + 1) * 78] = 255
-    images = struct.pack(">IIII", 0x803, n, 28, 28) + x.tobytes()
-    (folder / f"{split}-images-idx3-ubyte").write_bytes(images)
-    (folder / f"{split}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 0x801, n) + y.tobytes())
 
 
 def _train(out: Path, data: Path, resume: bool) -> list[str]:
@@ -54,12 +40,12 @@ def _tensors(path: Path) -> dict[str, torch.Tensor]:
     return load_tensors(path)[0]
 
 
-def test_kill_9_at_random_moments_then_resume_is_bit_exact(tmp_path: Path) -> None:
-    data = tmp_path / "mnist"
-    data.mkdir()
-    _idx(data, "train", 1200, 0)
-    _idx(data, "t10k", 200, 1)
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory, tiny_mnist) -> Path:
+    return tiny_mnist(tmp_path_factory.mktemp("mnist"), 1200, 200)
 
+
+def test_kill_9_at_random_moments_then_resume_is_bit_exact(tmp_path: Path, data: Path) -> None:
     ref = tmp_path / "ref"
     subprocess.run(_train(ref, data, False), env=ENV, check=True, capture_output=True, timeout=300)
 
@@ -120,11 +106,7 @@ def test_kill_9_at_random_moments_then_resume_is_bit_exact(tmp_path: Path) -> No
     assert not (run / ".monquant.lock").exists()
 
 
-def test_sigint_stops_cleanly_with_status_130_and_the_run_resumes(tmp_path: Path) -> None:
-    data = tmp_path / "mnist"
-    data.mkdir()
-    _idx(data, "train", 1200, 0)
-    _idx(data, "t10k", 200, 1)
+def test_sigint_stops_cleanly_with_status_130_and_the_run_resumes(tmp_path: Path, data: Path) -> None:
     run = tmp_path / "run"
     ckpt = run / "checkpoint.safetensors"
     proc = subprocess.Popen(_train(run, data, False), env=ENV, stdout=subprocess.PIPE,

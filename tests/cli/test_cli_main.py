@@ -6,7 +6,6 @@ import argparse
 import contextlib
 import io
 import json
-import struct
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -290,25 +289,9 @@ def test_argparse_errors_exit_2(
 # ----------------------------------------------------------------------------------------------
 
 
-def write_idx(folder: Path, split: str, n: int, seed: int) -> None:
-    """Raw IDX files of ``n`` learnable images: class k lights up its own band of pixels."""
-    rng = np.random.default_rng(seed)
-    y = rng.integers(0, 10, n).astype(np.uint8)
-    x = rng.integers(0, 60, (n, 784)).astype(np.uint8)
-    for k in range(10):
-        x[y == k, k * 78 : (k + 1) * 78] = 255
-    (folder / f"{split}-images-idx3-ubyte").write_bytes(
-        struct.pack(">IIII", 0x803, n, 28, 28) + x.tobytes()
-    )
-    (folder / f"{split}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 0x801, n) + y.tobytes())
-
-
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("mnist")
-    write_idx(folder, "train", 600, 0)
-    write_idx(folder, "t10k", 300, 1)
-    return folder
+def data_dir(tmp_path_factory: pytest.TempPathFactory, tiny_mnist) -> Path:
+    return tiny_mnist(tmp_path_factory.mktemp("mnist"), 600, 300)
 
 
 def run_main(*argv: Any) -> tuple[int, str, str]:
@@ -437,7 +420,7 @@ def test_ptq_per_channel_all_parts_text(
         "--data-dir", data_dir, "--no-download",
     )  # fmt: skip
     assert rc == 0, err
-    assert out.startswith("8-bit PTQ (per-channel, W,U,b): tier ")
+    assert out.startswith("8-bit PTQ (per-channel, paper step, W,U,b): tier ")
     assert "converged 50/50 solves" in out and str(dest) in out
     loaded = load_model(dest)
     assert loaded.quantized is not None
