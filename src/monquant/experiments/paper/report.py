@@ -11,6 +11,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from monquant.experiments.paper.setup import SETUP_SOURCES
 from monquant.report import (
     certificate_cells,
     certificate_headers,
@@ -496,8 +497,6 @@ def _seeds_table(seeds: dict[str, Any] | None) -> str:
 
 
 def _setup_table(cfg: dict[str, Any]) -> str:
-    from monquant.experiments.paper.reproduce import SETUP_SOURCES
-
     rows = [[what, source] for what, source, which in SETUP_SOURCES
             if which in ("all setups", cfg.get("setup", "paper"))]  # fmt: skip
     return markdown_table(["setting", "source"], rows)
