@@ -140,3 +140,18 @@ def test_cli_import_refuses_a_pickle_with_one_error_line(tmp_path: Path) -> None
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.startswith("monquant import: error: ") and len(proc.stderr.splitlines()) == 1
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_an_imported_model_goes_through_ptq_eval_and_export(tmp_path: Path, tiny_mnist, capsys) -> None:
+    data = tiny_mnist(tmp_path / "mnist", 200, 100)
+    src = _save(tmp_path, "paper.pt", paper_state(n=16, r=4, d=784))
+    model = tmp_path / "paper.safetensors"
+    common = ["--data-dir", str(data), "--no-download", "--no-progress"]
+    assert main(["import", "mondeq-quant", str(src), "--out", str(model)]) == 0
+    rc = main(["ptq", str(model), "--bits", "8", "--out", str(tmp_path / "q.safetensors"), *common])
+    assert rc == 0
+    assert main(["eval", str(tmp_path / "q.safetensors"), "--allow-unconverged", *common]) == 0
+    rc = main(["export", str(model), "--bits", "8", "--calibration-limit", "50",
+               "--out", str(tmp_path / "d.safetensors"), *common])  # fmt: skip
+    assert rc == 0 and (tmp_path / "d.safetensors").exists()
+    capsys.readouterr()
