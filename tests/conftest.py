@@ -50,6 +50,24 @@ def write_tiny_mnist(folder: Path, n_train: int, n_test: int) -> Path:
     return folder
 
 
+def small_classifier(seed: int, margin: float = 0.5, n: int = 12, d: int = 8):
+    """A random float64 MonDEQ classifier (4 classes, head scaled up so margins vary)."""
+    from monquant.model import MonDEQClassifier, MonDEQConfig
+
+    torch.manual_seed(seed)
+    cfg = MonDEQConfig(in_features=d, hidden=n, out_features=4, margin_init=margin)
+    model = MonDEQClassifier(cfg)
+    with torch.no_grad():
+        model.head.weight.mul_(3.0)
+    return model.double().eval()
+
+
+@pytest.fixture(scope="session")
+def classifier():
+    """``classifier(seed, margin=0.5, n=12, d=8)``: a small random float64 MonDEQ classifier."""
+    return small_classifier
+
+
 @pytest.fixture(scope="session")
 def tiny_mnist():
     """``tiny_mnist(folder, n_train, n_test) -> folder``: learnable IDX files (no real MNIST)."""

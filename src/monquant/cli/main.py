@@ -24,6 +24,7 @@ __all__ = ["COMMAND_FAMILIES", "FOLDER_COMMANDS", "build_parser", "main"]
 COMMAND_FAMILIES: tuple[Callable[[AddCommand], None], ...] = (
     training.register,
     certificates.register,
+    certificates.register_robustness,
     studies.register,
     deploy.register,
     lowbit.register,

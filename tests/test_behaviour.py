@@ -1,0 +1,116 @@
+"""Certified prediction agreement and robustness (monquant.behaviour): every certificate is checked
+against precise solves of both models, and a property test hunts for a certificate that claims
+agreement or robustness where the measured predictions differ."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import small_classifier as small_model
+from hypothesis import given
+from hypothesis import strategies as st
+
+from monquant.behaviour import (
+    ModelWeights,
+    agreement,
+    equilibrium_lipschitz,
+    swapped_displacement_bound,
+)
+from monquant.quant.uniform import quantize
+from monquant.solvers import SolverConfig, solve
+
+PRECISE = SolverConfig(method="pr", tol=1e-13, max_iter=100_000)
+
+
+def _predict(w: ModelWeights, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    z = solve(w.W, x @ w.U.T + w.b, PRECISE).z
+    return (z @ w.C.T + w.c).argmax(dim=1), z
+
+
+@given(seed=st.integers(0, 10_000), bits=st.sampled_from([3, 4, 6, 8]),
+       margin=st.sampled_from([0.05, 0.3, 1.0]))  # fmt: skip
+def test_certified_agreement_and_radii_never_claim_what_solves_contradict(
+    seed: int, bits: int, margin: float
+) -> None:
+    model = small_model(seed, margin)
+    f = ModelWeights.of(model)
+    g = ModelWeights.of(model, W=quantize(f.W, bits).dequantized())
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(40, 8, generator=gen, dtype=torch.float64)
+    rep = agreement(f, g, x)
+    pf, zf = _predict(f, x)
+    pq, zq = _predict(g, x)
+    assert torch.equal(rep.float_prediction[rep.float_certified], pf[rep.float_certified])
+    assert bool((pq[rep.certified_agreement] == pf[rep.certified_agreement]).all())
+    # the displacement bound holds wherever it is finite
+    dist = torch.linalg.vector_norm(zf - zq, dim=1)
+    finite = torch.isfinite(rep.displacement_bound)
+    assert bool((dist[finite] <= rep.displacement_bound[finite] + 1e-9).all())
+    # inside the certified radius the prediction does not change (float and quantized)
+    for w, radius, ok in ((f, rep.radius_float, rep.float_certified),
+                          (g, rep.radius_quantized, rep.certified_agreement)):  # fmt: skip
+        idx = ok.nonzero().flatten()
+        if idx.numel() == 0:
+            continue
+        u = torch.randn(idx.numel(), 8, generator=gen, dtype=torch.float64)
+        u = u / torch.linalg.vector_norm(u, dim=1, keepdim=True)
+        xp = x[idx] + 0.999 * radius[idx, None] * u
+        assert torch.equal(_predict(w, xp)[0], rep.float_prediction[idx])
+
+
+def test_some_agreement_is_certified_at_high_bits_and_none_when_W_tilde_is_not_monotone() -> None:
+    model = small_model(1, 1.0)
+    f = ModelWeights.of(model)
+    x = torch.randn(50, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    hi = agreement(f, ModelWeights.of(model, W=quantize(f.W, 16).dequantized()), x)
+    assert hi.certified_agreement.double().mean() > 0.9
+    bad = ModelWeights.of(model, W=f.W + 2.0 * torch.eye(12, dtype=torch.float64))  # margin < 0
+    rep = agreement(f, bad, x)
+    assert not bool(rep.certified_agreement.any()) and float(rep.radius_quantized.max()) == 0.0
+    assert rep.constants["margin_quantized_lower"] < 0
+
+
+def test_lipschitz_constant_bounds_the_equilibrium_map() -> None:
+    model = small_model(2, 0.2)
+    f = ModelWeights.of(model)
+    from monquant.verified import norm2_bounds, spectral_bounds
+
+    lip = equilibrium_lipschitz(norm2_bounds(f.U)[0], spectral_bounds(f.W).m_lo)
+    gen = torch.Generator().manual_seed(5)
+    x1 = torch.randn(200, 8, generator=gen, dtype=torch.float64)
+    x2 = x1 + 0.3 * torch.randn(200, 8, generator=gen, dtype=torch.float64)
+    z1, z2 = _predict(f, x1)[1], _predict(f, x2)[1]
+    ratio = torch.linalg.vector_norm(z1 - z2, dim=1) / torch.linalg.vector_norm(x1 - x2, dim=1)
+    assert float(ratio.max()) <= lip
+    assert equilibrium_lipschitz(1.0, 0.0) == float("inf")
+
+
+def test_swapped_displacement_bound_needs_a_proved_margin() -> None:
+    assert torch.isinf(swapped_displacement_bound(torch.tensor([1.0]), 0.0, 0.0)).all()
+    assert float(swapped_displacement_bound(torch.tensor([1.0]), 0.5, 0.5)) == pytest.approx(3.0)
+
+
+def test_cli_robustness_reports_certified_below_measured(tmp_path, tiny_mnist, capsys) -> None:
+    import json
+
+    from monquant.cli import main
+
+    data = tiny_mnist(tmp_path / "mnist", 300, 120)
+    common = ["--data-dir", str(data), "--no-download", "--no-progress"]
+    assert main(["train", "--out", str(tmp_path / "run"), "--hidden", "16", "--epochs", "2",
+                 "--margin-init", "1.0", *common]) == 0  # fmt: skip
+    capsys.readouterr()
+    rc = main(["robustness", str(tmp_path / "run" / "model.safetensors"), "--bits", "4", "8",
+               "--eps", "0.1", "1", "--test-limit", "60", "--pgd-samples", "20", "--pgd-steps", "5",
+               "--json", *common])  # fmt: skip
+    assert rc == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert [r["config"] for r in rows] == ["float", "4 bits", "8 bits"]
+    for r in rows:
+        assert r["certified_but_disagreeing"] == 0
+        if r["bits"]:
+            assert r["certified_agreement_rate"] <= r["measured_agreement_rate"]
+        for e in ("0.1", "1"):
+            assert r[f"certified_but_broken@{e}"] == 0
+            cert, pgd = r[f"certified_accuracy_attacked@{e}"], r[f"pgd_accuracy@{e}"]
+            assert cert <= pgd <= r["clean_accuracy_attacked"]
