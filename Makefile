@@ -47,10 +47,17 @@ intdeploy: $(STAMP)
 	$(VENV)/bin/monquant intdeploy results/paper/float/model.safetensors --out results/intdeploy
 
 # Copy the reports and figures of the latest runs into docs/results (tracked; shown in the README).
-publish-results:
+# Copies the reports, figures and results.json of the full runs into docs/results (committed);
+# per-sample arrays (keys "per_sample") stay in results/ to keep the committed JSON small.
+publish-results: $(STAMP)
 	for d in paper lowbit ste-recovery intdeploy; do \
 	  if [ -d results/$$d ]; then mkdir -p docs/results/$$d && \
-	  cp results/$$d/report.md results/$$d/results.json results/$$d/*.png docs/results/$$d/; fi; \
+	  cp results/$$d/report.md results/$$d/*.png docs/results/$$d/ && \
+	  $(PY) -c "import sys; from monquant.storage.jsonio import read_json, write_json; \
+	    strip = lambda o: {k: strip(v) for k, v in o.items() if k != 'per_sample'} \
+	      if isinstance(o, dict) else [strip(v) for v in o] if isinstance(o, list) else o; \
+	    write_json(sys.argv[2], strip(read_json(sys.argv[1])))" \
+	    results/$$d/results.json docs/results/$$d/results.json; fi; \
 	done
 
 demo: $(STAMP)

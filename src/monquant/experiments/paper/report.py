@@ -120,7 +120,7 @@ def _fig_displacement(disp: dict[str, Any], out: Path) -> str:
     a.set_xscale("log")
     a.set_yscale("log")
     a.set_xlabel("Theorem 3 bound (with a-posteriori solver errors)")
-    a.set_ylabel("empirical ||z* - z~*||")
+    a.set_ylabel(r"empirical $\|z^\star - \tilde z^\star\|$")
     a.set_title("(a) absolute: per sample, float64 equilibria")
     a.legend(fontsize=7, markerscale=3)
     # (b) the paper's relative form: ||z* - z~*|| / ||z~*|| <= ||dW|| / m, per bit-width
@@ -519,9 +519,9 @@ def _fb_table(phase: dict[str, Any]) -> str:
         for r in rows
     ]
     return (
-        f"Forward-backward (the paper's solver) on the first {rows[0]['fb_samples']} test images, "
-        "same tolerance and cap, step m~/L~^2 of the quantized operator (1/L~^2 when it is not "
-        "monotone). The certified FB step contracts with rho = sqrt(1 - 1/kappa~^2), i.e. about "
+        f"Forward-backward at monquant's step on the first {rows[0]['fb_samples']} test images, "
+        "same tolerance and cap as PR, step m~/L~^2 of the quantized operator (1/L~^2 when it is "
+        "not monotone). The certified FB step contracts with rho = sqrt(1 - 1/kappa~^2), i.e. about "
         "1 - 1/(2 kappa~^2): for a small-margin model (kappa in the tens) that is tens of "
         "thousands of iterations in the worst case, beyond the cap, so FB at its certified step "
         "can stall where PR (rho = sqrt(1 - 1/kappa~)) converges; the uncertified fallback step "
