@@ -146,10 +146,12 @@ def test_argument_rows_do_not_import_torch() -> None:
 
 
 def test_a_renamed_flag_warns_after_the_output_and_still_works(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "MONQUANT_DATA"}
+    env["XDG_CACHE_HOME"] = str(tmp_path / "no-cache")  # no MNIST anywhere: the error comes first
     proc = subprocess.run(
         [sys.executable, "-m", "monquant", "intdeploy", str(CKPT), "--weight-bits", "4",
          "--out", str(tmp_path / "o"), "--data-dir", str(tmp_path), "--no-download"],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True, text=True, timeout=120, env=env,
     )  # fmt: skip
     lines = proc.stderr.splitlines()
     assert lines[0].startswith("monquant intdeploy: error: MNIST not found")
