@@ -142,8 +142,8 @@ class MonDEQLayer(nn.Module):
         return F.softplus(self.m_raw) + self.config.margin_floor
 
     def factor(self, name: str) -> torch.Tensor:
-        """Parameter ``name`` (``A``, ``B`` or ``U``) after ``factor_transform``, if any."""
-        t = self.U.weight if name == "U" else getattr(self, name)
+        """Parameter ``name`` (``A``, ``B``, ``U`` or ``b``) after ``factor_transform``, if any."""
+        t = self.U.weight if name == "U" else self.U.bias if name == "b" else getattr(self, name)
         return self.factor_transform(name, t) if self.factor_transform is not None else t
 
     def weight(self) -> torch.Tensor:
@@ -172,7 +172,7 @@ class MonDEQLayer(nn.Module):
     ) -> torch.Tensor:
         """``q = U x + b`` (rows), optionally with replacement ``U`` / ``b``."""
         U_ = self.factor("U") if U is None else U
-        b_ = self.U.bias if b is None else b
+        b_ = self.factor("b") if b is None else b
         return F.linear(x, U_.to(x.dtype), b_.to(x.dtype))
 
     def forward(

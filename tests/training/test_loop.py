@@ -431,3 +431,25 @@ def test_train_keeps_a_caller_installed_weight_transform(data: MNIST) -> None:
     model.layer.weight_transform = lambda W: (seen.append(1), W)[1]
     run(model, data, TrainConfig(epochs=1, batch_size=600))
     assert seen and model.layer.weight_transform is not None
+
+
+def test_qat_can_quantize_U_and_b_too() -> None:
+    from monquant.errors import ConfigError
+    from monquant.model import MonDEQClassifier, MonDEQConfig
+    from monquant.quant.uniform import quantize
+    from monquant.training.loop import TrainConfig, install_qat
+
+    torch.manual_seed(0)
+    model = MonDEQClassifier(MonDEQConfig(in_features=6, hidden=5, out_features=3)).double()
+    x = torch.randn(4, 6, dtype=torch.float64)
+    install_qat(model, 3, "per-channel", ("W", "U", "b"))
+    layer = model.layer
+    Uq = quantize(layer.U.weight.detach(), 3, "per-channel").dequantized()
+    bq = quantize(layer.U.bias.detach(), 3, "per-tensor").dequantized()
+    assert torch.allclose(layer.injection(x), x @ Uq.T + bq, atol=1e-12)
+    assert torch.equal(layer.effective_weight(), quantize(layer.weight().detach(), 3,
+                                                          "per-channel").dequantized())  # fmt: skip
+    install_qat(model, None)
+    assert layer.weight_transform is None
+    with pytest.raises(ConfigError, match="qat_parts"):
+        TrainConfig(qat_bits=4, qat_parts=["W", "C"])

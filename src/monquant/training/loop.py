@@ -46,7 +46,9 @@ class TrainingDivergedError(MonquantError):
 class TrainConfig:
     """Optimisation settings (paper defaults: Adam 1e-3, 15 epochs, x0.1 at epoch 10, batch 128).
 
-    ``qat_bits``: train with the forward solve on ``Q_b(W)`` and STE gradients (QAT).
+    ``qat_bits``: train with the forward solve on ``Q_b(W)`` and STE gradients (QAT);
+    ``qat_parts`` names what is fake-quantized: ``W`` (default, the paper's text) and optionally
+    ``U`` and ``b`` (the paper's QAT script quantizes all three; ``b`` per tensor).
     ``margin_target`` / ``margin_weight``: margin-aware penalty
     ``weight * relu(target - margin(Q_b(W)))`` through a differentiable smallest eigenvalue.
     ``fast_spectral``: training solves step with an estimated ``1/L`` instead of computing exact
@@ -62,6 +64,7 @@ class TrainConfig:
     seed: int = 0
     qat_bits: int | None = None
     qat_granularity: str = "per-tensor"
+    qat_parts: list[str] = field(default_factory=lambda: ["W"])
     margin_target: float | None = None
     margin_weight: float = 1.0
     eval_batch_size: int = 2000
@@ -76,6 +79,9 @@ class TrainConfig:
             raise ConfigError("decay must be in (0, 1] and decay_epoch >= 1")
         if self.qat_bits is not None:
             self.qat_bits = check_bits(self.qat_bits)
+        self.qat_parts = list(self.qat_parts)
+        if not self.qat_parts or not set(self.qat_parts) <= {"W", "U", "b"}:
+            raise ConfigError(f"qat_parts must name some of W, U, b, got {self.qat_parts}")
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -127,13 +133,26 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(seed) * 1_000_003 + int(epoch))
 
 
-def install_qat(model: MonDEQClassifier, bits: int | None, granularity: str = "per-tensor") -> None:
-    """Make the forward solve use ``Q_b(W)`` with STE gradients (``bits=None`` removes it)."""
+def install_qat(
+    model: MonDEQClassifier,
+    bits: int | None,
+    granularity: str = "per-tensor",
+    parts: tuple[str, ...] | list[str] = ("W",),
+) -> None:
+    """Make the forward solve use ``Q_b(W)`` (and ``Q_b(U)``, ``Q_b(b)`` when ``parts`` names
+    them; ``b`` per tensor) with STE gradients (``bits=None`` removes the one on ``W``).
+
+    A ``factor_transform`` installed by the caller (e.g. mixed-precision ``U``) is replaced only
+    when ``parts`` names ``U`` or ``b``."""
+    layer = model.layer
     if bits is None:
-        model.layer.weight_transform = None
+        layer.weight_transform = None
         return
     b = check_bits(bits)
-    model.layer.weight_transform = lambda W: fake_quant(W, b, granularity)
+    layer.weight_transform = (lambda W: fake_quant(W, b, granularity)) if "W" in parts else None
+    extra = {p: ("per-tensor" if p == "b" else granularity) for p in parts if p in ("U", "b")}
+    if extra:
+        layer.factor_transform = lambda name, t: fake_quant(t, b, extra[name]) if name in extra else t
 
 
 def margin_penalty(model: MonDEQClassifier, cfg: TrainConfig) -> torch.Tensor | None:
@@ -226,7 +245,7 @@ def train(
     holds loss, train/test accuracy, m, L, kappa, solver iterations, unconverged solves, seconds.
     """
     if cfg.qat_bits is not None:  # leave a transform installed by the caller alone otherwise
-        install_qat(model, cfg.qat_bits, cfg.qat_granularity)
+        install_qat(model, cfg.qat_bits, cfg.qat_granularity, cfg.qat_parts)
     opt = Adam(model.parameters(), lr=cfg.lr)
     sched = StepDecay(opt, step_size=cfg.decay_epoch, gamma=cfg.decay)
     history: list[dict[str, Any]] = []

@@ -95,8 +95,10 @@ def _check_resumable(
     """Refuse to resume when anything but the number of epochs differs from the stored run."""
     wanted_model = req.model_config(data.x_train.shape[1], 10).as_dict()
     diffs = []
-    st_train = dict(stored.get("train") or {})
     new_train = cfg.as_dict()
+    # a setting added after the run was stored counts as its default (older runs stay resumable)
+    defaults = TrainConfig().as_dict()
+    st_train = {**defaults, **dict(stored.get("train") or {})} if stored.get("train") else {}
     st_train.pop("epochs", None)
     new_train.pop("epochs", None)
     if st_train and st_train != new_train:

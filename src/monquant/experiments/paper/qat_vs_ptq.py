@@ -14,7 +14,7 @@ import torch
 
 from monquant.certify import certify
 from monquant.model import MonDEQClassifier
-from monquant.quant.uniform import quantize
+from monquant.storage.checkpoints import quantize_model
 from monquant.training.loop import evaluate, install_qat
 
 __all__ = ["compare_row"]
@@ -28,16 +28,20 @@ def compare_row(
     y: torch.Tensor,
     granularity: str = "per-tensor",
     extra: dict[str, Any] | None = None,
+    parts: tuple[str, ...] = ("W",),
 ) -> dict[str, Any]:
-    """Deploy ``model`` at ``bits`` (``W~ = Q_b(W)``), certify it and evaluate it."""
-    install_qat(model, None)  # evaluation passes W~ explicitly
+    """Deploy ``model`` at ``bits`` (``W~ = Q_b(W)``, and ``U``, ``b`` when ``parts`` names them),
+    certify it and evaluate it."""
+    install_qat(model, None)  # evaluation passes W~ (U~, b~) explicitly
+    model.layer.factor_transform = None
     model.eval()
     W = model.layer.weight().detach()
     cert = certify(W, bits, granularity)
-    ev = evaluate(model, x, y, W=quantize(W, bits, granularity).dequantized())
+    ev = evaluate(model, x, y, **quantize_model(model, bits, granularity, parts).overrides())
     row = {
         "method": method,
         "bits": bits,
+        "quantized": list(parts),
         "accuracy": ev.accuracy,
         "m": cert.margin,
         "margin_quantized": cert.margin_quantized,

@@ -566,6 +566,7 @@ def _qat_table(qvp: dict[str, Any]) -> str:
     h = [
         "bits",
         "method",
+        "quantized",
         "accuracy",
         "m (float W)",
         "margin(W~)",
@@ -579,6 +580,7 @@ def _qat_table(qvp: dict[str, Any]) -> str:
         [
             r["bits"],
             r["method"],
+            ",".join(r.get("quantized", ["W"])),
             r["accuracy"],
             r["m"],
             r["margin_quantized"],

@@ -68,6 +68,7 @@ class ReproduceConfig:
     iterate_samples: int = 64
     iterate_steps: int = 300
     seed: int | None = None
+    qat_parts: tuple[str, ...] | None = None
     solver: str = "pr"
     tol: float | None = None
     max_iter: int | None = None
@@ -82,7 +83,7 @@ class ReproduceConfig:
         if self.setup not in SETUPS:
             raise ConfigError(f"unknown setup {self.setup!r}; choose one of {', '.join(SETUPS)}")
         preset = SETUPS[self.setup]
-        for name in ("margin_init", "margin_floor", "init", "seed", "tol", "max_iter"):
+        for name in ("margin_init", "margin_floor", "init", "seed", "tol", "max_iter", "qat_parts"):
             if getattr(self, name) is None:
                 setattr(self, name, preset[name])
         if self.rank is None and preset["rank"] == "n/4":
@@ -151,6 +152,7 @@ def _train_request(cfg: ReproduceConfig, out: Path, qat_bits: int | None) -> Tra
         decay_epoch=10 if epochs > 10 else max(1, epochs - 1),
         seed=cfg.seed,
         qat_bits=qat_bits,
+        qat_parts=list(cfg.qat_parts or ("W",)) if qat_bits is not None else ["W"],
         resume=cfg.resume,
         progress=cfg.progress,
     )
@@ -254,10 +256,11 @@ def run_reproduce(
         qmodel = load_model(qat["model"]).model.eval()
         rows.append(
             compare_row(
-                "QAT", qmodel, b, x_test, y_test, extra={"train_seconds": qat["train_seconds"]}
+                "QAT", qmodel, b, x_test, y_test, extra={"train_seconds": qat["train_seconds"]},
+                parts=tuple(cfg.qat_parts or ("W",)),
             )
         )
-        rows.append(compare_row("PTQ", model, b, x_test, y_test))
+        rows.append(compare_row("PTQ", model, b, x_test, y_test, parts=tuple(cfg.qat_parts or ("W",))))
     qvp = runner.run("qat_vs_ptq", lambda: {"rows": rows})
     xi, _ = random_subset(data.x_test, data.y_test, cfg.iterate_samples, cfg.seed + 1)
     itq = runner.run(

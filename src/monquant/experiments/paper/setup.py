@@ -18,6 +18,7 @@ SETUPS: dict[str, dict[str, Any]] = {
         "seed": 42,
         "tol": 1e-5,
         "max_iter": 500,
+        "qat_parts": ("W", "U", "b"),
     },
     "fast": {
         "margin_init": 0.05,
@@ -27,6 +28,7 @@ SETUPS: dict[str, dict[str, Any]] = {
         "seed": 0,
         "tol": 1e-4,
         "max_iter": 2000,
+        "qat_parts": ("W",),
     },
 }
 
@@ -49,6 +51,13 @@ SETUP_SOURCES: list[tuple[str, str, str]] = [
     ("Figure 1 solver as the paper ran it: FB at m~/L~^2 (0.01 when margin(W~) <= 0), tol 1e-5, "
      "cap 2000, the first 64 test images", "paper code (experiments/margin_stability_certificate.py)",
      "all setups"),
+    ("Figure 3 (QAT against PTQ): W, U and b quantized (b per tensor), in QAT training and in "
+     "both deployments; 'converged' judged by the margin test margin(W~) > 0, shown beside the "
+     "PR solve", "paper code (experiments/qat_vs_ptq.py, src/training/train_qat.py)", "paper"),
+    ("QAT training solver: PR at the setup's tolerance (the paper's QAT uses FB alpha 0.05, 100 "
+     "iterations, tol 1e-2)", "monquant's choice: converged solves of the same operator; a "
+     "100-iteration FB at tol 1e-2 stops far from the equilibrium that the implicit gradient "
+     "assumes", "paper"),
     ("equilibria for Theorem 3 in float64 to 1e-12 with a-posteriori errors (the paper's code: "
      "float32, PR tol 1e-6, 500 iterations)", "monquant's choice: the rigorous check", "all setups"),
     ("m0 = 0.05, full-rank A, A, B ~ U(+-1/sqrt(n)), U, b as nn.Linear, seed 0, PR tol 1e-4",
