@@ -114,3 +114,16 @@ def test_cli_robustness_reports_certified_below_measured(tmp_path, tiny_mnist, c
             assert r[f"certified_but_broken@{e}"] == 0
             cert, pgd = r[f"certified_accuracy_attacked@{e}"], r[f"pgd_accuracy@{e}"]
             assert cert <= pgd <= r["clean_accuracy_attacked"]
+
+
+def test_the_quantized_solve_only_adds_certificates() -> None:
+    model = small_model(4, 0.3)
+    f = ModelWeights.of(model)
+    g = ModelWeights.of(model, W=quantize(f.W, 6).dequantized())
+    x = torch.randn(80, 8, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    both = agreement(f, g, x)
+    t3 = agreement(f, g, x, quantized_solve=False)
+    assert torch.equal(both.agreement_theorem3, t3.certified_agreement)
+    assert bool((t3.certified_agreement <= both.certified_agreement).all())
+    assert bool((both.radius_quantized >= t3.radius_quantized).all())
+    assert both.summary()["certified_agreement_rate"] >= both.summary()["certified_agreement_rate_theorem3"]

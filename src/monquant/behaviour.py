@@ -119,12 +119,17 @@ class AgreementReport:
     radius_quantized: torch.Tensor
     displacement_bound: torch.Tensor
     constants: dict[str, float]
+    #: agreement proved by Theorem 3 alone (one float solve; ``certified_agreement`` may also use
+    #: the quantized model's own solve and its a-posteriori error)
+    agreement_theorem3: torch.Tensor | None = None
 
     def summary(self, labels: torch.Tensor | None = None, eps: tuple[float, ...] = ()) -> dict:
         n = int(self.float_prediction.numel())
+        t3 = self.agreement_theorem3 if self.agreement_theorem3 is not None else self.certified_agreement
         out: dict[str, Any] = {
             "samples": n,
             "certified_agreement_rate": float(self.certified_agreement.double().mean()),
+            "certified_agreement_rate_theorem3": float(t3.double().mean()),
             **self.constants,
         }
         if labels is not None:
@@ -145,30 +150,40 @@ def _injection_error(U: torch.Tensor, b: torch.Tensor, x: torch.Tensor) -> torch
     return gamma(d + 2) * torch.linalg.vector_norm(x.abs() @ U.abs().T + b.abs(), dim=1) * 2.0
 
 
+def _proved_solve(w: ModelWeights, x64: torch.Tensor, st: Any, cfg: SolverConfig):
+    """``(z^, e)``: a float64 solve of ``w``'s equilibrium at ``x`` and a proved bound
+    ``e >= ||z^ - z*||`` per sample (solver a-posteriori error from proved constants, plus the
+    injection's rounding through the ``1/m`` Lipschitz constant; ``inf`` where not proved)."""
+    if not st.m_lo > 0:
+        z = torch.zeros(x64.shape[0], w.W.shape[0], dtype=torch.float64, device=x64.device)
+        return z, torch.full((x64.shape[0],), math.inf, dtype=torch.float64, device=x64.device)
+    res = solve(w.W, x64 @ w.U.T + w.b, cfg, stats=st.conservative())
+    err = res.error_bound + _injection_error(w.U, w.b, x64) / st.m_lo
+    return res.z, torch.where(res.converged, err, torch.full_like(err, math.inf))
+
+
 def agreement(
     float_model: ModelWeights,
     quant_model: ModelWeights,
     x: torch.Tensor,
     tol: float = 1e-10,
     max_iter: int = 100_000,
+    quantized_solve: bool = True,
 ) -> AgreementReport:
-    """Certified prediction agreement and certified radii for a batch ``x`` (one float solve).
+    """Certified prediction agreement and certified radii for a batch ``x``.
 
-    A sample counts as certified only when every bound is proved: the float operator and the
-    quantized one are proved monotone (``m_lo > 0``, ``margin(W~)_lo > 0``), the float solve's
-    a-posteriori error is finite, and every pairwise margin clears its bound.
+    Theorem 3 (swapped) needs only the float solve (``agreement_theorem3``); with
+    ``quantized_solve`` the quantized model's own solve and its proved a-posteriori error give a
+    second lower bound on each quantized logit margin, and the larger of the two decides. A sample
+    counts as certified only when every bound is proved: both operators proved monotone, finite
+    solver errors, and every pairwise margin clears its bound.
     """
     f, g = float_model, quant_model
     x64 = x.to(torch.float64)
     st = spectral_bounds(f.W)
     stq = spectral_bounds(g.W, norm=False)
-    q = x64 @ f.U.T + f.b
     cfg = SolverConfig(method="pr", tol=tol, max_iter=max_iter)
-    res = solve(f.W, q, cfg, stats=st.conservative())
-    z = res.z
-    e_q = _injection_error(f.U, f.b, x64)
-    err = res.error_bound + (e_q / st.m_lo if st.m_lo > 0 else math.inf)  # ||z^ - z*||
-    err = torch.where(res.converged, err, torch.full_like(err, math.inf))
+    z, err = _proved_solve(f, x64, st, cfg)  # ||z^ - z*|| <= err
     dW_hi, _ = difference_norm_bounds(g.W, f.W)
     # ||dW z*|| <= ||dW z^|| + ||dW||_hi e, with ||dW z^|| bounded through the computed
     # Dz = fl(fl(W~ - W) z^): |fl(W~ - W) - dW| <= u |fl(W~ - W)| and the matvec errs by
@@ -192,6 +207,11 @@ def agreement(
     mq, nq = pairwise_margins(g.C, g.c, z, k)
     float_ok = (mf - nf * err[:, None] > 0).all(dim=1)
     quant_margin = mq - nq * (err + D)[:, None]
+    agree_t3 = float_ok & (quant_margin > 0).all(dim=1)
+    if quantized_solve:
+        zq, errq = _proved_solve(g, x64, stq, cfg)
+        mq2, nq2 = pairwise_margins(g.C, g.c, zq, k)
+        quant_margin = torch.maximum(quant_margin, mq2 - nq2 * errq[:, None])  # both lower bounds
     agree = float_ok & (quant_margin > 0).all(dim=1)
     U_hi, _ = norm2_bounds(f.U)
     Uq_hi, _ = norm2_bounds(g.U)
@@ -205,4 +225,4 @@ def agreement(
     constants = {"m_lower": st.m_lo, "margin_quantized_lower": stq.m_lo, "dW_norm_upper": dW_hi,
                  "U_norm_upper": U_hi, "lipschitz_float": lip, "lipschitz_quantized": lip_q,
                  "max_solver_error": float(err.max())}  # fmt: skip
-    return AgreementReport(k, agree, float_ok, r_f, r_q, D, constants)
+    return AgreementReport(k, agree, float_ok, r_f, r_q, D, constants, agree_t3)
