@@ -100,6 +100,8 @@ class EvalResult:
     mean_iterations: float
     max_iterations: int
     seconds: float
+    #: the largest final relative residual over every sample (all batches)
+    max_residual: float = math.nan
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -188,7 +190,7 @@ def evaluate(
     t0 = time.perf_counter()
     correct, loss_sum = 0, 0.0
     conv = div = 0
-    iters = []
+    iters, residuals = [], []
     bar = progress_bar(desc=desc, enabled=progress, total=x.shape[0], unit="img")
     for i in range(0, x.shape[0], batch_size):
         xb, yb = x[i : i + batch_size], y[i : i + batch_size]
@@ -198,6 +200,7 @@ def evaluate(
         conv += int(r.converged.sum())
         div += int(r.diverged.sum())
         iters.append(r.sample_iterations)
+        residuals.append(r.residual.reshape(-1))
         finite = torch.isfinite(logits).all(dim=1)
         pred = logits.argmax(dim=1)
         correct += int(((pred == yb) & finite).sum())
@@ -218,6 +221,7 @@ def evaluate(
         diverged=div,
         mean_iterations=float(it.double().mean()),
         max_iterations=int(it.max()),
+        max_residual=float(torch.cat(residuals).max()),  # nan/inf propagate: nothing hidden
         seconds=time.perf_counter() - t0,
     )
 

@@ -13,11 +13,11 @@ from typing import Any
 
 import torch
 
-from monquant.certify import certify
+from monquant.certify import certify, certify_operator, quantized_operator
 from monquant.model import MonDEQClassifier
-from monquant.quant.uniform import quantize
 from monquant.solvers import SolverConfig
 from monquant.training.loop import evaluate
+from monquant.verified import spectral_bounds
 
 __all__ = ["PAPER_BITS", "PAPER_FB", "paper_fb_config", "run_phase_transition"]
 
@@ -75,9 +75,10 @@ def run_phase_transition(
     xf, yf = x[:fb_samples], y[:fb_samples]
     xp, yp = x[:paper_fb_samples], y[:paper_fb_samples]
     rows, narrow_rows = [], []
+    st = spectral_bounds(W)  # the float operator's proved bounds, once for every certificate
     for b in bits:
-        cert = certify(W, b, granularity)
-        Wq = quantize(W, b, granularity).dequantized()
+        Wq, meta = quantized_operator(W, b, granularity)  # the W~ certified is the W~ solved
+        cert = certify_operator(W, Wq, float_bounds=st, **meta)
         ev = evaluate(model, x, y, batch_size, W=Wq)
         with solver_settings(model, fb_cfg):
             fb = evaluate(model, xf, yf, batch_size, W=Wq) if fb_samples > 0 else None
@@ -96,16 +97,15 @@ def run_phase_transition(
             pcfg = paper_fb_config(cert.margin_quantized, cert.L_quantized)
             with solver_settings(model, pcfg):
                 pfb = evaluate(model, xp, yp, batch_size, W=Wq)
-                res = model.solver.last_forward
             row.update(
                 paper_fb_step=pcfg.step,
                 paper_fb_samples=pfb.samples,
                 paper_fb_converged_fraction=pfb.converged_fraction,
                 paper_fb_max_iterations=pfb.max_iterations,
-                paper_fb_final_residual=float(res.residual.max()) if res is not None else None,
+                paper_fb_final_residual=pfb.max_residual,
                 paper_fb_all_converged=pfb.unconverged == 0,
             )
-        nc = certify(W, b, granularity, step_rule="narrow")
+        nc = certify(W, b, granularity, step_rule="narrow", float_bounds=st)
         narrow_rows.append({"bits": b, "step": nc.step, "dW_over_m": nc.dW_over_m,
                             "margin_quantized": nc.margin_quantized, "tier": nc.tier,
                             "verdict": nc.verdict})  # fmt: skip
@@ -126,7 +126,7 @@ def run_phase_transition(
         "granularity": granularity,
         "solver": solver,
         "samples": int(x.shape[0]),
-        "float": {**fl.as_dict(), **certify(W, 32).to_dict()},
+        "float": {**fl.as_dict(), **certify(W, 32, float_bounds=st).to_dict()},
         "rows": rows,
         "narrow_rows": narrow_rows,
         "paper_fb": dict(PAPER_FB, samples=int(min(paper_fb_samples, x.shape[0]))),
