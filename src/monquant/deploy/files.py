@@ -60,6 +60,7 @@ from monquant.quant.uniform import check_bits, check_step_rule
 from monquant.solvers import SolverConfig, solve
 from monquant.storage.jsonio import to_jsonable
 from monquant.storage.tensors import PathLike, load_tensors, save_tensors
+from monquant.verified import SpectralBounds
 
 __all__ = [
     "DEPLOYMENT_KIND",
@@ -248,10 +249,14 @@ def check_deployable(
     in the message, how the caller accepts an uncertified file (the CLI says its own flag)."""
     st = deployed_bounds(quantize_weights(W, bits, granularity, mult_bits, step_rule))
     if power_of_two_step(st.m_lo, st.L_hi) is None:
-        raise UncertifiedOperatorError(
-            f"{bits}-bit W~ is not certified (margin(W~) = {st.m:.4g}, proved >= {st.m_lo:.4g}: "
-            f"{st.verdict}; L(W~) <= {st.L_hi:.4g}); pass {allow} to write it anyway, flagged"
-        )
+        raise _uncertified(bits, st, allow)
+
+
+def _uncertified(bits: int, st: SpectralBounds, allow: str) -> UncertifiedOperatorError:
+    return UncertifiedOperatorError(
+        f"{bits}-bit W~ is not certified (margin(W~) = {st.m:.4g}, proved >= {st.m_lo:.4g}: "
+        f"{st.verdict}; L(W~) <= {st.L_hi:.4g}); pass {allow} to write it anyway, flagged"
+    )
 
 
 def export_deployment(
@@ -297,7 +302,7 @@ def export_deployment(
     st = deployed_bounds(Wi)
     certified = power_of_two_step(st.m_lo, st.L_hi) is not None
     if not certified and require_certified:
-        check_deployable(W, bits, granularity, mult_bits, step_rule=step_rule)  # raises
+        raise _uncertified(bits, st, "require_certified=False")
     if act_frac_bits is not None:
         act = FixedPointFormat(check_bits(act_bits), int(act_frac_bits), signed=False)
     elif x_calib is None:
