@@ -13,7 +13,7 @@ from monquant.certify import certify
 from monquant.data import MNIST, subset
 from monquant.errors import ConfigError
 from monquant.operators import spectral_stats
-from monquant.storage.checkpoints import load_model, quantize_model, save_model
+from monquant.storage.checkpoints import LoadedModel, load_model, quantize_model, save_model
 from monquant.training.loop import evaluate
 
 __all__ = ["run_eval", "run_ptq"]
@@ -43,11 +43,13 @@ def run_ptq(
     test_limit: int | None = None,
     progress: bool = False,
     step_rule: str = "paper",
+    loaded: LoadedModel | None = None,
 ) -> dict[str, Any]:
     """Quantize a float checkpoint, certify it, evaluate float and quantized, save the result.
 
-    ``progress`` shows bars on stderr for the two evaluations."""
-    loaded = load_model(checkpoint)
+    ``progress`` shows bars on stderr for the two evaluations; ``loaded`` is the checkpoint
+    already read (it is read here otherwise)."""
+    loaded = loaded if loaded is not None else load_model(checkpoint)
     model = loaded.model.eval()
     qw = quantize_model(model, bits, granularity, parts, step_rule)
     W = model.layer.weight().detach()
@@ -79,10 +81,15 @@ def run_ptq(
 
 
 def run_eval(
-    checkpoint: str | Path, data: MNIST, test_limit: int | None = None, progress: bool = False
+    checkpoint: str | Path,
+    data: MNIST,
+    test_limit: int | None = None,
+    progress: bool = False,
+    loaded: LoadedModel | None = None,
 ) -> dict[str, Any]:
-    """Evaluate a checkpoint (with its quantized weights, if it has them); ``progress``: a bar."""
-    loaded = load_model(checkpoint)
+    """Evaluate a checkpoint (with its quantized weights, if it has them); ``progress``: a bar;
+    ``loaded``: the checkpoint already read."""
+    loaded = loaded if loaded is not None else load_model(checkpoint)
     model = loaded.model.eval()
     overrides = loaded.quantized.overrides() if loaded.quantized else {}
     W = overrides.get("W")

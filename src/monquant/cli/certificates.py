@@ -104,7 +104,7 @@ def cmd_ptq(args: argparse.Namespace) -> int:
     from monquant.workflows import run_ptq
 
     parts = tuple(p.strip() for p in args.quantize.split(",") if p.strip())
-    require_checkpoint(args.checkpoint, "ptq")
+    loaded = require_checkpoint(args.checkpoint, "ptq")
     if args.out:
         check_output_file(args.out)
     data = load_data(args)
@@ -118,6 +118,7 @@ def cmd_ptq(args: argparse.Namespace) -> int:
         test_limit=args.test_limit,
         progress=not args.no_progress,
         step_rule=args.step_rule,
+        loaded=loaded,
     )
     ev, c = result["eval"], result["certificate"]
     text = (
@@ -138,9 +139,10 @@ def cmd_ptq(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from monquant.workflows import run_eval
 
-    require_checkpoint(args.checkpoint, "eval")
+    loaded = require_checkpoint(args.checkpoint, "eval")
     data = load_data(args)
-    result = run_eval(args.checkpoint, data, test_limit=args.test_limit, progress=not args.no_progress)
+    result = run_eval(args.checkpoint, data, test_limit=args.test_limit,
+                      progress=not args.no_progress, loaded=loaded)  # fmt: skip
     ev = result["eval"]
     text = (
         f"accuracy {ev['accuracy']:.4f} on {ev['samples']} test images "
@@ -260,12 +262,11 @@ def cmd_robustness(args: argparse.Namespace) -> int:
     from monquant.data import subset
     from monquant.progress import progress_bar
     from monquant.report import text_table
-    from monquant.storage.checkpoints import load_model, quantize_model
+    from monquant.storage.checkpoints import quantize_model
 
     parts = tuple(p.strip() for p in args.quantize.split(",") if p.strip())
-    require_checkpoint(args.checkpoint, "robustness")
+    model = require_checkpoint(args.checkpoint, "robustness").model.eval()
     data = load_data(args)
-    model = load_model(args.checkpoint).model.eval()
     x, y = subset(data.x_test, data.y_test, args.test_limit)
     xp, yp = x[: args.pgd_samples], y[: args.pgd_samples]
     ref = ModelWeights.of(model)

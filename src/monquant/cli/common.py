@@ -160,11 +160,11 @@ def renamed_flag(
                    help=argparse.SUPPRESS, default=argparse.SUPPRESS, **kw)  # fmt: skip
 
 
-def require_checkpoint(path: str, command: str) -> None:
-    """Refuse anything but a sound monquant model checkpoint, before any data is loaded.
+def require_checkpoint(path: str, command: str):
+    """The :class:`~monquant.storage.checkpoints.LoadedModel` at ``path``, loaded before any data.
 
-    The whole file is loaded once here (digest, config, finite weights), so a corrupt or
-    tampered checkpoint is named before MNIST is looked for.
+    The whole file is read and verified here (digest, config, finite weights), so a corrupt or
+    tampered checkpoint is named before MNIST is looked for; callers use what it returns.
     """
     from monquant.errors import CheckpointError
     from monquant.storage.checkpoints import load_model
@@ -179,7 +179,7 @@ def require_checkpoint(path: str, command: str) -> None:
             "safetensors holding W) goes to 'monquant certify'"
             + ("" if p.exists() else " (no such file)")
         )
-    load_model(p)
+    return load_model(p)
 
 
 def require_deployment(path: str, command: str) -> None:

@@ -41,10 +41,7 @@ EPILOG_INTDEPLOY = """examples:
 
 
 def _float_parts(checkpoint: str, command: str):
-    from monquant.storage.checkpoints import load_model
-
-    require_checkpoint(checkpoint, command)
-    model = load_model(checkpoint).model.eval()
+    model = require_checkpoint(checkpoint, command).model.eval()
     layer = model.layer
     return (
         model,
