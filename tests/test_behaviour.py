@@ -127,3 +127,17 @@ def test_the_quantized_solve_only_adds_certificates() -> None:
     assert bool((t3.certified_agreement <= both.certified_agreement).all())
     assert bool((both.radius_quantized >= t3.radius_quantized).all())
     assert both.summary()["certified_agreement_rate"] >= both.summary()["certified_agreement_rate_theorem3"]
+
+
+def test_a_float_reference_serves_several_quantized_models() -> None:
+    from monquant.behaviour import FloatReference
+
+    model = small_model(6, 0.4)
+    f = ModelWeights.of(model)
+    x = torch.randn(30, 8, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    ref = FloatReference.solve(f, x)
+    for bits in (4, 8):
+        g = ModelWeights.of(model, W=quantize(f.W, bits).dequantized())
+        a, b = agreement(ref, g), agreement(f, g, x)
+        for name in ("certified_agreement", "radius_float", "radius_quantized", "agreement_theorem3"):
+            assert torch.equal(getattr(a, name), getattr(b, name)), name

@@ -30,6 +30,7 @@ import torch
 from monquant.solvers import SolverConfig, solve
 from monquant.verified import (
     UNIT_ROUNDOFF,
+    SpectralBounds,
     difference_norm_bounds,
     gamma,
     norm2_bounds,
@@ -39,6 +40,7 @@ from monquant.verified import (
 
 __all__ = [
     "AgreementReport",
+    "FloatReference",
     "ModelWeights",
     "agreement",
     "equilibrium_lipschitz",
@@ -162,28 +164,64 @@ def _proved_solve(w: ModelWeights, x64: torch.Tensor, st: Any, cfg: SolverConfig
     return res.z, torch.where(res.converged, err, torch.full_like(err, math.inf))
 
 
+@dataclass
+class FloatReference:
+    """The float model's side of :func:`agreement`, computed once for any number of ``W~``:
+    its proved bounds, the solve ``z^`` with its error ``e``, its class and pairwise margins."""
+
+    weights: ModelWeights
+    x64: torch.Tensor
+    bounds: SpectralBounds
+    config: SolverConfig
+    z: torch.Tensor
+    err: torch.Tensor
+    k: torch.Tensor
+    margins: torch.Tensor
+    row_norms: torch.Tensor
+    certified: torch.Tensor
+    U_norm_upper: float
+    lipschitz: float
+    radius: torch.Tensor
+
+    @classmethod
+    def solve(cls, f: ModelWeights, x: torch.Tensor, tol: float = 1e-10,
+              max_iter: int = 100_000) -> FloatReference:  # fmt: skip
+        x64 = x.to(torch.float64)
+        st = spectral_bounds(f.W)
+        cfg = SolverConfig(method="pr", tol=tol, max_iter=max_iter)
+        z, err = _proved_solve(f, x64, st, cfg)  # ||z^ - z*|| <= err
+        k = (z @ f.C.T + f.c).argmax(dim=1)
+        mf, nf = pairwise_margins(f.C, f.c, z, k)
+        ok = (mf - nf * err[:, None] > 0).all(dim=1)
+        U_hi, _ = norm2_bounds(f.U)
+        lip = equilibrium_lipschitz(U_hi, st.m_lo)
+        r = ((mf - nf * err[:, None]) / (nf * lip)).min(dim=1).values
+        r = torch.where(ok & torch.isfinite(r), r.clamp_min(0), torch.zeros_like(r))
+        return cls(f, x64, st, cfg, z, err, k, mf, nf, ok, U_hi, lip, r)
+
+
 def agreement(
-    float_model: ModelWeights,
+    float_model: ModelWeights | FloatReference,
     quant_model: ModelWeights,
-    x: torch.Tensor,
+    x: torch.Tensor | None = None,
     tol: float = 1e-10,
     max_iter: int = 100_000,
     quantized_solve: bool = True,
 ) -> AgreementReport:
     """Certified prediction agreement and certified radii for a batch ``x``.
 
-    Theorem 3 (swapped) needs only the float solve (``agreement_theorem3``); with
-    ``quantized_solve`` the quantized model's own solve and its proved a-posteriori error give a
-    second lower bound on each quantized logit margin, and the larger of the two decides. A sample
-    counts as certified only when every bound is proved: both operators proved monotone, finite
-    solver errors, and every pairwise margin clears its bound.
+    ``float_model`` is the float weights (then ``x`` is needed) or a :class:`FloatReference`
+    already solved for ``x`` (so several ``W~`` share one float solve). Theorem 3 (swapped) needs
+    only the float solve (``agreement_theorem3``); with ``quantized_solve`` the quantized model's
+    own solve and its proved a-posteriori error give a second lower bound on each quantized logit
+    margin, and the larger of the two decides. A sample counts as certified only when every bound
+    is proved: both operators proved monotone, finite solver errors, and every pairwise margin
+    clears its bound.
     """
-    f, g = float_model, quant_model
-    x64 = x.to(torch.float64)
-    st = spectral_bounds(f.W)
+    ref = (float_model if isinstance(float_model, FloatReference)
+           else FloatReference.solve(float_model, _required(x), tol, max_iter))  # fmt: skip
+    f, g, x64, z, err, k = ref.weights, quant_model, ref.x64, ref.z, ref.err, ref.k
     stq = spectral_bounds(g.W, norm=False)
-    cfg = SolverConfig(method="pr", tol=tol, max_iter=max_iter)
-    z, err = _proved_solve(f, x64, st, cfg)  # ||z^ - z*|| <= err
     dW_hi, _ = difference_norm_bounds(g.W, f.W)
     # ||dW z*|| <= ||dW z^|| + ||dW||_hi e, with ||dW z^|| bounded through the computed
     # Dz = fl(fl(W~ - W) z^): |fl(W~ - W) - dW| <= u |fl(W~ - W)| and the matvec errs by
@@ -195,34 +233,36 @@ def agreement(
     dWz_hat = (torch.linalg.vector_norm(Dz, dim=1) + slack) * (1.0 + gamma(n + 2))
     dWz_hat = torch.minimum(dWz_hat, dW_hi * torch.linalg.vector_norm(z, dim=1) * (1 + gamma(n + 2)))
     dWz_hi = dWz_hat + dW_hi * err
-    # ||q - q~|| with its rounding
-    dq = x64 @ (g.U - f.U).T + (g.b - f.b)
-    dq_hi = torch.linalg.vector_norm(dq, dim=1) + _injection_error(g.U - f.U, g.b - f.b, x64)
+    # ||q - q~|| with its rounding (0 when the injection is not quantized)
     if bool((g.U == f.U).all()) and bool((g.b == f.b).all()):
-        dq_hi = torch.zeros_like(dq_hi)
+        dq_hi = torch.zeros_like(err)
+    else:
+        dq = x64 @ (g.U - f.U).T + (g.b - f.b)
+        dq_hi = torch.linalg.vector_norm(dq, dim=1) + _injection_error(g.U - f.U, g.b - f.b, x64)
     D = swapped_displacement_bound(dWz_hi, dq_hi, stq.m_lo)
-    logits = z @ f.C.T + f.c
-    k = logits.argmax(dim=1)
-    mf, nf = pairwise_margins(f.C, f.c, z, k)
     mq, nq = pairwise_margins(g.C, g.c, z, k)
-    float_ok = (mf - nf * err[:, None] > 0).all(dim=1)
+    float_ok = ref.certified
     quant_margin = mq - nq * (err + D)[:, None]
     agree_t3 = float_ok & (quant_margin > 0).all(dim=1)
     if quantized_solve:
-        zq, errq = _proved_solve(g, x64, stq, cfg)
-        mq2, nq2 = pairwise_margins(g.C, g.c, zq, k)
-        quant_margin = torch.maximum(quant_margin, mq2 - nq2 * errq[:, None])  # both lower bounds
+        zq, errq = _proved_solve(g, x64, stq, ref.config)
+        mq2, _ = pairwise_margins(g.C, g.c, zq, k)  # same rows of C~, same norms nq
+        quant_margin = torch.maximum(quant_margin, mq2 - nq * errq[:, None])  # both lower bounds
     agree = float_ok & (quant_margin > 0).all(dim=1)
-    U_hi, _ = norm2_bounds(f.U)
     Uq_hi, _ = norm2_bounds(g.U)
-    lip = equilibrium_lipschitz(U_hi, st.m_lo)
     lip_q = equilibrium_lipschitz(Uq_hi, stq.m_lo)
-    r_f = ((mf - nf * err[:, None]) / (nf * lip)).min(dim=1).values
     r_q = (quant_margin / (nq * lip_q)).min(dim=1).values
-    zero = torch.zeros_like(r_f)
-    r_f = torch.where(float_ok & torch.isfinite(r_f), r_f.clamp_min(0), zero)
-    r_q = torch.where(agree & torch.isfinite(r_q), r_q.clamp_min(0), zero)
-    constants = {"m_lower": st.m_lo, "margin_quantized_lower": stq.m_lo, "dW_norm_upper": dW_hi,
-                 "U_norm_upper": U_hi, "lipschitz_float": lip, "lipschitz_quantized": lip_q,
+    r_q = torch.where(agree & torch.isfinite(r_q), r_q.clamp_min(0), torch.zeros_like(r_q))
+    constants = {"m_lower": ref.bounds.m_lo, "margin_quantized_lower": stq.m_lo,
+                 "dW_norm_upper": dW_hi, "U_norm_upper": ref.U_norm_upper,
+                 "lipschitz_float": ref.lipschitz, "lipschitz_quantized": lip_q,
                  "max_solver_error": float(err.max())}  # fmt: skip
-    return AgreementReport(k, agree, float_ok, r_f, r_q, D, constants, agree_t3)
+    return AgreementReport(k, agree, float_ok, ref.radius, r_q, D, constants, agree_t3)
+
+
+def _required(x: torch.Tensor | None) -> torch.Tensor:
+    if x is None:
+        from monquant.errors import ConfigError
+
+        raise ConfigError("agreement needs the inputs x (or a FloatReference solved for them)")
+    return x

@@ -258,7 +258,7 @@ def cmd_robustness(args: argparse.Namespace) -> int:
     import torch
 
     from monquant.attacks import pgd_l2
-    from monquant.behaviour import ModelWeights, agreement
+    from monquant.behaviour import FloatReference, ModelWeights, agreement
     from monquant.data import subset
     from monquant.progress import progress_bar
     from monquant.report import text_table
@@ -269,7 +269,7 @@ def cmd_robustness(args: argparse.Namespace) -> int:
     data = load_data(args)
     x, y = subset(data.x_test, data.y_test, args.test_limit)
     xp, yp = x[: args.pgd_samples], y[: args.pgd_samples]
-    ref = ModelWeights.of(model)
+    ref = FloatReference.solve(ModelWeights.of(model), x)  # one float solve for every W~
     configs = [("float", None)] + [(f"{b} bits", b) for b in args.bits]
     bar = progress_bar(desc="robustness", enabled=not args.no_progress,
                        total=len(configs) * (1 + len(args.eps)), unit="step")  # fmt: skip
@@ -277,7 +277,7 @@ def cmd_robustness(args: argparse.Namespace) -> int:
     for name, b in configs:
         qw = quantize_model(model, b, args.granularity, parts, args.step_rule) if b else None
         over = qw.overrides() if qw else {}
-        rep = agreement(ref, ModelWeights.of(model, **over), x)
+        rep = agreement(ref, ModelWeights.of(model, **over))
         with torch.no_grad():
             pred_q = model(x, **over).argmax(dim=1)
         measured = float((pred_q == rep.float_prediction).double().mean())
