@@ -150,6 +150,7 @@ def _fig_displacement(disp: dict[str, Any], out: Path) -> str:
 def _fig_qat(qvp: dict[str, Any], out: Path) -> str:
     rows = qvp["rows"]
     bits = sorted({r["bits"] for r in rows})
+    by = {(r["bits"], r["method"]): r for r in rows}
     fig, ax = new_figure(3, 1, size=(4.5, 4.2))
     width = 0.38
     for j, (key, label) in enumerate(
@@ -158,22 +159,10 @@ def _fig_qat(qvp: dict[str, Any], out: Path) -> str:
     ):  # fmt: skip
         a = ax[0][j]
         for i, meth in enumerate(("PTQ", "QAT")):
-            vals = [
-                next((r[key] for r in rows if r["bits"] == b and r["method"] == meth), math.nan)
-                for b in bits
-            ]
-            conv = [
-                next(
-                    (r["all_converged"] for r in rows if r["bits"] == b and r["method"] == meth),
-                    False,
-                )
-                for b in bits
-            ]
-            margin_ok = [
-                next((bool(r["certified_exact"]) for r in rows
-                      if r["bits"] == b and r["method"] == meth), False)
-                for b in bits
-            ]  # fmt: skip
+            cells = [by.get((b, meth), {}) for b in bits]  # {} where a bar is missing
+            vals = [c.get(key, math.nan) for c in cells]
+            conv = [bool(c.get("all_converged", False)) for c in cells]
+            margin_ok = [bool(c.get("certified_exact", False)) for c in cells]
             xs = [k + (i - 0.5) * width for k in range(len(bits))]
             bars = a.bar(xs, vals, width, label=meth)
             for bar, ok, mok in zip(bars, conv, margin_ok, strict=True):
