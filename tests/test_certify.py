@@ -205,3 +205,11 @@ def test_step_rule_is_recorded_and_the_a_priori_bits_follow_its_formula(rule: st
     assert b == _m.floor(exact) + 1  # the smallest integer above the closed form (no tie here)
     assert certify(W, b, step_rule=rule).certified_a_priori
     assert not certify(W, b - 1, step_rule=rule).certified_a_priori
+
+
+@given(n=st.integers(2, 12), m=st.floats(0.01, 1.0), bits=st.integers(2, 12), seed=st.integers(0, 500))
+def test_certificates_speak_the_shared_vocabulary(n, m, bits, seed):
+    from monquant.names import TIER_VALUES, VERDICTS
+
+    c = certify(random_monotone_W(n, m, seed=seed), bits)
+    assert c.tier in TIER_VALUES and c.verdict in VERDICTS

@@ -16,6 +16,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from monquant.names import TIER_VALUES
 from monquant.report import markdown_table, new_figure, save_figure
 from monquant.storage.files import atomic_write_text
 from monquant.storage.jsonio import write_json
@@ -29,7 +30,8 @@ NAMES = {
     "proxquant-w": "ProxQuant on W",
     "proxquant-factors": "ProxQuant on factors",
 }
-TIER_RANK = {"none": 0, "exact": 1, "weyl": 2, "a_priori": 3, "construction": 4}
+#: weakest (``none``) to strongest (``construction``): monquant.names.TIER_VALUES reversed
+TIER_RANK = {t: i for i, t in enumerate(reversed(TIER_VALUES))}
 
 #: (bits, minimum mean test accuracy or None) of the issue's targets; 3 of 3 seeds certified.
 TARGETS: tuple[tuple[int, float | None], ...] = ((4, None), (3, 0.975), (2, 0.95))
