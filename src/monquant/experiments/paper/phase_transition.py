@@ -45,6 +45,20 @@ def solver_settings(model: MonDEQClassifier, config: SolverConfig) -> Iterator[N
         model.solver.forward_config = saved
 
 
+def _solve_columns(prefix: str, ev: Any) -> dict[str, Any]:
+    """The columns ``<prefix>_*`` of one evaluation with another solver (an ``EvalResult``)."""
+    cols = {
+        "samples": ev.samples,
+        "converged_fraction": ev.converged_fraction,
+        "mean_iterations": ev.mean_iterations,
+        "max_iterations": ev.max_iterations,
+        "final_residual": ev.max_residual,
+        "accuracy": ev.accuracy,
+        "all_converged": ev.unconverged == 0,
+    }
+    return {f"{prefix}_{k}": v for k, v in cols.items()}
+
+
 def run_phase_transition(
     model: MonDEQClassifier,
     x: torch.Tensor,
@@ -97,27 +111,13 @@ def run_phase_transition(
             pcfg = paper_fb_config(cert.margin_quantized, cert.L_quantized)
             with solver_settings(model, pcfg):
                 pfb = evaluate(model, xp, yp, batch_size, W=Wq)
-            row.update(
-                paper_fb_step=pcfg.step,
-                paper_fb_samples=pfb.samples,
-                paper_fb_converged_fraction=pfb.converged_fraction,
-                paper_fb_max_iterations=pfb.max_iterations,
-                paper_fb_final_residual=pfb.max_residual,
-                paper_fb_all_converged=pfb.unconverged == 0,
-            )
+            row.update(paper_fb_step=pcfg.step, **_solve_columns("paper_fb", pfb))
         nc = certify(W, b, granularity, step_rule="narrow", float_bounds=st)
         narrow_rows.append({"bits": b, "step": nc.step, "dW_over_m": nc.dW_over_m,
                             "margin_quantized": nc.margin_quantized, "tier": nc.tier,
                             "verdict": nc.verdict})  # fmt: skip
         if fb is not None:
-            row.update(
-                fb_samples=fb.samples,
-                fb_converged_fraction=fb.converged_fraction,
-                fb_mean_iterations=fb.mean_iterations,
-                fb_max_iterations=fb.max_iterations,
-                fb_accuracy=fb.accuracy,
-                fb_all_converged=fb.unconverged == 0,
-            )
+            row.update(_solve_columns("fb", fb))
         rows.append(row)
         if progress is not None:
             progress(b, row)
