@@ -141,3 +141,16 @@ def test_a_float_reference_serves_several_quantized_models() -> None:
         a, b = agreement(ref, g), agreement(f, g, x)
         for name in ("certified_agreement", "radius_float", "radius_quantized", "agreement_theorem3"):
             assert torch.equal(getattr(a, name), getattr(b, name)), name
+
+
+def test_a_solve_that_hits_its_cap_is_counted_and_certifies_nothing() -> None:
+    model = small_model(8, 0.3)
+    f = ModelWeights.of(model)
+    g = ModelWeights.of(model, W=quantize(f.W, 8).dequantized())
+    x = torch.randn(20, 8, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    ok = agreement(f, g, x)
+    assert ok.constants["float_solves_unconverged"] == 0
+    assert ok.constants["quantized_solves_unconverged"] == 0
+    capped = agreement(f, g, x, max_iter=1)
+    assert capped.constants["float_solves_unconverged"] == 20
+    assert not bool(capped.certified_agreement.any()) and not bool(capped.float_certified.any())

@@ -153,15 +153,17 @@ def _injection_error(U: torch.Tensor, b: torch.Tensor, x: torch.Tensor) -> torch
 
 
 def _proved_solve(w: ModelWeights, x64: torch.Tensor, st: Any, cfg: SolverConfig):
-    """``(z^, e)``: a float64 solve of ``w``'s equilibrium at ``x`` and a proved bound
+    """``(z^, e, unconverged)``: a float64 solve of ``w``'s equilibrium at ``x``, a proved bound
     ``e >= ||z^ - z*||`` per sample (solver a-posteriori error from proved constants, plus the
-    injection's rounding through the ``1/m`` Lipschitz constant; ``inf`` where not proved)."""
+    injection's rounding through the ``1/m`` Lipschitz constant; ``inf`` where not proved), and
+    how many solves hit the cap (``None``: no solve, the operator is not proved monotone)."""
     if not st.m_lo > 0:
         z = torch.zeros(x64.shape[0], w.W.shape[0], dtype=torch.float64, device=x64.device)
-        return z, torch.full((x64.shape[0],), math.inf, dtype=torch.float64, device=x64.device)
+        inf = torch.full((x64.shape[0],), math.inf, dtype=torch.float64, device=x64.device)
+        return z, inf, None
     res = solve(w.W, x64 @ w.U.T + w.b, cfg, stats=st.conservative())
     err = res.error_bound + _injection_error(w.U, w.b, x64) / st.m_lo
-    return res.z, torch.where(res.converged, err, torch.full_like(err, math.inf))
+    return res.z, torch.where(res.converged, err, torch.full_like(err, math.inf)), res.n_unconverged
 
 
 @dataclass
@@ -182,6 +184,7 @@ class FloatReference:
     U_norm_upper: float
     lipschitz: float
     radius: torch.Tensor
+    unconverged: int | None
 
     @classmethod
     def solve(cls, f: ModelWeights, x: torch.Tensor, tol: float = 1e-10,
@@ -189,7 +192,7 @@ class FloatReference:
         x64 = x.to(torch.float64)
         st = spectral_bounds(f.W)
         cfg = SolverConfig(method="pr", tol=tol, max_iter=max_iter)
-        z, err = _proved_solve(f, x64, st, cfg)  # ||z^ - z*|| <= err
+        z, err, unconverged = _proved_solve(f, x64, st, cfg)  # ||z^ - z*|| <= err
         k = (z @ f.C.T + f.c).argmax(dim=1)
         mf, nf = pairwise_margins(f.C, f.c, z, k)
         ok = (mf - nf * err[:, None] > 0).all(dim=1)
@@ -197,7 +200,7 @@ class FloatReference:
         lip = equilibrium_lipschitz(U_hi, st.m_lo)
         r = ((mf - nf * err[:, None]) / (nf * lip)).min(dim=1).values
         r = torch.where(ok & torch.isfinite(r), r.clamp_min(0), torch.zeros_like(r))
-        return cls(f, x64, st, cfg, z, err, k, mf, nf, ok, U_hi, lip, r)
+        return cls(f, x64, st, cfg, z, err, k, mf, nf, ok, U_hi, lip, r, unconverged)
 
 
 def agreement(
@@ -244,8 +247,9 @@ def agreement(
     float_ok = ref.certified
     quant_margin = mq - nq * (err + D)[:, None]
     agree_t3 = float_ok & (quant_margin > 0).all(dim=1)
+    q_unconverged = None
     if quantized_solve:
-        zq, errq = _proved_solve(g, x64, stq, ref.config)
+        zq, errq, q_unconverged = _proved_solve(g, x64, stq, ref.config)
         mq2, _ = pairwise_margins(g.C, g.c, zq, k)  # same rows of C~, same norms nq
         quant_margin = torch.maximum(quant_margin, mq2 - nq * errq[:, None])  # both lower bounds
     agree = float_ok & (quant_margin > 0).all(dim=1)
@@ -256,7 +260,10 @@ def agreement(
     constants = {"m_lower": ref.bounds.m_lo, "margin_quantized_lower": stq.m_lo,
                  "dW_norm_upper": dW_hi, "U_norm_upper": ref.U_norm_upper,
                  "lipschitz_float": ref.lipschitz, "lipschitz_quantized": lip_q,
-                 "max_solver_error": float(err.max())}  # fmt: skip
+                 "max_solver_error": float(err.max()),
+                 # solves that hit the cap (their inputs are not certified); None: not run
+                 "float_solves_unconverged": ref.unconverged,
+                 "quantized_solves_unconverged": q_unconverged}  # fmt: skip
     return AgreementReport(k, agree, float_ok, ref.radius, r_q, D, constants, agree_t3)
 
 

@@ -280,9 +280,12 @@ def cmd_robustness(args: argparse.Namespace) -> int:
         rep = agreement(ref, ModelWeights.of(model, **over))
         with torch.no_grad():
             pred_q = model(x, **over).argmax(dim=1)
+            last = model.solver.last_forward
+        measured_unconverged = last.n_unconverged if last is not None else 0
         measured = float((pred_q == rep.float_prediction).double().mean())
         s = rep.summary(y, tuple(args.eps))
         s.update(config=name, bits=b, measured_agreement_rate=measured,
+                 measured_solves_unconverged=measured_unconverged,
                  clean_accuracy=float((pred_q == y).double().mean()))  # fmt: skip
         bar.update(1)
         kind = "float" if b is None else "quantized"
@@ -314,6 +317,12 @@ def cmd_robustness(args: argparse.Namespace) -> int:
         f"{args.pgd_restarts} restarts); eps in normalised input space; certified accuracy is "
         "proved (a lower bound), PGD accuracy measured (an upper bound)\n" + text_table(h, rows)
     )
+    for s in out:
+        caps = {k: s[k] for k in ("float_solves_unconverged", "quantized_solves_unconverged",
+                                  "measured_solves_unconverged") if s.get(k)}  # fmt: skip
+        if caps:
+            text += f"\nWARNING ({s['config']}): solves hit their cap: {caps} (those inputs are " \
+                    "not certified; measured predictions from them are unconverged)"
     emit(args, {"checkpoint": args.checkpoint, "rows": out}, text)
     broken = any(v for s in out for key, v in s.items() if key.startswith("certified_but_"))
     if broken:
