@@ -31,7 +31,8 @@ def pgd_l2(
     **weights: torch.Tensor | None,
 ) -> torch.Tensor:
     """Per input, ``True`` when no attack within the L2 ball ``||x' - x|| <= eps`` changed the
-    prediction away from ``y`` (and the clean input is classified correctly).
+    prediction away from ``y`` (and the clean input is classified correctly). An adversarial
+    example counts only where its forward solve converged, so every one counted is real.
 
     Each restart starts from a random point of the ball (the first from ``x`` itself) and takes
     ``steps`` normalised-gradient ascent steps of ``step_size`` (default ``2.5 eps / steps``) on
@@ -58,6 +59,10 @@ def pgd_l2(
             gn = torch.linalg.vector_norm(grad, dim=1, keepdim=True).clamp_min(1e-30)
             delta = _project(delta.detach() + alpha * grad / gn, eps)
             with torch.no_grad():
-                robust &= model(x + delta, **weights).argmax(dim=1) == y
+                wrong = model(x + delta, **weights).argmax(dim=1) != y
+                done = getattr(getattr(model, "solver", None), "last_forward", None)
+                if done is not None:  # an example counts only where its solve converged
+                    wrong &= done.converged.reshape(-1)
+                robust &= ~wrong
     model.train(was_training)
     return robust
