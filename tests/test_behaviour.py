@@ -90,32 +90,6 @@ def test_swapped_displacement_bound_needs_a_proved_margin() -> None:
     assert float(swapped_displacement_bound(torch.tensor([1.0]), 0.5, 0.5)) == pytest.approx(3.0)
 
 
-def test_cli_robustness_reports_certified_below_measured(tmp_path, tiny_mnist, capsys) -> None:
-    import json
-
-    from monquant.cli import main
-
-    data = tiny_mnist(tmp_path / "mnist", 300, 120)
-    common = ["--data-dir", str(data), "--no-download", "--no-progress"]
-    assert main(["train", "--out", str(tmp_path / "run"), "--hidden", "16", "--epochs", "2",
-                 "--margin-init", "1.0", *common]) == 0  # fmt: skip
-    capsys.readouterr()
-    rc = main(["robustness", str(tmp_path / "run" / "model.safetensors"), "--bits", "4", "8",
-               "--eps", "0.1", "1", "--test-limit", "60", "--pgd-samples", "20", "--pgd-steps", "5",
-               "--json", *common])  # fmt: skip
-    assert rc == 0
-    rows = json.loads(capsys.readouterr().out)["rows"]
-    assert [r["config"] for r in rows] == ["float", "4 bits", "8 bits"]
-    for r in rows:
-        assert r["certified_but_disagreeing"] == 0
-        if r["bits"]:
-            assert r["certified_agreement_rate"] <= r["measured_agreement_rate"]
-        for e in ("0.1", "1"):
-            assert r[f"certified_but_broken@{e}"] == 0
-            cert, pgd = r[f"certified_accuracy_attacked@{e}"], r[f"pgd_accuracy@{e}"]
-            assert cert <= pgd <= r["clean_accuracy_attacked"]
-
-
 def test_the_quantized_solve_only_adds_certificates() -> None:
     model = small_model(4, 0.3)
     f = ModelWeights.of(model)

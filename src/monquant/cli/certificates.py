@@ -17,6 +17,7 @@ from monquant.cli.common import (
     load_W,
     positive_float,
     positive_int,
+    quant_parts,
     require_checkpoint,
     step_rule_arg,
     unconverged_status,
@@ -28,9 +29,7 @@ __all__ = [
     "cmd_demo",
     "cmd_eval",
     "cmd_ptq",
-    "cmd_robustness",
     "register",
-    "register_robustness",
 ]
 
 EPILOG_CERTIFY = """examples:
@@ -103,7 +102,7 @@ def cmd_certify(args: argparse.Namespace) -> int:
 def cmd_ptq(args: argparse.Namespace) -> int:
     from monquant.workflows import run_ptq
 
-    parts = tuple(p.strip() for p in args.quantize.split(",") if p.strip())
+    parts = args.quantize
     loaded = require_checkpoint(args.checkpoint, "ptq")
     if args.out:
         check_output_file(args.out)
@@ -206,7 +205,8 @@ def register(add: AddCommand) -> None:
     bits_arg(q, many=False, required=True, help_="weight bit-width")
     granularity_arg(q)
     step_rule_arg(q)
-    q.add_argument("--quantize", default="W", help="comma list of W,U,b (default W, as the paper)")
+    q.add_argument("--quantize", type=quant_parts, default=("W",),
+                   help="comma list of W,U,b (default W, as the paper)")  # fmt: skip
     q.add_argument("--out", default=None, help="quantized model path (default: next to CKPT)")
     q.add_argument(
         "--test-limit", type=positive_int, default=None, metavar="K",
@@ -243,111 +243,3 @@ def register(add: AddCommand) -> None:
     )
     d.add_argument("--seed", type=int, default=0, help="random seed")
     bits_arg(d, many=True, default=[3, 4, 5, 6, 8, 12, 16], help_="bit-widths to certify and solve")
-
-
-# ------------------------------------------------------------------------------------ robustness
-EPILOG_ROBUSTNESS = """examples:
-  monquant robustness runs/float/model.safetensors --bits 4 8
-  monquant robustness runs/float/model.safetensors --bits 4 --eps 0.1 0.5 --pgd-samples 50 --json
-
-eps is an L2 radius in the model's input space (normalised pixels for MNIST).
-"""
-
-
-def cmd_robustness(args: argparse.Namespace) -> int:
-    import torch
-
-    from monquant.attacks import pgd_l2
-    from monquant.behaviour import FloatReference, ModelWeights, agreement
-    from monquant.data import subset
-    from monquant.progress import progress_bar
-    from monquant.report import text_table
-    from monquant.storage.checkpoints import quantize_model
-
-    parts = tuple(p.strip() for p in args.quantize.split(",") if p.strip())
-    model = require_checkpoint(args.checkpoint, "robustness").model.eval()
-    data = load_data(args)
-    x, y = subset(data.x_test, data.y_test, args.test_limit)
-    xp, yp = x[: args.pgd_samples], y[: args.pgd_samples]
-    ref = FloatReference.solve(ModelWeights.of(model), x)  # one float solve for every W~
-    configs = [("float", None)] + [(f"{b} bits", b) for b in args.bits]
-    bar = progress_bar(desc="robustness", enabled=not args.no_progress,
-                       total=len(configs) * (1 + len(args.eps)), unit="step")  # fmt: skip
-    rows, out = [], []
-    for name, b in configs:
-        qw = quantize_model(model, b, args.granularity, parts, args.step_rule) if b else None
-        over = qw.overrides() if qw else {}
-        rep = agreement(ref, ModelWeights.of(model, **over))
-        with torch.no_grad():
-            pred_q = model(x, **over).argmax(dim=1)
-            last = model.solver.last_forward
-        measured_unconverged = last.n_unconverged if last is not None else 0
-        measured = float((pred_q == rep.float_prediction).double().mean())
-        s = rep.summary(y, tuple(args.eps))
-        s.update(config=name, bits=b, measured_agreement_rate=measured,
-                 measured_solves_unconverged=measured_unconverged,
-                 clean_accuracy=float((pred_q == y).double().mean()))  # fmt: skip
-        bar.update(1)
-        kind = "float" if b is None else "quantized"
-        k = xp.shape[0]  # the attacked images: certified <= PGD <= clean on the same ones
-        radius, ok = ((rep.radius_float, rep.float_certified) if b is None
-                      else (rep.radius_quantized, rep.certified_agreement))  # fmt: skip
-        correct = rep.float_prediction[:k] == yp
-        s["clean_accuracy_attacked"] = float((pred_q[:k] == yp).double().mean())
-        for e in args.eps:
-            robust = pgd_l2(model, xp, yp, e, steps=args.pgd_steps, restarts=args.pgd_restarts, **over)
-            s[f"pgd_accuracy@{e:g}"] = float(robust.double().mean())
-            cert = correct & ok[:k] & (radius[:k] > e)
-            s[f"certified_accuracy_attacked@{e:g}"] = float(cert.double().mean())
-            s[f"certified_but_broken@{e:g}"] = int((cert & ~robust).sum())  # must be 0
-            bar.update(1)
-        bad = int((rep.certified_agreement & (pred_q != rep.float_prediction)).sum())
-        s["certified_but_disagreeing"] = bad  # must be 0: a certificate is a proof
-        out.append(s)
-        rows.append([name, (f"{s['certified_agreement_rate_theorem3']:.1%} / "
-                            f"{s['certified_agreement_rate']:.1%}") if b else "-",
-                     f"{measured:.1%}" if b else "-", s["clean_accuracy"]]
-                    + [f"{s[f'certified_accuracy_{kind}@{e:g}']:.3f} / {s[f'pgd_accuracy@{e:g}']:.3f}"
-                       for e in args.eps])  # fmt: skip
-    bar.close()
-    h = ["model", "certified agreement (Thm 3 / + W~ solve)", "measured agreement", "clean acc."] + [
-        f"eps {e:g}: certified / PGD" for e in args.eps]  # fmt: skip
-    text = (
-        f"{x.shape[0]} test images (PGD on the first {xp.shape[0]}: L2, {args.pgd_steps} steps, "
-        f"{args.pgd_restarts} restarts); eps in normalised input space; certified accuracy is "
-        "proved (a lower bound), PGD accuracy measured (an upper bound)\n" + text_table(h, rows)
-    )
-    for s in out:
-        caps = {k: s[k] for k in ("float_solves_unconverged", "quantized_solves_unconverged",
-                                  "measured_solves_unconverged") if s.get(k)}  # fmt: skip
-        if caps:
-            text += f"\nWARNING ({s['config']}): solves hit their cap: {caps} (those inputs are " \
-                    "not certified; measured predictions from them are unconverged)"
-    emit(args, {"checkpoint": args.checkpoint, "rows": out}, text)
-    broken = any(v for s in out for key, v in s.items() if key.startswith("certified_but_"))
-    if broken:
-        from monquant.verified import VerificationError
-
-        raise VerificationError("a certificate was contradicted by a measured prediction or an "
-                                "attack (see certified_but_* in --json)")
-    return 0
-
-
-def register_robustness(add: AddCommand) -> None:
-    """Add ``robustness`` to the main parser."""
-    r = add("robustness", cmd_robustness, "certified prediction agreement and robustness of "
-            "quantized models, against PGD", EPILOG_ROBUSTNESS)  # fmt: skip
-    r.add_argument("checkpoint", help="monquant float model checkpoint")
-    bits_arg(r, many=True, default=[4, 8], help_="bit-widths of W~ (PTQ)")
-    r.add_argument("--quantize", default="W", help="comma list of W,U,b to quantize (default W)")
-    granularity_arg(r)
-    step_rule_arg(r)
-    r.add_argument("--eps", type=positive_float, nargs="+", default=[0.1, 0.25, 0.5, 1.0],
-                   help="L2 radii in normalised input space")  # fmt: skip
-    r.add_argument("--test-limit", type=positive_int, default=1000, metavar="K",
-                   help="the first K test images")  # fmt: skip
-    r.add_argument("--pgd-samples", type=positive_int, default=100, metavar="K",
-                   help="attack the first K of them")  # fmt: skip
-    r.add_argument("--pgd-steps", type=positive_int, default=20, help="PGD steps per restart")
-    r.add_argument("--pgd-restarts", type=positive_int, default=2, help="PGD restarts")
-    data_args(r)

@@ -90,6 +90,15 @@ def positive_float(text: str) -> float:
     return v
 
 
+def quant_parts(text: str) -> tuple[str, ...]:
+    """argparse type: a comma list of the tensors to quantize, among ``W``, ``U``, ``b``."""
+    parts = tuple(dict.fromkeys(p.strip() for p in text.split(",") if p.strip()))
+    bad = [p for p in parts if p not in ("W", "U", "b")]
+    if bad or not parts:
+        raise argparse.ArgumentTypeError(f"expected a comma list of W, U, b, got {text!r}")
+    return parts
+
+
 def bit_width(text: str) -> int:
     """argparse type: a weight bit-width in the quantizer's range ``[MIN_BITS, MAX_BITS]``."""
     from monquant.names import MAX_BITS, MIN_BITS

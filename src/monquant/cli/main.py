@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from monquant import __version__
-from monquant.cli import certificates, deploy, interop, lowbit, studies, training
+from monquant.cli import certificates, deploy, interop, lowbit, robustness, studies, training
 from monquant.cli.common import AddCommand, Parser
 from monquant.errors import MonquantError
 from monquant.storage.files import folder_lock
@@ -24,7 +24,7 @@ __all__ = ["COMMAND_FAMILIES", "FOLDER_COMMANDS", "build_parser", "main"]
 COMMAND_FAMILIES: tuple[Callable[[AddCommand], None], ...] = (
     training.register,
     certificates.register,
-    certificates.register_robustness,
+    robustness.register,
     studies.register,
     deploy.register,
     lowbit.register,
@@ -37,7 +37,9 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 
 
 #: Commands that write a run or results folder (``--out``): each holds the folder's lock.
-FOLDER_COMMANDS = frozenset({"train", "reproduce", "lowbit", "ste-recovery", "intdeploy"})
+FOLDER_COMMANDS = frozenset(
+    {"train", "reproduce", "lowbit", "ste-recovery", "intdeploy", "robustness"}
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,7 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _dispatch(args: argparse.Namespace, t0: float) -> int:
     """Run the command: an ``error:`` line and exit 2 for a :class:`MonquantError`."""
     try:
-        if args.command in FOLDER_COMMANDS:
+        if args.command in FOLDER_COMMANDS and getattr(args, "out", None) is not None:
             # one writer per run/results folder, taken before any data loads or work starts
             with folder_lock(args.out, args.command):
                 return int(args.func(args) or 0)

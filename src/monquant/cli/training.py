@@ -23,6 +23,7 @@ EPILOG_TRAIN = """examples:
   monquant train --out runs/float                 # the paper's setup (15 epochs, PR solver)
   monquant train --out runs/qat4 --qat-bits 4     # quantization-aware training at 4 bits
   monquant train --out runs/float --resume        # continue an interrupted run
+  monquant train --out runs/lm4 --qat-bits 4 --margin-target 0.1 --robust-eps 0.1
 """
 
 
@@ -47,6 +48,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         qat_granularity=args.granularity,
         margin_target=args.margin_target,
         margin_weight=args.margin_weight,
+        robust_eps=args.robust_eps,
         resume=args.resume,
         progress=not args.no_progress,
     )
@@ -103,6 +105,14 @@ def register(add: AddCommand) -> None:
     t.add_argument("--margin-target", type=float, default=None, help="margin-aware QAT target")
     t.add_argument(
         "--margin-weight", type=float, default=1.0, help="weight of the margin-aware penalty"
+    )
+    t.add_argument(
+        "--robust-eps",
+        type=positive_float,
+        default=None,
+        metavar="EPS",
+        help="Lipschitz-margin training: raise the certified L2 radius toward EPS (normalised "
+        "input space; with --qat-bits, of the quantized model)",
     )
     t.add_argument("--resume", action="store_true", help="continue from the run's checkpoint")
     solver_args(t)

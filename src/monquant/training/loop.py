@@ -24,6 +24,7 @@ from monquant.operators import margin_tensor, spectral_stats
 from monquant.progress import progress_bar
 from monquant.quant.uniform import check_bits, fake_quant
 from monquant.training.optim import Adam, StepDecay
+from monquant.training.robust import lipschitz_margin_loss
 from monquant.verified import margin_bounds, margin_verdict
 
 __all__ = [
@@ -51,6 +52,9 @@ class TrainConfig:
     ``U`` and ``b`` (the paper's QAT script quantizes all three; ``b`` per tensor).
     ``margin_target`` / ``margin_weight``: margin-aware penalty
     ``weight * relu(target - margin(Q_b(W)))`` through a differentiable smallest eigenvalue.
+    ``robust_eps``: Lipschitz-margin training (:mod:`monquant.training.robust`): the loss is the
+    cross-entropy with every wrong logit raised by ``robust_eps * L_kj``, which raises the
+    certified L2 radius of the model the forward pass uses (``Q_b(W)`` under QAT).
     ``fast_spectral``: training solves step with an estimated ``1/L`` instead of computing exact
     eigen/singular values every batch (PR/DR are certified for any step; FB still needs the
     exact margin). Evaluation solves always use the exact constants.
@@ -67,6 +71,7 @@ class TrainConfig:
     qat_parts: list[str] = field(default_factory=lambda: ["W"])
     margin_target: float | None = None
     margin_weight: float = 1.0
+    robust_eps: float | None = None
     eval_batch_size: int = 2000
     fast_spectral: bool = True
 
@@ -80,6 +85,8 @@ class TrainConfig:
         if self.qat_bits is not None:
             self.qat_bits = check_bits(self.qat_bits)
         self.qat_parts = list(self.qat_parts)
+        if self.robust_eps is not None and not (math.isfinite(self.robust_eps) and self.robust_eps >= 0):
+            raise ConfigError(f"robust_eps must be a finite number >= 0, got {self.robust_eps}")
         if not self.qat_parts or not set(self.qat_parts) <= {"W", "U", "b"}:
             raise ConfigError(f"qat_parts must name some of W, U, b, got {self.qat_parts}")
 
@@ -329,7 +336,7 @@ def _train_one_epoch(
                 f"{float(loss)} (non-finite logits; the quantized operator may have lost "
                 "monotonicity)"
             )
-        total = loss
+        total = loss if not cfg.robust_eps else lipschitz_margin_loss(model, logits, yb, cfg.robust_eps)
         for pen in (margin_penalty(model, cfg), hk.penalty(model) if hk.penalty else None):
             if pen is not None:
                 total = total + pen

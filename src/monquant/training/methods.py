@@ -94,6 +94,7 @@ __all__ = [
     "QuantMethod",
     "apply_lift",
     "deployed_weights",
+    "finetune_method",
     "free_copy",
     "layer_storage_bits",
     "margin_lift",
@@ -121,7 +122,8 @@ class QuantMethod:
     ``margin_target`` (tau) / ``margin_weight`` for ``P_eig``, ``weyl_target`` (rho) /
     ``weyl_weight`` for ``P_weyl``; ``None`` targets switch them off. ``lift``: before training,
     raise the margin parameter just enough that ``margin(Q_b(W)) >= margin_target``
-    (:func:`margin_lift`).
+    (:func:`margin_lift`). ``robust_eps``: train with the Lipschitz-margin loss at that L2 radius
+    (:mod:`monquant.training.robust`; any trained kind).
     """
 
     kind: str
@@ -138,10 +140,16 @@ class QuantMethod:
     weyl_target: float | None = None
     weyl_weight: float = 0.1
     lift: bool = False
+    robust_eps: float | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ConfigError(f"unknown method kind {self.kind!r}; choose one of {KINDS}")
+        if self.robust_eps is not None:
+            if self.kind == "ptq":
+                raise ConfigError("robust_eps needs a trained method (PTQ does not train)")
+            if not (math.isfinite(self.robust_eps) and self.robust_eps > 0):
+                raise ConfigError(f"robust_eps must be a finite number > 0, got {self.robust_eps}")
         object.__setattr__(self, "bits", check_bits(self.bits))
         if self.u_bits is not None:
             object.__setattr__(self, "u_bits", check_bits(self.u_bits))
@@ -170,7 +178,8 @@ class QuantMethod:
     def label(self) -> str:
         """Short name, e.g. ``margin/per-channel/W3`` or ``ptq/per-tensor/W4U8``."""
         u = f"U{self.u_bits}" if self.u_bits is not None else ""
-        return f"{self.kind}/{self.granularity}/W{self.bits}{u}"
+        lm = f"+lm{self.robust_eps:g}" if self.robust_eps is not None else ""
+        return f"{self.kind}{lm}/{self.granularity}/W{self.bits}{u}"
 
     @property
     def factored(self) -> bool:
@@ -289,6 +298,7 @@ class PreparedMethod:
             qat_granularity=m.granularity,
             margin_target=m.margin_target if qat else None,
             margin_weight=m.margin_weight,
+            robust_eps=m.robust_eps,
         )
 
 
@@ -429,6 +439,41 @@ def prepare_method(
     prep.hooks = dataclasses.replace(hooks, penalty=_penalty_hook(prep))
     _install_prox_transforms(prep, names)
     return prep
+
+
+def finetune_method(
+    model: MonDEQClassifier,
+    method: QuantMethod,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    epochs: int,
+    lr: float = 1e-3,
+    seed: int = 0,
+    eval_limit: int = 1000,
+    batch_size: int = 128,
+) -> tuple[PreparedMethod, list[dict[str, Any]]]:
+    """Install ``method`` on ``model`` and fine-tune it on ``(x, y)`` (nothing for PTQ).
+
+    Adam at ``lr`` decayed x0.1 for the last epoch, the paper's batch size; the per-epoch log
+    evaluates on the first ``eval_limit`` fine-tuning samples. Returns the prepared method (for
+    :func:`deployed_weights`) and the training log. The protocol of ``monquant lowbit``;
+    ``seed`` orders the batches (seed torch's global generator before building ``model``).
+    """
+    from monquant.data import subset
+    from monquant.training.loop import TrainConfig, train
+
+    nb = math.ceil(x.shape[0] / batch_size)
+    prep = prepare_method(model, method, nb, epochs, lr)
+    if method.kind == "ptq":
+        return prep, []
+    tcfg = TrainConfig(
+        epochs=epochs, lr=lr, batch_size=batch_size, decay_epoch=max(epochs - 1, 1), seed=seed
+    )
+    hist = train(
+        model, x, y, *subset(x, y, eval_limit), prep.train_config(tcfg), hooks=prep.hooks,
+        progress=False,
+    )  # fmt: skip
+    return prep, hist
 
 
 # ------------------------------------------------------------------------------------ deployment

@@ -30,13 +30,13 @@ from monquant.experiments.paper.reproduce import StageRunner
 from monquant.model import MonDEQClassifier
 from monquant.storage.checkpoints import load_model
 from monquant.storage.jsonio import read_json, write_json
-from monquant.training.loop import TrainConfig, evaluate, train
+from monquant.training.loop import evaluate
 from monquant.training.methods import (
     KINDS,
     QuantMethod,
     deployed_weights,
+    finetune_method,
     free_copy,
-    prepare_method,
 )
 from monquant.training.runs import TrainRequest, run_training
 
@@ -179,7 +179,8 @@ def _with_freeze(method: QuantMethod, freeze: int | None) -> QuantMethod:
 def stage_name(method: QuantMethod, seed: int) -> str:
     """File-safe stage name, e.g. ``margin-per-channel-w3-s0`` or ``ptq-per-tensor-w4-u8-s1``."""
     u = f"-u{method.u_bits}" if method.u_bits is not None else ""
-    return f"{method.kind}-{method.granularity}-w{method.bits}{u}-s{seed}"
+    lm = f"-lm{method.robust_eps:g}" if method.robust_eps is not None else ""
+    return f"{method.kind}{lm}-{method.granularity}-w{method.bits}{u}-s{seed}"
 
 
 # ------------------------------------------------------------------------------------ one row
@@ -298,20 +299,8 @@ def _finetune(
     """Fine-tune the float model with ``method`` (nothing for PTQ); return model, prep, history."""
     torch.manual_seed(seed)
     model = _fresh_model(float_path, method)
-    x, y = train_xy
-    nb = math.ceil(x.shape[0] / 128)
-    prep = prepare_method(model, method, nb, cfg.epochs, cfg.lr)
-    if method.kind == "ptq":
-        return model, prep, []
-    tcfg = TrainConfig(
-        epochs=cfg.epochs,
-        lr=cfg.lr,
-        decay_epoch=max(cfg.epochs - 1, 1),
-        seed=seed,
-    )
-    k = cfg.check_limit  # the per-epoch log evaluates on a slice of the fine-tuning data
-    hist = train(
-        model, x, y, *subset(x, y, k), prep.train_config(tcfg), hooks=prep.hooks, progress=False
+    prep, hist = finetune_method(
+        model, method, *train_xy, cfg.epochs, cfg.lr, seed, eval_limit=cfg.check_limit
     )
     return model, prep, hist
 

@@ -1,0 +1,1 @@
+"""Certified prediction agreement and robustness of quantized MonDEQs (issue 15)."""
