@@ -15,7 +15,7 @@ export MONQUANT_DATA = $(SHARED_MNIST)
 endif
 endif
 
-.PHONY: install test lint reproduce reproduce-quick lowbit ste-recovery intdeploy publish-results demo bench clean
+.PHONY: install test lint reproduce reproduce-quick lowbit ste-recovery intdeploy robustness publish-results demo bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -46,11 +46,18 @@ ste-recovery: $(STAMP)
 intdeploy: $(STAMP)
 	$(VENV)/bin/monquant intdeploy results/paper/float/model.safetensors --out results/intdeploy
 
+# Certified agreement and robustness of PTQ and of every training method at 4 bits, with and
+# without the Lipschitz-margin loss, against the reproduction's float model (about 2 minutes).
+robustness: $(STAMP)
+	$(VENV)/bin/monquant robustness results/paper/float/model.safetensors --out results/robustness \
+	  --bits 4 5 6 8 --granularities per-tensor per-channel \
+	  --methods ptq ste margin proxquant-w proxquant-factors --robust-eps 0.25 --resume
+
 # Copy the reports and figures of the latest runs into docs/results (tracked; shown in the README).
 # Copies the reports, figures and results.json of the full runs into docs/results (committed);
 # per-sample arrays (keys "per_sample") stay in results/ to keep the committed JSON small.
 publish-results: $(STAMP)
-	for d in paper lowbit ste-recovery intdeploy; do \
+	for d in paper lowbit ste-recovery intdeploy robustness; do \
 	  if [ -d results/$$d ]; then mkdir -p docs/results/$$d && \
 	  cp results/$$d/report.md results/$$d/*.png docs/results/$$d/ && \
 	  $(PY) -c "import sys; from monquant.storage.jsonio import read_json, write_json; \

@@ -69,7 +69,7 @@ def _plot(results: dict[str, Any], stem: Path) -> list[Path]:
     if trained:
         groups.append(("float and trained (fine-tuned) models",
                        [r for r in rows if r["kind"] == "float"] + trained))  # fmt: skip
-    fig, axes = new_figure(ncols=len(groups), size=(6.0, 4.4))
+    fig, axes = new_figure(ncols=len(groups), size=(6.0, 5.6))
     for ax, (title, group) in zip(axes[0], groups, strict=True):
         for i, r in enumerate(group):
             color = "k" if r["kind"] == "float" else f"C{i % 10}"
@@ -86,7 +86,8 @@ def _plot(results: dict[str, Any], stem: Path) -> list[Path]:
 
         handles, _ = ax.get_legend_handles_labels()
         handles.append(Line2D([], [], color="grey", ls="--", lw=1, label="PGD (measured, dashed)"))
-        ax.legend(handles=handles, fontsize=6, loc="lower left")
+        ax.legend(handles=handles, fontsize=6.5, loc="upper center", ncol=2,
+                  bbox_to_anchor=(0.5, -0.16), frameon=False)  # fmt: skip
         ax.grid(alpha=0.3)
     return save_figure(fig, stem)
 
