@@ -188,8 +188,8 @@ class _FakeQuant(torch.autograd.Function):
     """Forward ``Q_b(w)``; backward straight-through inside ``[-w_max, w_max]`` (bounds included)."""
 
     @staticmethod
-    def forward(ctx, w: torch.Tensor, bits: int, granularity: str, clip: bool):  # type: ignore[override]
-        q = quantize(w, bits, granularity)
+    def forward(ctx, w: torch.Tensor, bits: int, granularity: str, clip: bool, rule: str):  # type: ignore[override]
+        q = quantize(w, bits, granularity, step_rule=rule)
         ctx.save_for_backward(w, q.w_max)
         ctx.clip = clip
         return q.dequantized()
@@ -200,11 +200,15 @@ class _FakeQuant(torch.autograd.Function):
         if ctx.clip:
             inside = w.detach().abs().to(torch.float64) <= w_max
             grad = grad * inside.to(grad.dtype)
-        return grad, None, None, None
+        return grad, None, None, None, None
 
 
 def fake_quant(
-    w: torch.Tensor, bits: int, granularity: str = "per-tensor", clip: bool = True
+    w: torch.Tensor,
+    bits: int,
+    granularity: str = "per-tensor",
+    clip: bool = True,
+    step_rule: str = "paper",
 ) -> torch.Tensor:
     """Straight-through fake quantization for QAT: forward ``Q_b(w)``, backward ``dQ/dw := 1``.
 
@@ -212,7 +216,8 @@ def fake_quant(
     since ``w_max`` is derived from ``w`` itself every entry is inside, but the rule matters when the
     range is shared or fixed. ``w_max`` is treated as a constant (no gradient through the range).
     """
-    return _FakeQuant.apply(w, check_bits(bits), check_granularity(granularity), clip)
+    rule = check_step_rule(step_rule)
+    return _FakeQuant.apply(w, check_bits(bits), check_granularity(granularity), clip, rule)
 
 
 def storage_bits(shape: tuple[int, ...], bits: int, granularity: str, scale_bits: int = 32) -> int:

@@ -1,0 +1,294 @@
+"""Drop-in ``nn.Module``s: the MonDEQ equilibrium layer and quantized ordinary layers.
+
+``MonDEQ(in_features, hidden)`` maps a batch ``x`` of shape ``(batch, in_features)`` to the
+equilibrium ``z* = relu(W z* + U x + b)`` of shape ``(batch, hidden)``, with
+``W = (1 - m) I - A^T A + B - B^T`` (Winston-Kolter: monotone with margin ``>= m`` by construction)
+and the splitting solver and implicit backward of :mod:`monquant.implicit`. Use it inside any
+model (a convolutional stem before it, a linear head after it).
+
+Everything that defines the layer is saved with it: the architecture and solver settings and the
+quantization state (:class:`LayerQuant`: the :class:`~monquant.qconfig.QuantConfig`, the mode,
+and the quantized tensors ``W~``, ``U~``, ``b~`` once converted) travel in the module's extra
+state, so ``model.load_state_dict(torch.load(path, weights_only=True))`` into a freshly built model
+restores a quantized model exactly. ``repr`` shows the margin parameterization, the solver and the
+quantization.
+
+The model-level functions (``quantize_``, ``prepare_qat``, ``convert``, ``certify_model``) are in
+:mod:`monquant.api`; they install and read :class:`LayerQuant`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from monquant.errors import CheckpointError, ConfigError
+from monquant.implicit import EquilibriumSolver
+from monquant.model import MonDEQConfig, MonDEQLayer
+from monquant.operators import margin_tensor
+from monquant.qconfig import QuantConfig
+from monquant.quant.uniform import fake_quant, quantize
+from monquant.solvers import SolverConfig
+
+__all__ = ["QAT_METHODS", "LayerQuant", "MonDEQ", "QuantConv2d", "QuantLinear"]
+
+#: Training-time quantization methods of :func:`monquant.api.prepare_qat`.
+QAT_METHODS: tuple[str, ...] = ("ste", "margin-aware", "proxquant-W", "proxquant-factors")
+EXTRA_STATE_FORMAT = 1
+#: architecture fields that a loaded state must match (the rest, e.g. the solver, is restored)
+_ARCHITECTURE = ("in_features", "hidden", "rank", "parameterization")
+
+
+@dataclass
+class LayerQuant:
+    """The quantization state of one :class:`MonDEQ` layer.
+
+    ``mode``: ``"qat"`` (training: STE fake quantization, or ProxQuant moving the weights toward
+    the grid) or ``"quantized"`` (the forward pass uses ``tensors``: the deployed ``W~`` and, per
+    ``config.targets``, ``U~``, ``b~``). ``method``: ``"ptq"`` or one of :data:`QAT_METHODS`.
+    ``margin_target``: the margin-aware penalty's ``tau``. ``prox`` is the running ProxQuant driver
+    (not saved: a loaded model in ProxQuant QAT recalibrates its grids).
+    """
+
+    config: QuantConfig
+    mode: str
+    method: str = "ptq"
+    margin_target: float | None = None
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    prox: Any = None
+
+    def state(self) -> dict[str, Any]:
+        return {"config": self.config.to_dict(), "mode": self.mode, "method": self.method,
+                "margin_target": self.margin_target, "tensors": dict(self.tensors)}  # fmt: skip
+
+    @classmethod
+    def from_state(cls, d: dict[str, Any]) -> LayerQuant:
+        try:
+            return cls(QuantConfig.from_dict(d["config"]), d["mode"], d["method"],
+                       d.get("margin_target"), dict(d["tensors"]))  # fmt: skip
+        except (KeyError, TypeError) as exc:
+            raise CheckpointError(f"malformed MonDEQ quantization state ({exc})") from None
+
+    def describe(self) -> str:
+        c = self.config
+        what = "+".join(c.mondeq_targets) or "-"
+        return f"{what} {c.bits}-bit {c.granularity} ({self.method}, {self.mode})"
+
+
+class MonDEQ(MonDEQLayer):
+    """The equilibrium layer ``x -> z*`` (see the module docstring).
+
+    ``margin``: the initial monotonicity margin ``m`` (learned through ``m = softplus(m_raw) +
+    margin_floor`` unless ``learn_margin=False``); ``rank``: rank of ``A`` (default full);
+    ``init``: ``uniform`` or ``paper``; ``solver``: a registered splitting method (``fb``, ``pr``,
+    ``dr``, or one added by :func:`monquant.solvers.register_solver`) with ``tol``, ``max_iter``
+    and ``step``; ``backward``: ``splitting`` (Theorem 5's adjoint solve) or ``direct``.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        hidden: int,
+        *,
+        rank: int | None = None,
+        margin: float = 1.0,
+        learn_margin: bool = True,
+        margin_floor: float = 0.0,
+        init: str = "uniform",
+        solver: str = "pr",
+        tol: float = 1e-4,
+        max_iter: int = 2000,
+        step: float | None = None,
+        backward: str = "splitting",
+        parameterization: str = "wk",
+    ) -> None:
+        cfg = MonDEQConfig(
+            in_features=in_features, hidden=hidden, out_features=1, rank=rank,
+            margin_init=margin, learn_margin=learn_margin, margin_floor=margin_floor, init=init,
+            solver=SolverConfig(method=solver, tol=tol, max_iter=max_iter, step=step).as_dict(),
+            backward=backward, parameterization=parameterization,
+        )  # fmt: skip
+        super().__init__(cfg)
+        self.quant: LayerQuant | None = None
+
+    @classmethod
+    def from_config(cls, config: MonDEQConfig) -> MonDEQ:
+        s = config.solver_config()
+        return cls(config.in_features, config.hidden, rank=config.rank,
+                   margin=config.margin_init, learn_margin=config.learn_margin,
+                   margin_floor=config.margin_floor, init=config.init, solver=s.method,
+                   tol=s.tol, max_iter=s.max_iter, step=s.step, backward=config.backward,
+                   parameterization=config.parameterization)  # fmt: skip
+
+    @classmethod
+    def from_layer(cls, layer: MonDEQLayer) -> MonDEQ:
+        """A :class:`MonDEQ` with ``layer``'s configuration and a copy of its parameters (e.g. the
+        ``layer`` of a :class:`monquant.model.MonDEQClassifier` loaded from a checkpoint)."""
+        out = cls.from_config(layer.config)
+        p = next(layer.parameters())
+        out.to(device=p.device, dtype=p.dtype)
+        out.load_state_dict({**layer.state_dict(), "_extra_state": out.get_extra_state()})
+        return out
+
+    # ------------------------------------------------------------------------------ the solver
+    @property
+    def solver_config(self) -> SolverConfig:
+        """The forward solver's settings (method, tolerance, cap, step)."""
+        return self.solver.forward_config
+
+    def configure_solver(self, **settings: Any) -> MonDEQ:
+        """Change solver settings (``method``, ``tol``, ``max_iter``, ``step``, ...; and
+        ``backward``); they are saved with the layer. Returns ``self``."""
+        backward = settings.pop("backward", self.config.backward)
+        cfg = replace(self.solver.forward_config, **settings)
+        self.config = replace(self.config, solver=cfg.as_dict(), backward=backward)
+        self.solver = EquilibriumSolver(forward_config=self.config.solver_config(),
+                                        backward=backward,  # type: ignore[arg-type]
+                                        backward_tol=self.config.backward_tol)  # fmt: skip
+        return self
+
+    # --------------------------------------------------------------------------- forward pass
+    def _fake(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        q = self.quant
+        assert q is not None
+        c = q.config
+        return fake_quant(t, c.bits, c.granularity_of(name), step_rule=c.step_rule)
+
+    def used_tensors(self) -> dict[str, torch.Tensor]:
+        """``W``, ``U``, ``b`` as the forward pass uses them (quantized, fake-quantized or float)."""
+        W, U, b = self.weight(), self.U.weight, self.U.bias
+        q = self.quant
+        if q is None:
+            return {"W": W, "U": U, "b": b}
+        if q.mode == "quantized":
+            t = q.tensors
+            return {"W": t.get("W", W), "U": t.get("U", U), "b": t.get("b", b)}
+        if q.method in ("ste", "margin-aware"):
+            out = {"W": W, "U": U, "b": b}
+            for name in q.config.mondeq_targets:
+                out[name] = self._fake(name, out[name])
+            return out
+        return {"W": W, "U": U, "b": b}  # ProxQuant: the prox steps move the float weights
+
+    def effective_weight(self) -> torch.Tensor:
+        return self.used_tensors()["W"]
+
+    def forward(self, x: torch.Tensor, W: torch.Tensor | None = None,  # type: ignore[override]
+                U: torch.Tensor | None = None, b: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        used = self.used_tensors()
+        q = F.linear(x, (used["U"] if U is None else U).to(x.dtype),
+                     (used["b"] if b is None else b).to(x.dtype))  # fmt: skip
+        W_ = used["W"] if W is None else W
+        return self.solver(W_.to(q.dtype), q)
+
+    def qat_penalty(self) -> torch.Tensor:
+        """The margin-aware penalty ``relu(tau - margin(Q_b(W)))`` (0 for other methods)."""
+        q = self.quant
+        W = self.weight()
+        if q is None or q.mode != "qat" or q.margin_target is None:
+            return torch.zeros((), dtype=W.dtype, device=W.device)
+        return F.relu(q.margin_target - margin_tensor(self.effective_weight()))
+
+    # ------------------------------------------------------------------------ saving, repr
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"format": EXTRA_STATE_FORMAT, "config": self.config.as_dict(),
+                "quant": self.quant.state() if self.quant is not None else None}  # fmt: skip
+
+    def set_extra_state(self, state: Any) -> None:
+        if not isinstance(state, dict) or state.get("format") != EXTRA_STATE_FORMAT:
+            raise CheckpointError("not a monquant MonDEQ layer state (format mismatch)")
+        cfg = MonDEQConfig(**state["config"])
+        for k in _ARCHITECTURE:
+            if getattr(cfg, k) != getattr(self.config, k):
+                raise CheckpointError(f"MonDEQ state has {k}={getattr(cfg, k)!r}, the layer "
+                                      f"{getattr(self.config, k)!r}")  # fmt: skip
+        s = cfg.solver_config()
+        self.configure_solver(method=s.method, tol=s.tol, max_iter=s.max_iter, step=s.step,
+                              backward=cfg.backward)  # fmt: skip
+        q = state.get("quant")
+        self.quant = LayerQuant.from_state(q) if q is not None else None
+        if self.quant is not None:
+            p = self.U.weight
+            self.quant.tensors = {k: v.to(p.device) for k, v in self.quant.tensors.items()}
+            if self.quant.mode == "qat" and self.quant.method.startswith("proxquant"):
+                from monquant.api import _install_prox  # the driver is rebuilt, not unpickled
+
+                _install_prox(self, self.quant)
+
+    def extra_repr(self) -> str:
+        c = self.config
+        s = self.solver.forward_config
+        if self.free:
+            m = "free W (no structural margin: certify it)"
+        else:
+            kind = "learned" if c.learn_margin else "fixed"
+            now = float(self.margin().detach())
+            m = f"W-K, m = softplus(m_raw) + {c.margin_floor:g} ({kind}, now {now:.4g})"
+        rank = f", rank={c.rank}" if c.rank else ""
+        solver = f"{s.method}(tol={s.tol:g}, max_iter={s.max_iter})"
+        quant = f", quant={self.quant.describe()}" if self.quant is not None else ""
+        return (f"in_features={c.in_features}, hidden={c.hidden}{rank}, margin: {m}, "
+                f"solver={solver}, backward={c.backward}{quant}")  # fmt: skip
+
+
+class _QuantLayer:
+    """Mixin: an ordinary layer whose ``weight`` holds ``Q_b(weight)`` (values on the grid)."""
+
+    qconfig: QuantConfig
+
+    def _quantize_weight(self) -> None:
+        w = self.weight  # type: ignore[attr-defined]
+        c = self.qconfig
+        with torch.no_grad():
+            w.copy_(quantize(w, c.bits, c.granularity, step_rule=c.step_rule).dequantized())
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"format": EXTRA_STATE_FORMAT, "qconfig": self.qconfig.to_dict()}
+
+    def set_extra_state(self, state: Any) -> None:
+        if not isinstance(state, dict) or state.get("format") != EXTRA_STATE_FORMAT:
+            raise CheckpointError("not a monquant quantized-layer state (format mismatch)")
+        self.qconfig = QuantConfig.from_dict(state["qconfig"])
+
+
+class QuantLinear(_QuantLayer, nn.Linear):
+    """``nn.Linear`` whose weight is ``Q_b``-quantized (per output row with ``per-channel``)."""
+
+    @classmethod
+    def from_float(cls, layer: nn.Linear, config: QuantConfig) -> QuantLinear:
+        p = layer.weight
+        out = cls(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                  device=p.device, dtype=p.dtype)  # fmt: skip
+        out.qconfig = config
+        out.load_state_dict({**layer.state_dict(), "_extra_state": out.get_extra_state()})
+        out._quantize_weight()
+        return out
+
+    def extra_repr(self) -> str:
+        c = self.qconfig
+        return f"{super().extra_repr()}, weight {c.bits}-bit {c.granularity}"
+
+
+class QuantConv2d(_QuantLayer, nn.Conv2d):
+    """``nn.Conv2d`` whose weight is ``Q_b``-quantized (per output channel with ``per-channel``)."""
+
+    @classmethod
+    def from_float(cls, layer: nn.Conv2d, config: QuantConfig) -> QuantConv2d:
+        if not isinstance(layer.padding, tuple | int):
+            raise ConfigError("QuantConv2d: string padding is not supported")
+        p = layer.weight
+        out = cls(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride,
+                  layer.padding, layer.dilation, layer.groups, layer.bias is not None,
+                  layer.padding_mode, device=p.device, dtype=p.dtype)  # fmt: skip
+        out.qconfig = config
+        out.load_state_dict({**layer.state_dict(), "_extra_state": out.get_extra_state()})
+        out._quantize_weight()
+        return out
+
+    def extra_repr(self) -> str:
+        c = self.qconfig
+        return f"{super().extra_repr()}, weight {c.bits}-bit {c.granularity}"
