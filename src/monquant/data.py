@@ -43,7 +43,7 @@ import tempfile
 import urllib.request
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -144,6 +144,10 @@ class ImageSet:
         """All images as one normalised tensor."""
         return self[:]
 
+    def to(self, device: torch.device | str) -> ImageSet:
+        """The same images on ``device`` (the codes move; normalisation happens there)."""
+        return ImageSet(self.codes.to(device), self.dtype)
+
     def __repr__(self) -> str:
         return f"ImageSet({tuple(self.shape)}, uint8 -> {self.dtype}, device={self.device})"
 
@@ -162,6 +166,11 @@ class MNIST:
     y_test: torch.Tensor  # (N_test,)
     source: Path  # folder the files were read from
     md5: dict[str, str] = field(default_factory=dict)  # file name -> MD5 of the file read
+
+    def to(self, device: torch.device | str) -> MNIST:
+        """The data set with every tensor on ``device``."""
+        return replace(self, x_train=self.x_train.to(device), y_train=self.y_train.to(device),
+                       x_test=self.x_test.to(device), y_test=self.y_test.to(device))  # fmt: skip
 
     def __repr__(self) -> str:
         return (

@@ -580,3 +580,18 @@ def test_every_option_has_help_and_shows_its_default() -> None:
             assert action.help, f"{name} {action.dest} has no help"
         text = sp.format_help()
         assert "(default:" in text, name
+
+
+def test_device_flag_resolves_and_refuses_what_is_not_there() -> None:
+    import torch
+
+    from monquant.cli.common import select_device
+    from monquant.errors import ConfigError
+
+    assert select_device("cpu") == "cpu"
+    if not torch.cuda.is_available():
+        assert select_device("auto") == "cpu"
+        with pytest.raises(ConfigError, match="CUDA is not available"):
+            select_device("cuda")
+    assert torch.get_default_device().type == ("cuda" if torch.cuda.is_available() else "cpu")
+    torch.set_default_device("cpu")

@@ -453,3 +453,23 @@ def test_qat_can_quantize_U_and_b_too() -> None:
     assert layer.weight_transform is None
     with pytest.raises(ConfigError, match="qat_parts"):
         TrainConfig(qat_bits=4, qat_parts=["W", "C"])
+
+
+def test_train_accepts_any_torch_optimizer_and_scheduler(data: MNIST) -> None:
+    """A torch.optim optimizer (instance or factory) and LR scheduler drive the same loop."""
+    torch.manual_seed(0)
+    model = MonDEQClassifier(MonDEQConfig(hidden=HIDDEN))
+    cfg = TrainConfig(epochs=2, batch_size=64)
+    x, y = data.x_train[:256], data.y_train[:256]
+    opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
+    states = []
+    hist = train(model, x, y, data.x_test[:64], data.y_test[:64], cfg, progress=False,
+                 optimizer=opt, scheduler=lambda o: torch.optim.lr_scheduler.StepLR(o, 1, 0.5),
+                 checkpoint=states.append)  # fmt: skip
+    assert len(hist) == 2 and opt.param_groups[0]["lr"] == pytest.approx(0.05)
+    assert states[-1]["scheduler"]["last_epoch"] == 2
+    assert hist[-1]["loss"] < hist[0]["loss"] * 1.5  # it trains (and stays finite)
+    model2 = MonDEQClassifier(MonDEQConfig(hidden=HIDDEN))
+    hist2 = train(model2, x, y, data.x_test[:64], data.y_test[:64], TrainConfig(epochs=1),
+                  progress=False, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3))  # fmt: skip
+    assert math.isfinite(hist2[0]["loss"])

@@ -99,6 +99,43 @@ def quant_parts(text: str) -> tuple[str, ...]:
     return parts
 
 
+def device_name(text: str) -> str:
+    """argparse type: ``cpu``, ``cuda``, ``cuda:N``, ``mps`` or ``auto`` (checked without torch;
+    availability is checked when the command starts)."""
+    import re
+
+    if not re.fullmatch(r"cpu|cuda(:\d+)?|mps|auto", text):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda, cuda:N, mps or auto, got {text!r}")
+    return text
+
+
+def select_device(name: str) -> str:
+    """Resolve ``--device`` and make it torch's default device (``cpu``: nothing changes).
+
+    ``auto`` is ``cuda`` when a GPU is available, else ``cpu``. Data and checkpoints are loaded
+    onto the default device (:func:`load_data`, ``load_model``), and library code follows the
+    device of its inputs, so the whole command runs there."""
+    if name == "cpu":
+        return name
+    import torch
+
+    from monquant.errors import ConfigError
+
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    elif name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {name}: CUDA is not available on this machine")
+        index = int(name.split(":")[1]) if ":" in name else 0
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
+    elif name == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("--device mps: MPS is not available on this machine")
+    if name != "cpu":
+        torch.set_default_device(name)
+    return name
+
+
 def bit_width(text: str) -> int:
     """argparse type: a weight bit-width in the quantizer's range ``[MIN_BITS, MAX_BITS]``."""
     from monquant.names import MAX_BITS, MIN_BITS
@@ -259,9 +296,14 @@ def data_args(p: argparse.ArgumentParser) -> None:
 
 
 def load_data(args: argparse.Namespace):
+    """MNIST as the data arguments say, on the command's device (``--device``)."""
+    import torch
+
     from monquant.data import load_mnist
 
-    return load_mnist(args.data_dir, download=not args.no_download)
+    data = load_mnist(args.data_dir, download=not args.no_download)
+    device = torch.get_default_device()
+    return data if device.type == "cpu" else data.to(device)
 
 
 def load_W(path: str):

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 
 from monquant import __version__
 from monquant.cli import certificates, deploy, interop, lowbit, robustness, studies, training
-from monquant.cli.common import AddCommand, Parser
+from monquant.cli.common import AddCommand, Parser, device_name, select_device
 from monquant.errors import MonquantError
 from monquant.storage.files import folder_lock
 
@@ -37,6 +37,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 
 
 #: Commands that write a run or results folder (``--out``): each holds the folder's lock.
+#: Commands that only convert files (nothing to compute on a device).
+NO_DEVICE_COMMANDS = frozenset({"import"})
 FOLDER_COMMANDS = frozenset(
     {"train", "reproduce", "lowbit", "ste-recovery", "intdeploy", "robustness"}
 )
@@ -65,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
         commands[name] = sp
         sp.add_argument("--json", action="store_true", help="machine-readable output on stdout")
         sp.add_argument("--no-progress", action="store_true", help="no progress output on stderr")
+        if name not in NO_DEVICE_COMMANDS:
+            sp.add_argument("--device", type=device_name, default="cpu",
+                            help="where to compute: cpu, cuda, cuda:N, mps or auto")  # fmt: skip
         return sp
 
     for register in COMMAND_FAMILIES:
@@ -93,6 +98,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _dispatch(args: argparse.Namespace, t0: float) -> int:
     """Run the command: an ``error:`` line and exit 2 for a :class:`MonquantError`."""
     try:
+        if getattr(args, "device", "cpu") != "cpu":
+            args.device = select_device(args.device)
         if args.command in FOLDER_COMMANDS and getattr(args, "out", None) is not None:
             # one writer per run/results folder, taken before any data loads or work starts
             with folder_lock(args.out, args.command):

@@ -218,8 +218,11 @@ def _quantized_parts(
     return quantized
 
 
-def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> LoadedModel:
-    """Load a checkpoint written by :func:`save_model` (never unpickles; verifies the digest)."""
+def load_model(path: str | os.PathLike[str], device: str | torch.device | None = None) -> LoadedModel:
+    """Load a checkpoint written by :func:`save_model` (never unpickles; verifies the digest)
+    onto ``device`` (default: torch's default device, ``cpu`` unless ``--device`` changed it)."""
+    if device is None:
+        device = torch.get_default_device()
     if Path(path).suffix == ".safetensors" and not is_monquant_file(path):
         raise CheckpointError(
             f"{path}: a plain safetensors file, not a monquant model checkpoint; weight files "

@@ -247,8 +247,17 @@ def train(
     progress: bool = True,
     log: Callable[[dict[str, Any]], None] | None = None,
     hooks: TrainHooks | None = None,
+    optimizer: Any = None,
+    scheduler: Any = None,
 ) -> list[dict[str, Any]]:
     """Train ``model`` and return the per-epoch log.
+
+    ``optimizer``: any ``torch.optim.Optimizer`` (an instance over ``model``'s parameters, or a
+    factory ``params -> optimizer``); default the lean built-in Adam at ``cfg.lr``
+    (:mod:`monquant.training.optim`, which avoids the ~70 MB that importing ``torch.optim``'s
+    machinery costs). ``scheduler``: any LR scheduler with ``step()`` once per epoch (an instance,
+    or a factory ``optimizer -> scheduler``); default the step decay of ``cfg`` with the built-in
+    Adam and none with a given optimizer. Both are checkpointed through their ``state_dict``.
 
     ``checkpoint(state)`` is called after every epoch with everything needed to resume
     (model, optimizer, epoch, history); ``resume_state`` is such a state. ``hooks`` adds
@@ -257,13 +266,20 @@ def train(
     """
     if cfg.qat_bits is not None:  # leave a transform installed by the caller alone otherwise
         install_qat(model, cfg.qat_bits, cfg.qat_granularity, cfg.qat_parts)
-    opt = Adam(model.parameters(), lr=cfg.lr)
-    sched = StepDecay(opt, step_size=cfg.decay_epoch, gamma=cfg.decay)
+    if optimizer is None:
+        opt: Any = Adam(model.parameters(), lr=cfg.lr)
+        sched: Any = StepDecay(opt, step_size=cfg.decay_epoch, gamma=cfg.decay)
+    else:
+        opt = optimizer(model.parameters()) if callable(optimizer) else optimizer
+        sched = None
+    if scheduler is not None:
+        sched = scheduler(opt) if callable(scheduler) and not hasattr(scheduler, "step") else scheduler
     history: list[dict[str, Any]] = []
     start = 0
     if resume_state is not None:
         opt.load_state_dict(resume_state["optimizer"])
-        sched.load_state_dict(resume_state["scheduler"])
+        if sched is not None and resume_state.get("scheduler") is not None:
+            sched.load_state_dict(resume_state["scheduler"])
         history = list(resume_state["history"])
         start = int(resume_state["epoch"])
     n = x_train.shape[0]
@@ -281,7 +297,8 @@ def train(
             loss_sum, correct = _train_one_epoch(
                 model, opt, x_train, y_train, cfg, hk, epoch, progress
             )
-            sched.step()
+            if sched is not None:
+                sched.step()
             if hk.on_epoch_end is not None:
                 hk.on_epoch_end(model, epoch)
             train_seconds = time.perf_counter() - t0
@@ -300,7 +317,7 @@ def train(
                     {
                         "epoch": epoch + 1,
                         "optimizer": opt.state_dict(),
-                        "scheduler": sched.state_dict(),
+                        "scheduler": sched.state_dict() if sched is not None else None,
                         "history": history,
                     }
                 )
@@ -311,7 +328,7 @@ def train(
 
 def _train_one_epoch(
     model: MonDEQClassifier,
-    opt: Adam,
+    opt: Any,
     x_train: torch.Tensor,
     y_train: torch.Tensor,
     cfg: TrainConfig,
@@ -324,6 +341,7 @@ def _train_one_epoch(
     nb = math.ceil(n / cfg.batch_size)
     perm = torch.randperm(n, generator=epoch_generator(cfg.seed, epoch)).to(x_train.device)
     loss_sum = correct = 0.0
+    params = getattr(opt, "params", None) or [p for g in opt.param_groups for p in g["params"]]
     bar = progress_bar(desc=f"epoch {epoch + 1}/{cfg.epochs}", enabled=progress, total=nb)
     for i in range(nb):
         idx = perm[i * cfg.batch_size : (i + 1) * cfg.batch_size]
@@ -343,7 +361,7 @@ def _train_one_epoch(
         opt.zero_grad(set_to_none=True)
         total.backward()
         opt.step()
-        if not all(bool(torch.isfinite(p).all()) for p in opt.params):
+        if not all(bool(torch.isfinite(p).all()) for p in params):
             raise TrainingDivergedError(
                 f"training diverged at epoch {epoch + 1}, batch {i + 1}: parameters became "
                 "non-finite after the optimizer step (non-finite gradients)"
