@@ -15,7 +15,9 @@ export MONQUANT_DATA = $(SHARED_MNIST)
 endif
 endif
 
-.PHONY: install test lint reproduce reproduce-quick lowbit ste-recovery intdeploy robustness publish-results demo bench clean
+DOCS_STAMP = $(VENV)/.monquant-docs-installed
+
+.PHONY: install docs typecheck test lint reproduce reproduce-quick lowbit ste-recovery intdeploy robustness publish-results demo bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,10 +27,24 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests benchmarks
+$(DOCS_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e ".[docs]"
+	touch $(DOCS_STAMP)
 
-test: lint
+# The documentation site (mkdocs + mkdocstrings): warnings are errors. The changelog page is the
+# repository's CHANGELOG.md.
+docs: $(DOCS_STAMP)
+	cp CHANGELOG.md docs/changelog.md
+	$(VENV)/bin/mkdocs build --strict --quiet
+
+# Type checking of the public API (the model-level API, the layers, the config).
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks examples
+
+test: lint typecheck
 	$(PY) -m pytest -q
 
 reproduce: $(STAMP)
@@ -75,4 +91,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/train_epoch.py
 
 clean:
-	rm -rf $(VENV) results .pytest_cache .ruff_cache
+	rm -rf $(VENV) results site docs/changelog.md .pytest_cache .ruff_cache

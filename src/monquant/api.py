@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from monquant.certify import Certificate, certify
+from monquant.certify import Certificate, certify, certify_operator
 from monquant.certify import min_certified_bits as _min_bits
 from monquant.errors import ConfigError
 from monquant.model import MonDEQLayer
@@ -80,7 +80,9 @@ def _check_found(names: list[str], what: str) -> None:
 
 
 @torch.no_grad()
-def _hard_tensors(layer: MonDEQ, config: QuantConfig, source: dict[str, torch.Tensor]):
+def _hard_tensors(
+    layer: MonDEQ, config: QuantConfig, source: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
     out = {}
     for name in config.mondeq_targets:
         t = source[name].detach()
@@ -90,7 +92,8 @@ def _hard_tensors(layer: MonDEQ, config: QuantConfig, source: dict[str, torch.Te
 
 
 def _quantize_ordinary(model: nn.Module, config: QuantConfig, filter_fn: FilterFn | None) -> list[str]:
-    kinds = {"Linear": (nn.Linear, QuantLinear), "Conv2d": (nn.Conv2d, QuantConv2d)}
+    kinds: dict[str, tuple[type[nn.Module], Any]] = {
+        "Linear": (nn.Linear, QuantLinear), "Conv2d": (nn.Conv2d, QuantConv2d)}  # fmt: skip
     inner = [n for n, _ in mondeq_layers(model, upgrade=False) if n]
     done: list[str] = []
     for target in (t for t in config.targets if t in kinds):
@@ -136,7 +139,7 @@ def _install_prox(layer: MonDEQ, q: LayerQuant, total_steps: int = 1000, lam_max
 
     c = q.config
     params = [layer.W] if q.method == "proxquant-W" else [layer.A, layer.B]
-    grid = Grid("uniform", c.bits, c.granularity)
+    grid = Grid("uniform", c.bits, c.granularity)  # type: ignore[arg-type]
     sched = lambda_schedule("linear", lam_max=lam_max, total_steps=max(1, total_steps))
     q.prox = ProxQuantizer([(p, grid) for p in params], sched)
 
@@ -290,7 +293,9 @@ def _layer_certificate(layer: MonDEQLayer, config: QuantConfig | None) -> tuple[
     W = layer.weight().detach()
     q = layer.quant if isinstance(layer, MonDEQ) else None
     if q is not None and q.mode == "quantized" and config is None:
-        cert = certify(W, W_tilde=q.tensors.get("W", W))
+        c = q.config  # the deployed W~ itself is certified (labelled with how it was made)
+        cert = certify_operator(W, q.tensors.get("W", W), bits=c.bits, granularity=c.granularity,
+                                step_rule=c.step_rule)  # fmt: skip
         return cert, {**q.config.to_dict(), "method": q.method}
     c = config or (q.config if q is not None else None)
     if c is None:

@@ -281,9 +281,10 @@ class QuantConv2d(_QuantLayer, nn.Conv2d):
         if not isinstance(layer.padding, tuple | int):
             raise ConfigError("QuantConv2d: string padding is not supported")
         p = layer.weight
-        out = cls(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride,
-                  layer.padding, layer.dilation, layer.groups, layer.bias is not None,
-                  layer.padding_mode, device=p.device, dtype=p.dtype)  # fmt: skip
+        out = cls(layer.in_channels, layer.out_channels, layer.kernel_size,  # type: ignore[arg-type]
+                  layer.stride, layer.padding, layer.dilation,  # type: ignore[arg-type]
+                  layer.groups, layer.bias is not None, layer.padding_mode,
+                  device=p.device, dtype=p.dtype)  # fmt: skip
         out.qconfig = config
         out.load_state_dict({**layer.state_dict(), "_extra_state": out.get_extra_state()})
         out._quantize_weight()

@@ -78,7 +78,8 @@ class QuantConfig:
             raise ConfigError(f"QuantConfig: unknown keys {sorted(extra)}")
         if "bits" not in d:
             raise ConfigError("QuantConfig: 'bits' is required")
-        return cls(**{k: (tuple(v) if k == "targets" else v) for k, v in d.items()})
+        kw: dict[str, Any] = {k: (tuple(v) if k == "targets" else v) for k, v in d.items()}
+        return cls(**kw)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
