@@ -134,16 +134,6 @@ def quantize_(model: nn.Module, config: QuantConfig, filter_fn: FilterFn | None 
 # ------------------------------------------------------------------------------------------ QAT
 
 
-def _install_prox(layer: MonDEQ, q: LayerQuant, total_steps: int = 1000, lam_max: float = 5.0) -> None:
-    from monquant.quant.prox import Grid, ProxQuantizer, lambda_schedule
-
-    c = q.config
-    params = [layer.W] if q.method == "proxquant-W" else [layer.A, layer.B]
-    grid = Grid("uniform", c.bits, c.granularity)  # type: ignore[arg-type]
-    sched = lambda_schedule("linear", lam_max=lam_max, total_steps=max(1, total_steps))
-    q.prox = ProxQuantizer([(p, grid) for p in params], sched)
-
-
 def _to_free(layer: MonDEQ) -> None:
     """Make ``W`` itself the parameter (ProxQuant on ``W``), starting from the current ``W``."""
     from dataclasses import replace
@@ -192,7 +182,7 @@ def prepare_qat(
             raise ConfigError(f"layer {name!r} has a free W: it has no factors A, B")
         q = LayerQuant(config, "qat", method, margin_target if method == "margin-aware" else None)
         if method.startswith("proxquant"):
-            _install_prox(layer, q, total_steps, lam_max)
+            layer.install_prox(q, total_steps, lam_max)
         layer.quant = q
         names.append(name)
     _check_found(names, "prepare_qat")
@@ -293,9 +283,9 @@ def _layer_certificate(layer: MonDEQLayer, config: QuantConfig | None) -> tuple[
     W = layer.weight().detach()
     q = layer.quant if isinstance(layer, MonDEQ) else None
     if q is not None and q.mode == "quantized" and config is None:
-        c = q.config  # the deployed W~ itself is certified (labelled with how it was made)
-        cert = certify_operator(W, q.tensors.get("W", W), bits=c.bits, granularity=c.granularity,
-                                step_rule=c.step_rule)  # fmt: skip
+        qc = q.config  # the deployed W~ itself is certified (labelled with how it was made)
+        cert = certify_operator(W, q.tensors.get("W", W), bits=qc.bits,
+                                granularity=qc.granularity, step_rule=qc.step_rule)  # fmt: skip
         return cert, {**q.config.to_dict(), "method": q.method}
     c = config or (q.config if q is not None else None)
     if c is None:

@@ -185,6 +185,18 @@ class MonDEQ(MonDEQLayer):
         W_ = used["W"] if W is None else W
         return self.solver(W_.to(q.dtype), q)
 
+    def install_prox(self, q: LayerQuant, total_steps: int = 1000, lam_max: float = 5.0) -> None:
+        """Attach ProxQuant's driver to ``q``: the prox toward the ``q.config.bits``-bit uniform
+        grid of ``W`` (``proxquant-W``, free ``W``) or of ``A`` and ``B``
+        (``proxquant-factors``), with ``lam_t`` linear from 0 to ``lam_max`` over ``total_steps``."""
+        from monquant.quant.prox import Grid, ProxQuantizer, lambda_schedule
+
+        c = q.config
+        params = [self.W] if q.method == "proxquant-W" else [self.A, self.B]
+        grid = Grid("uniform", c.bits, c.granularity)  # type: ignore[arg-type]
+        sched = lambda_schedule("linear", lam_max=lam_max, total_steps=max(1, total_steps))
+        q.prox = ProxQuantizer([(p, grid) for p in params], sched)
+
     def qat_penalty(self) -> torch.Tensor:
         """The margin-aware penalty ``relu(tau - margin(Q_b(W)))`` (0 for other methods)."""
         q = self.quant
@@ -215,9 +227,7 @@ class MonDEQ(MonDEQLayer):
             p = self.U.weight
             self.quant.tensors = {k: v.to(p.device) for k, v in self.quant.tensors.items()}
             if self.quant.mode == "qat" and self.quant.method.startswith("proxquant"):
-                from monquant.api import _install_prox  # the driver is rebuilt, not unpickled
-
-                _install_prox(self, self.quant)
+                self.install_prox(self.quant)  # the driver is rebuilt (recalibrated), not unpickled
 
     def extra_repr(self) -> str:
         c = self.config

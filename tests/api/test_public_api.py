@@ -160,3 +160,16 @@ def test_ordinary_layers_quantized_too_and_reloaded_into_a_quantized_fresh_model
     with torch.no_grad():
         assert torch.equal(fresh(x), out)
     assert "weight 6-bit per-channel" in repr(fresh.head)
+
+
+def test_import_monquant_is_light_and_exports_lazily() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, monquant; assert 'torch' not in sys.modules; "
+            "monquant.QuantConfig(bits=4); assert 'torch' not in sys.modules; "
+            "monquant.quantize_; assert 'torch' in sys.modules; print(monquant.__version__)")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == monquant.__version__
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        monquant.nothing  # noqa: B018
