@@ -109,6 +109,19 @@ def device_name(text: str) -> str:
     return text
 
 
+def thread_count(text: str) -> str | int:
+    """argparse type: ``auto`` or a positive number of intra-op threads."""
+    if text == "auto":
+        return text
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or auto, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or auto, got {text!r}")
+    return v
+
+
 def select_device(name: str) -> str:
     """Resolve ``--device`` and make it torch's default device (``cpu``: nothing changes).
 

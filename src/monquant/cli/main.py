@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 
 from monquant import __version__
 from monquant.cli import certificates, deploy, interop, lowbit, robustness, studies, training
-from monquant.cli.common import AddCommand, Parser, device_name, select_device
+from monquant.cli.common import AddCommand, Parser, device_name, select_device, thread_count
 from monquant.errors import MonquantError
 from monquant.storage.files import folder_lock
 
@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
         if name not in NO_DEVICE_COMMANDS:
             sp.add_argument("--device", type=device_name, default="cpu",
                             help="where to compute: cpu, cuda, cuda:N, mps or auto")  # fmt: skip
+            sp.add_argument("--threads", type=thread_count, default="auto",
+                            help="intra-op CPU threads: N, or auto (the cores not kept busy by "
+                            "other work; see docs/cli.md)")  # fmt: skip
         return sp
 
     for register in COMMAND_FAMILIES:
@@ -100,6 +103,10 @@ def _dispatch(args: argparse.Namespace, t0: float) -> int:
     try:
         if getattr(args, "device", "cpu") != "cpu":
             args.device = select_device(args.device)
+        if hasattr(args, "threads"):
+            from monquant.runtime import set_threads
+
+            args.threads = set_threads(args.threads)
         if args.command in FOLDER_COMMANDS and getattr(args, "out", None) is not None:
             # one writer per run/results folder, taken before any data loads or work starts
             with folder_lock(args.out, args.command):

@@ -85,6 +85,7 @@ def _settings(req: TrainRequest, model: MonDEQClassifier, data: MNIST) -> dict[s
         "model": model.config.as_dict(),
         "train": req.train_config().as_dict(),
         "seed": req.train.seed,
+        "threads": torch.get_num_threads(),
         "data": {"source": str(data.source), "md5": data.md5},
     }
 
