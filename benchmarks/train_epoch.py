@@ -6,17 +6,27 @@ then the final test accuracy, the peak resident memory of the process, the usefu
 work per epoch (counted from the measured iterations) as GFLOP/s, next to this machine's float32
 matmul peak measured in the same run. Asserts nothing.
 
+Where an epoch goes: the forward and backward (adjoint) solves are timed (their iteration loops
+apart from their setup: resolvent, spectral constants), and the time of one iteration is set against
+the time of its one matrix product, measured alone in the same run (``128 x n @ n x n``): the
+ratio is the per-iteration overhead (dispatch, the residual test, allocations) that no arithmetic
+needs. The rest of the epoch is the injection, the head, autograd and the optimizer.
+
     MONQUANT_DATA=... python benchmarks/train_epoch.py [--epochs 15] [--threads N]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import resource
 import time
+from collections.abc import Iterator
 
 import torch
 
+import monquant.implicit
+import monquant.solvers
 from monquant.data import load_mnist
 from monquant.model import MonDEQClassifier, MonDEQConfig
 from monquant.report import text_table
@@ -32,6 +42,66 @@ def matmul_peak_gflops(size: int = 1024, repeats: int = 10) -> float:
     for _ in range(repeats):
         a @ b
     return 2 * size**3 * repeats / (time.perf_counter() - t0) / 1e9
+
+
+class SolveClock:
+    """Wall time of the forward and backward solves and of their iteration loops."""
+
+    def __init__(self) -> None:
+        self.t = {"forward": 0.0, "backward": 0.0, "forward_loop": 0.0, "backward_loop": 0.0}
+        self.iterations = {"forward": 0, "backward": 0}
+        self._side = "forward"
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[SolveClock]:
+        solve, loop = monquant.implicit.solve, monquant.solvers._iterate
+
+        def timed_solve(*a, **kw):
+            side = "backward" if "prox" in kw else "forward"  # the adjoint solve passes its mask
+            self._side = side
+            t0 = time.perf_counter()
+            res = solve(*a, **kw)
+            self.t[side] += time.perf_counter() - t0
+            self.iterations[side] += res.iterations
+            return res
+
+        def timed_loop(*a, **kw):
+            t0 = time.perf_counter()
+            out = loop(*a, **kw)
+            self.t[f"{self._side}_loop"] += time.perf_counter() - t0
+            return out
+
+        monquant.implicit.solve, monquant.solvers._iterate = timed_solve, timed_loop
+        try:
+            yield self
+        finally:
+            monquant.implicit.solve, monquant.solvers._iterate = solve, loop
+
+
+def matmul_seconds(batch: int = 128, n: int = 100, repeats: int = 2000) -> float:
+    """Seconds of one ``addmm(c, s, K)`` on ``batch x n`` states: an iteration's arithmetic."""
+    s, K, c = torch.randn(batch, n), torch.randn(n, n), torch.randn(batch, n)
+    for _ in range(50):
+        torch.addmm(c, s, K)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        torch.addmm(c, s, K)
+    return (time.perf_counter() - t0) / repeats
+
+
+def breakdown_rows(clock: SolveClock, train_seconds: float, mm: float) -> list[list[object]]:
+    """Rows: where the training time went, per part, with per-iteration costs."""
+    rows = []
+    for side in ("forward", "backward"):
+        it = max(clock.iterations[side], 1)
+        per = clock.t[f"{side}_loop"] / it
+        rows.append([f"{side} solves", clock.t[side], clock.t[side] / train_seconds,
+                     clock.t[side] - clock.t[f"{side}_loop"], clock.iterations[side],
+                     per * 1e6, mm * 1e6, per / mm])  # fmt: skip
+    rest = train_seconds - clock.t["forward"] - clock.t["backward"]
+    rows.append(["rest (injection, head, autograd, optimizer)", rest, rest / train_seconds,
+                 None, None, None, None, None])  # fmt: skip
+    return rows
 
 
 def epoch_flops(
@@ -100,17 +170,20 @@ def main() -> None:
             f"epoch {e['epoch']}: {e['seconds']:.2f} s, test {e['test_accuracy']:.4f}", flush=True
         )
 
+    mm = matmul_seconds()
+    clock = SolveClock()
     t0 = time.perf_counter()
-    train(
-        model,
-        data.x_train,
-        data.y_train,
-        data.x_test,
-        data.y_test,
-        TrainConfig(epochs=args.epochs, seed=args.seed),
-        progress=False,
-        log=on_epoch,
-    )
+    with clock.installed():
+        train(
+            model,
+            data.x_train,
+            data.y_train,
+            data.x_test,
+            data.y_test,
+            TrainConfig(epochs=args.epochs, seed=args.seed),
+            progress=False,
+            log=on_epoch,
+        )
     total = time.perf_counter() - t0
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(
@@ -129,6 +202,12 @@ def main() -> None:
         )
     )
     secs = [e["seconds"] for e in log]
+    # evaluation solves run inside the clock too: count only the training share of the forward
+    # side by subtracting nothing here but reporting against the training seconds plus eval time
+    brows = breakdown_rows(clock, sum(secs) + sum(e.get("eval_seconds", 0.0) for e in log), mm)
+    print("where the time went (all epochs; forward includes the evaluation solves):")
+    print(text_table(["part", "seconds", "share", "setup s", "iterations", "us / iteration",
+                      "us / matmul", "iteration / matmul"], brows))  # fmt: skip
     summary = {
         "threads": torch.get_num_threads(),
         "mean_epoch_seconds": sum(secs) / len(secs),
@@ -140,6 +219,11 @@ def main() -> None:
         "peak_rss_mb": rss_mb,
         "mean_gflops": sum(e["gflops"] for e in log) / len(log),
         "matmul_peak_gflops": peak,
+        "forward_solve_seconds": clock.t["forward"],
+        "backward_solve_seconds": clock.t["backward"],
+        "forward_us_per_iteration": 1e6 * clock.t["forward_loop"] / max(clock.iterations["forward"], 1),
+        "backward_us_per_iteration": 1e6 * clock.t["backward_loop"] / max(clock.iterations["backward"], 1),
+        "matmul_us": 1e6 * mm,
     }
     print(text_table(["metric", "value"], [[k, v] for k, v in summary.items()]))
     print(
