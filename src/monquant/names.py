@@ -14,12 +14,14 @@ loads any data, and the modules that implement each concept import their names f
   study adds ``construction`` for factored weights that are monotone by construction;
 - verdicts: ``certified``, ``refuted`` (proved non-monotone), ``undecided`` (within rounding);
 - training methods: ``ptq``, ``ste``, ``margin`` (margin-aware QAT), ``proxquant-w``,
-  ``proxquant-factors``.
+  ``proxquant-factors``;
+- sweep executors: ``serial``, ``process`` (local worker processes), ``ray``.
 """
 
 from __future__ import annotations
 
 __all__ = [
+    "EXECUTORS",
     "GRANULARITIES",
     "IMPORT_LAYOUTS",
     "MAX_BITS",
@@ -46,3 +48,5 @@ VERDICTS: tuple[str, ...] = ("certified", "refuted", "undecided")
 #: Checkpoint layouts ``monquant import`` reads (``monquant.storage.foreign``).
 IMPORT_LAYOUTS: tuple[str, ...] = ("mondeq-quant", "monotone-op-net")
 QUANT_METHODS: tuple[str, ...] = ("ptq", "ste", "margin", "proxquant-w", "proxquant-factors")
+#: Where a sweep's independent tasks run (``monquant.executors``).
+EXECUTORS: tuple[str, ...] = ("serial", "process", "ray")

@@ -172,3 +172,79 @@ def test_cli_quick_on_mnist(tmp_path, mnist_dir, capsys):
     out = capsys.readouterr().out
     assert "ProxQuant on factors" in out and "report:" in out
     assert (tmp_path / "report.md").exists()
+
+
+# ---------------------------------------------------------------- executors (issue 16)
+
+# timings, the settings (they name the executor) and paths into each run's own folder
+TIMING_KEYS = {"train_seconds", "seconds", "stage_seconds", "wall_seconds_all_stages", "config",
+               "command", "resumed_stages", "eval_seconds", "model"}  # fmt: skip
+
+
+def _comparable(obj):
+    """results.json without timings and the executor settings (everything else must match)."""
+    if isinstance(obj, dict):
+        return {k: _comparable(v) for k, v in obj.items() if k not in TIMING_KEYS}
+    if isinstance(obj, list):
+        return [_comparable(v) for v in obj]
+    return obj
+
+
+def _sweep(out, executor: str, **kw):
+    torch.set_num_threads(1)  # the serial run and every worker use one thread: same arithmetic
+    run_lowbit(out, _synthetic(), quick=True, methods=("ptq", "ste", "margin"), progress=False,
+               echo=None, executor=executor, **QUICK, **kw)  # fmt: skip
+    return json.loads((out / "results.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def serial_sweep(tmp_path_factory):
+    before = torch.get_num_threads()
+    try:
+        return _sweep(tmp_path_factory.mktemp("serial"), "serial")
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("executor", ["process", "ray"])
+def test_executors_give_the_serial_results(tmp_path, serial_sweep, executor):
+    if executor == "ray":
+        pytest.importorskip("ray")
+    before = torch.get_num_threads()
+    try:
+        res = _sweep(tmp_path, executor, workers=2)
+    finally:
+        torch.set_num_threads(before)
+    assert _comparable(res) == _comparable(serial_sweep)
+    assert res["config"]["executor"] == executor and res["rows"]
+
+
+def test_a_failed_task_is_a_row_and_resume_retries_it(tmp_path, monkeypatch):
+    from monquant.experiments.lowbit_study import study
+
+    real = study._config_stage
+
+    def flaky(cfg, method, *a, **kw):
+        if method.kind == "ste":
+            raise RuntimeError("worker lost")
+        return real(cfg, method, *a, **kw)
+
+    monkeypatch.setattr(study, "_config_stage", flaky)
+    res = run_lowbit(tmp_path, _synthetic(), quick=True, methods=("ptq", "ste"), progress=False,
+                     echo=None, **QUICK)  # fmt: skip
+    failed = [r for r in res["rows"] if r["status"] == "failed"]
+    assert failed and all("worker lost" in r["error"] for r in failed)
+    assert not any((tmp_path / "stages").glob("ste-*"))  # not saved: --resume retries it
+    monkeypatch.setattr(study, "_config_stage", real)
+    again = run_lowbit(tmp_path, _synthetic(), quick=True, methods=("ptq", "ste"), resume=True,
+                       progress=False, echo=None, **QUICK)  # fmt: skip
+    assert all(r["status"] == "ok" for r in again["rows"])
+
+
+def test_executor_settings_are_checked() -> None:
+    from monquant.executors import ExecutorSpec
+
+    with pytest.raises(ConfigError, match="executor"):
+        ExecutorSpec("dask")
+    with pytest.raises(ConfigError, match="address"):
+        ExecutorSpec("process", address="auto")

@@ -299,6 +299,20 @@ def step_rule_arg(p: argparse.ArgumentParser) -> None:
     )
 
 
+def executor_args(p: argparse.ArgumentParser) -> None:
+    """``--executor serial|process|ray``, ``--workers N``, ``--address ADDR`` (sweeps)."""
+    from monquant.names import EXECUTORS
+
+    g = p.add_argument_group("executor")
+    g.add_argument("--executor", choices=EXECUTORS, default="serial",
+                   help="where the independent trainings run: here, in local worker processes, "
+                   "or on Ray (pip install monquant[ray])")  # fmt: skip
+    g.add_argument("--workers", type=positive_int, default=None,
+                   help="worker processes / Ray CPUs (default: the available cores)")  # fmt: skip
+    g.add_argument("--address", default=None,
+                   help="Ray cluster address (default: start a local Ray for the run)")  # fmt: skip
+
+
 def data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--data-dir",

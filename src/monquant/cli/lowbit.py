@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from monquant.cli.common import bits_arg, data_args, emit, load_data, positive_int
+from monquant.cli.common import bits_arg, data_args, emit, executor_args, load_data, positive_int
 
 __all__ = ["cmd_lowbit", "register"]
 
@@ -18,6 +18,8 @@ EPILOG_LOWBIT = """examples:
   monquant lowbit --resume                         # skip configurations already finished
   monquant lowbit --resume --budget-minutes 25     # stop starting new ones after 25 minutes
   monquant lowbit --model runs/float/model.safetensors --seeds 0
+  monquant lowbit --executor process --workers 2   # configurations in 2 worker processes
+  monquant lowbit --executor ray --address auto    # on a running Ray cluster (pip install monquant[ray])
 """
 
 
@@ -31,6 +33,10 @@ def cmd_lowbit(args: argparse.Namespace) -> int:
         options["budget_s"] = 60.0 * args.budget_minutes
     if args.train_limit is not None:
         options["train_limit"] = args.train_limit
+    options.update(executor=args.executor, workers=args.workers, address=args.address)
+    from monquant.executors import ExecutorSpec
+
+    ExecutorSpec(args.executor, args.workers, args.address)  # checked before any data loads
     data = load_data(args)
     echo = (lambda m: print(m, file=sys.stderr)) if args.json else print
     res = run_lowbit(
@@ -101,6 +107,7 @@ def register(add: Callable[..., argparse.ArgumentParser]) -> None:
                    help="training methods to compare (default: all)")  # fmt: skip
     p.add_argument("--model", default=None, help="float checkpoint to use for every seed")
     p.add_argument("--train-limit", type=positive_int, default=None, help="fine-tuning samples")
+    executor_args(p)
     p.add_argument(
         "--budget-minutes",
         type=float,

@@ -26,6 +26,7 @@ import torch
 
 from monquant.data import MNIST, random_subset, subset
 from monquant.errors import ConfigError, MonquantError
+from monquant.executors import ExecutorSpec, Task, TaskFailure, run_tasks
 from monquant.experiments.paper.reproduce import StageRunner
 from monquant.model import MonDEQClassifier
 from monquant.storage.checkpoints import load_model
@@ -112,6 +113,9 @@ class LowbitConfig:
     tol: float = 1e-4
     max_iter: int = 2000
     budget_s: float | None = None
+    executor: str = "serial"
+    workers: int | None = None
+    address: str | None = None
     quick: bool = False
     resume: bool = False
     progress: bool = True
@@ -365,50 +369,49 @@ class _Budget:
         self.t0 = time.perf_counter()
         self.skipped: list[str] = []
 
-    def run(self, runner: StageRunner, name: str, fn: Callable[[], Any]) -> Any:
-        done = (runner.dir / f"{name}.json").exists() and runner.resume
-        over = self.budget_s is not None and time.perf_counter() - self.t0 > self.budget_s
-        if over and not done:
-            self.skipped.append(name)
-            return None
-        return runner.run(name, fn)
+    def allows(self) -> bool:
+        return self.budget_s is None or time.perf_counter() - self.t0 <= self.budget_s
 
 
-def _seed_stages(
-    cfg: LowbitConfig,
-    data: MNIST,
-    seed: int,
-    runner: StageRunner,
-    budget: _Budget,
-    echo: Echo,
-) -> tuple[dict[str, Any] | None, dict[str, Any] | None, list[dict[str, Any]]]:
-    """Float model, PTQ rows and every trained configuration for one seed."""
-    specs = cfg.method_specs()
-    fl = budget.run(runner, f"float-s{seed}", lambda: _float_stage(cfg, data, seed, echo))
-    if fl is None:
-        budget.skipped += [stage_name(m, seed) for m in specs if m.kind != "ptq"]
-        return None, None, []
+# ------------------------------------------------------------------ tasks (any executor)
+
+
+def _float_task(data: MNIST, cfg: LowbitConfig, seed: int, echo: Echo) -> dict[str, Any]:
+    return _float_stage(cfg, data, seed, echo)
+
+
+def _config_task(data: MNIST, cfg: LowbitConfig, method: QuantMethod, float_path: str,
+                 seed: int) -> dict[str, Any]:  # fmt: skip
     test_xy = subset(data.x_test, data.y_test, cfg.test_limit)
     n_train = cfg.train_limit or data.x_train.shape[0]
     train_xy = random_subset(data.x_train, data.y_train, min(n_train, len(data.y_train)), seed)
-    ptq_specs = [m for m in specs if m.kind == "ptq"]
-    ptq = None
-    if ptq_specs:
-        ptq = budget.run(
-            runner, f"ptq-s{seed}", lambda: _ptq_stage(cfg, ptq_specs, fl["model"], test_xy, seed)
-        )
-    rows = []
-    for m in (m for m in specs if m.kind != "ptq"):
-        row = budget.run(
-            runner,
-            stage_name(m, seed),
-            lambda m=m: _config_stage(cfg, m, fl["model"], train_xy, test_xy, seed),
-        )
-        if row is not None:
-            rows.append(row)
-            if echo:
-                echo(_row_line(row))
-    return fl, ptq, rows
+    return _config_stage(cfg, method, float_path, train_xy, test_xy, seed)
+
+
+def _run_stages(
+    cfg: LowbitConfig, tasks: list[Task], data: MNIST, runner: StageRunner, budget: _Budget
+) -> dict[str, Any]:
+    """Every task's result by name: read back when finished earlier (``resume``), else run on
+    the configured executor and saved as it finishes; a failure is a :class:`TaskFailure`; a
+    task the time budget kept from starting is absent (and listed in ``budget.skipped``)."""
+    out: dict[str, Any] = {}
+    pending = []
+    for t in tasks:
+        if runner.done(t.name):
+            out[t.name] = runner.run(t.name, lambda: None)  # read back, counted as resumed
+        else:
+            pending.append(t)
+    spec = ExecutorSpec(cfg.executor, cfg.workers, cfg.address)
+    for task, result, seconds in run_tasks(spec, pending, data, budget.allows):
+        out[task.name] = result if isinstance(result, TaskFailure) else (
+            runner.record(task.name, result, seconds))  # fmt: skip
+    budget.skipped += [t.name for t in pending if t.name not in out]
+    return out
+
+
+def _seed_float(results: dict[str, Any], seed: int) -> dict[str, Any] | None:
+    r = results.get(f"float-s{seed}")
+    return r if isinstance(r, dict) else None
 
 
 def _row_line(row: dict[str, Any]) -> str:
@@ -500,15 +503,48 @@ def _run(cfg: LowbitConfig, data: MNIST, echo: Echo) -> dict[str, Any]:
     _check_settings(cfg, out)
     runner = StageRunner(out, cfg.resume, echo)
     budget = _Budget(cfg.budget_s)
+    serial = cfg.executor == "serial"
+    specs = cfg.method_specs()
+    fl_tasks = [Task(f"float-s{seed}", _float_task, (cfg, seed, echo if serial else None))
+                for seed in cfg.seeds]  # fmt: skip
+    fl_results = _run_stages(cfg, fl_tasks, data, runner, budget)
     floats, ptqs, rows = {}, {}, []
+    test_xy = subset(data.x_test, data.y_test, cfg.test_limit)
+    ptq_specs = [m for m in specs if m.kind == "ptq"]
+    trained: list[Task] = []
     for seed in cfg.seeds:
-        fl, ptq, trained = _seed_stages(cfg, data, seed, runner, budget, echo)
-        if fl is not None:
-            floats[str(seed)] = fl
-        if ptq is not None:
+        fl = _seed_float(fl_results, seed)
+        failure = fl_results.get(f"float-s{seed}")
+        if fl is None:  # not run (budget) or failed: its configurations cannot run
+            names = [stage_name(m, seed) for m in specs if m.kind != "ptq"]
+            if isinstance(failure, TaskFailure):
+                rows += [dict(_failed_row(m, f"float model failed: {failure.error}"), seed=seed)
+                         for m in specs if m.kind != "ptq"]  # fmt: skip
+            else:
+                budget.skipped += names
+            continue
+        floats[str(seed)] = fl
+        if (ptq_specs and budget.allows()) or runner.done(f"ptq-s{seed}"):
+            ptq = runner.run(f"ptq-s{seed}",
+                             lambda fl=fl, seed=seed: _ptq_stage(cfg, ptq_specs, fl["model"],
+                                                                 test_xy, seed))  # fmt: skip
             ptqs[str(seed)] = ptq["float"]
             rows += ptq["rows"]
-        rows += trained
+        elif ptq_specs:
+            budget.skipped.append(f"ptq-s{seed}")
+        trained += [Task(stage_name(m, seed), _config_task, (cfg, m, fl["model"], seed))
+                    for m in specs if m.kind != "ptq"]  # fmt: skip
+    results_by_name = _run_stages(cfg, trained, data, runner, budget)
+    for task in trained:  # in the configurations' order, whatever order they finished in
+        r = results_by_name.get(task.name)
+        if r is None:
+            continue
+        if isinstance(r, TaskFailure):
+            method, seed = task.args[1], task.args[3]
+            r = dict(_failed_row(method, r.error), seed=seed, traceback=r.traceback)
+        rows.append(r)
+        if echo:
+            echo(_row_line(r))
     results = {
         "config": cfg.as_dict(),
         "command": " ".join(shlex.quote(a) for a in cfg.command),

@@ -118,6 +118,19 @@ class StageRunner:
         self.timings: dict[str, float] = {}
         self.skipped: list[str] = []
 
+    def done(self, name: str) -> bool:
+        """Whether ``name`` finished in an earlier run and ``resume`` skips it."""
+        return self.resume and (self.dir / f"{name}.json").exists()
+
+    def record(self, name: str, result: Any, seconds: float) -> Any:
+        """Save a stage computed elsewhere (e.g. by a sweep's worker); returns it as read back."""
+        path = self.dir / f"{name}.json"
+        write_json(path, {"seconds": seconds, "result": result})
+        self.timings[name] = seconds
+        if self.echo:
+            self.echo(f"[{name}] done in {seconds:.1f} s")
+        return read_json(path)["result"]
+
     def run(self, name: str, fn: Callable[[], Any]) -> Any:
         path = self.dir / f"{name}.json"
         if self.resume and path.exists():
