@@ -32,12 +32,14 @@ __all__ = ["EXECUTORS", "ExecutorSpec", "Task", "TaskFailure", "run_tasks"]
 
 @dataclass(frozen=True)
 class ExecutorSpec:
-    """``kind`` (:data:`EXECUTORS`), ``workers`` (process/ray; default: the available cores) and
-    ``address`` (ray: an existing cluster; ``None`` starts a local one)."""
+    """``kind`` (:data:`EXECUTORS`), ``workers`` (process/ray; default: the available cores),
+    ``address`` (ray: an existing cluster; ``None`` starts a local one) and ``threads`` (each
+    worker's intra-op threads; default the cores shared out, 1 on a cluster)."""
 
     kind: str = "serial"
     workers: int | None = None
     address: str | None = None
+    threads: int | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in EXECUTORS:
@@ -46,6 +48,8 @@ class ExecutorSpec:
             raise ConfigError(f"workers must be >= 1, got {self.workers}")
         if self.address is not None and self.kind != "ray":
             raise ConfigError("--address is for --executor ray")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"threads must be >= 1, got {self.threads}")
 
     def n_workers(self) -> int:
         from monquant.runtime import available_cores
@@ -124,7 +128,7 @@ def _process(tasks: Sequence[Task], payload: Any, spec: ExecutorSpec,
     from monquant.runtime import threads_per_worker
 
     workers = spec.n_workers()
-    threads = threads_per_worker(workers)
+    threads = spec.threads or threads_per_worker(workers)
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
                              initargs=(payload,)) as pool:  # fmt: skip
@@ -163,7 +167,7 @@ def _ray(tasks: Sequence[Task], payload: Any, spec: ExecutorSpec,
         started = True
     try:
         workers = int(ray.cluster_resources().get("CPU", spec.n_workers()))
-        threads = 1 if spec.address is not None else threads_per_worker(workers)
+        threads = spec.threads or (1 if spec.address is not None else threads_per_worker(workers))
         remote = ray.remote(num_cpus=1, max_retries=0)(_call)
         ref = ray.put(payload)  # sent to the object store once, shared by every task
         queue, running = list(tasks), {}

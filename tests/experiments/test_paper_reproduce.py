@@ -20,10 +20,44 @@ def quick_run(tmp_path_factory, mnist_dir):
             str(mnist_dir),
             "--no-progress",
             "--no-download",
+            "--threads",
+            "1",
         ]
     )
     assert rc == 0
     return out
+
+
+def test_process_executor_retrains_to_the_same_stages(quick_run, tmp_path, mnist_dir):
+    """The independent trainings (QAT, extra seeds) rerun in two worker processes, from the
+    serial run's other stages (--resume), give the same stage results."""
+    import shutil
+
+    out = tmp_path / "proc"
+    shutil.copytree(quick_run, out)
+    trained = [p for p in (out / "stages").glob("*.json")
+               if p.stem.startswith("float_seed_") or p.stem[4:].isdigit()]  # qat_<bits>  # fmt: skip
+    assert trained
+    serial = {p.stem: json.loads(p.read_text())["result"] for p in trained}
+    for p in trained:
+        p.unlink()
+    for name in ("qat_vs_ptq", "seeds"):
+        (out / "stages" / f"{name}.json").unlink()
+    rc = main(["reproduce", "--quick", "--out", str(out), "--data-dir", str(mnist_dir),
+               "--no-progress", "--no-download", "--threads", "1", "--resume",
+               "--executor", "process", "--workers", "2"])  # fmt: skip
+    assert rc == 0
+    again = {p.stem: json.loads((out / "stages" / f"{p.stem}.json").read_text())["result"]
+             for p in trained}  # fmt: skip
+    drop = ("train_seconds", "model")
+    for name, r in serial.items():
+        a = {k: v for k, v in r.items() if k not in drop}
+        b = {k: v for k, v in again[name].items() if k not in drop}
+        for h1, h2 in zip(a.pop("history"), b.pop("history"), strict=True):
+            for k in ("seconds", "eval_seconds"):
+                h1.pop(k, None), h2.pop(k, None)
+            assert h1 == h2
+        assert a == b
 
 
 def test_outputs_exist(quick_run):

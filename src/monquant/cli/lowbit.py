@@ -33,7 +33,8 @@ def cmd_lowbit(args: argparse.Namespace) -> int:
         options["budget_s"] = 60.0 * args.budget_minutes
     if args.train_limit is not None:
         options["train_limit"] = args.train_limit
-    options.update(executor=args.executor, workers=args.workers, address=args.address)
+    options.update(executor=args.executor, workers=args.workers, address=args.address,
+                   worker_threads=args.threads if getattr(args, "threads_given", False) else None)
     from monquant.executors import ExecutorSpec
 
     ExecutorSpec(args.executor, args.workers, args.address)  # checked before any data loads

@@ -106,6 +106,7 @@ def _dispatch(args: argparse.Namespace, t0: float) -> int:
         if hasattr(args, "threads"):
             from monquant.runtime import set_threads
 
+            args.threads_given = args.threads != "auto"  # an explicit count also binds workers
             args.threads = set_threads(args.threads)
         if args.command in FOLDER_COMMANDS and getattr(args, "out", None) is not None:
             # one writer per run/results folder, taken before any data loads or work starts

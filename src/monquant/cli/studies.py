@@ -11,6 +11,7 @@ from monquant.cli.common import (
     AddCommand,
     data_args,
     emit,
+    executor_args,
     load_data,
     positive_float,
     positive_int,
@@ -27,6 +28,7 @@ EPILOG_REPRODUCE = """examples:
   monquant import mondeq-quant mnist_mondeq_float.pt --out paper.safetensors
   monquant reproduce --model paper.safetensors --out results/paper-checkpoint
   monquant reproduce --setup fast --out results/fast   # monquant's earlier, faster defaults
+  monquant reproduce --executor process --workers 2    # QAT trainings and extra seeds in parallel
 """
 
 
@@ -40,7 +42,14 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         resume=args.resume,
         progress=not args.no_progress,
         command=["monquant", *sys.argv[1:]],
+        executor=args.executor,
+        workers=args.workers,
+        address=args.address,
+        worker_threads=args.threads if getattr(args, "threads_given", False) else None,
     )
+    from monquant.executors import ExecutorSpec
+
+    ExecutorSpec(args.executor, args.workers, args.address)  # checked before any data loads
     if args.seed is not None:
         kw["seed"] = args.seed
     if args.epochs is not None:
@@ -115,6 +124,7 @@ def register(add: AddCommand) -> None:
         help="initial learnable margin m of every trained model (default: the setup's)",
     )
     r.add_argument("--resume", action="store_true", help="skip stages already finished")
+    executor_args(r)
     data_args(r)
 
     s = add(

@@ -116,6 +116,7 @@ class LowbitConfig:
     executor: str = "serial"
     workers: int | None = None
     address: str | None = None
+    worker_threads: int | None = None
     quick: bool = False
     resume: bool = False
     progress: bool = True
@@ -401,7 +402,7 @@ def _run_stages(
             out[t.name] = runner.run(t.name, lambda: None)  # read back, counted as resumed
         else:
             pending.append(t)
-    spec = ExecutorSpec(cfg.executor, cfg.workers, cfg.address)
+    spec = ExecutorSpec(cfg.executor, cfg.workers, cfg.address, cfg.worker_threads)
     for task, result, seconds in run_tasks(spec, pending, data, budget.allows):
         out[task.name] = result if isinstance(result, TaskFailure) else (
             runner.record(task.name, result, seconds))  # fmt: skip

@@ -75,6 +75,11 @@ class ReproduceConfig:
     resume: bool = False
     progress: bool = True
     quick: bool = False
+    #: where the independent trainings (QAT stages, extra seeds) run (``monquant.executors``)
+    executor: str = "serial"
+    workers: int | None = None
+    address: str | None = None
+    worker_threads: int | None = None
     command: list[str] = field(default_factory=list)  # the command line, recorded in the report
 
     def __post_init__(self) -> None:
@@ -195,23 +200,55 @@ def _seed_certificates(model: Any, seed: int, bits: tuple[int, ...], accuracy: f
             "w_max": float(W.abs().max()), "rows": rows}  # fmt: skip
 
 
-def _seed_study(cfg: ReproduceConfig, data: MNIST, out: Path, model: Any, float_stage: dict,
-                echo: Callable[[str], None] | None) -> dict[str, Any]:  # fmt: skip
-    """The float model at ``cfg.seed`` and at every extra seed, with PTQ certificates."""
-    from dataclasses import replace
-
+def _seed_study(cfg: ReproduceConfig, model: Any, float_stage: dict,
+                trained: dict[int, dict[str, Any]]) -> dict[str, Any]:  # fmt: skip
+    """The float model at ``cfg.seed`` and at every extra seed (``trained``: their training
+    stages), with PTQ certificates."""
     hist = float_stage.get("history") or [{}]
     acc = hist[-1].get("test_accuracy", float("nan"))
     main_seed = _seed_certificates(model, int(cfg.seed or 0), cfg.seed_bits, acc)
     per_seed = [main_seed]
-    for s in cfg.extra_seeds:
-        if cfg.model is not None:
-            break  # a given checkpoint has no seed to vary
-        scfg = replace(cfg, seed=s)
-        res = _train_stage(scfg, data, out / f"float-seed{s}", None, echo)
+    for s, res in trained.items():
         m = load_model(res["model"]).model.eval()
         per_seed.append(_seed_certificates(m, s, cfg.seed_bits, res["history"][-1]["test_accuracy"]))
     return {"bits": list(cfg.seed_bits), "seeds": per_seed}
+
+
+def _train_task(data: MNIST, cfg: ReproduceConfig, out: Path, qat_bits: int | None,
+                echo: Callable[[str], None] | None) -> dict[str, Any]:  # fmt: skip
+    return _train_stage(cfg, data, out, qat_bits, echo)
+
+
+def _independent_trainings(cfg: ReproduceConfig, data: MNIST, out: Path, runner: StageRunner,
+                           echo: Callable[[str], None] | None) -> dict[str, Any]:  # fmt: skip
+    """The QAT trainings and the extra seeds' float trainings: independent, so they run as tasks
+    on the configured executor (stages ``qat_<b>`` and ``float_seed_<s>``). A failed one stops
+    the reproduction with its error (the others are saved; ``--resume`` retries)."""
+    from dataclasses import replace
+
+    from monquant.errors import MonquantError
+    from monquant.executors import ExecutorSpec, Task, TaskFailure, run_tasks
+
+    serial = cfg.executor == "serial"
+    tasks = [Task(f"qat_{b}", _train_task, (cfg, out / f"qat-{b}", b, echo if serial else None))
+             for b in cfg.qat_bits]  # fmt: skip
+    if cfg.model is None:  # a given checkpoint has no seed to vary
+        tasks += [Task(f"float_seed_{s}", _train_task,
+                       (replace(cfg, seed=s), out / f"float-seed{s}", None, echo if serial else None))
+                  for s in cfg.extra_seeds]  # fmt: skip
+    done = {t.name: runner.run(t.name, lambda: None) for t in tasks if runner.done(t.name)}
+    pending = [t for t in tasks if t.name not in done]
+    failures = []
+    spec = ExecutorSpec(cfg.executor, cfg.workers, cfg.address, cfg.worker_threads)
+    for task, result, seconds in run_tasks(spec, pending, data):
+        if isinstance(result, TaskFailure):
+            failures.append(f"{task.name}: {result.error}")
+        else:
+            done[task.name] = runner.record(task.name, result, seconds)
+    if failures:
+        raise MonquantError("trainings failed (the others are saved; --resume retries): "
+                            + "; ".join(failures))  # fmt: skip
+    return done
 
 
 def run_reproduce(
@@ -263,9 +300,10 @@ def run_reproduce(
     )
     xd, _ = random_subset(data.x_test, data.y_test, cfg.displacement_samples, cfg.seed)
     disp = runner.run("displacement", lambda: run_displacement(model, xd, cfg.displacement_bits))
+    trained = _independent_trainings(cfg, data, out, runner, echo)
     rows = []
     for b in cfg.qat_bits:
-        qat = runner.run(f"qat_{b}", lambda b=b: _train_stage(cfg, data, out / f"qat-{b}", b, echo))
+        qat = trained[f"qat_{b}"]
         qmodel = load_model(qat["model"]).model.eval()
         rows.append(
             compare_row(
@@ -280,7 +318,8 @@ def run_reproduce(
         "iterate_quant",
         lambda: run_iterate_quantization(model, xi, iters=cfg.iterate_steps, method=cfg.solver),
     )
-    seeds = runner.run("seeds", lambda: _seed_study(cfg, data, out, model, float_stage, echo))
+    extra = {s: trained[f"float_seed_{s}"] for s in cfg.extra_seeds if f"float_seed_{s}" in trained}
+    seeds = runner.run("seeds", lambda: _seed_study(cfg, model, float_stage, extra))
     total = time.perf_counter() - t_start
     results = {
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
