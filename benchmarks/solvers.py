@@ -4,7 +4,7 @@ A 100-unit MonDEQ with condition number kappa = L/m about 8, batch 128. FB at it
 m/L^2 and at alpha = 1 (uncertified unless 1 < 2m/L^2), PR and DR at 1/L, in float32 and float64.
 Target (issue 2): PR needs at most a third of FB's iterations at FB's certified step.
 
-    python benchmarks/solvers.py [--repeats 5] [--json out.json]
+    python benchmarks/solvers.py [--repeats 5] [--json out.json] [--device cuda]
 """
 
 from __future__ import annotations
@@ -39,6 +39,8 @@ def bench(W, q, cfg: SolverConfig, repeats: int) -> dict:
     for _ in range(repeats):
         t0 = time.perf_counter()
         r = solve(W, q, cfg)
+        if q.is_cuda:
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     times.sort()
     return {
@@ -60,7 +62,9 @@ def main() -> None:
     p.add_argument("--tol", type=float, default=1e-6)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--json", default=None)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (the operator and batch go there)")
     args = p.parse_args()
+    dev = torch.device(args.device)
     W64 = operator_with_kappa(args.n, args.kappa)
     st = spectral_stats(W64)
     q64 = torch.randn(
@@ -68,7 +72,7 @@ def main() -> None:
     )
     rows, out = [], []
     for dtype in (torch.float32, torch.float64):
-        W, q = W64.to(dtype), q64.to(dtype)
+        W, q = W64.to(dtype=dtype, device=dev), q64.to(dtype=dtype, device=dev)
         results = {}
         for name, method, step in (
             ("FB a=m/L^2", "fb", None),

@@ -12,7 +12,7 @@ the time of its one matrix product, measured alone in the same run (``128 x n @ 
 ratio is the per-iteration overhead (dispatch, the residual test, allocations) that no arithmetic
 needs. The rest of the epoch is the injection, the head, autograd and the optimizer.
 
-    MONQUANT_DATA=... python benchmarks/train_epoch.py [--epochs 15] [--threads N]
+    MONQUANT_DATA=... python benchmarks/train_epoch.py [--epochs 15] [--threads N] [--device cuda]
 """
 
 from __future__ import annotations
@@ -129,10 +129,14 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--margin-init", type=float, default=MonDEQConfig().margin_init)
     p.add_argument("--json", default=None)
+    p.add_argument("--device", default="cpu", help="cpu or cuda: the model and data go there")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     data = load_mnist()
+    if args.device != "cpu":
+        data = data.to(args.device)
+        torch.set_default_device(args.device)
     torch.manual_seed(args.seed)
     model = MonDEQClassifier(
         MonDEQConfig(

@@ -8,6 +8,7 @@ the one command table; each command family lives in its own module and registers
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -108,7 +109,9 @@ def _dispatch(args: argparse.Namespace, t0: float) -> int:
 
             args.threads_given = args.threads != "auto"  # an explicit count also binds workers
             args.threads = set_threads(args.threads)
-        if args.command in FOLDER_COMMANDS and getattr(args, "out", None) is not None:
+        # a data-parallel run's other ranks (torchrun sets RANK) leave the folder to rank 0
+        worker = os.environ.get("RANK", "0") != "0"
+        if args.command in FOLDER_COMMANDS and getattr(args, "out", None) is not None and not worker:
             # one writer per run/results folder, taken before any data loads or work starts
             with folder_lock(args.out, args.command):
                 return int(args.func(args) or 0)

@@ -24,10 +24,12 @@ EPILOG_TRAIN = """examples:
   monquant train --out runs/qat4 --qat-bits 4     # quantization-aware training at 4 bits
   monquant train --out runs/float --resume        # continue an interrupted run
   monquant train --out runs/lm4 --qat-bits 4 --margin-target 0.1 --robust-eps 0.1
+  torchrun --nproc-per-node 2 -m monquant train --out runs/ddp   # data-parallel (gloo on CPU)
 """
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from monquant.training import distributed as dist
     from monquant.training.runs import TrainRequest, run_training
 
     req = TrainRequest.of(
@@ -53,7 +55,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     data = load_data(args)
-    result = run_training(req, data, echo=None if args.json else print)
+    dist.init_from_env()  # under torchrun: join the process group (gloo on CPU, NCCL on CUDA)
+    result = run_training(req, data, echo=None if args.json or not dist.is_main() else print)
+    if not dist.is_main():
+        return 0  # rank 0 reports
     last = result["history"][-1]
     emit(
         args,

@@ -23,6 +23,7 @@ from monquant.model import MonDEQClassifier
 from monquant.operators import margin_tensor, spectral_stats
 from monquant.progress import progress_bar
 from monquant.quant.uniform import check_bits, fake_quant
+from monquant.training import distributed as dist
 from monquant.training.optim import Adam, StepDecay
 from monquant.training.robust import lipschitz_margin_loss
 from monquant.verified import margin_bounds, margin_verdict
@@ -284,6 +285,7 @@ def train(
         start = int(resume_state["epoch"])
     n = x_train.shape[0]
     solver = model.solver
+    ddp = dist.wrap(model) if dist.world()[1] > 1 else None  # built once: it owns the hooks
     exact_spectral = solver.forward_config.spectral
     hk = hooks or TrainHooks()
     try:
@@ -295,7 +297,7 @@ def train(
             before = solver.counters.summary()
             t0 = time.perf_counter()
             loss_sum, correct = _train_one_epoch(
-                model, opt, x_train, y_train, cfg, hk, epoch, progress
+                model, opt, x_train, y_train, cfg, hk, epoch, progress, ddp
             )
             if sched is not None:
                 sched.step()
@@ -335,6 +337,7 @@ def _train_one_epoch(
     hk: TrainHooks,
     epoch: int,
     progress: bool,
+    ddp: Any = None,
 ) -> tuple[float, float]:
     """One pass over the training set in the epoch's seeded order; returns (loss sum, correct)."""
     n = x_train.shape[0]
@@ -342,11 +345,15 @@ def _train_one_epoch(
     perm = torch.randperm(n, generator=epoch_generator(cfg.seed, epoch)).to(x_train.device)
     loss_sum = correct = 0.0
     params = getattr(opt, "params", None) or [p for g in opt.param_groups for p in g["params"]]
-    bar = progress_bar(desc=f"epoch {epoch + 1}/{cfg.epochs}", enabled=progress, total=nb)
+    rank, size = dist.world()
+    forward = ddp if ddp is not None else model  # DDP: one gradient all-reduce per step
+    bar = progress_bar(desc=f"epoch {epoch + 1}/{cfg.epochs}", enabled=progress and rank == 0,
+                       total=nb)  # fmt: skip
     for i in range(nb):
-        idx = perm[i * cfg.batch_size : (i + 1) * cfg.batch_size]
+        glob = perm[i * cfg.batch_size : (i + 1) * cfg.batch_size]
+        idx = dist.shard(glob, rank, size)
         xb, yb = x_train[idx], y_train[idx]
-        logits = model(xb)
+        logits = forward(xb)
         loss = F.cross_entropy(logits, yb)
         if not bool(torch.isfinite(loss)):
             raise TrainingDivergedError(
@@ -355,6 +362,8 @@ def _train_one_epoch(
                 "monotonicity)"
             )
         total = loss if not cfg.robust_eps else lipschitz_margin_loss(model, logits, yb, cfg.robust_eps)
+        if size > 1:  # DDP averages over ranks: weigh each shard so the mean is the global one's
+            total = total * (size * xb.shape[0] / glob.shape[0])
         for pen in (margin_penalty(model, cfg), hk.penalty(model) if hk.penalty else None):
             if pen is not None:
                 total = total + pen
@@ -377,6 +386,8 @@ def _train_one_epoch(
             )
         bar.update(1)
     bar.close()
+    if size > 1:
+        loss_sum, correct = dist.all_reduce_sum(loss_sum, correct)
     return loss_sum, correct
 
 
@@ -386,6 +397,10 @@ def _epoch_entry(model, epoch, n, loss_sum, correct, ev, before, after, seconds)
     d_fwd = after["forward_samples"] - before["forward_samples"]
     d_unc = after["forward_unconverged"] - before["forward_unconverged"]
     d_bwd_unc = after["backward_unconverged"] - before["backward_unconverged"]
+    d_it = after["forward_iterations"] - before["forward_iterations"]
+    if dist.world()[1] > 1:  # every rank's solves count (each solved its own shard)
+        d_fwd, d_unc, d_bwd_unc, d_it = (int(v) for v in dist.all_reduce_sum(d_fwd, d_unc,
+                                                                             d_bwd_unc, d_it))  # fmt: skip
     entry = {
         "epoch": epoch + 1,
         "loss": loss_sum / n,
@@ -402,8 +417,7 @@ def _epoch_entry(model, epoch, n, loss_sum, correct, ev, before, after, seconds)
         "mean_iterations": ev.mean_iterations,
         "max_iterations": ev.max_iterations,
         "test_unconverged": ev.unconverged,
-        "train_mean_iterations": (after["forward_iterations"] - before["forward_iterations"])
-        / max(d_fwd, 1),
+        "train_mean_iterations": d_it / max(d_fwd, 1),
         "seconds": seconds,
         "eval_seconds": ev.seconds,
     }

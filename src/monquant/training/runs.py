@@ -80,12 +80,19 @@ class TrainRequest:
         return self.train
 
 
+def _world_size() -> int:
+    from monquant.training import distributed as dist
+
+    return dist.world()[1]
+
+
 def _settings(req: TrainRequest, model: MonDEQClassifier, data: MNIST) -> dict[str, Any]:
     return {
         "model": model.config.as_dict(),
         "train": req.train_config().as_dict(),
         "seed": req.train.seed,
         "threads": torch.get_num_threads(),
+        "world_size": _world_size(),
         "data": {"source": str(data.source), "md5": data.md5},
     }
 
@@ -129,6 +136,10 @@ def run_training(
     The run folder is locked for the duration (:func:`monquant.storage.files.folder_lock`): a
     second training into the same folder is refused instead of silently overwriting it.
     """
+    from monquant.training import distributed as dist
+
+    if not dist.is_main():  # data-parallel: rank 0 holds the lock and writes; the others train
+        return _run_training(req, data, None)
     with folder_lock(req.out, "training"):
         return _run_training(req, data, echo)
 
@@ -166,9 +177,13 @@ def _run_training(
                 f"{entry['seconds']:.1f}s"
             )
 
+    from monquant.training import distributed as dist
+
     def checkpoint(state: dict[str, Any]) -> None:
-        save_model(ckpt, model, train_state=state, extra={"settings": settings})
-        write_json(out / "log.json", {"settings": settings, "history": state["history"]})
+        if dist.is_main():  # one writer; the others wait so that no rank runs ahead of it
+            save_model(ckpt, model, train_state=state, extra={"settings": settings})
+            write_json(out / "log.json", {"settings": settings, "history": state["history"]})
+        dist.barrier()
 
     history = train(
         model,
@@ -183,7 +198,9 @@ def _run_training(
         log=on_epoch,
     )
     final = out / "model.safetensors"
-    save_model(final, model, extra={"settings": settings, "history": history})
+    if dist.is_main():
+        save_model(final, model, extra={"settings": settings, "history": history})
+    dist.barrier()
     return {
         "model": str(final),
         "checkpoint": str(ckpt),
