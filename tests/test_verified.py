@@ -257,3 +257,32 @@ def test_tiers_imply_each_other_by_construction(n, m, seed):
                 assert c.margin_quantized_lower >= c.weyl_bound > 0
             for rho in (c.rho_fb_exact, c.rho_pr_exact, c.rho_fb_cor1, c.rho_pr_cor1):
                 assert rho is None or rho < 1
+
+
+def test_all_finite_by_one_reduction_and_its_overflow_fallback() -> None:
+    from monquant.verified import all_finite
+
+    assert all_finite(torch.ones(3, 3, dtype=torch.float64))
+    assert all_finite(torch.full((4,), 1e308, dtype=torch.float64))  # the sum overflows; entries fine
+    for bad in (math.inf, -math.inf, math.nan):
+        t = torch.ones(5, dtype=torch.float64)
+        t[2] = bad
+        assert not all_finite(t)
+    t = torch.tensor([math.inf, -math.inf], dtype=torch.float64)  # sum NaN
+    assert not all_finite(t)
+
+
+def test_lanczos_shift_keeps_the_norm_bound_proved_and_tight() -> None:
+    """For n above the eigvalsh cut-off the shift comes from Lanczos; the bound stays proved."""
+    from monquant.verified import lmax_estimate, norm2_bounds
+
+    g = torch.Generator().manual_seed(3)
+    for n in (300, 420):
+        M = torch.randn(n, n, generator=g, dtype=torch.float64) / n**0.5
+        G = M.T @ M
+        exact = float(torch.linalg.eigvalsh(0.5 * (G + G.T))[-1])
+        assert lmax_estimate(0.5 * (G + G.T)) == pytest.approx(exact, rel=1e-9)
+        upper, computed = norm2_bounds(M)
+        true = float(torch.linalg.matrix_norm(M, 2))
+        assert true <= upper <= true * (1 + 1e-8)
+        assert computed == pytest.approx(true, rel=1e-9)
