@@ -69,12 +69,12 @@ def main() -> None:
         W = operator(n)
         ours, base = [], []
         for _ in range(args.repeats):  # interleaved: A B A B ...
-            def mine() -> None:
+            def mine(W: torch.Tensor = W) -> None:
                 st = spectral_bounds(W)
                 for b in args.bits:
                     certify(W, b, float_bounds=st)
 
-            def paper() -> None:
+            def paper(W: torch.Tensor = W) -> None:
                 paper_float(W)
                 for b in args.bits:
                     paper_bits(W, b)
