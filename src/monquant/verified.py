@@ -117,38 +117,6 @@ def all_finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(t).all())
 
 
-def lmax_estimate(G: torch.Tensor, steps: int = 40) -> float:
-    """An estimate of ``lmax(G)`` for symmetric ``G`` (Lanczos with full reorthogonalization,
-    ``steps`` matrix-vector products; ``eigvalsh`` for small ``G``). It decides nothing: callers
-    verify a shift above it by a Cholesky factorization (:func:`cholesky_lower_bound`)."""
-    n = int(G.shape[0])
-    if n <= 256:  # measured here: below this a full eigvalsh is cheaper than the Python loop
-        return float(torch.linalg.eigvalsh(G)[-1])
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    v = (1.0 + 0.1 * torch.rand(n, generator=gen, dtype=torch.float64)).to(G.device)
-    Q = torch.empty(steps, n, dtype=torch.float64, device=G.device)
-    alpha, beta = [], []
-    v = v / torch.linalg.vector_norm(v)
-    for k in range(steps):
-        Q[k] = v
-        w = G @ v
-        a = float(w @ v)
-        w = w - Q[: k + 1].T @ (Q[: k + 1] @ w)  # full reorthogonalization (twice is enough)
-        w = w - Q[: k + 1].T @ (Q[: k + 1] @ w)
-        alpha.append(a)
-        b = float(torch.linalg.vector_norm(w))
-        if b <= 1e-14 * max(abs(a), 1e-300):
-            break
-        beta.append(b)
-        v = w / b
-    m = len(alpha)
-    T = torch.diag(torch.tensor(alpha, dtype=torch.float64))
-    if m > 1:
-        off = torch.tensor(beta[: m - 1], dtype=torch.float64)
-        T = T + torch.diag(off, 1) + torch.diag(off, -1)
-    return float(torch.linalg.eigvalsh(T)[-1])
-
-
 def _check_square(A: torch.Tensor, name: str) -> int:
     if not isinstance(A, torch.Tensor) or A.dim() != 2 or A.shape[0] != A.shape[1]:
         raise VerificationError(f"{name} must be a square matrix")
@@ -274,22 +242,14 @@ def norm2_bounds(
         G = M64.T @ M64
         G = 0.5 * (G + G.T)
         gram_err = up(gamma(int(M64.shape[0]) + 1) * up(F * F))
-        # the shift comes from an estimate of lmax(G) (Lanczos; an eigvalsh if it fails to
-        # verify); only the Cholesky factorization of s I - G proves the bound
-        for lam in (lmax_estimate(G), None):
-            if lam is None:
-                lam = float(torch.linalg.eigvalsh(G)[-1])
-            computed = math.sqrt(max(lam, 0.0))
-            base = gamma(int(G.shape[0]) + 2) * (float(G.diagonal().abs().sum()) + abs(lam))
-            verified = False
-            for k in range(6):
-                s = lam + base * 4.0 * 16.0**k + UNDERFLOW_UNIT
-                lb = cholesky_lower_bound(-G, -s)  # lmin(-G) >= lb  <=>  lmax(G) <= -lb
-                if lb is not None:
-                    best = min(best, up(math.sqrt(up(max(-lb, 0.0) + gram_err))))
-                    verified = True
-                    break
-            if verified:
+        lam = float(torch.linalg.eigvalsh(G)[-1])
+        computed = math.sqrt(max(lam, 0.0))
+        base = gamma(int(G.shape[0]) + 2) * (float(G.diagonal().abs().sum()) + abs(lam))
+        for k in range(6):
+            s = lam + base * 4.0 * 16.0**k + UNDERFLOW_UNIT
+            lb = cholesky_lower_bound(-G, -s)  # lmin(-G) >= lb  <=>  lmax(G) <= -lb
+            if lb is not None:
+                best = min(best, up(math.sqrt(up(max(-lb, 0.0) + gram_err))))
                 break
     return (up(best + up(float(extra))) if extra else best), computed
 
