@@ -370,7 +370,7 @@ def _train_one_epoch(
         opt.zero_grad(set_to_none=True)
         total.backward()
         opt.step()
-        if not all(bool(torch.isfinite(p).all()) for p in params):
+        if not _finite_params(params):
             raise TrainingDivergedError(
                 f"training diverged at epoch {epoch + 1}, batch {i + 1}: parameters became "
                 "non-finite after the optimizer step (non-finite gradients)"
@@ -389,6 +389,14 @@ def _train_one_epoch(
     if size > 1:
         loss_sum, correct = dist.all_reduce_sum(loss_sum, correct)
     return loss_sum, correct
+
+
+def _finite_params(params: list[torch.Tensor]) -> bool:
+    """Whether every parameter is finite, by one reduction (a NaN or inf entry makes its sum, and
+    so the total, non-finite; only an overflowing total falls back to the entrywise test)."""
+    with torch.no_grad():
+        total = torch.stack([p.detach().sum().to(torch.float64) for p in params]).sum()
+    return bool(torch.isfinite(total)) or all(bool(torch.isfinite(p).all()) for p in params)
 
 
 def _epoch_entry(model, epoch, n, loss_sum, correct, ev, before, after, seconds) -> dict[str, Any]:
