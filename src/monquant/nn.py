@@ -256,6 +256,16 @@ class _QuantLayer:
         with torch.no_grad():
             w.copy_(quantize(w, c.bits, c.granularity, step_rule=c.step_rule).dequantized())
 
+    def _adopt(self, layer: nn.Module, config: QuantConfig) -> None:
+        """Take ``layer``'s parameters and quantize the weight with ``config``."""
+        self.qconfig = config
+        self.load_state_dict({**layer.state_dict(), "_extra_state": self.get_extra_state()})  # type: ignore[attr-defined]
+        self._quantize_weight()
+
+    def extra_repr(self) -> str:
+        c = self.qconfig
+        return f"{super().extra_repr()}, weight {c.bits}-bit {c.granularity}"  # type: ignore[misc]
+
     def get_extra_state(self) -> dict[str, Any]:
         return {"format": EXTRA_STATE_FORMAT, "qconfig": self.qconfig.to_dict()}
 
@@ -273,14 +283,8 @@ class QuantLinear(_QuantLayer, nn.Linear):
         p = layer.weight
         out = cls(layer.in_features, layer.out_features, bias=layer.bias is not None,
                   device=p.device, dtype=p.dtype)  # fmt: skip
-        out.qconfig = config
-        out.load_state_dict({**layer.state_dict(), "_extra_state": out.get_extra_state()})
-        out._quantize_weight()
+        out._adopt(layer, config)
         return out
-
-    def extra_repr(self) -> str:
-        c = self.qconfig
-        return f"{super().extra_repr()}, weight {c.bits}-bit {c.granularity}"
 
 
 class QuantConv2d(_QuantLayer, nn.Conv2d):
@@ -295,11 +299,5 @@ class QuantConv2d(_QuantLayer, nn.Conv2d):
                   layer.stride, layer.padding, layer.dilation,  # type: ignore[arg-type]
                   layer.groups, layer.bias is not None, layer.padding_mode,
                   device=p.device, dtype=p.dtype)  # fmt: skip
-        out.qconfig = config
-        out.load_state_dict({**layer.state_dict(), "_extra_state": out.get_extra_state()})
-        out._quantize_weight()
+        out._adopt(layer, config)
         return out
-
-    def extra_repr(self) -> str:
-        c = self.qconfig
-        return f"{super().extra_repr()}, weight {c.bits}-bit {c.granularity}"
