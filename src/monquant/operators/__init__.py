@@ -1,7 +1,8 @@
-"""Monotone operators: the protocol (``base``), its kinds (``dense``, ``wk``), dense spectral
+"""Monotone operators: the protocol (``base``), its kinds (``dense``, ``wk``, ``conv``), dense spectral
 constants (``matrix``) and iterative, explicitly inexact estimates (``spectral``)."""
 
 from monquant.operators.base import LinearMap, MonotoneOperator
+from monquant.operators.conv import CircularConvOperator, FourierBlockMap
 from monquant.operators.dense import DenseOperator, MatrixMap
 from monquant.operators.matrix import (
     OperatorError,
@@ -18,7 +19,9 @@ from monquant.operators.spectral import estimate_stats
 from monquant.operators.wk import WKOperator
 
 __all__ = [
+    "CircularConvOperator",
     "DenseOperator",
+    "FourierBlockMap",
     "LinearMap",
     "MatrixMap",
     "MonotoneOperator",

@@ -1,0 +1,198 @@
+"""``CircularConvOperator``: ``W`` a circular convolution on a ``c x H x W`` state (issue 12).
+
+``W z`` is torch's ``conv2d`` (a cross-correlation) of ``z`` with the kernel ``K`` of shape
+``(c, c, kh, kw)`` (odd ``kh``, ``kw``; torch layout out x in x kh x kw) on the circularly padded
+state, so that the output has the state's shape:
+
+    (W z)[o, p, q] = sum_{i, a, b} K[o, i, a, b] z[i, p + a - kh//2, q + b - kw//2]   (indices mod H, W)
+
+Every circular convolution is block-diagonal in the 2-D Fourier basis: with the unitary DFT ``F``,
+``F W F^* = diag_w(K^(w))`` where the ``c x c`` complex block at frequency ``w = (k1, k2)`` is
+
+    K^(w) = sum_{a, b} K[:, :, a, b] exp(2 pi i (k1 (a - kh//2) / H + k2 (b - kw//2) / W)).
+
+Unitary similarity keeps symmetric parts, singular values and inverses block by block, so with
+``H^(w) = (K^(w) + K^(w)^*) / 2``:
+
+- ``margin(W) = lmin(sym(I - W)) = min_w lmin(I - H^(w))``;
+- ``L = ||I - W|| = max_w sigma_max(I - K^(w))`` and ``||W|| = max_w sigma_max(K^(w))``;
+- ``(I + a (I - W))^{-1}`` is one ``c x c`` inverse per frequency, applied through the FFT;
+- ``||W - W'|| = max_w sigma_max(K^(w) - K'^(w))``.
+
+No ``(c H W) x (c H W)`` matrix is formed (:meth:`dense` builds one for tests only). These are
+float64 computations of the exact quantities (``exact=True`` in the protocol's sense, like the
+dense kind's ``eigvalsh``); certificates still need their proved versions.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+
+from monquant.operators.base import LinearMap, MonotoneOperator
+from monquant.operators.matrix import OperatorError, SpectralStats
+
+__all__ = ["CircularConvOperator", "FourierBlockMap", "check_kernel"]
+
+
+def check_kernel(kernel: torch.Tensor, image: tuple[int, int]) -> tuple[int, int]:
+    """Validate a ``(c, c, kh, kw)`` kernel for a ``H x W`` image; return ``(H, W)``.
+
+    Refused with one-line :class:`OperatorError`\\ s: not a 4-D floating tensor, a channel
+    mismatch (``c_out != c_in``: ``W`` must map the state to itself), even kernel sizes (no centre),
+    an image smaller than the kernel, non-finite entries.
+    """
+    if not isinstance(kernel, torch.Tensor) or kernel.dim() != 4:
+        raise OperatorError("a convolution kernel has shape (c_out, c_in, kh, kw)")
+    if not kernel.is_floating_point():
+        raise OperatorError(f"the kernel must be floating point, got {kernel.dtype}")
+    c_out, c_in, kh, kw = (int(s) for s in kernel.shape)
+    if c_out != c_in:
+        raise OperatorError(f"channel mismatch: the kernel maps {c_in} channels to {c_out}; "
+                            "a MonDEQ operator maps the state to itself (c_out = c_in)")  # fmt: skip
+    if kh % 2 == 0 or kw % 2 == 0:
+        raise OperatorError(f"kernel sizes must be odd (a centred circular convolution), got {kh}x{kw}")
+    try:
+        H, W = (int(v) for v in image)
+    except (TypeError, ValueError):
+        raise OperatorError(f"image size must be two integers (H, W), got {image!r}") from None
+    if H < kh or W < kw:
+        raise OperatorError(f"image {H}x{W} is smaller than the kernel {kh}x{kw}")
+    if not bool(torch.isfinite(kernel).all()):
+        raise OperatorError("the kernel has NaN or infinite entries")
+    return H, W
+
+
+def fourier_blocks(kernel: torch.Tensor, image: tuple[int, int]) -> torch.Tensor:
+    """The blocks ``K^(w)`` of shape ``(H, W, c, c)`` (complex; see the module docstring)."""
+    c, _, kh, kw = kernel.shape
+    H, W = image
+    k64 = kernel.detach().to(torch.float64)
+    # place K[:, :, a, b] at (-(a - kh//2)) mod H, (-(b - kw//2)) mod W: the FFT's e^{-2 pi i k x}
+    # then gives the exp(+2 pi i k (a - kh//2) / H) of the cross-correlation
+    full = torch.zeros(c, c, H, W, dtype=torch.float64, device=kernel.device)
+    rows = [(-(a - kh // 2)) % H for a in range(kh)]
+    cols = [(-(b - kw // 2)) % W for b in range(kw)]
+    for a, r in enumerate(rows):
+        for b, s in enumerate(cols):
+            full[:, :, r, s] += k64[:, :, a, b]
+    return torch.fft.fft2(full).permute(2, 3, 0, 1).contiguous()
+
+
+class FourierBlockMap(LinearMap):
+    """``v -> F^* diag(M^(w)) F v`` for blocks ``M`` of shape ``(H, W, c, c)`` (a circulant map)."""
+
+    def __init__(self, blocks: torch.Tensor, dtype: torch.dtype):
+        self.blocks = blocks
+        self.out_dtype = dtype
+
+    def matmul(self, v: torch.Tensor) -> torch.Tensor:
+        vh = torch.fft.fft2(v.to(torch.float64))  # (B, c, H, W)
+        out = torch.einsum("hwoi,bihw->bohw", self.blocks, vh)
+        return torch.fft.ifft2(out).real.to(self.out_dtype)
+
+    @property
+    def T(self) -> FourierBlockMap:
+        return FourierBlockMap(self.blocks.conj().transpose(-1, -2), self.out_dtype)
+
+
+class CircularConvOperator(MonotoneOperator):
+    """The circular convolution ``z -> K * z`` on ``c x H x W`` states (module docstring)."""
+
+    def __init__(self, kernel: torch.Tensor, image: tuple[int, int], *, checked: bool = False):
+        self.image = (int(image[0]), int(image[1])) if checked else check_kernel(kernel, image)
+        self.kernel = kernel
+        self._blocks: torch.Tensor | None = None
+
+    @property
+    def channels(self) -> int:
+        return int(self.kernel.shape[0])
+
+    @property
+    def state_shape(self) -> tuple[int, ...]:
+        return (self.channels, *self.image)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.kernel.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.kernel.device
+
+    def blocks(self) -> torch.Tensor:
+        """The Fourier blocks ``K^(w)``, ``(H, W, c, c)`` complex128 (computed once)."""
+        if self._blocks is None:
+            self._blocks = fourier_blocks(self.kernel, self.image)
+        return self._blocks
+
+    def _conv(self, z: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+        kh, kw = kernel.shape[-2:]
+        zp = F.pad(z, (kw // 2, kw // 2, kh // 2, kh // 2), mode="circular")
+        return F.conv2d(zp, kernel.to(z.dtype))
+
+    def _kernel_T(self) -> torch.Tensor:
+        """The kernel of ``W^T``: channels swapped and flipped in space."""
+        return self.kernel.transpose(0, 1).flip(-1, -2)
+
+    def apply(self, z: torch.Tensor) -> torch.Tensor:
+        return self._conv(z, self.kernel)
+
+    def apply_T(self, z: torch.Tensor) -> torch.Tensor:
+        return self._conv(z, self._kernel_T())
+
+    def _eye(self) -> torch.Tensor:
+        return torch.eye(self.channels, dtype=torch.complex128, device=self.device)
+
+    def resolvent(self, a: float) -> FourierBlockMap | None:
+        M = (1.0 + a) * self._eye() - a * self.blocks()
+        inv, info = torch.linalg.inv_ex(M)
+        if bool((info != 0).any()) or not bool(torch.isfinite(torch.view_as_real(inv)).all()):
+            return None  # I + a (I - W) singular: only possible when margin(W) <= 0
+        return FourierBlockMap(inv, self.dtype)
+
+    def fb_map(self, a: float) -> FourierBlockMap:
+        return FourierBlockMap((1.0 - a) * self._eye() + a * self.blocks(), self.dtype)
+
+    def spectral_stats(self) -> SpectralStats:
+        Kw = self.blocks()
+        Hs = self._eye() - 0.5 * (Kw + Kw.conj().transpose(-1, -2))
+        m = float(torch.linalg.eigvalsh(Hs).min())
+        L = float(torch.linalg.matrix_norm(self._eye() - Kw, ord=2).max())
+        norm_W = float(torch.linalg.matrix_norm(Kw, ord=2).max())
+        return SpectralStats(m=m, L=L, norm_W=norm_W, exact=True)
+
+    def parameters(self) -> tuple[torch.Tensor, ...]:
+        return (self.kernel,)
+
+    def with_parameters(self, params: tuple[torch.Tensor, ...]) -> CircularConvOperator:
+        (kernel,) = params
+        same = tuple(kernel.shape) == tuple(self.kernel.shape)
+        return CircularConvOperator(kernel, self.image, checked=same)
+
+    def transpose(self) -> CircularConvOperator:
+        return CircularConvOperator(self._kernel_T(), self.image, checked=True)
+
+    def minus(self, other: MonotoneOperator) -> float:
+        if not isinstance(other, CircularConvOperator) or other.state_shape != self.state_shape:
+            raise OperatorError("minus needs a circular convolution on the same state shape")
+        diff = self.blocks() - other.blocks()  # kernel sizes may differ: the blocks do not
+        return float(torch.linalg.matrix_norm(diff, ord=2).max())
+
+    def to(self, dtype: torch.dtype | None = None, device=None) -> CircularConvOperator:
+        k = self.kernel.to(dtype=dtype or self.dtype, device=device or self.device)
+        if k is self.kernel:
+            return self
+        if not bool(torch.isfinite(k).all()):
+            raise OperatorError("the kernel overflowed in the cast")
+        return CircularConvOperator(k, self.image, checked=True)
+
+    def detach(self) -> CircularConvOperator:
+        out = CircularConvOperator(self.kernel.detach(), self.image, checked=True)
+        out._blocks = self._blocks
+        return out
+
+    def __repr__(self) -> str:
+        kh, kw = self.kernel.shape[-2:]
+        H, W = self.image
+        return f"CircularConvOperator(c={self.channels}, {kh}x{kw} kernel, {H}x{W} image)"
