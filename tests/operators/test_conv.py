@@ -105,3 +105,52 @@ def test_gradients_flow_through_the_kernel() -> None:
 def test_bad_kernels_are_refused(make, message) -> None:
     with pytest.raises(OperatorError, match=message):
         make()
+
+
+def wk_factors(c: int, r: int, k: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    A = 0.1 * torch.randn(r, c, k, k, generator=g, dtype=torch.float64)
+    B = 0.1 * torch.randn(c, c, k, k, generator=g, dtype=torch.float64)
+    return A, B
+
+
+@pytest.mark.parametrize(("c", "r", "k", "image"), [(2, 2, 3, (5, 6)), (3, 1, 5, (6, 5)), (1, 2, 3, (5, 5))])
+def test_conv_wk_operator_is_the_dense_wk_form_and_monotone_by_construction(c, r, k, image) -> None:
+    from monquant.operators.conv import ConvWKOperator
+
+    A, B = wk_factors(c, r, k, 7)
+    m = 0.25
+    op = ConvWKOperator(A, B, m, image)
+    n = c * image[0] * image[1]
+    eye = torch.eye(n, dtype=torch.float64).reshape(n, c, *image)
+    from monquant.operators.conv import _circular  # A is r x c: its matrix, by basis vectors
+
+    Amat = _circular(eye, A).reshape(n, -1).T  # (r H W) x (c H W)
+    Bmat = _circular(eye, B).reshape(n, -1).T
+    want = (1 - m) * torch.eye(n, dtype=torch.float64) - Amat.T @ Amat + Bmat - Bmat.T
+    assert torch.allclose(op.dense(), want, atol=1e-12)
+    assert torch.allclose(op.transpose().dense(), want.T, atol=1e-12)
+    S = torch.eye(n, dtype=torch.float64) - want
+    st_ = op.spectral_stats()
+    assert st_.m == pytest.approx(float(torch.linalg.eigvalsh(0.5 * (S + S.T))[0]), abs=1e-10)
+    assert st_.m >= m - 1e-12  # sym(I - W) = m I + A^T A
+    assert st_.L == pytest.approx(float(torch.linalg.matrix_norm(S, 2)), rel=1e-10)
+
+
+def test_implicit_gradients_through_a_conv_wk_layer_match_finite_differences() -> None:
+    from monquant.implicit import EquilibriumSolver
+    from monquant.operators.conv import ConvWKOperator
+    from monquant.solvers import SolverConfig as Cfg
+
+    A, B = wk_factors(2, 2, 3, 8)
+    m = torch.tensor(0.4, dtype=torch.float64)
+    q = torch.randn(3, 2, 5, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    solver = EquilibriumSolver(forward_config=Cfg("pr", tol=1e-13, max_iter=20_000),
+                               backward_tol=1e-13)  # fmt: skip
+
+    def loss(A_, B_, m_, q_):
+        z = solver(ConvWKOperator(A_, B_, m_, (5, 5), checked=True), q_)
+        return (z * torch.linspace(-1, 1, z.numel(), dtype=z.dtype).reshape(z.shape)).sum()
+
+    params = [t.clone().requires_grad_(True) for t in (A, B, m, q)]
+    assert torch.autograd.gradcheck(loss, params, eps=1e-6, atol=1e-6, rtol=1e-4)

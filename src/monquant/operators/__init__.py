@@ -2,7 +2,12 @@
 constants (``matrix``) and iterative, explicitly inexact estimates (``spectral``)."""
 
 from monquant.operators.base import LinearMap, MonotoneOperator
-from monquant.operators.conv import CircularConvOperator, FourierBlockMap
+from monquant.operators.conv import (
+    CircularConvOperator,
+    ConvWKOperator,
+    FourierBlockMap,
+    FourierOperator,
+)
 from monquant.operators.dense import DenseOperator, MatrixMap
 from monquant.operators.matrix import (
     OperatorError,
@@ -20,8 +25,10 @@ from monquant.operators.wk import WKOperator
 
 __all__ = [
     "CircularConvOperator",
+    "ConvWKOperator",
     "DenseOperator",
     "FourierBlockMap",
+    "FourierOperator",
     "LinearMap",
     "MatrixMap",
     "MonotoneOperator",

@@ -19,7 +19,9 @@ Unitary similarity keeps symmetric parts, singular values and inverses block by 
 - ``(I + a (I - W))^{-1}`` is one ``c x c`` inverse per frequency, applied through the FFT;
 - ``||W - W'|| = max_w sigma_max(K^(w) - K'^(w))``.
 
-No ``(c H W) x (c H W)`` matrix is formed (:meth:`dense` builds one for tests only). These are
+:class:`CircularConvOperator` is ``W`` given by its kernel; :class:`ConvWKOperator` is the
+Winston-Kolter form with convolution factors (monotone by construction). No ``(c H W) x (c H W)``
+matrix is formed (:meth:`dense` builds one for tests only). These are
 float64 computations of the exact quantities (``exact=True`` in the protocol's sense, like the
 dense kind's ``eigvalsh``); certificates still need their proved versions.
 """
@@ -32,51 +34,76 @@ from torch.nn import functional as F
 from monquant.operators.base import LinearMap, MonotoneOperator
 from monquant.operators.matrix import OperatorError, SpectralStats
 
-__all__ = ["CircularConvOperator", "FourierBlockMap", "check_kernel"]
+__all__ = [
+    "CircularConvOperator",
+    "ConvWKOperator",
+    "FourierBlockMap",
+    "FourierOperator",
+    "check_kernel",
+]
 
 
 def check_kernel(kernel: torch.Tensor, image: tuple[int, int]) -> tuple[int, int]:
     """Validate a ``(c, c, kh, kw)`` kernel for a ``H x W`` image; return ``(H, W)``.
 
-    Refused with one-line :class:`OperatorError`\\ s: not a 4-D floating tensor, a channel
-    mismatch (``c_out != c_in``: ``W`` must map the state to itself), even kernel sizes (no centre),
-    an image smaller than the kernel, non-finite entries.
+    Each of these is refused with a one-line :class:`OperatorError`: not a 4-D floating tensor,
+    a channel mismatch (``c_out != c_in``: ``W`` must map the state to itself), even kernel sizes
+    (no centre), an image smaller than the kernel, non-finite entries.
     """
     if not isinstance(kernel, torch.Tensor) or kernel.dim() != 4:
         raise OperatorError("a convolution kernel has shape (c_out, c_in, kh, kw)")
-    if not kernel.is_floating_point():
-        raise OperatorError(f"the kernel must be floating point, got {kernel.dtype}")
-    c_out, c_in, kh, kw = (int(s) for s in kernel.shape)
+    c_out, c_in = int(kernel.shape[0]), int(kernel.shape[1])
     if c_out != c_in:
         raise OperatorError(f"channel mismatch: the kernel maps {c_in} channels to {c_out}; "
                             "a MonDEQ operator maps the state to itself (c_out = c_in)")  # fmt: skip
+    return _check_factor(kernel, image, "kernel")
+
+
+def _check_factor(kernel: torch.Tensor, image: tuple[int, int], name: str) -> tuple[int, int]:
+    if not isinstance(kernel, torch.Tensor) or kernel.dim() != 4:
+        raise OperatorError(f"a convolution {name} has shape (c_out, c_in, kh, kw)")
+    if not kernel.is_floating_point():
+        raise OperatorError(f"the {name} must be floating point, got {kernel.dtype}")
+    kh, kw = int(kernel.shape[2]), int(kernel.shape[3])
     if kh % 2 == 0 or kw % 2 == 0:
-        raise OperatorError(f"kernel sizes must be odd (a centred circular convolution), got {kh}x{kw}")
+        raise OperatorError(f"{name} sizes must be odd (a centred circular convolution), "
+                            f"got {kh}x{kw}")  # fmt: skip
     try:
         H, W = (int(v) for v in image)
     except (TypeError, ValueError):
         raise OperatorError(f"image size must be two integers (H, W), got {image!r}") from None
     if H < kh or W < kw:
-        raise OperatorError(f"image {H}x{W} is smaller than the kernel {kh}x{kw}")
-    if not bool(torch.isfinite(kernel).all()):
-        raise OperatorError("the kernel has NaN or infinite entries")
+        raise OperatorError(f"image {H}x{W} is smaller than the {name} {kh}x{kw}")
+    if not bool(torch.isfinite(kernel.detach()).all()):
+        raise OperatorError(f"the {name} has NaN or infinite entries")
     return H, W
 
 
 def fourier_blocks(kernel: torch.Tensor, image: tuple[int, int]) -> torch.Tensor:
-    """The blocks ``K^(w)`` of shape ``(H, W, c, c)`` (complex; see the module docstring)."""
-    c, _, kh, kw = kernel.shape
+    """The blocks ``K^(w)`` of shape ``(H, W, c_out, c_in)`` (complex; module docstring)."""
+    c_out, c_in, kh, kw = kernel.shape
     H, W = image
     k64 = kernel.detach().to(torch.float64)
     # place K[:, :, a, b] at (-(a - kh//2)) mod H, (-(b - kw//2)) mod W: the FFT's e^{-2 pi i k x}
     # then gives the exp(+2 pi i k (a - kh//2) / H) of the cross-correlation
-    full = torch.zeros(c, c, H, W, dtype=torch.float64, device=kernel.device)
-    rows = [(-(a - kh // 2)) % H for a in range(kh)]
-    cols = [(-(b - kw // 2)) % W for b in range(kw)]
-    for a, r in enumerate(rows):
-        for b, s in enumerate(cols):
-            full[:, :, r, s] += k64[:, :, a, b]
+    full = torch.zeros(c_out, c_in, H, W, dtype=torch.float64, device=kernel.device)
+    for a in range(kh):
+        for b in range(kw):
+            full[:, :, (-(a - kh // 2)) % H, (-(b - kw // 2)) % W] += k64[:, :, a, b]
     return torch.fft.fft2(full).permute(2, 3, 0, 1).contiguous()
+
+
+def _circular(z: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """``conv2d`` (cross-correlation) of ``z`` with an odd ``kernel`` on the circularly padded
+    state: the output has the state's spatial shape."""
+    kh, kw = kernel.shape[-2:]
+    zp = F.pad(z, (kw // 2, kw // 2, kh // 2, kh // 2), mode="circular")
+    return F.conv2d(zp, kernel.to(z.dtype))
+
+
+def _flipped_T(kernel: torch.Tensor) -> torch.Tensor:
+    """The kernel of the adjoint circular convolution: channels swapped, flipped in space."""
+    return kernel.transpose(0, 1).flip(-1, -2)
 
 
 class FourierBlockMap(LinearMap):
@@ -96,50 +123,26 @@ class FourierBlockMap(LinearMap):
         return FourierBlockMap(self.blocks.conj().transpose(-1, -2), self.out_dtype)
 
 
-class CircularConvOperator(MonotoneOperator):
-    """The circular convolution ``z -> K * z`` on ``c x H x W`` states (module docstring)."""
+class FourierOperator(MonotoneOperator):
+    """A convolution-type operator on ``c x H x W`` states known by its Fourier blocks: the
+    resolvent, the FB map, the spectral constants and differences are computed per frequency
+    (module docstring). Kinds give :meth:`_compute_blocks` and the rest of the protocol."""
 
-    def __init__(self, kernel: torch.Tensor, image: tuple[int, int], *, checked: bool = False):
-        self.image = (int(image[0]), int(image[1])) if checked else check_kernel(kernel, image)
-        self.kernel = kernel
-        self._blocks: torch.Tensor | None = None
+    image: tuple[int, int]
+    _blocks: torch.Tensor | None = None
 
     @property
     def channels(self) -> int:
-        return int(self.kernel.shape[0])
+        return int(self.state_shape[0])
 
-    @property
-    def state_shape(self) -> tuple[int, ...]:
-        return (self.channels, *self.image)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.kernel.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.kernel.device
+    def _compute_blocks(self) -> torch.Tensor:
+        raise NotImplementedError
 
     def blocks(self) -> torch.Tensor:
-        """The Fourier blocks ``K^(w)``, ``(H, W, c, c)`` complex128 (computed once)."""
+        """The Fourier blocks of ``W``, ``(H, W, c, c)`` complex128 (computed once)."""
         if self._blocks is None:
-            self._blocks = fourier_blocks(self.kernel, self.image)
+            self._blocks = self._compute_blocks()
         return self._blocks
-
-    def _conv(self, z: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
-        kh, kw = kernel.shape[-2:]
-        zp = F.pad(z, (kw // 2, kw // 2, kh // 2, kh // 2), mode="circular")
-        return F.conv2d(zp, kernel.to(z.dtype))
-
-    def _kernel_T(self) -> torch.Tensor:
-        """The kernel of ``W^T``: channels swapped and flipped in space."""
-        return self.kernel.transpose(0, 1).flip(-1, -2)
-
-    def apply(self, z: torch.Tensor) -> torch.Tensor:
-        return self._conv(z, self.kernel)
-
-    def apply_T(self, z: torch.Tensor) -> torch.Tensor:
-        return self._conv(z, self._kernel_T())
 
     def _eye(self) -> torch.Tensor:
         return torch.eye(self.channels, dtype=torch.complex128, device=self.device)
@@ -162,6 +165,42 @@ class CircularConvOperator(MonotoneOperator):
         norm_W = float(torch.linalg.matrix_norm(Kw, ord=2).max())
         return SpectralStats(m=m, L=L, norm_W=norm_W, exact=True)
 
+    def minus(self, other: MonotoneOperator) -> float:
+        if not isinstance(other, FourierOperator) or other.state_shape != self.state_shape:
+            raise OperatorError("minus needs a convolution operator on the same state shape")
+        diff = self.blocks() - other.blocks()  # kernel sizes may differ: the blocks do not
+        return float(torch.linalg.matrix_norm(diff, ord=2).max())
+
+
+class CircularConvOperator(FourierOperator):
+    """The circular convolution ``z -> K * z`` on ``c x H x W`` states (module docstring)."""
+
+    def __init__(self, kernel: torch.Tensor, image: tuple[int, int], *, checked: bool = False):
+        self.image = (int(image[0]), int(image[1])) if checked else check_kernel(kernel, image)
+        self.kernel = kernel
+        self._blocks = None
+
+    @property
+    def state_shape(self) -> tuple[int, ...]:
+        return (int(self.kernel.shape[0]), *self.image)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.kernel.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.kernel.device
+
+    def _compute_blocks(self) -> torch.Tensor:
+        return fourier_blocks(self.kernel, self.image)
+
+    def apply(self, z: torch.Tensor) -> torch.Tensor:
+        return _circular(z, self.kernel)
+
+    def apply_T(self, z: torch.Tensor) -> torch.Tensor:
+        return _circular(z, _flipped_T(self.kernel))
+
     def parameters(self) -> tuple[torch.Tensor, ...]:
         return (self.kernel,)
 
@@ -171,13 +210,7 @@ class CircularConvOperator(MonotoneOperator):
         return CircularConvOperator(kernel, self.image, checked=same)
 
     def transpose(self) -> CircularConvOperator:
-        return CircularConvOperator(self._kernel_T(), self.image, checked=True)
-
-    def minus(self, other: MonotoneOperator) -> float:
-        if not isinstance(other, CircularConvOperator) or other.state_shape != self.state_shape:
-            raise OperatorError("minus needs a circular convolution on the same state shape")
-        diff = self.blocks() - other.blocks()  # kernel sizes may differ: the blocks do not
-        return float(torch.linalg.matrix_norm(diff, ord=2).max())
+        return CircularConvOperator(_flipped_T(self.kernel), self.image, checked=True)
 
     def to(self, dtype: torch.dtype | None = None, device=None) -> CircularConvOperator:
         k = self.kernel.to(dtype=dtype or self.dtype, device=device or self.device)
@@ -196,3 +229,81 @@ class CircularConvOperator(MonotoneOperator):
         kh, kw = self.kernel.shape[-2:]
         H, W = self.image
         return f"CircularConvOperator(c={self.channels}, {kh}x{kw} kernel, {H}x{W} image)"
+
+
+class ConvWKOperator(FourierOperator):
+    """The Winston-Kolter form with convolutions: ``W = (1 - m) I - A^T A + B - B^T``, where ``A``
+    (``r x c x k x k``) and ``B`` (``c x c x k x k``) are circular convolutions and ``^T`` their
+    adjoints. ``sym(I - W) = m I + A^T A``, so ``margin(W) >= m`` by construction; per frequency
+    the block is ``(1 - m) I - A^(w)^* A^(w) + B^(w) - B^(w)^*``. Applying it costs four
+    convolutions; gradients reach ``A``, ``B`` and ``m`` through :meth:`apply` (autograd).
+    ``transposed=True`` is ``W^T`` (``B`` and ``B^T`` swap)."""
+
+    def __init__(self, A: torch.Tensor, B: torch.Tensor, m: torch.Tensor | float,
+                 image: tuple[int, int], transposed: bool = False, *, checked: bool = False):  # fmt: skip
+        if not checked:
+            image = check_kernel(B, image)
+            _check_factor(A, image, "factor A")
+            if A.shape[1] != B.shape[0]:
+                raise OperatorError(f"A maps {A.shape[1]} channels, the state has {B.shape[0]}")
+        self.A, self.B, self.image = A, B, (int(image[0]), int(image[1]))
+        self.m = m if isinstance(m, torch.Tensor) else torch.tensor(float(m), dtype=B.dtype)
+        self.transposed = transposed
+        self._blocks = None
+
+    @property
+    def state_shape(self) -> tuple[int, ...]:
+        return (int(self.B.shape[0]), *self.image)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.B.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.B.device
+
+    def _apply(self, z: torch.Tensor, transpose: bool) -> torch.Tensor:
+        Az = _circular(z, self.A)
+        skew = _circular(z, self.B) - _circular(z, _flipped_T(self.B))
+        if transpose:
+            skew = -skew
+        return (1 - self.m.to(z.dtype)) * z - _circular(Az, _flipped_T(self.A)) + skew
+
+    def apply(self, z: torch.Tensor) -> torch.Tensor:
+        return self._apply(z, self.transposed)
+
+    def apply_T(self, z: torch.Tensor) -> torch.Tensor:
+        return self._apply(z, not self.transposed)
+
+    def _compute_blocks(self) -> torch.Tensor:
+        Ah = fourier_blocks(self.A, self.image)  # (H, W, r, c)
+        Bh = fourier_blocks(self.B, self.image)
+        skew = Bh - Bh.conj().transpose(-1, -2)
+        if self.transposed:
+            skew = -skew
+        m = float(self.m.detach())
+        return (1.0 - m) * self._eye() - Ah.conj().transpose(-1, -2) @ Ah + skew
+
+    def parameters(self) -> tuple[torch.Tensor, ...]:
+        return (self.A, self.B, self.m)
+
+    def with_parameters(self, params: tuple[torch.Tensor, ...]) -> ConvWKOperator:
+        A, B, m = params
+        return ConvWKOperator(A, B, m, self.image, self.transposed, checked=True)
+
+    def transpose(self) -> ConvWKOperator:
+        return ConvWKOperator(self.A, self.B, self.m, self.image, not self.transposed, checked=True)
+
+    def to(self, dtype: torch.dtype | None = None, device=None) -> ConvWKOperator:
+        dt, dev = dtype or self.dtype, device or self.device
+        return ConvWKOperator(self.A.to(dtype=dt, device=dev), self.B.to(dtype=dt, device=dev),
+                              self.m.to(dtype=dt, device=dev), self.image, self.transposed,
+                              checked=True)  # fmt: skip
+
+    def __repr__(self) -> str:
+        r, c, k = int(self.A.shape[0]), int(self.B.shape[0]), int(self.B.shape[-1])
+        H, W = self.image
+        t = ", transposed" if self.transposed else ""
+        return (f"ConvWKOperator(c={c}, rank={r}, {k}x{k} factors, {H}x{W} image, "
+                f"m={float(self.m):.4g}{t})")  # fmt: skip
