@@ -34,7 +34,7 @@ from monquant.qconfig import QuantConfig
 from monquant.quant.uniform import fake_quant, quantize
 from monquant.solvers import SolverConfig
 
-__all__ = ["QAT_METHODS", "LayerQuant", "MonDEQ", "QuantConv2d", "QuantLinear"]
+__all__ = ["QAT_METHODS", "ConvMonDEQ", "LayerQuant", "MonDEQ", "QuantConv2d", "QuantLinear"]
 
 #: Training-time quantization methods of :func:`monquant.api.prepare_qat`.
 QAT_METHODS: tuple[str, ...] = ("ste", "margin-aware", "proxquant-W", "proxquant-factors")
@@ -243,6 +243,84 @@ class MonDEQ(MonDEQLayer):
         quant = f", quant={self.quant.describe()}" if self.quant is not None else ""
         return (f"in_features={c.in_features}, hidden={c.hidden}{rank}, margin: {m}, "
                 f"solver={solver}, backward={c.backward}{quant}")  # fmt: skip
+
+
+class ConvMonDEQ(nn.Module):
+    """A single-convolution MonDEQ layer: ``x`` of shape ``(batch, in_channels, H, W)`` maps to the
+    equilibrium ``z* = relu(W z* + U x)`` of shape ``(batch, channels, H, W)``.
+
+    ``W = (1 - m) I - A^T A + B - B^T`` with ``A`` (``rank x channels x k x k``) and ``B``
+    (``channels x channels x k x k``) circular convolutions
+    (:class:`~monquant.operators.conv.ConvWKOperator`): monotone with margin ``>= m`` by
+    construction, for any parameters. ``U`` is an ordinary (zero-padded) ``k x k`` convolution of
+    the input. PR's resolvent is one ``c x c`` inverse per 2-D frequency (FFT), and the implicit
+    backward runs through the operator protocol. ``margin``: the initial ``m``, learned as
+    ``softplus(m_raw) + margin_floor`` unless ``learn_margin=False``.
+
+    Quantized certificates of convolutional operators are not implemented yet (issue 12): the float
+    layer's convergence is guaranteed by its construction.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        channels: int,
+        image: tuple[int, int],
+        kernel: int = 3,
+        *,
+        rank: int | None = None,
+        margin: float = 0.5,
+        learn_margin: bool = True,
+        margin_floor: float = 0.0,
+        init_scale: float = 0.1,
+        solver: str = "pr",
+        tol: float = 1e-4,
+        max_iter: int = 2000,
+    ) -> None:
+        super().__init__()
+        from monquant.model import softplus_inverse
+        from monquant.operators.conv import ConvWKOperator
+
+        if not 0 <= margin_floor < margin:
+            raise ConfigError(f"margin_floor must be in [0, margin={margin}), got {margin_floor}")
+        c, r, k = int(channels), int(rank or channels), int(kernel)
+        self.image = (int(image[0]), int(image[1]))
+        self.margin_floor = float(margin_floor)
+        self.U = nn.Conv2d(in_channels, c, k, padding=k // 2)
+        scale = init_scale / (k * c**0.5)
+        self.A = nn.Parameter(scale * torch.randn(r, c, k, k))
+        self.B = nn.Parameter(scale * torch.randn(c, c, k, k))
+        m_raw = torch.tensor(softplus_inverse(margin - margin_floor))
+        if learn_margin:
+            self.m_raw = nn.Parameter(m_raw)
+        else:
+            self.register_buffer("m_raw", m_raw)
+        ConvWKOperator(self.A.detach(), self.B.detach(), margin, self.image)  # validates the sizes
+        self.solver = EquilibriumSolver(
+            forward_config=SolverConfig(method=solver, tol=tol, max_iter=max_iter)
+        )
+
+    def margin(self) -> torch.Tensor:
+        """``m = softplus(m_raw) + margin_floor``: a lower bound on margin(W)."""
+        return F.softplus(self.m_raw) + self.margin_floor
+
+    def operator(self) -> Any:
+        """``W`` as a :class:`~monquant.operators.conv.ConvWKOperator` (differentiable)."""
+        from monquant.operators.conv import ConvWKOperator
+
+        return ConvWKOperator(self.A, self.B, self.margin(), self.image, checked=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q = self.U(x)
+        return self.solver(self.operator(), q)
+
+    def extra_repr(self) -> str:
+        s = self.solver.forward_config
+        k = int(self.B.shape[-1])
+        return (f"channels={self.B.shape[0]}, rank={self.A.shape[0]}, {k}x{k} factors, image="
+                f"{self.image[0]}x{self.image[1]}, margin: W-K, m = softplus(m_raw) + "
+                f"{self.margin_floor:g} (now {float(self.margin().detach()):.4g}), "
+                f"solver={s.method}(tol={s.tol:g}, max_iter={s.max_iter})")  # fmt: skip
 
 
 class _QuantLayer:

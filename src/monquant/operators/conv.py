@@ -107,16 +107,33 @@ def _flipped_T(kernel: torch.Tensor) -> torch.Tensor:
 
 
 class FourierBlockMap(LinearMap):
-    """``v -> F^* diag(M^(w)) F v`` for blocks ``M`` of shape ``(H, W, c, c)`` (a circulant map)."""
+    """``v -> F^* diag(M^(w)) F v`` for blocks ``M`` of shape ``(H, W, c, c)`` (a circulant map).
+
+    The map is real (the blocks at ``w`` and ``-w`` are conjugate), so it is applied on the
+    half-spectrum of the real FFT: ``rfft2``, one ``c x c`` product per kept frequency, ``irfft2``,
+    in the precision of ``v`` (float32 states use complex64 transforms, float64 ones complex128).
+    """
 
     def __init__(self, blocks: torch.Tensor, dtype: torch.dtype):
         self.blocks = blocks
         self.out_dtype = dtype
+        self._half: dict[torch.dtype, torch.Tensor] = {}
+
+    def _blocks_for(self, dtype: torch.dtype) -> torch.Tensor:
+        cdt = torch.complex64 if dtype in (torch.float32, torch.float16, torch.bfloat16) else (
+            torch.complex128)  # fmt: skip
+        half = self._half.get(cdt)
+        if half is None:
+            half = self.blocks[:, : self.blocks.shape[1] // 2 + 1].to(cdt).contiguous()
+            self._half[cdt] = half
+        return half
 
     def matmul(self, v: torch.Tensor) -> torch.Tensor:
-        vh = torch.fft.fft2(v.to(torch.float64))  # (B, c, H, W)
-        out = torch.einsum("hwoi,bihw->bohw", self.blocks, vh)
-        return torch.fft.ifft2(out).real.to(self.out_dtype)
+        H, W = self.blocks.shape[0], self.blocks.shape[1]
+        real = v if v.dtype in (torch.float32, torch.float64) else v.to(torch.float32)
+        vh = torch.fft.rfft2(real)  # (B, c, H, W // 2 + 1)
+        out = torch.einsum("hwoi,bihw->bohw", self._blocks_for(real.dtype), vh)
+        return torch.fft.irfft2(out, s=(H, W)).to(self.out_dtype)
 
     @property
     def T(self) -> FourierBlockMap:
