@@ -46,6 +46,7 @@ __all__ = [
     "a_priori_entry_bound",
     "a_priori_min_bits",
     "backward_certificate",
+    "certificate_from_bounds",
     "certify",
     "certify_operator",
     "certify_sweep",
@@ -432,8 +433,33 @@ def certify_operator(
     w_max = float(W64.abs().max()) if w_max is None else float(w_max)
     st = float_bounds if float_bounds is not None else spectral_bounds(W64)
     st_q = spectral_bounds(Wt, radius=radius, norm=False)
-    m, L, m_lo = st.m, st.L, st.m_lo
     dW_hi, dW = difference_norm_bounds(Wt, W64, radius)
+    return certificate_from_bounds(st, st_q, dW_hi, dW, apb, n=n, bits=bits,
+                                   granularity=granularity, step=step_t, w_max=w_max,
+                                   step_rule=step_rule)  # fmt: skip
+
+
+def certificate_from_bounds(
+    st: SpectralBounds,
+    st_q: SpectralBounds,
+    dW_hi: float,
+    dW: float,
+    apb: float,
+    *,
+    n: int,
+    bits: int | None,
+    granularity: str,
+    step: float,
+    w_max: float,
+    step_rule: str | None,
+) -> Certificate:
+    """Every tier, modulus and bound of the certificate from proved bounds of the two operators:
+    ``st`` of ``W`` and ``st_q`` of ``W~`` (:class:`~monquant.verified.SpectralBounds`),
+    ``dW_hi >= ||W~ - W||`` (``dW`` its computed value) and the a-priori bound ``apb``. Any operator
+    kind that proves these bounds (the dense matrix here, the Fourier blocks of a convolution in
+    :mod:`monquant.certify_conv`) gets the same certificate."""
+    m, L, m_lo = st.m, st.L, st.m_lo
+    step_t = step
     dW_hi = min(dW_hi, apb)  # both are proved; the a-priori bound is the Frobenius bound's cap
     monotone = st.monotone
     weyl_lo = down(m_lo - dW_hi) if monotone else -math.inf
