@@ -257,8 +257,9 @@ class ConvMonDEQ(nn.Module):
     backward runs through the operator protocol. ``margin``: the initial ``m``, learned as
     ``softplus(m_raw) + margin_floor`` unless ``learn_margin=False``.
 
-    Quantized certificates of convolutional operators are not implemented yet (issue 12): the float
-    layer's convergence is guaranteed by its construction.
+    The float layer's convergence is guaranteed by its construction. A quantized kernel is
+    certified by :func:`monquant.certify_conv.certify_conv`; the model-level API
+    (``quantize_``, ``certify_model``) does not handle this layer yet.
     """
 
     def __init__(

@@ -146,20 +146,22 @@ def cholesky_lower_bound(A: torch.Tensor, tau: float) -> float | None:
 
     ``A`` must be exactly symmetric (as stored). ``err = gamma_{n+2} / (1 - gamma_{n+2}) tr(A^)``
     (backward error of the factorization) ``+ u max|a^_ii|`` (rounding of the shift) plus an
-    underflow term; see the module docstring for the proof.
+    underflow term; see the module docstring for the proof. A batch ``(..., n, n)`` is verified in
+    one batched factorization: the bound then holds for every matrix of the batch, with the error
+    terms taken at their largest over it (each term grows with the trace, diagonal and entries).
     """
     A64 = _f64(A)
-    n = int(A64.shape[0])
+    n = int(A64.shape[-1])
     Ash = A64.clone()
-    Ash.diagonal().sub_(float(tau))
+    Ash.diagonal(dim1=-2, dim2=-1).sub_(float(tau))
     R, info = torch.linalg.cholesky_ex(Ash)
-    if int(info) != 0 or not all_finite(R):
+    if bool((info != 0).any()) or not all_finite(R):
         return None
-    diag = Ash.diagonal()
+    diag = Ash.diagonal(dim1=-2, dim2=-1)
     if bool((diag < 0).any()):  # cannot happen after a completed factorization; be strict
         return None
     g = gamma(n + 2)
-    trace = inflate(float(diag.sum()), n)
+    trace = inflate(float(diag.sum(dim=-1).max()), n)
     chol_err = up(up(g / down(1.0 - g)) * trace)
     dmax = float(diag.max())
     shift_err = up(2.0 * UNIT_ROUNDOFF * dmax)

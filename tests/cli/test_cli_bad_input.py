@@ -66,6 +66,14 @@ def _fixtures(tmp: Path) -> dict[str, Path]:
         np.savez(f[name], W=W)
     f["nonw"] = tmp / "nonw.npz"
     np.savez(f["nonw"], V=np.eye(3))
+    good = np.zeros((2, 2, 3, 3))
+    good[:, :, 1, 1] = 0.3 * np.eye(2)
+    nank = good.copy()
+    nank[0, 0, 0, 0] = np.nan
+    for name, K in [("kernel", good), ("evenk", np.zeros((2, 2, 2, 2))),
+                    ("chmis", np.zeros((2, 3, 3, 3))), ("nank", nank)]:  # fmt: skip
+        f[name] = tmp / f"{name}.npz"
+        np.savez(f[name], W=K)
     raw = CKPT.read_bytes()
     f["trunc"] = tmp / "trunc.safetensors"
     f["trunc"].write_bytes(raw[:500])

@@ -333,6 +333,24 @@ def load_data(args: argparse.Namespace):
     return data if device.type == "cpu" else data.to(device)
 
 
+def load_kernel(path: str):
+    """The 4-D convolution kernel ``W`` (``c x c x kh x kw``) of a plain weights file."""
+    from monquant.errors import CheckpointError
+    from monquant.storage.tensors import load_weight_file
+
+    p = Path(path)
+    weights = load_weight_file(p)
+    if "W" not in weights:
+        raise CheckpointError(f"{p}: no tensor named 'W' (found: {', '.join(sorted(weights))})")
+    W = weights["W"]
+    if W.dim() != 4:
+        raise CheckpointError(f"{p}: --image-size certifies a convolution kernel W of shape "
+                              f"(c, c, kh, kw); this W has shape {tuple(W.shape)}")  # fmt: skip
+    if W.is_complex() or not W.is_floating_point():
+        raise CheckpointError(f"{p}: W has dtype {W.dtype}; a kernel is real floating point")
+    return W.double()
+
+
 def load_W(path: str):
     """``W`` (and the model, if any) from a checkpoint or a plain weights file."""
     from monquant.errors import CheckpointError
@@ -352,6 +370,9 @@ def load_W(path: str):
     if "W" not in weights:
         raise CheckpointError(f"{p}: no tensor named 'W' (found: {', '.join(sorted(weights))})")
     W = weights["W"]
+    if W.dim() == 4:
+        raise CheckpointError(f"{p}: W has shape {tuple(W.shape)}, a convolution kernel: give "
+                              "--image-size H W to certify it on an H x W state")  # fmt: skip
     if W.is_complex():
         raise CheckpointError(f"{p}: W is complex ({W.dtype}); a MonDEQ weight must be real")
     if not W.is_floating_point():
