@@ -33,7 +33,7 @@ def test_conv_mondeq_trains_and_stays_monotone() -> None:
         assert layer.solver.last_forward.all_converged and layer.solver.last_backward.all_converged
     assert losses[-1] < 0.7 * losses[0]
     st = layer.operator().spectral_stats()
-    assert st.m >= float(layer.margin()) - 1e-9 > 0  # sym(I - W) = m I + A^T A
+    assert st.m >= float(layer.margin().detach()) - 1e-9 > 0  # sym(I - W) = m I + A^T A
     assert "channels=4" in repr(layer) and "3x3 factors" in repr(layer)
 
 
@@ -44,3 +44,46 @@ def test_conv_mondeq_refuses_bad_sizes() -> None:
         ConvMonDEQ(1, 2, (8, 8), kernel=4)
     with pytest.raises(ConfigError, match="margin_floor"):
         ConvMonDEQ(1, 2, (8, 8), margin=0.1, margin_floor=0.2)
+
+
+def test_quantize_and_certify_a_conv_model_then_reload(tmp_path) -> None:
+    import monquant
+    from monquant.certify import certify
+    from monquant.nn import QuantConv2d
+    from monquant.operators.conv import CircularConvOperator
+
+    torch.manual_seed(3)
+    make = lambda: nn.Sequential(ConvMonDEQ(1, 3, (6, 6), margin=0.4), nn.Flatten(),  # noqa: E731
+                                 nn.Linear(3 * 36, 4))  # fmt: skip
+    model = make()
+    x = torch.randn(5, 1, 6, 6)
+    with torch.no_grad():
+        ref = model(x)
+    config = monquant.QuantConfig(bits=8, granularity="per-channel", targets=("W", "Conv2d"))
+    monquant.quantize_(model, config)
+    layer = model[0]
+    assert layer.quant.mode == "quantized" and layer.quant.tensors["K"].shape == (3, 3, 5, 5)
+    assert not isinstance(layer.U, QuantConv2d)  # the injection is the layer's own, not a target
+    assert "8-bit per-channel composite kernel" in repr(layer)
+    cert = monquant.certify_model(model)
+    assert cert.verdict == "certified" and cert.layers["0"].bits == 8
+    # the same verdict and bounds as the dense certificate of the same two operators
+    K = layer.operator().composite_kernel()
+    d = certify(CircularConvOperator(K, (6, 6)).dense(),
+                W_tilde=CircularConvOperator(layer.quant.tensors["K"].double(), (6, 6)).dense())  # fmt: skip
+    c = cert.layers["0"]
+    assert c.verdict == d.verdict and c.margin_quantized_lower == pytest.approx(
+        d.margin_quantized_lower, abs=1e-9)  # fmt: skip
+    with torch.no_grad():
+        out = model(x)
+    assert torch.allclose(out, ref, atol=5e-2)
+    torch.save(model.state_dict(), tmp_path / "m.pt")
+    fresh = make()
+    fresh.load_state_dict(torch.load(tmp_path / "m.pt", weights_only=True))
+    with torch.no_grad():
+        assert torch.equal(fresh(x), out)
+    assert monquant.certify_model(fresh).to_dict() == cert.to_dict()
+    with pytest.raises(ConfigError, match="post-training"):
+        monquant.prepare_qat(make(), monquant.QuantConfig(bits=4))
+    low = monquant.certify_model(make(), monquant.QuantConfig(bits=2))
+    assert low.layers["0"].bits == 2 and low.verdict in ("certified", "refuted", "undecided")

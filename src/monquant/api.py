@@ -29,7 +29,7 @@ from monquant.certify import Certificate, certify, certify_operator
 from monquant.certify import min_certified_bits as _min_bits
 from monquant.errors import ConfigError
 from monquant.model import MonDEQLayer
-from monquant.nn import QAT_METHODS, LayerQuant, MonDEQ, QuantConv2d, QuantLinear
+from monquant.nn import QAT_METHODS, ConvMonDEQ, LayerQuant, MonDEQ, QuantConv2d, QuantLinear
 from monquant.qconfig import QuantConfig
 from monquant.quant.uniform import quantize
 
@@ -71,6 +71,45 @@ def mondeq_layers(model: nn.Module, filter_fn: FilterFn | None = None,
         yield name, layer
 
 
+def _conv_layers(model: nn.Module, filter_fn: FilterFn | None) -> list[tuple[str, ConvMonDEQ]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, ConvMonDEQ)
+            and (filter_fn is None or filter_fn(m, n))]  # fmt: skip
+
+
+@torch.no_grad()
+def _quantize_conv(layer: ConvMonDEQ, config: QuantConfig) -> None:
+    """PTQ of the composite kernel, stored in the layer's dtype (as its forward pass uses it)."""
+    if config.mondeq_targets != ("W",):
+        raise ConfigError("ConvMonDEQ layers quantize W (their composite kernel) only: use "
+                          "targets=('W',) (and 'Linear'/'Conv2d' for ordinary layers)")  # fmt: skip
+    K = layer.operator().composite_kernel().to(layer.B.dtype)
+    Kq = quantize(K, config.bits, config.granularity, step_rule=config.step_rule).dequantized()
+    layer.quant = LayerQuant(config, "quantized", "ptq", None, {"K": Kq.to(K.dtype)})
+
+
+def _conv_certificate(layer: ConvMonDEQ, config: QuantConfig | None) -> tuple[Certificate, Any]:
+    import dataclasses
+
+    from monquant.certify_conv import certify_conv
+
+    K = layer.operator().composite_kernel()
+    q = layer.quant
+    if q is not None and q.mode == "quantized" and config is None:
+        cert = certify_conv(K, layer.image, kernel_tilde=q.tensors["K"])
+        cert = dataclasses.replace(cert, bits=q.config.bits, granularity=q.config.granularity,
+                                   step_rule=q.config.step_rule)  # fmt: skip
+        return cert, {**q.config.to_dict(), "method": q.method}
+    c = config or (q.config if q is not None else None)
+    if c is None:
+        raise ConfigError("certify_model: a layer is not quantized; pass a QuantConfig to "
+                          "certify its quantization")  # fmt: skip
+    Kd = K.to(layer.B.dtype)  # what quantize_ would deploy, in the layer's dtype
+    Kq = quantize(Kd, c.bits, c.granularity, step_rule=c.step_rule).dequantized()
+    cert = certify_conv(K, layer.image, kernel_tilde=Kq)
+    cert = dataclasses.replace(cert, bits=c.bits, granularity=c.granularity, step_rule=c.step_rule)
+    return cert, c.to_dict()
+
+
 def _check_found(names: list[str], what: str) -> None:
     if not names:
         raise ConfigError(f"{what}: the model has no MonDEQ layer (that filter_fn accepts)")
@@ -95,6 +134,7 @@ def _quantize_ordinary(model: nn.Module, config: QuantConfig, filter_fn: FilterF
     kinds: dict[str, tuple[type[nn.Module], Any]] = {
         "Linear": (nn.Linear, QuantLinear), "Conv2d": (nn.Conv2d, QuantConv2d)}  # fmt: skip
     inner = [n for n, _ in mondeq_layers(model, upgrade=False) if n]
+    inner += [n for n, _ in _conv_layers(model, None) if n]
     done: list[str] = []
     for target in (t for t in config.targets if t in kinds):
         base, quant = kinds[target]
@@ -125,6 +165,9 @@ def quantize_(model: nn.Module, config: QuantConfig, filter_fn: FilterFn | None 
             used = {"W": layer.weight(), "U": layer.U.weight, "b": layer.U.bias}
             layer.quant = LayerQuant(config, "quantized", "ptq", None,
                                      _hard_tensors(layer, config, used))  # fmt: skip
+        names.append(name)
+    for name, conv in _conv_layers(model, filter_fn):
+        _quantize_conv(conv, config)
         names.append(name)
     names += _quantize_ordinary(model, config, filter_fn)
     _check_found(names, "quantize_")
@@ -171,6 +214,9 @@ def prepare_qat(
     """
     if method not in QAT_METHODS:
         raise ConfigError(f"method must be one of {QAT_METHODS}, got {method!r}")
+    if _conv_layers(model, filter_fn):
+        raise ConfigError("prepare_qat: ConvMonDEQ layers support post-training quantization "
+                          "(quantize_) only so far")  # fmt: skip
     if method.startswith("proxquant") and config.mondeq_targets != ("W",):
         raise ConfigError(f"{method} quantizes W (or its factors) only: use targets=('W',)")
     names = []
@@ -303,6 +349,8 @@ def certify_model(model: nn.Module, config: QuantConfig | None = None,
     layers, configs = {}, {}
     for name, layer in mondeq_layers(model, filter_fn, upgrade=False):
         layers[name], configs[name] = _layer_certificate(layer, config)
+    for name, conv in _conv_layers(model, filter_fn):
+        layers[name], configs[name] = _conv_certificate(conv, config)
     if not layers:
         raise ConfigError("certify_model: the model has no MonDEQ layer (that filter_fn accepts)")
     return ModelCertificate(layers, configs)

@@ -257,9 +257,11 @@ class ConvMonDEQ(nn.Module):
     backward runs through the operator protocol. ``margin``: the initial ``m``, learned as
     ``softplus(m_raw) + margin_floor`` unless ``learn_margin=False``.
 
-    The float layer's convergence is guaranteed by its construction. A quantized kernel is
-    certified by :func:`monquant.certify_conv.certify_conv`; the model-level API
-    (``quantize_``, ``certify_model``) does not handle this layer yet.
+    The float layer's convergence is guaranteed by its construction. ``monquant.quantize_``
+    quantizes its *composite kernel* (the one ``c x c x (2k-1) x (2k-1)`` kernel of ``W``, the
+    analogue of quantizing a dense ``W``); the layer then runs on that circular convolution and
+    ``monquant.certify_model`` certifies it against the float one from the Fourier blocks
+    (:func:`monquant.certify_conv.certify_conv`). The quantization state lives in the extra state.
     """
 
     def __init__(
@@ -300,6 +302,8 @@ class ConvMonDEQ(nn.Module):
         self.solver = EquilibriumSolver(
             forward_config=SolverConfig(method=solver, tol=tol, max_iter=max_iter)
         )
+        #: quantization: a LayerQuant whose tensors hold the quantized composite kernel "K"
+        self.quant: LayerQuant | None = None
 
     def margin(self) -> torch.Tensor:
         """``m = softplus(m_raw) + margin_floor``: a lower bound on margin(W)."""
@@ -311,9 +315,29 @@ class ConvMonDEQ(nn.Module):
 
         return ConvWKOperator(self.A, self.B, self.margin(), self.image, checked=True)
 
+    def deployed_operator(self) -> Any:
+        """The operator the forward pass uses: the quantized composite kernel's circular
+        convolution when quantized, else :meth:`operator`."""
+        from monquant.operators.conv import CircularConvOperator
+
+        if self.quant is not None and self.quant.mode == "quantized":
+            return CircularConvOperator(self.quant.tensors["K"], self.image, checked=True)
+        return self.operator()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q = self.U(x)
-        return self.solver(self.operator(), q)
+        op = self.deployed_operator()
+        return self.solver(op.to(dtype=q.dtype) if op.dtype != q.dtype else op, q)
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"format": EXTRA_STATE_FORMAT,
+                "quant": self.quant.state() if self.quant is not None else None}  # fmt: skip
+
+    def set_extra_state(self, state: Any) -> None:
+        if not isinstance(state, dict) or state.get("format") != EXTRA_STATE_FORMAT:
+            raise CheckpointError("not a monquant ConvMonDEQ layer state (format mismatch)")
+        q = state.get("quant")
+        self.quant = LayerQuant.from_state(q) if q is not None else None
 
     def extra_repr(self) -> str:
         s = self.solver.forward_config
@@ -321,7 +345,9 @@ class ConvMonDEQ(nn.Module):
         return (f"channels={self.B.shape[0]}, rank={self.A.shape[0]}, {k}x{k} factors, image="
                 f"{self.image[0]}x{self.image[1]}, margin: W-K, m = softplus(m_raw) + "
                 f"{self.margin_floor:g} (now {float(self.margin().detach()):.4g}), "
-                f"solver={s.method}(tol={s.tol:g}, max_iter={s.max_iter})")  # fmt: skip
+                f"solver={s.method}(tol={s.tol:g}, max_iter={s.max_iter})"
+                + (f", quant={self.quant.config.bits}-bit {self.quant.config.granularity} "
+                   "composite kernel" if self.quant is not None else ""))  # fmt: skip
 
 
 class _QuantLayer:

@@ -302,6 +302,27 @@ class ConvWKOperator(FourierOperator):
         m = float(self.m.detach())
         return (1.0 - m) * self._eye() - Ah.conj().transpose(-1, -2) @ Ah + skew
 
+    def composite_kernel(self) -> torch.Tensor:
+        """The one kernel ``(c, c, 2k - 1, 2k - 1)`` (float64) whose circular convolution is this
+        ``W`` (the identity, ``A^T A`` and ``B - B^T`` taps together): read off ``W`` applied to a
+        unit impulse in each channel. Needs an image of at least ``2k - 1`` in each direction."""
+        c, kh, kw = self.channels, int(self.B.shape[-2]), int(self.B.shape[-1])
+        kh2 = max(2 * kh - 1, 2 * int(self.A.shape[-2]) - 1)
+        kw2 = max(2 * kw - 1, 2 * int(self.A.shape[-1]) - 1)
+        H, W = self.image
+        if H < kh2 or W < kw2:
+            raise OperatorError(f"the composite {kh2}x{kw2} kernel needs an image of at least that "
+                                f"size, got {H}x{W}")  # fmt: skip
+        op = self.to(dtype=torch.float64).detach()
+        delta = torch.zeros(c, c, H, W, dtype=torch.float64, device=self.device)
+        delta[torch.arange(c), torch.arange(c), 0, 0] = 1.0
+        y = op.apply(delta)  # y[i] = W e_i: (c_in, c_out, H, W)
+        ca, cb = kh2 // 2, kw2 // 2
+        rows = torch.tensor([(-(a - ca)) % H for a in range(kh2)], device=self.device)
+        cols = torch.tensor([(-(b - cb)) % W for b in range(kw2)], device=self.device)
+        # (W z)[o, p] = sum K[o, i, a, b] z[i, p + a - ca]: an impulse at 0 gives y[o, -(a - ca)]
+        return y[:, :, rows][:, :, :, cols].transpose(0, 1).contiguous()
+
     def parameters(self) -> tuple[torch.Tensor, ...]:
         return (self.A, self.B, self.m)
 
