@@ -99,10 +99,13 @@ def proved_blocks(kernel: torch.Tensor, image: tuple[int, int]) -> tuple[torch.T
 def _embed(M: torch.Tensor) -> torch.Tensor:
     """``[[X, -Y], [Y, X]]`` for ``M = X + i Y`` (batched): the same singular values (twice), and
     for Hermitian ``M`` the same eigenvalues; exactly symmetric when ``M`` is exactly Hermitian."""
-    X, Y = M.real, M.imag
-    top = torch.cat([X, -Y], dim=-1)
-    bottom = torch.cat([Y, X], dim=-1)
-    return torch.cat([top, bottom], dim=-2).contiguous()
+    n, k = int(M.shape[-2]), int(M.shape[-1])
+    out = torch.empty(*M.shape[:-2], 2 * n, 2 * k, dtype=torch.float64, device=M.device)
+    out[..., :n, :k] = M.real
+    out[..., n:, k:] = M.real
+    out[..., :n, k:] = -M.imag
+    out[..., n:, :k] = M.imag
+    return out
 
 
 def _fro_max(M: torch.Tensor) -> float:
@@ -112,11 +115,13 @@ def _fro_max(M: torch.Tensor) -> float:
     return up(math.sqrt(inflate(float(sq.max()), k + 4))) if bool((sq > 0).any()) else 0.0
 
 
-def _lmin_bounds(S: torch.Tensor, extra: float) -> tuple[float, float, float]:
-    """``(lower, upper, computed)`` for ``min_w lmin(S_w)``, ``S`` a batch of exactly symmetric
-    real matrices with ``||S_w,true - S_w||_2 <= extra``."""
+def _lmin_bounds(Hs: torch.Tensor, extra: float) -> tuple[float, float, float]:
+    """``(lower, upper, computed)`` for ``min_w lmin(H_w)``, ``Hs`` a batch of exactly Hermitian
+    ``c x c`` blocks with ``||H_w,true - H_w||_2 <= extra``. The shift comes from the complex
+    eigenvalues (an estimate); the proof is one batched Cholesky of the real embeddings."""
+    S = _embed(Hs)
     n = int(S.shape[-1])
-    lams = torch.linalg.eigvalsh(S)[..., 0]
+    lams = torch.linalg.eigvalsh(Hs)[..., 0]
     lam = float(lams.min())
     scale = _fro_max(S) + float(S.diagonal(dim1=-2, dim2=-1).abs().sum(dim=-1).max())
     base = gamma(n + 2) * scale + UNDERFLOW_UNIT * n * n
@@ -132,16 +137,22 @@ def _lmin_bounds(S: torch.Tensor, extra: float) -> tuple[float, float, float]:
 
 
 def _norm_bound(M: torch.Tensor, extra: float) -> tuple[float, float]:
-    """``(upper, computed)`` for ``max_w ||M_w||_2`` over a batch of real matrices, with
-    ``||M_w,true - M_w|| <= extra`` (one batched Cholesky proves every block; capped by the
-    largest Frobenius bound)."""
+    """``(upper, computed)`` for ``max_w ||M_w||_2`` over a batch of complex ``k x n`` blocks,
+    with ``||M_w,true - M_w|| <= extra``; capped by the largest Frobenius bound.
+
+    ``G = fl(M^H M)``, symmetrized to be exactly Hermitian, is within ``gamma_{2k+3} 2 ||M||_F^2``
+    of ``M^H M`` (each real or imaginary part is a sum of ``2k`` real products); its real
+    embedding has the eigenvalues of ``G``, and one batched Cholesky of ``s I - embed(G)``
+    proves ``lmax(M_w^H M_w) <= s + err`` for every block."""
     k, n = int(M.shape[-2]), int(M.shape[-1])
     fro = _fro_max(M)
-    G = M.transpose(-1, -2) @ M
-    G = 0.5 * (G + G.transpose(-1, -2))
-    gram_err = up(gamma(k + 1) * up(fro * fro))
-    lam = float(torch.linalg.eigvalsh(G)[..., -1].max())
+    Gc = M.conj().transpose(-1, -2) @ M
+    Gc = 0.5 * (Gc + Gc.conj().transpose(-1, -2))
+    gram_err = up(gamma(2 * k + 3) * up(2.0 * up(fro * fro)))
+    lam = float(torch.linalg.eigvalsh(Gc)[..., -1].max())
     computed = math.sqrt(max(lam, 0.0))
+    G = _embed(Gc)
+    n = 2 * n
     base = gamma(n + 2) * (float(G.diagonal(dim1=-2, dim2=-1).abs().sum(dim=-1).max()) + abs(lam))
     best = fro
     for j in range(6):
@@ -160,15 +171,14 @@ def conv_spectral_bounds(kernel: torch.Tensor, image: tuple[int, int], norm: boo
     Kh, e = proved_blocks(kernel, image)
     c = int(kernel.shape[0])
     eye = torch.eye(c, dtype=torch.complex128, device=Kh.device)
-    Hs = eye - 0.5 * (Kh + Kh.conj().transpose(-1, -2))  # exactly Hermitian as computed
-    S = _embed(Hs).reshape(-1, 2 * c, 2 * c)
-    # ||S_true - S|| <= e (half of E + E^H) + the rounding of the sum and of I - (., one each)
+    Hs = (eye - 0.5 * (Kh + Kh.conj().transpose(-1, -2))).reshape(-1, c, c)  # exactly Hermitian
+    # ||H_true - H|| <= e (half of E + E^H) + the rounding of the sum and of I - (., one each)
     form = up(2.0 * UNIT_ROUNDOFF * up(_fro_max(Kh) + _fro_max(Hs)))
-    m_lo, m_hi, m = _lmin_bounds(S, up(e + form))
-    IK = _embed(eye - Kh).reshape(-1, 2 * c, 2 * c)
-    L_hi, L = _norm_bound(IK, up(e + up(2.0 * UNIT_ROUNDOFF * _fro_max(eye - Kh))))
+    m_lo, m_hi, m = _lmin_bounds(Hs, up(e + form))
+    IK = (eye - Kh).reshape(-1, c, c)
+    L_hi, L = _norm_bound(IK, up(e + up(2.0 * UNIT_ROUNDOFF * _fro_max(IK))))
     if norm:
-        norm_hi, norm_W = _norm_bound(_embed(Kh).reshape(-1, 2 * c, 2 * c), e)
+        norm_hi, norm_W = _norm_bound(Kh.reshape(-1, c, c), e)
     else:
         norm_hi, norm_W = math.nan, math.nan
     return SpectralBounds(m_lo=m_lo, m_hi=m_hi, L_hi=L_hi, norm_hi=norm_hi, m=m, L=L, norm_W=norm_W)
@@ -211,7 +221,7 @@ def certify_conv(
     dK = Kt - K  # fl(Kt - K) errs by u |dK| entrywise: added to the block error below
     Dh, e = proved_blocks(dK, image)
     e_sub = up(2.0 * UNIT_ROUNDOFF * frobenius_upper_bound(dK.abs().sum(dim=(2, 3))))
-    dW_hi, dW = _norm_bound(_embed(Dh).reshape(-1, 2 * c, 2 * c), up(e + e_sub))
+    dW_hi, dW = _norm_bound(Dh.reshape(-1, c, c), up(e + e_sub))
     apb = up(kh * kw * c * entry)  # ||dW|| <= sum_taps ||dK_tap||_2 <= kh kw c max|dK|
     n = c * image[0] * image[1]
     return certificate_from_bounds(st, st_q, dW_hi, dW, apb, n=n, bits=bits if kernel_tilde is None else None,
