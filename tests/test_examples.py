@@ -24,7 +24,7 @@ def _load(name: str):
 
 
 def test_every_example_is_tested() -> None:
-    tested = {"custom_model", "margin_aware_qat", "paper_checkpoint"}
+    tested = {"custom_model", "margin_aware_qat", "paper_checkpoint", "conv_mondeq"}
     assert {p.stem for p in EXAMPLES.glob("*.py")} == tested
 
 
@@ -34,6 +34,16 @@ def test_custom_model(mnist_dir: Path, capsys) -> None:
     assert out["verdict"] == "certified" and out["same_after_reload"] is True
     assert out["float_accuracy"] > 0.5  # it learned something in one short epoch
     assert "ModelCertificate: certified" in capsys.readouterr().out
+
+
+def test_conv_mondeq(mnist_dir: Path) -> None:
+    out = _load("conv_mondeq").main(["--data-dir", str(mnist_dir), "--channels", "2",
+                                     "--train-limit", "256", "--test-limit", "128",
+                                     "--bits", "3", "8"])  # fmt: skip
+    assert set(out["bits"]) == {3, 8}
+    eight = out["bits"][8]
+    assert eight["verdict"] == "certified" and eight["margin_quantized_lower"] > 0
+    assert all(r["verdict"] in ("certified", "refuted", "undecided") for r in out["bits"].values())
 
 
 def test_margin_aware_qat(mnist_dir: Path) -> None:
