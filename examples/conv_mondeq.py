@@ -25,7 +25,7 @@ from monquant.data import load_mnist
 from monquant.nn import ConvMonDEQ
 
 
-def build(channels: int) -> nn.Module:
+def build(channels: int) -> nn.Sequential:
     return nn.Sequential(
         nn.Unflatten(1, (1, 28, 28)),
         ConvMonDEQ(1, channels, (28, 28), kernel=3, margin=0.5),
