@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             opt.step()
         model.eval()
         layer = model[1]
+        assert isinstance(layer, ConvMonDEQ)
         print(f"epoch {epoch + 1}: test accuracy {accuracy(model, xt, yt):.4f}, "
               f"m {float(layer.margin().detach()):.4f}, "
               f"unconverged solves {layer.solver.counters.summary()['forward_unconverged']}")  # fmt: skip
