@@ -38,12 +38,13 @@ from monquant.verified import (
     UNDERFLOW_UNIT,
     UNIT_ROUNDOFF,
     SpectralBounds,
-    cholesky_lower_bound,
     down,
     frobenius_upper_bound,
     gamma,
     inflate,
     lmin_upper_bound,
+    shifted_lmax_upper,
+    shifted_lmin_lower,
     up,
 )
 
@@ -125,12 +126,8 @@ def _lmin_bounds(Hs: torch.Tensor, extra: float) -> tuple[float, float, float]:
     lam = float(lams.min())
     scale = _fro_max(S) + float(S.diagonal(dim1=-2, dim2=-1).abs().sum(dim=-1).max())
     base = gamma(n + 2) * scale + UNDERFLOW_UNIT * n * n
-    lo = -math.inf
-    for k in range(6):  # one shift for every frequency, verified by one batched factorization
-        lb = cholesky_lower_bound(S, lam - base * 4.0 * 16.0**k)
-        if lb is not None:
-            lo = down(lb - up(extra))
-            break
+    lb = shifted_lmin_lower(S, lam, base)  # one shift for every frequency, one batched Cholesky
+    lo = down(lb - up(extra)) if lb is not None else -math.inf
     # upper: a Rayleigh quotient of the worst block (its minimum is >= the global one)
     hi = lmin_upper_bound(S[int(lams.argmin())], extra)
     return lo, hi, lam
@@ -155,12 +152,9 @@ def _norm_bound(M: torch.Tensor, extra: float) -> tuple[float, float]:
     n = 2 * n
     base = gamma(n + 2) * (float(G.diagonal(dim1=-2, dim2=-1).abs().sum(dim=-1).max()) + abs(lam))
     best = fro
-    for j in range(6):
-        s = lam + base * 4.0 * 16.0**j + UNDERFLOW_UNIT
-        lb = cholesky_lower_bound(-G, -s)  # lmin(-G_w) >= lb for every w: lmax(G_w) <= -lb
-        if lb is not None:
-            best = min(best, up(math.sqrt(up(max(-lb, 0.0) + gram_err))))
-            break
+    hi = shifted_lmax_upper(G, lam, base)  # lmax(G_w) <= hi for every block w
+    if hi is not None:
+        best = min(best, up(math.sqrt(up(max(hi, 0.0) + gram_err))))
     return up(best + up(extra)), computed
 
 

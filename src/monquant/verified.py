@@ -39,11 +39,13 @@ import torch
 
 from monquant.errors import MonquantError
 from monquant.operators import SpectralStats
+from monquant.operators.matrix import all_finite
 
 __all__ = [
     "UNIT_ROUNDOFF",
     "SpectralBounds",
     "VerificationError",
+    "all_finite",
     "cholesky_lower_bound",
     "difference_norm_bounds",
     "down",
@@ -57,6 +59,8 @@ __all__ = [
     "modulus_upper_bound",
     "norm2_bounds",
     "norm2_upper_bound",
+    "shifted_lmax_upper",
+    "shifted_lmin_lower",
     "spectral_bounds",
     "sym_part_bounds",
     "unit_roundoff",
@@ -106,15 +110,6 @@ def inflate(x: float, k: int) -> float:
     if x <= 0.0:
         return max(x, 0.0) + UNDERFLOW_UNIT * (k + 1)
     return up(up(x * up(1.0 + 2.0 * gamma(k))) + UNDERFLOW_UNIT * (k + 1))
-
-
-def all_finite(t: torch.Tensor) -> bool:
-    """Whether every entry of ``t`` is finite. A NaN or infinite entry makes the sum NaN or
-    infinite, so a finite sum proves it in one reduction; only a sum that overflows (finite but
-    huge entries) falls back to the entrywise test."""
-    if bool(torch.isfinite(t.sum())):
-        return True
-    return bool(torch.isfinite(t).all())
 
 
 def _check_square(A: torch.Tensor, name: str) -> int:
@@ -171,6 +166,29 @@ def cholesky_lower_bound(A: torch.Tensor, tau: float) -> float | None:
     return down(float(tau) - total)
 
 
+def shifted_lmin_lower(A: torch.Tensor, lam: float, base: float) -> float | None:
+    """A proved lower bound on ``lmin(A)`` (every matrix of a batch) from the first of six
+    shifts ``tau = lam - 4 * 16^k * base`` below the estimate ``lam`` that
+    :func:`cholesky_lower_bound` verifies; ``None`` when none does."""
+    for k in range(6):
+        lb = cholesky_lower_bound(A, lam - base * 4.0 * 16.0**k)
+        if lb is not None:
+            return lb
+    return None
+
+
+def shifted_lmax_upper(G: torch.Tensor, lam: float, base: float) -> float | None:
+    """A proved upper bound on ``lmax(G)`` (every matrix of a batch) from the first of six
+    shifts ``s = lam + 4 * 16^k * base`` above the estimate ``lam`` for which ``s I - G`` is
+    verified positive definite; ``None`` when none is."""
+    for k in range(6):
+        s = lam + base * 4.0 * 16.0**k + UNDERFLOW_UNIT
+        lb = cholesky_lower_bound(-G, -s)  # lmin(-G) >= lb  <=>  lmax(G) <= -lb
+        if lb is not None:
+            return -lb
+    return None
+
+
 def lmin_lower_bound(A: torch.Tensor, extra: float = 0.0, estimate: float | None = None) -> float:
     """Rigorous lower bound on ``lmin(A_true)`` for symmetric ``A`` with ``||A_true - A||_2 <= extra``.
 
@@ -183,12 +201,8 @@ def lmin_lower_bound(A: torch.Tensor, extra: float = 0.0, estimate: float | None
     lam = float(torch.linalg.eigvalsh(A64)[0]) if estimate is None else float(estimate)
     scale = float(A64.diagonal().sub(lam).abs().sum()) + float(torch.linalg.matrix_norm(A64))
     base = gamma(n + 2) * scale + UNDERFLOW_UNIT * n * n
-    for k in range(6):
-        tau = lam - base * 4.0 * 16.0**k
-        lb = cholesky_lower_bound(A64, tau)
-        if lb is not None:
-            return down(lb - up(extra))
-    return -math.inf
+    lb = shifted_lmin_lower(A64, lam, base)
+    return down(lb - up(extra)) if lb is not None else -math.inf
 
 
 def lmin_upper_bound(A: torch.Tensor, extra: float = 0.0, v: torch.Tensor | None = None) -> float:
@@ -247,12 +261,9 @@ def norm2_bounds(
         lam = float(torch.linalg.eigvalsh(G)[-1])
         computed = math.sqrt(max(lam, 0.0))
         base = gamma(int(G.shape[0]) + 2) * (float(G.diagonal().abs().sum()) + abs(lam))
-        for k in range(6):
-            s = lam + base * 4.0 * 16.0**k + UNDERFLOW_UNIT
-            lb = cholesky_lower_bound(-G, -s)  # lmin(-G) >= lb  <=>  lmax(G) <= -lb
-            if lb is not None:
-                best = min(best, up(math.sqrt(up(max(-lb, 0.0) + gram_err))))
-                break
+        hi = shifted_lmax_upper(G, lam, base)
+        if hi is not None:
+            best = min(best, up(math.sqrt(up(max(hi, 0.0) + gram_err))))
     return (up(best + up(float(extra))) if extra else best), computed
 
 

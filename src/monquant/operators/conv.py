@@ -32,7 +32,7 @@ import torch
 from torch.nn import functional as F
 
 from monquant.operators.base import LinearMap, MonotoneOperator
-from monquant.operators.matrix import OperatorError, SpectralStats
+from monquant.operators.matrix import OperatorError, SpectralStats, all_finite
 
 __all__ = [
     "CircularConvOperator",
@@ -74,7 +74,7 @@ def _check_factor(kernel: torch.Tensor, image: tuple[int, int], name: str) -> tu
         raise OperatorError(f"image size must be two integers (H, W), got {image!r}") from None
     if H < kh or W < kw:
         raise OperatorError(f"image {H}x{W} is smaller than the {name} {kh}x{kw}")
-    if not bool(torch.isfinite(kernel.detach()).all()):
+    if not all_finite(kernel.detach()):
         raise OperatorError(f"the {name} has NaN or infinite entries")
     return H, W
 
@@ -233,7 +233,7 @@ class CircularConvOperator(FourierOperator):
         k = self.kernel.to(dtype=dtype or self.dtype, device=device or self.device)
         if k is self.kernel:
             return self
-        if not bool(torch.isfinite(k).all()):
+        if not all_finite(k):
             raise OperatorError("the kernel overflowed in the cast")
         return CircularConvOperator(k, self.image, checked=True)
 

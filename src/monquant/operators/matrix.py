@@ -25,6 +25,7 @@ from monquant.errors import MonquantError
 __all__ = [
     "OperatorError",
     "SpectralStats",
+    "all_finite",
     "check_weight",
     "lipschitz",
     "margin",
@@ -39,6 +40,15 @@ class OperatorError(MonquantError, ValueError):
     """A weight matrix that cannot define a MonDEQ operator (shape, non-finite entries...)."""
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether every entry of ``t`` is finite. A NaN or infinite entry makes the sum NaN or
+    infinite, so a finite sum proves it in one reduction; only a sum that overflows (finite but
+    huge entries) falls back to the entrywise test."""
+    if bool(torch.isfinite(t.sum())):
+        return True
+    return bool(torch.isfinite(t).all())
+
+
 def check_weight(W: torch.Tensor, name: str = "W") -> torch.Tensor:
     """Validate that ``W`` is a finite, square, floating-point matrix; return it unchanged."""
     if not isinstance(W, torch.Tensor):
@@ -49,7 +59,7 @@ def check_weight(W: torch.Tensor, name: str = "W") -> torch.Tensor:
         raise OperatorError(f"{name} must not be empty")
     if not W.is_floating_point():
         raise OperatorError(f"{name} must be floating point, got {W.dtype}")
-    if not bool(torch.isfinite(W.sum())) and not bool(torch.isfinite(W).all()):
+    if not all_finite(W):
         bad = int((~torch.isfinite(W)).sum())
         raise OperatorError(f"{name} has {bad} non-finite (NaN or inf) entries")
     return W
