@@ -113,6 +113,27 @@ def _named(task: Task, done: tuple[Any, float]) -> tuple[Task, Any, float]:
     return task, out, seconds
 
 
+def _pump(tasks: Sequence[Task], workers: int, should_start: Callable[[], bool],
+          submit: Callable[[Task], Any], wait_one: Callable[[list[Any]], list[Any]],
+          result: Callable[[Any], tuple[Any, float]]) -> Iterator:  # fmt: skip
+    """Keep up to ``workers`` tasks running (launching one only when ``should_start()``) and
+    yield each as it finishes; a handle whose ``result`` raises (the worker died) is a failure."""
+    queue, running = list(tasks), {}
+    while queue or running:
+        while queue and len(running) < workers and should_start():
+            t = queue.pop(0)
+            running[submit(t)] = t
+        if not running:
+            return
+        for h in wait_one(list(running)):
+            t = running.pop(h)
+            try:
+                done = result(h)
+            except Exception as exc:  # the worker itself died
+                done = (TaskFailure(t.name, f"{type(exc).__name__}: {exc}"), 0.0)
+            yield _named(t, done)
+
+
 def _serial(tasks: Sequence[Task], payload: Any, should_start: Callable[[], bool]) -> Iterator:
     for t in tasks:
         if not should_start():
@@ -132,21 +153,12 @@ def _process(tasks: Sequence[Task], payload: Any, spec: ExecutorSpec,
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
                              initargs=(payload,)) as pool:  # fmt: skip
-        queue, running = list(tasks), {}
-        while queue or running:
-            while queue and len(running) < workers and should_start():
-                t = queue.pop(0)
-                running[pool.submit(_process_call, t.fn, t.args, threads)] = t
-            if not running:
-                return
-            done, _ = wait(running, return_when=FIRST_COMPLETED)
-            for f in done:
-                t = running.pop(f)
-                try:
-                    done_t = f.result()
-                except Exception as exc:
-                    done_t = (TaskFailure(t.name, f"{type(exc).__name__}: {exc}"), 0.0)
-                yield _named(t, done_t)
+        yield from _pump(
+            tasks, workers, should_start,
+            submit=lambda t: pool.submit(_process_call, t.fn, t.args, threads),
+            wait_one=lambda hs: list(wait(hs, return_when=FIRST_COMPLETED)[0]),
+            result=lambda f: f.result(),
+        )  # fmt: skip
 
 
 def _ray(tasks: Sequence[Task], payload: Any, spec: ExecutorSpec,
@@ -170,21 +182,12 @@ def _ray(tasks: Sequence[Task], payload: Any, spec: ExecutorSpec,
         threads = spec.threads or (1 if spec.address is not None else threads_per_worker(workers))
         remote = ray.remote(num_cpus=1, max_retries=0)(_call)
         ref = ray.put(payload)  # sent to the object store once, shared by every task
-        queue, running = list(tasks), {}
-        while queue or running:
-            while queue and len(running) < workers and should_start():
-                t = queue.pop(0)
-                running[remote.remote(t.fn, ref, t.args, threads)] = t
-            if not running:
-                return
-            done, _ = ray.wait(list(running), num_returns=1)
-            for r in done:
-                t = running.pop(r)
-                try:
-                    done_t = ray.get(r)
-                except Exception as exc:
-                    done_t = (TaskFailure(t.name, f"{type(exc).__name__}: {exc}"), 0.0)
-                yield _named(t, done_t)
+        yield from _pump(
+            tasks, workers, should_start,
+            submit=lambda t: remote.remote(t.fn, ref, t.args, threads),
+            wait_one=lambda hs: ray.wait(hs, num_returns=1)[0],
+            result=ray.get,
+        )  # fmt: skip
     finally:
         if started:
             ray.shutdown()
