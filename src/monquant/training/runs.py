@@ -23,6 +23,7 @@ from monquant.solvers import SolverConfig
 from monquant.storage.checkpoints import load_model, save_model
 from monquant.storage.files import folder_lock
 from monquant.storage.jsonio import write_json
+from monquant.training import distributed as dist
 from monquant.training.loop import TrainConfig, train
 
 __all__ = ["TrainRequest", "run_training"]
@@ -80,19 +81,13 @@ class TrainRequest:
         return self.train
 
 
-def _world_size() -> int:
-    from monquant.training import distributed as dist
-
-    return dist.world()[1]
-
-
 def _settings(req: TrainRequest, model: MonDEQClassifier, data: MNIST) -> dict[str, Any]:
     return {
         "model": model.config.as_dict(),
         "train": req.train_config().as_dict(),
         "seed": req.train.seed,
         "threads": torch.get_num_threads(),
-        "world_size": _world_size(),
+        "world_size": dist.world()[1],
         "data": {"source": str(data.source), "md5": data.md5},
     }
 
@@ -136,8 +131,6 @@ def run_training(
     The run folder is locked for the duration (:func:`monquant.storage.files.folder_lock`): a
     second training into the same folder is refused instead of silently overwriting it.
     """
-    from monquant.training import distributed as dist
-
     if not dist.is_main():  # data-parallel: rank 0 holds the lock and writes; the others train
         return _run_training(req, data, None)
     with folder_lock(req.out, "training"):
@@ -176,8 +169,6 @@ def _run_training(
                 f" unconverged {entry['train_unconverged']}/{entry['test_unconverged']} "
                 f"{entry['seconds']:.1f}s"
             )
-
-    from monquant.training import distributed as dist
 
     def checkpoint(state: dict[str, Any]) -> None:
         if dist.is_main():  # one writer; the others wait so that no rank runs ahead of it
