@@ -45,12 +45,31 @@ EPILOG_PTQ = """examples:
 """
 
 
+def _certificate_table(args: argparse.Namespace, certs: list[Any]) -> str:
+    """The certificate table with its legend and, where any verdict is undecided, why."""
+    from monquant.report import text_table
+
+    h, rows = certificate_rows(certs)
+    text = (
+        f"\n({args.granularity}, {args.step_rule} step; plain columns are float64 computed "
+        "values (estimates); "
+        "columns with >= or <= and a-priori are bounds proved in floating point; verdicts "
+        "use only the proved bounds)\n"
+    )
+    text += text_table(h, rows)
+    if any(c.verdict == "undecided" for c in certs):
+        text += (
+            "\nundecided: margin(W~) is within rounding error of 0 (the proved bounds "
+            "straddle 0, or no contraction modulus < 1 is provable): NOT certified"
+        )
+    return text
+
+
 def _certify_conv(args: argparse.Namespace) -> int:
     """``certify KERNEL.npz --image-size H W``: the circular convolution by the kernel ``W``."""
     from monquant.certify_conv import certify_conv, conv_spectral_bounds
     from monquant.errors import ConfigError
     from monquant.operators.conv import check_kernel
-    from monquant.report import text_table
 
     if args.min_bits:
         raise ConfigError("--min-bits is not available for convolution kernels yet; "
@@ -69,17 +88,13 @@ def _certify_conv(args: argparse.Namespace) -> int:
     bits = args.bits if args.bits is not None else [3, 4, 5, 6, 8]
     certs = [certify_conv(K, image, b, args.granularity, step_rule=args.step_rule, float_bounds=st)
              for b in bits]  # fmt: skip
-    h, rows = certificate_rows(certs)
-    text = head + (f"\n({args.granularity}, {args.step_rule} step; plain columns are computed values "
-                   "(estimates); columns with >= or <= and a-priori are proved bounds; verdicts use "
-                   "only the proved bounds)\n") + text_table(h, rows)  # fmt: skip
+    text = head + _certificate_table(args, certs)
     emit(args, [cc.to_dict() for cc in certs], text)
     return 0
 
 
 def cmd_certify(args: argparse.Namespace) -> int:
     from monquant.certify import TIERS, certify, min_certified_bits
-    from monquant.report import text_table
     from monquant.verified import spectral_bounds
 
     if args.image_size is not None:
@@ -104,21 +119,7 @@ def cmd_certify(args: argparse.Namespace) -> int:
     certs = [certify(W, b, args.granularity, float_bounds=st, step_rule=args.step_rule)
              for b in bits]  # fmt: skip
     data: dict[str, Any] | list[Any] = [c.to_dict() for c in certs]
-    text = head
-    if certs:
-        h, rows = certificate_rows(certs)
-        text += (
-            f"\n({args.granularity}, {args.step_rule} step; plain columns are float64 computed "
-            "values (estimates); "
-            "columns with >= or <= and a-priori are bounds proved in floating point; verdicts "
-            "use only the proved bounds)\n"
-        )
-        text += text_table(h, rows)
-        if any(c.verdict == "undecided" for c in certs):
-            text += (
-                "\nundecided: margin(W~) is within rounding error of 0 (the proved bounds "
-                "straddle 0, or no contraction modulus < 1 is provable): NOT certified"
-            )
+    text = head + (_certificate_table(args, certs) if certs else "")
     if args.min_bits:
         mb = {
             g: min_certified_bits(W, g, progress=not args.no_progress, step_rule=args.step_rule)
