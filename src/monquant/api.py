@@ -99,15 +99,22 @@ def _conv_certificate(layer: ConvMonDEQ, config: QuantConfig | None) -> tuple[Ce
         cert = dataclasses.replace(cert, bits=q.config.bits, granularity=q.config.granularity,
                                    step_rule=q.config.step_rule)  # fmt: skip
         return cert, {**q.config.to_dict(), "method": q.method}
-    c = config or (q.config if q is not None else None)
-    if c is None:
-        raise ConfigError("certify_model: a layer is not quantized; pass a QuantConfig to "
-                          "certify its quantization")  # fmt: skip
+    c = _config_to_certify(q, config)
     Kd = K.to(layer.B.dtype)  # what quantize_ would deploy, in the layer's dtype
     Kq = quantize(Kd, c.bits, c.granularity, step_rule=c.step_rule).dequantized()
     cert = certify_conv(K, layer.image, kernel_tilde=Kq)
     cert = dataclasses.replace(cert, bits=c.bits, granularity=c.granularity, step_rule=c.step_rule)
     return cert, c.to_dict()
+
+
+def _config_to_certify(q: LayerQuant | None, config: QuantConfig | None) -> QuantConfig:
+    """The quantization ``certify_model`` certifies for a layer not yet deployed: the given
+    ``config``, else the layer's own (QAT); a float layer without a config is an error."""
+    c = config or (q.config if q is not None else None)
+    if c is None:
+        raise ConfigError("certify_model: a layer is not quantized; pass a QuantConfig to "
+                          "certify its quantization")  # fmt: skip
+    return c
 
 
 def _check_found(names: list[str], what: str) -> None:
@@ -333,10 +340,7 @@ def _layer_certificate(layer: MonDEQLayer, config: QuantConfig | None) -> tuple[
         cert = certify_operator(W, q.tensors.get("W", W), bits=qc.bits,
                                 granularity=qc.granularity, step_rule=qc.step_rule)  # fmt: skip
         return cert, {**q.config.to_dict(), "method": q.method}
-    c = config or (q.config if q is not None else None)
-    if c is None:
-        raise ConfigError("certify_model: a layer is not quantized; pass a QuantConfig to "
-                          "certify its quantization")  # fmt: skip
+    c = _config_to_certify(q, config)
     return certify(W, c.bits, c.granularity, step_rule=c.step_rule), c.to_dict()
 
 
