@@ -55,6 +55,7 @@ __all__ = [
     "iterate_error_bound",
     "iterate_error_radius",
     "lipschitz_perturbation_bounds",
+    "min_bits_of",
     "min_certified_bits",
     "quantized_contraction_modulus",
     "quantized_operator",
@@ -561,7 +562,13 @@ def min_certified_bits(
     the tier holds is reported, together with whether it also holds for every larger ``b`` checked
     (key ``<tier>_monotone_from_min``).
     """
-    certs = certify_sweep(W, list(bits_range), granularity, progress, step_rule)
+    return min_bits_of(certify_sweep(W, list(bits_range), granularity, progress, step_rule))
+
+
+def min_bits_of(certs: list[Certificate]) -> dict[str, Any]:
+    """The smallest bit-width each tier certifies among ``certs`` (one per bit-width, increasing):
+    ``<tier>`` (``None`` if none does) and ``<tier>_monotone_from_min`` (it holds for every larger
+    bit-width of the list too)."""
     out: dict[str, Any] = {}
     for t in TIERS:
         ok = [getattr(c, f"certified_{t}") for c in certs]

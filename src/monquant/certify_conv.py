@@ -27,10 +27,16 @@ from __future__ import annotations
 
 import math
 from functools import lru_cache
+from typing import Any
 
 import torch
 
-from monquant.certify import Certificate, a_priori_entry_bound, certificate_from_bounds
+from monquant.certify import (
+    Certificate,
+    a_priori_entry_bound,
+    certificate_from_bounds,
+    min_bits_of,
+)
 from monquant.errors import ConfigError
 from monquant.operators.conv import check_kernel
 from monquant.quant.uniform import quantize
@@ -48,7 +54,14 @@ from monquant.verified import (
     up,
 )
 
-__all__ = ["certify_conv", "conv_spectral_bounds", "proved_blocks", "twiddles"]
+__all__ = [
+    "certify_conv",
+    "certify_conv_sweep",
+    "conv_spectral_bounds",
+    "min_certified_bits_conv",
+    "proved_blocks",
+    "twiddles",
+]
 
 
 @lru_cache(maxsize=64)
@@ -221,3 +234,34 @@ def certify_conv(
     return certificate_from_bounds(st, st_q, dW_hi, dW, apb, n=n, bits=bits if kernel_tilde is None else None,
                                    granularity=granularity, step=step, w_max=w_max,
                                    step_rule=step_rule if kernel_tilde is None else None)  # fmt: skip
+
+
+def certify_conv_sweep(
+    kernel: torch.Tensor,
+    image: tuple[int, int],
+    bits_list: list[int],
+    granularity: str = "per-tensor",
+    progress: bool = False,
+    step_rule: str = "paper",
+) -> list[Certificate]:
+    """One :func:`certify_conv` certificate per bit-width (the float operator's bounds proved once)."""
+    from monquant.progress import progress_bar
+
+    st = conv_spectral_bounds(kernel, image)
+    bar = progress_bar(bits_list, desc=f"certify {granularity}", enabled=progress, unit="bits")
+    return [certify_conv(kernel, image, b, granularity, step_rule=step_rule, float_bounds=st)
+            for b in bar]  # fmt: skip
+
+
+def min_certified_bits_conv(
+    kernel: torch.Tensor,
+    image: tuple[int, int],
+    granularity: str = "per-tensor",
+    bits_range: range = range(2, 17),
+    progress: bool = False,
+    step_rule: str = "paper",
+) -> dict[str, Any]:
+    """The smallest bit-width each tier certifies for the circular convolution by ``kernel``
+    (:func:`monquant.certify.min_bits_of` of :func:`certify_conv_sweep`)."""
+    certs = certify_conv_sweep(kernel, image, list(bits_range), granularity, progress, step_rule)
+    return min_bits_of(certs)

@@ -21,7 +21,7 @@ from torch.nn import functional as F
 
 from monquant.errors import ConfigError
 from monquant.implicit import EquilibriumSolver
-from monquant.operators import margin, wk_weight
+from monquant.operators import DenseOperator, margin, margin_tensor, wk_weight
 from monquant.solvers import SolverConfig
 
 __all__ = ["MonDEQClassifier", "MonDEQConfig", "MonDEQLayer", "softplus_inverse"]
@@ -151,6 +151,18 @@ class MonDEQLayer(nn.Module):
         if self.free:
             return self.W
         return wk_weight(self.factor("A"), self.factor("B"), self.margin())
+
+    def reference_weight(self) -> torch.Tensor:
+        """The float ``W``, detached: the reference a quantized ``W~`` is certified against."""
+        return self.weight().detach()
+
+    def operator_of(self, W: torch.Tensor) -> DenseOperator:
+        """The operator of a weight matrix (e.g. a quantized ``W~``)."""
+        return DenseOperator(W)
+
+    def margin_of(self, W: torch.Tensor) -> torch.Tensor:
+        """The exact ``margin(W) = lmin(sym(I - W))``, differentiable."""
+        return margin_tensor(W)
 
     def effective_weight(self) -> torch.Tensor:
         """The weight used by the forward pass: ``weight_transform(W)`` if one is installed."""

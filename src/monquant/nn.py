@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from monquant.conv_model import ConvMonDEQConfig, ConvMonDEQLayer
 from monquant.errors import CheckpointError, ConfigError
 from monquant.implicit import EquilibriumSolver
 from monquant.model import MonDEQConfig, MonDEQLayer
@@ -245,7 +246,7 @@ class MonDEQ(MonDEQLayer):
                 f"solver={solver}, backward={c.backward}{quant}")  # fmt: skip
 
 
-class ConvMonDEQ(nn.Module):
+class ConvMonDEQ(ConvMonDEQLayer):
     """A single-convolution MonDEQ layer: ``x`` of shape ``(batch, in_channels, H, W)`` maps to the
     equilibrium ``z* = relu(W z* + U x)`` of shape ``(batch, channels, H, W)``.
 
@@ -255,7 +256,9 @@ class ConvMonDEQ(nn.Module):
     construction, for any parameters. ``U`` is an ordinary (zero-padded) ``k x k`` convolution of
     the input. PR's resolvent is one ``c x c`` inverse per 2-D frequency (FFT), and the implicit
     backward runs through the operator protocol. ``margin``: the initial ``m``, learned as
-    ``softplus(m_raw) + margin_floor`` unless ``learn_margin=False``.
+    ``softplus(m_raw) + margin_floor`` unless ``learn_margin=False``. It is the
+    :class:`~monquant.conv_model.ConvMonDEQLayer` of ``monquant train --arch conv`` with the
+    quantization state of the library API.
 
     The float layer's convergence is guaranteed by its construction. ``monquant.quantize_``
     quantizes its *composite kernel* (the one ``c x c x (2k-1) x (2k-1)`` kernel of ``W``, the
@@ -280,52 +283,31 @@ class ConvMonDEQ(nn.Module):
         tol: float = 1e-4,
         max_iter: int = 2000,
     ) -> None:
-        super().__init__()
-        from monquant.model import softplus_inverse
-        from monquant.operators.conv import ConvWKOperator
-
-        if not 0 <= margin_floor < margin:
-            raise ConfigError(f"margin_floor must be in [0, margin={margin}), got {margin_floor}")
-        c, r, k = int(channels), int(rank or channels), int(kernel)
-        self.image = (int(image[0]), int(image[1]))
-        self.margin_floor = float(margin_floor)
-        self.U = nn.Conv2d(in_channels, c, k, padding=k // 2)
-        scale = init_scale / (k * c**0.5)
-        self.A = nn.Parameter(scale * torch.randn(r, c, k, k))
-        self.B = nn.Parameter(scale * torch.randn(c, c, k, k))
-        m_raw = torch.tensor(softplus_inverse(margin - margin_floor))
-        if learn_margin:
-            self.m_raw = nn.Parameter(m_raw)
-        else:
-            self.register_buffer("m_raw", m_raw)
-        ConvWKOperator(self.A.detach(), self.B.detach(), margin, self.image)  # validates the sizes
-        self.solver = EquilibriumSolver(
-            forward_config=SolverConfig(method=solver, tol=tol, max_iter=max_iter)
-        )
+        cfg = ConvMonDEQConfig(
+            in_channels=in_channels, image=image, channels=channels, kernel=kernel, rank=rank,
+            out_features=1, pool=1, margin_init=margin, learn_margin=learn_margin,
+            margin_floor=margin_floor, init_scale=init_scale,
+            solver=SolverConfig(method=solver, tol=tol, max_iter=max_iter).as_dict(),
+        )  # fmt: skip
+        super().__init__(cfg)
         #: quantization: a LayerQuant whose tensors hold the quantized composite kernel "K"
         self.quant: LayerQuant | None = None
 
-    def margin(self) -> torch.Tensor:
-        """``m = softplus(m_raw) + margin_floor``: a lower bound on margin(W)."""
-        return F.softplus(self.m_raw) + self.margin_floor
-
-    def operator(self) -> Any:
-        """``W`` as a :class:`~monquant.operators.conv.ConvWKOperator` (differentiable)."""
-        from monquant.operators.conv import ConvWKOperator
-
-        return ConvWKOperator(self.A, self.B, self.margin(), self.image, checked=True)
+    @property
+    def margin_floor(self) -> float:
+        return self.config.margin_floor
 
     def deployed_operator(self) -> Any:
         """The operator the forward pass uses: the quantized composite kernel's circular
-        convolution when quantized, else :meth:`operator`."""
+        convolution when quantized, else the layer's (float or QAT-transformed) operator."""
         from monquant.operators.conv import CircularConvOperator
 
         if self.quant is not None and self.quant.mode == "quantized":
             return CircularConvOperator(self.quant.tensors["K"], self.image, checked=True)
-        return self.operator()
+        return self.used_operator()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q = self.U(x)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        q = self.injection(x)
         op = self.deployed_operator()
         return self.solver(op.to(dtype=q.dtype) if op.dtype != q.dtype else op, q)
 

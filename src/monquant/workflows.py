@@ -9,14 +9,21 @@ from typing import Any
 
 import torch
 
-from monquant.certify import certify
+from monquant.certify import Certificate, certify
+from monquant.certify_conv import certify_conv
+from monquant.conv_model import ConvMonDEQClassifier
 from monquant.data import MNIST, subset
 from monquant.errors import ConfigError
-from monquant.operators import spectral_stats
-from monquant.storage.checkpoints import LoadedModel, load_model, quantize_model, save_model
+from monquant.storage.checkpoints import (
+    Classifier,
+    LoadedModel,
+    load_model,
+    quantize_model,
+    save_model,
+)
 from monquant.training.loop import evaluate
 
-__all__ = ["run_eval", "run_ptq"]
+__all__ = ["certify_weights", "run_eval", "run_ptq"]
 
 
 def _test_set(data: MNIST, test_limit: int | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -24,6 +31,15 @@ def _test_set(data: MNIST, test_limit: int | None) -> tuple[torch.Tensor, torch.
     if test_limit is not None and test_limit < 1:
         raise ConfigError(f"test_limit must be >= 1, got {test_limit}")
     return subset(data.x_test, data.y_test, test_limit)
+
+
+def certify_weights(model: Classifier, W: torch.Tensor, W_tilde: torch.Tensor) -> Certificate:
+    """The certificate of running ``model`` on ``W_tilde`` instead of its float ``W``: the dense
+    certificate (:func:`monquant.certify.certify`) or, for a convolutional model, the Fourier-block
+    one of its composite kernel (:func:`monquant.certify_conv.certify_conv`)."""
+    if isinstance(model, ConvMonDEQClassifier):
+        return certify_conv(W, model.config.image, kernel_tilde=W_tilde)
+    return certify(W, W_tilde=W_tilde)
 
 
 def _ptq_name(bits: int, granularity: str, parts: tuple[str, ...]) -> str:
@@ -52,9 +68,9 @@ def run_ptq(
     loaded = loaded if loaded is not None else load_model(checkpoint)
     model = loaded.model.eval()
     qw = quantize_model(model, bits, granularity, parts, step_rule)
-    W = model.layer.weight().detach()
-    cert = certify(W, W_tilde=qw.tensor("W")) if "W" in qw.parts else certify(W, W_tilde=W)
-    cert_d = cert.to_dict()
+    W = model.layer.reference_weight()
+    Wt = qw.tensor("W")
+    cert_d = certify_weights(model, W, W if Wt is None else Wt).to_dict()
     cert_d.update(bits=bits, granularity=granularity, step_rule=step_rule)
     x, y = _test_set(data, test_limit)
     float_eval = evaluate(model, x, y, progress=progress, desc="float model")
@@ -93,8 +109,8 @@ def run_eval(
     model = loaded.model.eval()
     overrides = loaded.quantized.overrides() if loaded.quantized else {}
     W = overrides.get("W")
-    W = W if W is not None else model.layer.weight().detach()
-    st = spectral_stats(W)
+    W = W if W is not None else model.layer.reference_weight()
+    st = model.layer.operator_of(W).spectral_stats()
     x, y = _test_set(data, test_limit)
     ev = evaluate(model, x, y, **overrides, progress=progress)
     return {

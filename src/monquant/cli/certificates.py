@@ -65,17 +65,17 @@ def _certificate_table(args: argparse.Namespace, certs: list[Any]) -> str:
     return text
 
 
-def _certify_conv(args: argparse.Namespace) -> int:
-    """``certify KERNEL.npz --image-size H W``: the circular convolution by the kernel ``W``."""
-    from monquant.certify_conv import certify_conv, conv_spectral_bounds
-    from monquant.errors import ConfigError
+def _certify_conv(args: argparse.Namespace, K: Any = None, image: Any = None) -> int:
+    """``certify KERNEL.npz --image-size H W``, or a convolutional checkpoint (its composite
+    kernel ``K`` on its image): the circular convolution by the kernel ``W``."""
+    from monquant.certify import TIERS
+    from monquant.certify_conv import certify_conv, conv_spectral_bounds, min_certified_bits_conv
     from monquant.operators.conv import check_kernel
 
-    if args.min_bits:
-        raise ConfigError("--min-bits is not available for convolution kernels yet; "
-                          "give --bits B [B ...]")  # fmt: skip
-    K = load_kernel(args.path)
-    image = check_kernel(K, tuple(args.image_size))
+    if K is None:
+        K = load_kernel(args.path)
+        image = tuple(args.image_size)
+    image = check_kernel(K, image)
     st = conv_spectral_bounds(K, image)
     c, _, kh, kw = K.shape
     kappa = st.L / st.m if st.m > 0 else float("inf")
@@ -85,12 +85,24 @@ def _certify_conv(args: argparse.Namespace) -> int:
             f"kappa = {kappa:.4g}")  # fmt: skip
     if st.verdict != "certified":
         head += f"\nW is not certified monotone ({st.verdict}): no quantization of it is either"
-    bits = args.bits if args.bits is not None else [3, 4, 5, 6, 8]
+    bits = args.bits if args.bits is not None else ([] if args.min_bits else [3, 4, 5, 6, 8])
     certs = [certify_conv(K, image, b, args.granularity, step_rule=args.step_rule, float_bounds=st)
              for b in bits]  # fmt: skip
-    text = head + _certificate_table(args, certs)
-    emit(args, [cc.to_dict() for cc in certs], text)
+    data: dict[str, Any] | list[Any] = [cc.to_dict() for cc in certs]
+    text = head + (_certificate_table(args, certs) if certs else "")
+    if args.min_bits:
+        mb = {g: min_certified_bits_conv(K, image, g, progress=not args.no_progress,
+                                         step_rule=args.step_rule)
+              for g in ("per-tensor", "per-channel")}  # fmt: skip
+        text += _min_bits_text(mb, TIERS)
+        data = {"certificates": data, "min_bits": mb} if bits else {"min_bits": mb}
+    emit(args, data, text)
     return 0
+
+
+def _min_bits_text(mb: dict[str, dict[str, Any]], tiers: tuple[str, ...]) -> str:
+    lines = [f"  {g:12s} " + ", ".join(f"{t} {v[t]}" for t in tiers) for g, v in mb.items()]
+    return "\nsmallest certified bit-width per tier:\n" + "\n".join(lines)
 
 
 def cmd_certify(args: argparse.Namespace) -> int:
@@ -99,7 +111,9 @@ def cmd_certify(args: argparse.Namespace) -> int:
 
     if args.image_size is not None:
         return _certify_conv(args)
-    W, _ = load_W(args.path)
+    W, loaded = load_W(args.path)
+    if W.dim() == 4:  # a convolutional checkpoint: its composite kernel on its image
+        return _certify_conv(args, W, loaded.model.config.image)
     st = spectral_bounds(W)
     kappa = st.L / st.m if st.m > 0 else float("inf")
     head = (
@@ -125,11 +139,7 @@ def cmd_certify(args: argparse.Namespace) -> int:
             g: min_certified_bits(W, g, progress=not args.no_progress, step_rule=args.step_rule)
             for g in ("per-tensor", "per-channel")
         }
-        lines = [
-            f"  {g:12s} " + ", ".join(f"{t} {v[t]}" for t in TIERS)
-            for g, v in mb.items()
-        ]
-        text += "\nsmallest certified bit-width per tier:\n" + "\n".join(lines)
+        text += _min_bits_text(mb, TIERS)
         data = {"certificates": data, "min_bits": mb} if bits else {"min_bits": mb}
     emit(args, data, text)
     return 0

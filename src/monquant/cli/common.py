@@ -361,8 +361,8 @@ def load_W(path: str):
     p = Path(path)
     if p.suffix == ".safetensors" and is_monquant_file(p):
         try:
-            loaded = load_model(p)
-            return loaded.model.layer.weight().detach().double(), loaded
+            loaded = load_model(p)  # a dense W, or a convolutional model's composite kernel
+            return loaded.model.layer.reference_weight().double(), loaded
         except CheckpointError as exc:
             if "not a monquant model checkpoint" not in str(exc):
                 raise

@@ -25,6 +25,8 @@ EPILOG_TRAIN = """examples:
   monquant train --out runs/float --resume        # continue an interrupted run
   monquant train --out runs/lm4 --qat-bits 4 --margin-target 0.1 --robust-eps 0.1
   torchrun --nproc-per-node 2 -m monquant train --out runs/ddp   # data-parallel (gloo on CPU)
+  monquant train --out runs/conv --arch conv --channels 16 --kernel 3 --margin-init 0.5
+  monquant train --out runs/conv4 --arch conv --qat-bits 4 --granularity per-channel
 """
 
 
@@ -34,7 +36,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     req = TrainRequest.of(
         Path(args.out),
+        arch=args.arch,
         hidden=args.hidden,
+        channels=args.channels,
+        kernel=args.kernel,
+        pool=args.pool,
         rank=args.rank,
         margin_init=args.margin_init,
         learn_margin=not args.fixed_margin,
@@ -75,10 +81,20 @@ def register(add: AddCommand) -> None:
     """Add ``train`` to the main parser."""
     t = add("train", cmd_train, "train a MonDEQ on MNIST (float or QAT)", EPILOG_TRAIN)
     t.add_argument("--out", required=True, help="run folder (checkpoint, model, log)")
+    t.add_argument("--arch", choices=["fc", "conv"], default="fc",
+                   help="fc: the paper's dense MonDEQ; conv: a single-convolution MonDEQ (W a "
+                   "circular convolution, resolvent per 2-D frequency)")  # fmt: skip
     t.add_argument(
-        "--hidden", type=positive_int, default=100, help="hidden units n of the MonDEQ layer"
+        "--hidden", type=positive_int, default=100, help="hidden units n of the MonDEQ layer (fc)"
     )
-    t.add_argument("--rank", type=positive_int, default=None, help="rank of A (default: full)")
+    t.add_argument("--channels", type=positive_int, default=16,
+                   help="channels c of the equilibrium state (conv)")  # fmt: skip
+    t.add_argument("--kernel", type=positive_int, default=3,
+                   help="size k of the k x k factors A, B and of U (conv; odd)")  # fmt: skip
+    t.add_argument("--pool", type=positive_int, default=4,
+                   help="average pooling before the linear head (conv; divides 28)")  # fmt: skip
+    t.add_argument("--rank", type=positive_int, default=None,
+                   help="rank of A (default: full; conv: output channels of A)")  # fmt: skip
     t.add_argument(
         "--margin-init",
         type=positive_float,

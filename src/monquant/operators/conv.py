@@ -79,17 +79,22 @@ def _check_factor(kernel: torch.Tensor, image: tuple[int, int], name: str) -> tu
     return H, W
 
 
-def fourier_blocks(kernel: torch.Tensor, image: tuple[int, int]) -> torch.Tensor:
-    """The blocks ``K^(w)`` of shape ``(H, W, c_out, c_in)`` (complex; module docstring)."""
+def fourier_blocks(
+    kernel: torch.Tensor, image: tuple[int, int], differentiable: bool = False
+) -> torch.Tensor:
+    """The blocks ``K^(w)`` of shape ``(H, W, c_out, c_in)`` (complex128; module docstring);
+    ``differentiable`` keeps the graph to ``kernel`` (for a margin penalty)."""
     c_out, c_in, kh, kw = kernel.shape
     H, W = image
-    k64 = kernel.detach().to(torch.float64)
+    k64 = (kernel if differentiable else kernel.detach()).to(torch.float64)
     # place K[:, :, a, b] at (-(a - kh//2)) mod H, (-(b - kw//2)) mod W: the FFT's e^{-2 pi i k x}
-    # then gives the exp(+2 pi i k (a - kh//2) / H) of the cross-correlation
-    full = torch.zeros(c_out, c_in, H, W, dtype=torch.float64, device=kernel.device)
-    for a in range(kh):
-        for b in range(kw):
-            full[:, :, (-(a - kh // 2)) % H, (-(b - kw // 2)) % W] += k64[:, :, a, b]
+    # then gives the exp(+2 pi i k (a - kh//2) / H) of the cross-correlation (index_add keeps
+    # the graph and sums taps that wrap onto one position)
+    rows = torch.tensor([(-(a - kh // 2)) % H for a in range(kh)], device=kernel.device)
+    cols = torch.tensor([(-(b - kw // 2)) % W for b in range(kw)], device=kernel.device)
+    full = torch.zeros(c_out, c_in, H, kw, dtype=torch.float64, device=kernel.device)
+    full = full.index_add(2, rows, k64)
+    full = torch.zeros(c_out, c_in, H, W, dtype=torch.float64, device=kernel.device).index_add(3, cols, full)
     return torch.fft.fft2(full).permute(2, 3, 0, 1).contiguous()
 
 
@@ -302,19 +307,22 @@ class ConvWKOperator(FourierOperator):
         m = float(self.m.detach())
         return (1.0 - m) * self._eye() - Ah.conj().transpose(-1, -2) @ Ah + skew
 
-    def composite_kernel(self) -> torch.Tensor:
-        """The one kernel ``(c, c, 2k - 1, 2k - 1)`` (float64) whose circular convolution is this
-        ``W`` (the identity, ``A^T A`` and ``B - B^T`` taps together): read off ``W`` applied to a
-        unit impulse in each channel. Needs an image of at least ``2k - 1`` in each direction."""
+    def composite_kernel(self, differentiable: bool = False) -> torch.Tensor:
+        """The one kernel ``(c, c, 2k - 1, 2k - 1)`` whose circular convolution is this ``W`` (the
+        identity, ``A^T A`` and ``B - B^T`` taps together): read off ``W`` applied to a unit
+        impulse in each channel, on a ``(2k - 1) x (2k - 1)`` image (where every tap has its own
+        position, so nothing aliases). Needs an image of at least ``2k - 1`` in each direction.
+        float64 and detached by default; ``differentiable``: in the operator's dtype, with the
+        graph to ``A``, ``B``, ``m`` (the forward pass of STE QAT on the kernel)."""
         c, kh, kw = self.channels, int(self.B.shape[-2]), int(self.B.shape[-1])
         kh2 = max(2 * kh - 1, 2 * int(self.A.shape[-2]) - 1)
         kw2 = max(2 * kw - 1, 2 * int(self.A.shape[-1]) - 1)
-        H, W = self.image
-        if H < kh2 or W < kw2:
+        if self.image[0] < kh2 or self.image[1] < kw2:
             raise OperatorError(f"the composite {kh2}x{kw2} kernel needs an image of at least that "
-                                f"size, got {H}x{W}")  # fmt: skip
-        op = self.to(dtype=torch.float64).detach()
-        delta = torch.zeros(c, c, H, W, dtype=torch.float64, device=self.device)
+                                f"size, got {self.image[0]}x{self.image[1]}")  # fmt: skip
+        H, W = kh2, kw2
+        op = self if differentiable else self.to(dtype=torch.float64).detach()
+        delta = torch.zeros(c, c, H, W, dtype=op.dtype, device=self.device)
         delta[torch.arange(c), torch.arange(c), 0, 0] = 1.0
         y = op.apply(delta)  # y[i] = W e_i: (c_in, c_out, H, W)
         ca, cb = kh2 // 2, kw2 // 2

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from monquant import __version__
+from monquant.conv_model import ConvMonDEQClassifier, ConvMonDEQConfig
 from monquant.errors import CheckpointError, ConfigError
 from monquant.model import MonDEQClassifier, MonDEQConfig
 from monquant.quant.uniform import (
@@ -39,8 +40,10 @@ from monquant.storage.tensors import is_monquant_file, load_tensors, save_tensor
 
 __all__ = [
     "CHECKPOINT_FORMAT",
+    "Classifier",
     "LoadedModel",
     "QuantizedWeights",
+    "build_classifier",
     "load_model",
     "quantize_model",
     "save_model",
@@ -48,6 +51,8 @@ __all__ = [
 
 CHECKPOINT_FORMAT = 1
 KIND = "monquant-model"
+#: the classifiers a checkpoint holds (``config.arch``: ``fc``, the default, or ``conv``)
+Classifier = MonDEQClassifier | ConvMonDEQClassifier
 
 
 @dataclass
@@ -69,20 +74,22 @@ class QuantizedWeights:
 
 
 def quantize_model(
-    model: MonDEQClassifier,
+    model: Classifier,
     bits: int,
     granularity: str = "per-tensor",
     parts=("W",),
     step_rule: str = "paper",
 ) -> QuantizedWeights:
     """Post-training quantization of ``W`` (default, as in the paper) and optionally ``U``, ``b``,
-    with the quantizer's ``step_rule`` (``paper`` or ``narrow``; recorded in the file)."""
+    with the quantizer's ``step_rule`` (``paper`` or ``narrow``; recorded in the file). For a
+    convolutional model ``W`` is the composite kernel (per-channel: per output channel, dim 0)
+    and ``U`` the injection's kernel."""
     bad = set(parts) - {"W", "U", "b"}
     if bad or not parts:
         raise ConfigError(f"can quantize W, U and b only, got {sorted(set(parts))}")
     layer = model.layer
     src = {
-        "W": layer.weight().detach(),
+        "W": layer.reference_weight().to(layer.U.weight.dtype),
         "U": layer.U.weight.detach(),
         "b": layer.U.bias.detach(),
     }
@@ -97,7 +104,7 @@ def quantize_model(
 class LoadedModel:
     """A model loaded from disk with its metadata, resumable training state and quantization."""
 
-    model: MonDEQClassifier
+    model: Classifier
     metadata: dict[str, Any]
     train_state: dict[str, Any] | None
     quantized: QuantizedWeights | None
@@ -122,7 +129,7 @@ def _optimizer_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> 
 
 def save_model(
     path: str | os.PathLike[str],
-    model: MonDEQClassifier,
+    model: Classifier,
     *,
     train_state: dict[str, Any] | None = None,
     quantized: QuantizedWeights | None = None,
@@ -163,9 +170,23 @@ def save_model(
     return save_tensors(path, tensors, to_jsonable(meta))
 
 
-def _config(meta: dict[str, Any]) -> MonDEQConfig:
+def build_classifier(config: MonDEQConfig | ConvMonDEQConfig) -> Classifier:
+    """The classifier of a config: dense (:class:`MonDEQClassifier`) or convolutional
+    (:class:`ConvMonDEQClassifier`)."""
+    if isinstance(config, ConvMonDEQConfig):
+        return ConvMonDEQClassifier(config)
+    return MonDEQClassifier(config)
+
+
+def _config(meta: dict[str, Any]) -> MonDEQConfig | ConvMonDEQConfig:
     raw = dict(meta.get("config") or {})
-    names = {f.name for f in dataclasses.fields(MonDEQConfig)}
+    arch = raw.get("arch", "fc")  # files before the conv model hold a dense config without arch
+    if arch not in ("fc", "conv"):
+        raise CheckpointError(f"checkpoint holds a model of unknown architecture {arch!r}")
+    kind: Any = ConvMonDEQConfig if arch == "conv" else MonDEQConfig
+    if arch == "fc":
+        raw.pop("arch", None)
+    names = {f.name for f in dataclasses.fields(kind)}
     unknown = set(raw) - names
     if unknown:  # written by a newer version: keep what we understand, say so
         warnings.warn(
@@ -175,7 +196,7 @@ def _config(meta: dict[str, Any]) -> MonDEQConfig:
         )
         raw = {k: v for k, v in raw.items() if k in names}
     try:
-        return MonDEQConfig(**raw)
+        return kind(**raw)
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"checkpoint has an invalid model config: {exc}") from exc
 
@@ -240,7 +261,7 @@ def load_model(path: str | os.PathLike[str], device: str | torch.device | None =
             f"{path}: checkpoint format {fmt} is newer than this monquant supports "
             f"({CHECKPOINT_FORMAT}); upgrade monquant"
         )
-    model = MonDEQClassifier(_config(meta)).to(device)
+    model = build_classifier(_config(meta)).to(device)
     state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
     try:
         model.load_state_dict(state, strict=True)

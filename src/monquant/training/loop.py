@@ -20,7 +20,6 @@ from torch.nn import functional as F
 
 from monquant.errors import ConfigError, MonquantError
 from monquant.model import MonDEQClassifier
-from monquant.operators import margin_tensor, spectral_stats
 from monquant.progress import progress_bar
 from monquant.quant.uniform import check_bits, fake_quant
 from monquant.training import distributed as dist
@@ -36,6 +35,7 @@ __all__ = [
     "epoch_generator",
     "evaluate",
     "install_qat",
+    "proved_margin_bounds",
     "train",
 ]
 
@@ -173,7 +173,8 @@ def margin_penalty(model: MonDEQClassifier, cfg: TrainConfig) -> torch.Tensor | 
     """
     if cfg.margin_target is None:
         return None
-    lmin = margin_tensor(model.layer.effective_weight())
+    layer = model.layer
+    lmin = layer.margin_of(layer.effective_weight())
     return cfg.margin_weight * F.relu(cfg.margin_target - lmin)
 
 
@@ -399,9 +400,20 @@ def _finite_params(params: list[torch.Tensor]) -> bool:
     return bool(torch.isfinite(total)) or all(bool(torch.isfinite(p).all()) for p in params)
 
 
+def proved_margin_bounds(layer: Any, W: torch.Tensor) -> tuple[float, float, float]:
+    """``(lower, upper, computed)`` for ``margin`` of the operator of ``W`` (a dense weight or a
+    convolutional layer's kernel): the bounds are proved, ``computed`` is an estimate."""
+    if W.dim() == 4:
+        from monquant.certify_conv import conv_spectral_bounds
+
+        b = conv_spectral_bounds(W, layer.image, norm=False)
+        return b.m_lo, b.m_hi, b.m
+    return margin_bounds(W)
+
+
 def _epoch_entry(model, epoch, n, loss_sum, correct, ev, before, after, seconds) -> dict[str, Any]:
-    W = model.layer.weight().detach()
-    st = spectral_stats(W)
+    layer = model.layer
+    st = layer.operator_of(layer.reference_weight()).spectral_stats()
     d_fwd = after["forward_samples"] - before["forward_samples"]
     d_unc = after["forward_unconverged"] - before["forward_unconverged"]
     d_bwd_unc = after["backward_unconverged"] - before["backward_unconverged"]
@@ -430,7 +442,7 @@ def _epoch_entry(model, epoch, n, loss_sum, correct, ev, before, after, seconds)
         "eval_seconds": ev.seconds,
     }
     if model.layer.weight_transform is not None:
-        lo, hi, computed = margin_bounds(model.layer.effective_weight().detach())
+        lo, hi, computed = proved_margin_bounds(layer, layer.effective_weight().detach())
         entry["margin_quantized"] = computed  # an estimate
         entry["margin_quantized_lower"] = lo  # proved
         entry["margin_quantized_verdict"] = margin_verdict(lo, hi)

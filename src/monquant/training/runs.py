@@ -8,6 +8,7 @@ and ``log.json`` (the per-epoch log and the settings).
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,11 +17,12 @@ from typing import Any
 
 import torch
 
+from monquant.conv_model import ConvMonDEQConfig
 from monquant.data import MNIST
-from monquant.errors import MonquantError
-from monquant.model import MonDEQClassifier, MonDEQConfig
+from monquant.errors import ConfigError, MonquantError
+from monquant.model import MonDEQConfig
 from monquant.solvers import SolverConfig
-from monquant.storage.checkpoints import load_model, save_model
+from monquant.storage.checkpoints import Classifier, build_classifier, load_model, save_model
 from monquant.storage.files import folder_lock
 from monquant.storage.jsonio import write_json
 from monquant.training import distributed as dist
@@ -40,7 +42,13 @@ class TrainRequest:
     """
 
     out: Path
+    #: ``fc`` (the dense MonDEQ of the paper) or ``conv`` (a single-convolution MonDEQ with
+    #: ``channels`` channels, ``kernel x kernel`` factors and a ``pool x pool`` average pool)
+    arch: str = "fc"
     hidden: int = 100
+    channels: int = 16
+    kernel: int = 3
+    pool: int = 4
     rank: int | None = None
     margin_init: float = 1.0
     learn_margin: bool = True
@@ -59,11 +67,27 @@ class TrainRequest:
         train = TrainConfig(**{k: v for k, v in settings.items() if k in names})
         own = {k: v for k, v in settings.items() if k not in names}
         req = cls(out=Path(out), train=train, **own)
-        req.model_config(1, 1)  # validate the model and solver settings now
+        req.model_config(784, 10)  # validate the model and solver settings now (MNIST sizes)
+        if req.arch == "conv" and train.robust_eps:
+            raise ConfigError("robust_eps (Lipschitz-margin training) is implemented for the dense "
+                              "MonDEQ only, not for --arch conv")  # fmt: skip
         return req
 
-    def model_config(self, in_features: int, out_features: int) -> MonDEQConfig:
+    def model_config(self, in_features: int, out_features: int) -> MonDEQConfig | ConvMonDEQConfig:
         solver = SolverConfig(**{k: v for k, v in self.solver.items() if v is not None})
+        if self.arch == "conv":
+            side = math.isqrt(in_features)
+            if side * side != in_features:
+                raise ConfigError(f"--arch conv takes square one-channel images; {in_features} "
+                                  "input features are not a square")  # fmt: skip
+            return ConvMonDEQConfig(
+                in_channels=1, image=(side, side), channels=self.channels, kernel=self.kernel,
+                rank=self.rank, out_features=out_features, pool=self.pool,
+                margin_init=self.margin_init, learn_margin=self.learn_margin,
+                margin_floor=self.margin_floor, solver=solver.as_dict(), backward=self.backward,
+            )  # fmt: skip
+        if self.arch != "fc":
+            raise ConfigError(f"arch must be 'fc' or 'conv', got {self.arch!r}")
         return MonDEQConfig(
             in_features=in_features,
             hidden=self.hidden,
@@ -81,7 +105,7 @@ class TrainRequest:
         return self.train
 
 
-def _settings(req: TrainRequest, model: MonDEQClassifier, data: MNIST) -> dict[str, Any]:
+def _settings(req: TrainRequest, model: Classifier, data: MNIST) -> dict[str, Any]:
     return {
         "model": model.config.as_dict(),
         "train": req.train_config().as_dict(),
@@ -156,7 +180,7 @@ def _run_training(
         if req.resume and echo:
             echo(f"--resume: no checkpoint in {out}, starting from scratch")
         torch.manual_seed(req.train.seed)
-        model = MonDEQClassifier(req.model_config(data.x_train.shape[1], 10))
+        model = build_classifier(req.model_config(data.x_train.shape[1], 10))
     settings = _settings(req, model, data)
     started = time.perf_counter()
 

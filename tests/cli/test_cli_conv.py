@@ -1,0 +1,75 @@
+"""``monquant train --arch conv`` and the commands that take its checkpoints (certify, ptq, eval)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from monquant.certify import JSON_KEYS
+from monquant.cli import main
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: object) -> tuple[int, str, str]:
+    try:
+        rc = main([str(a) for a in argv])
+    except SystemExit as exc:
+        rc = int(exc.code or 0)
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+@pytest.fixture(scope="module")
+def conv_run(tmp_path_factory: pytest.TempPathFactory, tiny_mnist) -> tuple[Path, Path]:
+    data = tiny_mnist(tmp_path_factory.mktemp("mnist"), 256, 128)
+    out = tmp_path_factory.mktemp("conv")
+    rc = main(["train", "--out", str(out), "--arch", "conv", "--channels", "3", "--epochs", "1",
+               "--batch-size", "64", "--margin-init", "0.5", "--data-dir", str(data),
+               "--no-download", "--no-progress", "--json"])  # fmt: skip
+    assert rc == 0
+    return out / "model.safetensors", data
+
+
+def test_train_conv_then_certify_its_checkpoint(capsys, conv_run) -> None:
+    model, _ = conv_run
+    rc, out, err = run(capsys, "certify", model, "--bits", "2", "4", "8", "--granularity",
+                       "per-channel", "--json")  # fmt: skip
+    assert rc == 0, err
+    certs = json.loads(out)
+    assert [c["bits"] for c in certs] == [2, 4, 8]
+    assert set(JSON_KEYS) <= set(certs[0])  # the same keys as the dense certificate
+    assert all(c["n"] == 3 * 28 * 28 for c in certs)
+    assert certs[2]["dW_norm_upper"] < certs[0]["dW_norm_upper"]
+    rc, out, err = run(capsys, "certify", model, "--min-bits", "--no-progress")
+    assert rc == 0, err
+    assert "circular convolution, kernel 3x3x5x5 on 28x28" in out
+    assert "smallest certified bit-width per tier" in out and "per-channel" in out
+
+
+def test_ptq_and_eval_take_conv_checkpoints(capsys, conv_run, tmp_path) -> None:
+    model, data = conv_run
+    dest = tmp_path / "q4.safetensors"
+    rc, out, err = run(capsys, "ptq", model, "--bits", "4", "--granularity", "per-channel",
+                       "--out", dest, "--data-dir", data, "--no-download", "--json")  # fmt: skip
+    assert rc == 0, err
+    r = json.loads(out)
+    assert r["certificate"]["bits"] == 4 and r["eval"]["unconverged"] == 0
+    rc, out, err = run(capsys, "eval", dest, "--data-dir", data, "--no-download", "--json")
+    assert rc == 0, err
+    e = json.loads(out)
+    assert e["quantized"] and e["eval"]["accuracy"] == r["eval"]["accuracy"]
+
+
+def test_conv_bad_arguments_are_clear_one_line_errors(capsys, tmp_path) -> None:
+    for argv, fragment in (
+        (["--kernel", "4"], "odd"),
+        (["--robust-eps", "0.1"], "dense MonDEQ only"),
+        (["--pool", "5"], "pool 5 must divide"),
+        (["--channels", "4", "--rank", "5"], "rank"),
+    ):
+        rc, _, err = run(capsys, "train", "--out", tmp_path / "x", "--arch", "conv", *argv,
+                         "--data-dir", tmp_path / "nothing-here", "--no-download")  # fmt: skip
+        assert rc != 0 and "Traceback" not in err
+        assert err.startswith("monquant train: error: ") and fragment in err, err
+        assert len(err.strip().splitlines()) == 1
