@@ -78,10 +78,13 @@ import torch
 from torch.nn import functional as F
 
 from monquant.certify import Certificate, certify
+from monquant.certify_conv import certify_conv
+from monquant.conv_model import ConvMonDEQClassifier, conv_margin_tensor
 from monquant.errors import ConfigError
 from monquant.model import MonDEQClassifier, softplus_inverse
 from monquant.names import QUANT_METHODS
 from monquant.operators import margin, margin_tensor, wk_weight
+from monquant.operators.conv import ConvWKOperator, fourier_blocks
 from monquant.quant.prox import Grid, ProxQuantizer, lambda_schedule
 from monquant.quant.uniform import GRANULARITIES, check_bits, fake_quant, quantize, storage_bits
 from monquant.training.loop import TrainConfig, TrainHooks
@@ -93,6 +96,7 @@ __all__ = [
     "PreparedMethod",
     "QuantMethod",
     "apply_lift",
+    "conv_layer_counts",
     "deployed_weights",
     "finetune_method",
     "free_copy",
@@ -193,7 +197,8 @@ class QuantMethod:
 # ------------------------------------------------------------------------------------ penalties
 
 
-def weyl_penalty(W: torch.Tensor, bits: int, granularity: str, rho: float) -> torch.Tensor:
+def weyl_penalty(W: torch.Tensor, bits: int, granularity: str, rho: float,
+                 image: tuple[int, int] | None = None) -> torch.Tensor:  # fmt: skip
     """``relu(||sg(Q_b(W)) - W||_F / lmin(sym(I - W)) - rho)``: a Weyl-tier target.
 
     ``||dW|| <= ||dW||_F``, so a value of 0 with ``rho < 1`` certifies ``||dW|| < m`` (Theorem 2);
@@ -201,12 +206,21 @@ def weyl_penalty(W: torch.Tensor, bits: int, granularity: str, rho: float) -> to
     The quantized point is a constant (stop-gradient); the float margin is differentiable
     (smallest eigenvalue). A non-monotone ``W`` (``lmin <= 0``) gets the penalty ``1 - lmin``,
     which pushes its margin up.
+
+    With ``image``, ``W`` is a convolutional layer's composite kernel and the circular
+    convolution's norms stand in: ``lmin`` through the Fourier blocks and
+    ``||dW|| = max_w ||dK^(w)||_2 <= max_w ||dK^(w)||_F``.
     """
-    lmin = margin_tensor(W)
     dW = quantize(W.detach(), bits, granularity).dequantized().to(W.dtype) - W
+    if image is None:
+        lmin, dnorm = margin_tensor(W), torch.linalg.matrix_norm(dW)
+    else:
+        lmin = conv_margin_tensor(W, image)
+        blocks = fourier_blocks(dW, image, differentiable=True)
+        dnorm = torch.linalg.matrix_norm(blocks).max().to(W.dtype)
     if float(lmin.detach()) <= 0:
         return 1.0 - lmin
-    return F.relu(torch.linalg.matrix_norm(dW) / lmin - rho)
+    return F.relu(dnorm / lmin - rho)
 
 
 def margin_lift(
@@ -216,6 +230,7 @@ def margin_lift(
     tau: float,
     step: float = 0.01,
     max_shift: float = 2.0,
+    image: tuple[int, int] | None = None,
 ) -> float:
     """Smallest ``delta`` in ``{0, step, 2 step, ..} <= max_shift`` with
     ``margin(Q_b(W - delta I)) >= tau`` (the best one found if none reaches ``tau``).
@@ -225,13 +240,24 @@ def margin_lift(
     diagonal stays on the grid and ``w_max`` is unchanged). Margin-aware QAT starts from this
     lifted model so that its very first training solves already run on a strongly monotone
     ``W~`` (plain STE from a float model whose ``Q_b(W)`` is not monotone can diverge at once).
+    With ``image``, ``W`` is a composite kernel: ``I`` is its centre tap's identity, and the
+    margins are the circular convolution's.
     """
     W64 = W.detach().to(torch.float64)
-    eye = torch.eye(W64.shape[0], dtype=torch.float64, device=W64.device)
+    if image is None:
+        eye = torch.eye(W64.shape[0], dtype=torch.float64, device=W64.device)
+    else:
+        c, kh, kw = W64.shape[0], W64.shape[2], W64.shape[3]
+        eye = torch.zeros_like(W64)
+        eye[torch.arange(c), torch.arange(c), kh // 2, kw // 2] = 1.0
+
+    def margin_of(K: torch.Tensor) -> float:
+        return margin(K) if image is None else float(conv_margin_tensor(K, image))
+
     best, best_margin = 0.0, -math.inf
     for k in range(int(max_shift / step) + 1):
         delta = k * step
-        mq = margin(quantize(W64 - delta * eye, bits, granularity).dequantized())
+        mq = margin_of(quantize(W64 - delta * eye, bits, granularity).dequantized())
         if mq >= tau:
             return delta
         if mq > best_margin:
@@ -315,7 +341,15 @@ def _prox_params(model: MonDEQClassifier, method: QuantMethod) -> dict[str, torc
     return params
 
 
+def _image(model: Any) -> tuple[int, int] | None:
+    """The state's image of a convolutional model (``None`` for a dense one)."""
+    return model.config.image if isinstance(model, ConvMonDEQClassifier) else None
+
+
 def _check_parameterization(model: MonDEQClassifier, method: QuantMethod) -> None:
+    if method.kind == "proxquant-w" and _image(model) is not None:
+        raise ConfigError("proxquant-w (a free W) is not available for convolutional models: use "
+                          "proxquant-factors (ProxQuant on A and B: monotone by construction)")  # fmt: skip
     free = model.layer.free
     if method.kind == "proxquant-w" and not free:
         raise ConfigError("proxquant-w needs parameterization='free' (use free_copy(model))")
@@ -384,9 +418,8 @@ def _penalty_hook(prep: PreparedMethod) -> Callable[[MonDEQClassifier], torch.Te
     terms: list[Callable[[MonDEQClassifier], torch.Tensor]] = []
     if m.weyl_target is not None:
         rho, w = m.weyl_target, m.weyl_weight
-        terms.append(
-            lambda model: w * weyl_penalty(model.layer.weight(), m.bits, m.granularity, rho)
-        )
+        terms.append(lambda model: w * weyl_penalty(model.layer.weight(), m.bits, m.granularity,
+                                                    rho, _image(model)))  # fmt: skip
     pq = prep.quantizer
     if m.kind == "proxquant-w" and m.margin_target is not None and pq is not None:
         tau, w_eig = m.margin_target, m.margin_weight
@@ -415,9 +448,8 @@ def prepare_method(
     model.layer.factor_transform = None
     prep = PreparedMethod(method, model, TrainHooks())
     if method.lift and method.margin_target is not None:
-        delta = margin_lift(
-            model.layer.weight(), method.bits, method.granularity, method.margin_target
-        )
+        delta = margin_lift(model.layer.weight(), method.bits, method.granularity,
+                            method.margin_target, image=_image(model))  # fmt: skip
         apply_lift(model, delta)
         prep.events.append(f"lifted the margin by {delta:.3g} before training")
     if method.kind in ("ste", "margin"):
@@ -598,6 +630,8 @@ def deployed_weights(
     ``margin(W~) >= m`` (its construction).
     """
     layer = model.layer
+    if isinstance(model, ConvMonDEQClassifier):
+        return _conv_deployed(model, method, prepared)
 
     def deployment(W: torch.Tensor, Wt: torch.Tensor, cert: Certificate, **extra) -> DeployedWeights:
         n, d, r = layer.config.hidden, layer.config.in_features, layer.config.rank
@@ -641,3 +675,57 @@ def deployed_weights(
         raise ConfigError(f"factored W~ has margin {cert.margin_quantized} < m = {m}: a bug")
     requant = certify(Wt, method.bits, method.granularity)
     return deployment(W, Wt, cert, m_construction=m, requantized=requant)
+
+
+def conv_layer_counts(method: QuantMethod, config: Any) -> tuple[dict[str, int], int]:
+    """Weight storage (bits, as :func:`layer_storage_bits`) and low-bit multiplies per solver
+    iteration and sample of a convolutional layer: assembled, the composite
+    ``c x c x (2k-1)^2`` kernel (``c^2 (2k-1)^2 H W`` multiplies); factored, ``A~`` and ``B~``
+    (``(2 r c + 2 c^2) k^2 H W``: ``A``, ``A^T``, ``B``, ``B^T``)."""
+    c, k, r = config.channels, config.kernel, config.rank or config.channels
+    g, pixels = method.granularity, config.image[0] * config.image[1]
+    k2 = 2 * k - 1
+    if method.factored:
+        w = storage_bits((r, c, k, k), method.bits, g) + storage_bits((c, c, k, k), method.bits, g)
+        w += FLOAT_BITS
+        products = (2 * r * c + 2 * c * c) * k * k * pixels
+    else:
+        w = storage_bits((c, c, k2, k2), method.bits, g)
+        products = c * c * k2 * k2 * pixels
+    ushape = (c, config.in_channels, k, k)
+    ub = method.u_bits
+    u = storage_bits(ushape, ub, g) if ub is not None else FLOAT_BITS * math.prod(ushape)
+    float_w = FLOAT_BITS * (r * c + c * c) * k * k + FLOAT_BITS
+    storage = {"W": w, "U": u, "total": w + u, "float32_total": float_w + FLOAT_BITS * math.prod(ushape)}
+    return storage, products
+
+
+def _conv_deployed(model: ConvMonDEQClassifier, method: QuantMethod,
+                   prepared: PreparedMethod | None) -> DeployedWeights:  # fmt: skip
+    """:func:`deployed_weights` of a convolutional model: ``W~`` is a composite kernel, certified
+    from the Fourier blocks (:func:`monquant.certify_conv.certify_conv`)."""
+    layer, image = model.layer, model.config.image
+    storage, products = conv_layer_counts(method, model.config)
+
+    def deployment(K: torch.Tensor, Kt: torch.Tensor, cert: Certificate, **extra) -> DeployedWeights:
+        return DeployedWeights(method, K, Kt, U=_deployed_u(model, method), b=layer.U.bias.detach(),
+                               certificate=cert, storage=storage, products=products, **extra)  # fmt: skip
+
+    if method.kind not in PROX_KINDS:
+        K = layer.reference_weight()
+        cert = certify_conv(K, image, method.bits, method.granularity)
+        Kt = quantize(K, method.bits, method.granularity).dequantized().to(torch.float64)
+        return deployment(K, Kt, cert)
+    pq = _on_grid_param(prepared, method)
+    assert prepared is not None
+    if not all(dist == 0.0 for dist in pq.on_grid()):
+        raise ConfigError(f"{method.kind}: a frozen parameter is off its grid")
+    m = float(layer.margin().detach())
+    Kt = layer.reference_weight()  # (1 - m) I - A~^T A~ + B~ - B~^T from the frozen factors
+    lat = prepared.latent
+    K = (ConvWKOperator(lat["A"], lat["B"], m, image).composite_kernel() if lat else Kt)
+    cert = certify_conv(K, image, kernel_tilde=Kt)
+    if cert.margin_quantized_lower < m * (1 - 1e-6) - 1e-9:
+        raise ConfigError(f"factored W~ has margin >= {cert.margin_quantized_lower} < m = {m}: a bug")
+    requant = certify_conv(Kt, image, method.bits, method.granularity)
+    return deployment(K, Kt, cert, m_construction=m, requantized=requant)

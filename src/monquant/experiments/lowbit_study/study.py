@@ -27,7 +27,7 @@ import torch
 from monquant.data import MNIST, random_subset, subset
 from monquant.errors import ConfigError, MonquantError
 from monquant.executors import ExecutorSpec, Task, TaskFailure, run_tasks
-from monquant.experiments.paper.reproduce import StageRunner
+from monquant.experiments.stages import StageRunner
 from monquant.model import MonDEQClassifier
 from monquant.storage.checkpoints import load_model
 from monquant.storage.jsonio import read_json, write_json

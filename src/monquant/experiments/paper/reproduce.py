@@ -33,8 +33,8 @@ from monquant.experiments.paper.iterate_quant import run_iterate_quantization
 from monquant.experiments.paper.phase_transition import PAPER_BITS, run_phase_transition
 from monquant.experiments.paper.qat_vs_ptq import compare_row
 from monquant.experiments.paper.setup import SETUPS
+from monquant.experiments.stages import StageRunner
 from monquant.storage.checkpoints import load_model
-from monquant.storage.jsonio import read_json, write_json
 from monquant.training.runs import TrainRequest, run_training
 
 __all__ = ["ReproduceConfig", "StageRunner", "run_reproduce"]
@@ -110,51 +110,6 @@ class ReproduceConfig:
         )
         base.update(kw)
         return cls(**base)
-
-
-class StageRunner:
-    """Runs named stages once: results are written as soon as a stage ends; resume skips them."""
-
-    def __init__(self, out: Path, resume: bool, echo: Callable[[str], None] | None) -> None:
-        self.dir = out / "stages"
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.resume = resume
-        self.echo = echo
-        self.timings: dict[str, float] = {}
-        self.skipped: list[str] = []
-
-    def done(self, name: str) -> bool:
-        """Whether ``name`` finished in an earlier run and ``resume`` skips it."""
-        return self.resume and (self.dir / f"{name}.json").exists()
-
-    def record(self, name: str, result: Any, seconds: float) -> Any:
-        """Save a stage computed elsewhere (e.g. by a sweep's worker); returns it as read back."""
-        path = self.dir / f"{name}.json"
-        write_json(path, {"seconds": seconds, "result": result})
-        self.timings[name] = seconds
-        if self.echo:
-            self.echo(f"[{name}] done in {seconds:.1f} s")
-        return read_json(path)["result"]
-
-    def run(self, name: str, fn: Callable[[], Any]) -> Any:
-        path = self.dir / f"{name}.json"
-        if self.resume and path.exists():
-            saved = read_json(path)
-            self.timings[name] = saved["seconds"]
-            self.skipped.append(name)
-            if self.echo:
-                self.echo(f"[{name}] done in an earlier run ({saved['seconds']:.1f} s): skipped")
-            return saved["result"]
-        if self.echo:
-            self.echo(f"[{name}] running ...")
-        t0 = time.perf_counter()
-        result = fn()
-        dt = time.perf_counter() - t0
-        write_json(path, {"seconds": dt, "result": result})
-        self.timings[name] = dt
-        if self.echo:
-            self.echo(f"[{name}] done in {dt:.1f} s")
-        return read_json(path)["result"]
 
 
 def _train_request(cfg: ReproduceConfig, out: Path, qat_bits: int | None) -> TrainRequest:

@@ -285,7 +285,7 @@ def run_robustness(cfg: RobustnessConfig, data: Any, echo: Echo = print) -> dict
     ``cfg.out``, write the report. Returns the results (``rows``: one dict per configuration)."""
     from monquant.behaviour import FloatReference, ModelWeights
     from monquant.data import random_subset, subset
-    from monquant.experiments.paper.reproduce import StageRunner
+    from monquant.experiments.stages import StageRunner
     from monquant.progress import progress_bar
     from monquant.storage.checkpoints import load_model
 

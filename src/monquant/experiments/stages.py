@@ -1,0 +1,58 @@
+"""Named stages of a study: each saved to ``<out>/stages/<name>.json`` when it ends; a resumed
+study skips the finished ones (``monquant reproduce``, ``lowbit``, ``robustness``, ``conv``)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from monquant.storage.jsonio import read_json, write_json
+
+__all__ = ["StageRunner"]
+
+
+class StageRunner:
+    """Runs named stages once: results are written as soon as a stage ends; resume skips them."""
+
+    def __init__(self, out: Path, resume: bool, echo: Callable[[str], None] | None) -> None:
+        self.dir = out / "stages"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.resume = resume
+        self.echo = echo
+        self.timings: dict[str, float] = {}
+        self.skipped: list[str] = []
+
+    def done(self, name: str) -> bool:
+        """Whether ``name`` finished in an earlier run and ``resume`` skips it."""
+        return self.resume and (self.dir / f"{name}.json").exists()
+
+    def record(self, name: str, result: Any, seconds: float) -> Any:
+        """Save a stage computed elsewhere (e.g. by a sweep's worker); returns it as read back."""
+        path = self.dir / f"{name}.json"
+        write_json(path, {"seconds": seconds, "result": result})
+        self.timings[name] = seconds
+        if self.echo:
+            self.echo(f"[{name}] done in {seconds:.1f} s")
+        return read_json(path)["result"]
+
+    def run(self, name: str, fn: Callable[[], Any]) -> Any:
+        path = self.dir / f"{name}.json"
+        if self.resume and path.exists():
+            saved = read_json(path)
+            self.timings[name] = saved["seconds"]
+            self.skipped.append(name)
+            if self.echo:
+                self.echo(f"[{name}] done in an earlier run ({saved['seconds']:.1f} s): skipped")
+            return saved["result"]
+        if self.echo:
+            self.echo(f"[{name}] running ...")
+        t0 = time.perf_counter()
+        result = fn()
+        dt = time.perf_counter() - t0
+        write_json(path, {"seconds": dt, "result": result})
+        self.timings[name] = dt
+        if self.echo:
+            self.echo(f"[{name}] done in {dt:.1f} s")
+        return read_json(path)["result"]
