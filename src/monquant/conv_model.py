@@ -27,7 +27,7 @@ from torch.nn import functional as F
 
 from monquant.errors import ConfigError
 from monquant.implicit import EquilibriumSolver
-from monquant.model import softplus_inverse
+from monquant.model import default_solver, register_margin, softplus_inverse
 from monquant.operators.conv import (
     CircularConvOperator,
     ConvWKOperator,
@@ -148,15 +148,8 @@ class ConvMonDEQLayer(nn.Module):
         self.A = nn.Parameter(scale * torch.randn(r, c, k, k))
         self.B = nn.Parameter(scale * torch.randn(c, c, k, k))
         m_raw = torch.tensor(softplus_inverse(config.margin_init - config.margin_floor))
-        if config.learn_margin:
-            self.m_raw = nn.Parameter(m_raw)
-        else:
-            self.register_buffer("m_raw", m_raw)
-        self.solver = solver or EquilibriumSolver(
-            forward_config=config.solver_config(),
-            backward=config.backward,  # type: ignore[arg-type]
-            backward_tol=config.backward_tol,
-        )
+        register_margin(self, m_raw, config.learn_margin)
+        self.solver = solver or default_solver(config)
         self.weight_transform: Callable[[torch.Tensor], torch.Tensor] | None = None
         self.factor_transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -24,7 +25,14 @@ from monquant.implicit import EquilibriumSolver
 from monquant.operators import DenseOperator, margin, margin_tensor, wk_weight
 from monquant.solvers import SolverConfig
 
-__all__ = ["MonDEQClassifier", "MonDEQConfig", "MonDEQLayer", "softplus_inverse"]
+__all__ = [
+    "MonDEQClassifier",
+    "MonDEQConfig",
+    "MonDEQLayer",
+    "default_solver",
+    "register_margin",
+    "softplus_inverse",
+]
 
 
 def softplus_inverse(y: float) -> float:
@@ -81,6 +89,20 @@ class MonDEQConfig:
         return asdict(self)
 
 
+def register_margin(layer: nn.Module, m_raw: torch.Tensor, learn: bool) -> None:
+    """``m_raw`` on ``layer``: a parameter when the margin is learned, else a buffer."""
+    if learn:
+        layer.m_raw = nn.Parameter(m_raw)
+    else:
+        layer.register_buffer("m_raw", m_raw)
+
+
+def default_solver(config: Any) -> EquilibriumSolver:
+    """The equilibrium solver a layer's config describes (forward settings, backward mode)."""
+    return EquilibriumSolver(forward_config=config.solver_config(),
+                             backward=config.backward, backward_tol=config.backward_tol)  # fmt: skip
+
+
 class MonDEQLayer(nn.Module):
     """Equilibrium layer ``z* = relu(W z* + U x + b)``.
 
@@ -116,15 +138,8 @@ class MonDEQLayer(nn.Module):
         else:
             self.A = nn.Parameter(A)
             self.B = nn.Parameter(B)
-            if config.learn_margin:
-                self.m_raw = nn.Parameter(m_raw)
-            else:
-                self.register_buffer("m_raw", m_raw)
-        self.solver = solver or EquilibriumSolver(
-            forward_config=config.solver_config(),
-            backward=config.backward,  # type: ignore[arg-type]
-            backward_tol=config.backward_tol,
-        )
+            register_margin(self, m_raw, config.learn_margin)
+        self.solver = solver or default_solver(config)
         self.weight_transform: Callable[[torch.Tensor], torch.Tensor] | None = None
         self.factor_transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None
 

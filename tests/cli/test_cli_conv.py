@@ -73,3 +73,9 @@ def test_conv_bad_arguments_are_clear_one_line_errors(capsys, tmp_path) -> None:
         assert rc != 0 and "Traceback" not in err
         assert err.startswith("monquant train: error: ") and fragment in err, err
         assert len(err.strip().splitlines()) == 1
+
+
+def test_conv_study_refuses_bad_settings_before_loading_data(capsys, tmp_path) -> None:
+    rc, _, err = run(capsys, "conv", "--out", tmp_path / "s", "--bits", "1",
+                     "--data-dir", tmp_path / "nothing-here", "--no-download")  # fmt: skip
+    assert rc != 0 and err.startswith("monquant conv: error: ") and "Traceback" not in err

@@ -14,7 +14,16 @@ import time
 from collections.abc import Callable, Sequence
 
 from monquant import __version__
-from monquant.cli import certificates, deploy, interop, lowbit, robustness, studies, training
+from monquant.cli import (
+    certificates,
+    conv,
+    deploy,
+    interop,
+    lowbit,
+    robustness,
+    studies,
+    training,
+)
 from monquant.cli.common import AddCommand, Parser, device_name, select_device, thread_count
 from monquant.errors import MonquantError
 from monquant.storage.files import folder_lock
@@ -27,6 +36,7 @@ COMMAND_FAMILIES: tuple[Callable[[AddCommand], None], ...] = (
     certificates.register,
     robustness.register,
     studies.register,
+    conv.register,
     deploy.register,
     lowbit.register,
     interop.register,
@@ -41,7 +51,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 #: Commands that only convert files (nothing to compute on a device).
 NO_DEVICE_COMMANDS = frozenset({"import"})
 FOLDER_COMMANDS = frozenset(
-    {"train", "reproduce", "lowbit", "ste-recovery", "intdeploy", "robustness"}
+    {"train", "reproduce", "lowbit", "ste-recovery", "intdeploy", "robustness", "conv"}
 )
 
 

@@ -1,0 +1,50 @@
+"""``monquant conv``: the paper's experiments on a single-convolution MonDEQ beside the dense one."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from monquant.cli.common import AddCommand, bits_arg, data_args, emit, load_data, positive_int
+
+__all__ = ["cmd_conv", "register"]
+
+EPILOG_CONV = """examples:
+  monquant conv --out results/conv                  # the full study (about 45 min on 2 cores)
+  monquant conv --out results/conv-quick --quick    # a CI-sized run of the same pipeline
+  monquant conv --out results/conv --resume         # continue an interrupted study
+  monquant conv --out results/c8 --channels 8 --epochs 3
+"""
+
+
+def cmd_conv(args: argparse.Namespace) -> int:
+    from monquant.experiments.conv.report import conv_tables
+    from monquant.experiments.conv.study import ConvStudyConfig, run_conv_study
+
+    kw = dict(out=Path(args.out), channels=args.channels, epochs=args.epochs,
+              bits=tuple(args.bits) if args.bits else None, train_limit=args.train_limit,
+              resume=args.resume, progress=not args.no_progress,
+              command=["monquant", *sys.argv[1:]])  # fmt: skip
+    cfg = (ConvStudyConfig.quick_config(**kw) if args.quick
+           else ConvStudyConfig(**{k: v for k, v in kw.items() if v is not None}))  # fmt: skip
+    data = load_data(args)  # the settings above are checked before any data loads
+    res = run_conv_study(cfg, data, echo=None if args.json else print)
+    text = conv_tables(res) + f"\nreport: {cfg.out / 'report.md'}\nresults: {cfg.out / 'results.json'}"
+    emit(args, {k: res[k] for k in ("compare", "phase", "displacement", "qat", "stage_seconds")}, text)
+    return 0
+
+
+def register(add: AddCommand) -> None:
+    """Add ``conv`` to the main parser."""
+    c = add("conv", cmd_conv, "the paper's experiments on a single-convolution MonDEQ (vs dense)",
+            EPILOG_CONV)  # fmt: skip
+    c.add_argument("--out", default="results/conv", help="results folder (report, figure, stages)")
+    c.add_argument("--quick", action="store_true", help="small CI-sized run of the same pipeline")
+    c.add_argument("--resume", action="store_true", help="skip stages already finished")
+    c.add_argument("--channels", type=positive_int, default=None, help="channels of the conv model")
+    c.add_argument("--epochs", type=positive_int, default=None, help="epochs of the conv model")
+    c.add_argument("--train-limit", type=positive_int, default=None,
+                   help="train on the first K images only")  # fmt: skip
+    bits_arg(c, many=True, help_="bit-widths of the phase transition (default 2..16)")
+    data_args(c)

@@ -1,0 +1,278 @@
+"""``monquant conv``: the paper's experiments on a single-convolution MonDEQ, beside the dense one.
+
+Stages (each saved to ``<out>/stages/<name>.json`` when it ends; ``resume=True`` skips finished
+stages, and an interrupted training resumes from its per-epoch checkpoint):
+
+1. ``train_conv`` / ``train_fc``: float models (the conv model: ``channels`` channels, ``kernel x
+   kernel`` factors, PR; the dense one: the paper's 100-unit setup) trained on MNIST;
+2. ``phase_<model>``: the phase transition, for every bit-width in ``bits`` and both
+   granularities: the certificate of PTQ of ``W`` (the conv model's composite kernel, certified
+   from its Fourier blocks) and the quantized model's accuracy and unconverged solves on the
+   first ``phase_test_limit`` test images;
+3. ``displacement``: Theorem 3 on ``displacement_samples`` test inputs in float64 (PR,
+   ``tol``), with the solvers' a-posteriori errors (the conv model, per-channel);
+4. ``qat``: fine-tuning at low bits, per-channel (``ste``, ``margin``, ``proxquant-factors``)
+   from the float conv model on ``qat_train_limit`` training images, each deployed and certified,
+   evaluated on the whole test set;
+5. ``compare``: the side-by-side table (accuracy, parameters, weight storage, margins, smallest
+   certified bits, solver iterations, epoch time).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import shlex
+import statistics
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from monquant.data import MNIST, random_subset, subset
+from monquant.errors import ConfigError
+from monquant.experiments.stages import StageRunner
+
+__all__ = ["ConvStudyConfig", "run_conv_study"]
+
+Echo = Callable[[str], None] | None
+
+
+@dataclass
+class ConvStudyConfig:
+    """Settings of ``monquant conv`` (defaults: the full study; :meth:`quick_config` for CI)."""
+
+    out: Path = Path("results/conv")
+    channels: int = 16
+    kernel: int = 3
+    epochs: int = 5
+    lr: float = 2e-3
+    decay_epoch: int = 4
+    margin_init: float = 0.5
+    fc_epochs: int = 15
+    train_limit: int | None = None
+    bits: tuple[int, ...] = tuple(range(2, 17))
+    phase_test_limit: int | None = 2000
+    test_limit: int | None = None
+    displacement_samples: int = 2560
+    displacement_bits: tuple[int, ...] = (4, 6, 8, 12, 16)
+    tol: float = 1e-10
+    qat_kinds: tuple[str, ...] = ("ste", "margin", "proxquant-factors")
+    qat_bits: tuple[int, ...] = (2, 4)
+    qat_epochs: int = 1
+    qat_train_limit: int = 10_000
+    seed: int = 0
+    resume: bool = False
+    progress: bool = True
+    quick: bool = False
+    command: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        from monquant.quant.uniform import check_bits
+        from monquant.training.methods import KINDS
+
+        self.out = Path(self.out)
+        self.bits = tuple(check_bits(b) for b in self.bits)
+        self.qat_bits = tuple(check_bits(b) for b in self.qat_bits)
+        self.displacement_bits = tuple(check_bits(b) for b in self.displacement_bits)
+        bad = [k for k in self.qat_kinds if k not in KINDS or k in ("ptq", "proxquant-w")]
+        if bad:
+            raise ConfigError(f"qat kinds for a conv model: ste, margin, proxquant-factors; got {bad}")
+        for name in ("channels", "epochs", "fc_epochs", "qat_epochs", "displacement_samples",
+                     "qat_train_limit"):  # fmt: skip
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"{name} must be >= 1")
+        if not 0 < self.tol < 1e-3:
+            raise ConfigError(f"tol must be in (0, 1e-3), got {self.tol}")
+
+    @classmethod
+    def quick_config(cls, **kw: Any) -> ConvStudyConfig:
+        """A CI-sized run of the same pipeline: 4 channels, 1 epoch on 2,000 images, fewer bits."""
+        base = dict(channels=4, epochs=1, fc_epochs=1, train_limit=2000, bits=(2, 4, 8),
+                    phase_test_limit=300, test_limit=500, displacement_samples=64,
+                    displacement_bits=(4, 8), qat_kinds=("ste", "proxquant-factors"),
+                    qat_bits=(4,), qat_train_limit=500, decay_epoch=1, quick=True)  # fmt: skip
+        base.update({k: v for k, v in kw.items() if v is not None})
+        return cls(**base)
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["out"] = str(self.out)
+        return d
+
+
+def _limited(data: MNIST, n: int | None) -> MNIST:
+    if n is None or n >= data.x_train.shape[0]:
+        return data
+    import dataclasses
+
+    x, y = subset(data.x_train, data.y_train, n)
+    return dataclasses.replace(data, x_train=x, y_train=y)
+
+
+def _train(cfg: ConvStudyConfig, data: MNIST, arch: str, echo: Echo) -> dict[str, Any]:
+    from monquant.training.runs import TrainRequest, run_training
+
+    if arch == "conv":
+        req = TrainRequest.of(cfg.out / "conv-float", arch="conv", channels=cfg.channels,
+                              kernel=cfg.kernel, margin_init=cfg.margin_init, epochs=cfg.epochs,
+                              lr=cfg.lr, decay_epoch=cfg.decay_epoch, seed=cfg.seed,
+                              resume=True, progress=cfg.progress)  # fmt: skip
+    else:
+        req = TrainRequest.of(cfg.out / "fc-float", epochs=cfg.fc_epochs, seed=cfg.seed,
+                              decay_epoch=min(10, cfg.fc_epochs), resume=True,
+                              progress=cfg.progress)  # fmt: skip
+    r = run_training(req, _limited(data, cfg.train_limit), echo=echo)
+    return {"model": r["model"], "history": r["history"], "seconds": r["seconds"]}
+
+
+def _phase(cfg: ConvStudyConfig, model: Any, data: MNIST) -> dict[str, Any]:
+    """Certificates and PTQ accuracy over ``bits`` x granularities."""
+    from monquant.certify import certify, min_bits_of
+    from monquant.certify_conv import certify_conv, conv_spectral_bounds
+    from monquant.conv_model import ConvMonDEQClassifier
+    from monquant.progress import progress_bar
+    from monquant.quant.uniform import quantize
+    from monquant.training.loop import evaluate
+    from monquant.verified import spectral_bounds
+
+    x, y = subset(data.x_test, data.y_test, cfg.phase_test_limit)
+    W = model.layer.reference_weight().to(torch.float64)
+    if isinstance(model, ConvMonDEQClassifier):
+        image = model.config.image
+        st = conv_spectral_bounds(W, image)
+
+        def cert(b: int, g: str) -> Any:
+            return certify_conv(W, image, b, g, float_bounds=st)
+    else:
+        st = spectral_bounds(W)
+
+        def cert(b: int, g: str) -> Any:
+            return certify(W, b, g, float_bounds=st)
+
+    rows = []
+    certs: dict[str, list[Any]] = {}
+    grans = ("per-tensor", "per-channel")
+    bar = progress_bar(desc="phase transition", enabled=cfg.progress, total=len(grans) * len(cfg.bits))
+    for g in grans:
+        for b in cfg.bits:
+            Wt = quantize(W, b, g).dequantized()
+            c = cert(b, g)
+            certs.setdefault(g, []).append(c)
+            ev = evaluate(model, x, y, W=Wt.to(model.head.weight.dtype))
+            rows.append({"granularity": g, "bits": b, "verdict": c.verdict, "tier": c.tier,
+                         "margin_quantized_lower": c.margin_quantized_lower,
+                         "margin_quantized": c.margin_quantized, "dW_norm": c.dW_norm,
+                         "dW_over_m": c.dW_over_m, "accuracy": ev.accuracy,
+                         "unconverged": ev.unconverged, "mean_iterations": ev.mean_iterations})  # fmt: skip
+            bar.update(1)
+    bar.close()
+    return {"rows": rows, "min_bits": {g: min_bits_of(cs) for g, cs in certs.items()},
+            "samples": int(x.shape[0])}  # fmt: skip
+
+
+def _qat(cfg: ConvStudyConfig, model: Any, data: MNIST) -> dict[str, Any]:
+    from monquant.training.loop import evaluate
+    from monquant.training.methods import QuantMethod, deployed_weights, finetune_method
+
+    xt, yt = subset(data.x_test, data.y_test, cfg.test_limit)
+    x, y = random_subset(data.x_train, data.y_train, min(cfg.qat_train_limit, data.x_train.shape[0]),
+                         cfg.seed)  # fmt: skip
+    rows = []
+    for kind in cfg.qat_kinds:
+        for b in cfg.qat_bits:
+            method = QuantMethod.default(kind, b, "per-channel")
+            m = copy.deepcopy(model)
+            torch.manual_seed(cfg.seed)
+            row: dict[str, Any] = {"kind": kind, "bits": b, "label": method.label}
+            try:
+                prep, hist = finetune_method(m, method, x, y, cfg.qat_epochs, seed=cfg.seed)
+                d = deployed_weights(m, method, prep)
+                m.layer.weight_transform = m.layer.factor_transform = None
+                ev = evaluate(m, xt, yt, **d.overrides())
+                row.update(status="ok", **d.summary(), accuracy=ev.accuracy,
+                           unconverged=ev.unconverged, mean_iterations=ev.mean_iterations,
+                           train_unconverged=sum(h["train_unconverged"] for h in hist),
+                           events=prep.events)  # fmt: skip
+            except Exception as exc:  # a failed configuration is reported, never dropped
+                row.update(status="failed", error=f"{type(exc).__name__}: {exc}")
+            rows.append(row)
+    return {"rows": rows, "samples": int(xt.shape[0])}
+
+
+def _describe(model: Any, train: dict[str, Any], phase: dict[str, Any], ev: Any) -> dict[str, Any]:
+    from monquant.certify_conv import conv_spectral_bounds
+    from monquant.conv_model import ConvMonDEQClassifier
+    from monquant.verified import spectral_bounds
+
+    layer = model.layer
+    W = layer.reference_weight().to(torch.float64)
+    conv = isinstance(model, ConvMonDEQClassifier)
+    st = conv_spectral_bounds(W, model.config.image) if conv else spectral_bounds(W)
+    params = sum(p.numel() for p in layer.parameters()) - layer.U.weight.numel() - layer.U.bias.numel()
+    hist = train["history"]
+    return {
+        "architecture": (f"conv {model.config.channels}x28x28, {model.config.kernel}x"
+                         f"{model.config.kernel} factors" if conv else
+                         f"dense {model.config.hidden} units"),
+        "state_size": int(W.shape[0]) * 784 if conv else int(W.shape[0]),
+        "accuracy": ev.accuracy,
+        "unconverged": ev.unconverged,
+        "mean_iterations": ev.mean_iterations,
+        "operator_parameters": int(params),
+        "parameters": int(sum(p.numel() for p in model.parameters())),
+        "W_storage_float32_bits": 32 * int(W.numel()),
+        "margin": st.m,
+        "margin_lower": st.m_lo,
+        "L": st.L,
+        "min_bits": phase["min_bits"],
+        "median_epoch_seconds": statistics.median(h["seconds"] for h in hist),
+        "epochs": len(hist),
+    }
+
+
+def run_conv_study(cfg: ConvStudyConfig, data: MNIST, echo: Echo = print) -> dict[str, Any]:
+    """Run every stage (skipping finished ones on resume) and write the report in ``cfg.out``."""
+    from monquant.experiments.paper.displacement import run_displacement
+    from monquant.storage.checkpoints import load_model
+    from monquant.training.loop import evaluate
+
+    runner = StageRunner(cfg.out, cfg.resume, echo)
+    trained = {a: runner.run(f"train_{a}", lambda a=a: _train(cfg, data, a, echo)) for a in ("fc", "conv")}
+    models = {a: load_model(t["model"]).model.eval() for a, t in trained.items()}
+    phases = {a: runner.run(f"phase_{a}", lambda a=a: _phase(cfg, models[a], data)) for a in models}
+
+    def displacement() -> dict[str, Any]:
+        x = data.x_test[: cfg.displacement_samples]
+        r = run_displacement(copy.deepcopy(models["conv"]).double(), x, cfg.displacement_bits,
+                             tol=cfg.tol, granularity="per-channel")  # fmt: skip
+        r.pop("per_sample")
+        return r
+
+    disp = runner.run("displacement", displacement)
+    qat = runner.run("qat", lambda: _qat(cfg, models["conv"], data))
+
+    def compare() -> dict[str, Any]:
+        xt, yt = subset(data.x_test, data.y_test, cfg.test_limit)
+        return {a: _describe(models[a], trained[a], phases[a], evaluate(models[a], xt, yt))
+                for a in models}  # fmt: skip
+
+    comparison = runner.run("compare", compare)
+    results = {
+        "config": cfg.as_dict(),
+        "command": " ".join(shlex.quote(a) for a in cfg.command),
+        "train": {a: {"history": t["history"], "seconds": t["seconds"]} for a, t in trained.items()},
+        "phase": phases,
+        "displacement": disp,
+        "qat": qat,
+        "compare": comparison,
+        "stage_seconds": runner.timings,
+        "resumed_stages": runner.skipped,
+        "total_seconds": math.fsum(runner.timings.values()),
+    }
+    from monquant.experiments.conv.report import render_conv
+
+    render_conv(results, cfg.out)
+    return results

@@ -1,0 +1,45 @@
+"""``monquant conv`` end to end on a tiny MNIST: every stage, the report files, resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from monquant.errors import ConfigError
+from monquant.experiments.conv.study import ConvStudyConfig, run_conv_study
+
+
+def test_conv_study_runs_renders_and_resumes(tmp_path, tiny_mnist) -> None:
+    from monquant.data import load_mnist
+
+    data = load_mnist(tiny_mnist(tmp_path / "mnist", 256, 128), download=False)
+    cfg = ConvStudyConfig.quick_config(out=tmp_path / "out", channels=3, train_limit=256,
+                                       phase_test_limit=64, test_limit=64,
+                                       displacement_samples=16, qat_train_limit=128,
+                                       progress=False)  # fmt: skip
+    res = run_conv_study(cfg, data, echo=None)
+    for name in ("report.md", "results.json", "conv.png", "conv.pdf"):
+        assert (cfg.out / name).is_file()
+    phase = res["phase"]["conv"]
+    assert {r["bits"] for r in phase["rows"]} == set(cfg.bits)
+    assert all(r["unconverged"] == 0 for r in phase["rows"] if r["verdict"] == "certified")
+    for row in res["displacement"]["rows"]:
+        assert row["fraction_within_bound"] == 1.0
+    qat = {r["kind"]: r for r in res["qat"]["rows"]}
+    assert qat["proxquant-factors"]["tier"] == "construction"
+    assert res["compare"]["conv"]["operator_parameters"] == 2 * 3 * 3 * 9 + 1
+    report = (cfg.out / "report.md").read_text()
+    assert "Theorem 3 displacement" in report and "conv.png" in report
+    again = run_conv_study(ConvStudyConfig.quick_config(**{**cfg.as_dict(), "resume": True}), data,
+                           echo=None)  # fmt: skip
+    assert set(again["resumed_stages"]) == set(res["stage_seconds"])
+    stored = json.loads((cfg.out / "results.json").read_text())
+    assert stored["qat"]["rows"][0]["label"] == res["qat"]["rows"][0]["label"]
+
+
+def test_conv_study_settings_are_checked() -> None:
+    with pytest.raises(ConfigError, match="proxquant"):
+        ConvStudyConfig(qat_kinds=("proxquant-w",))
+    with pytest.raises(ConfigError, match="tol"):
+        ConvStudyConfig(tol=0.1)
