@@ -57,6 +57,8 @@ from monquant.verified import (
 __all__ = [
     "certify_conv",
     "certify_conv_sweep",
+    "conv_difference_bounds",
+    "conv_norm_bounds",
     "conv_spectral_bounds",
     "min_certified_bits_conv",
     "proved_blocks",
@@ -88,17 +90,20 @@ def twiddles(N: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, 
     return t.to(device), up(math.sqrt(2.0) * delta)
 
 
-def proved_blocks(kernel: torch.Tensor, image: tuple[int, int]) -> tuple[torch.Tensor, float]:
+def proved_blocks(
+    kernel: torch.Tensor, image: tuple[int, int], half: bool = True
+) -> tuple[torch.Tensor, float]:
     """``(blocks, e)``: the half-spectrum Fourier blocks ``(H, W // 2 + 1, c_out, c_in)`` of the
-    circular convolution by ``kernel`` and a proved bound ``e >= ||computed - exact||_2`` that
-    holds for every block (module docstring)."""
+    circular convolution by ``kernel`` (``half=False``: the full spectrum ``(H, W, c_out, c_in)``)
+    and a proved bound ``e >= ||computed - exact||_2`` that holds for every block (module
+    docstring)."""
     kh, kw = int(kernel.shape[2]), int(kernel.shape[3])
     H, W = image
     K = kernel.detach().to(torch.float64)
     tH, dH = twiddles(H, K.device)
     tW, dW = twiddles(W, K.device)
     k1 = torch.arange(H, device=K.device)
-    k2 = torch.arange(W // 2 + 1, device=K.device)
+    k2 = torch.arange(W // 2 + 1 if half else W, device=K.device)
     offs_h = torch.arange(kh, device=K.device) - kh // 2
     offs_w = torch.arange(kw, device=K.device) - kw // 2
     T1 = tH[(k1[:, None] * offs_h[None, :]) % H]  # (H, kh): exp(2 pi i k1 a' / H)
@@ -171,6 +176,39 @@ def _norm_bound(M: torch.Tensor, extra: float) -> tuple[float, float]:
     return up(best + up(extra)), computed
 
 
+def conv_norm_bounds(
+    kernel: torch.Tensor, image: tuple[int, int], extra: float = 0.0, strided: bool = False
+) -> tuple[float, float]:
+    """``(upper, computed)`` for the norm of the circular convolution by ``kernel`` (``c_out x
+    c_in``, any odd size) on ``image``, or with ``strided=True`` of ``S o conv`` (every second row
+    and column kept; ``image`` even), widened by ``extra`` (a proved bound on the distance in norm
+    to the operator meant). The strided norm is exact through the polyphase identity
+    (:mod:`monquant.operators.multitier`): ``||S o conv|| = max_w ||(1/2) [C^(w'_1) .. C^(w'_4)]||``
+    over the four frequencies aliasing to each coarse ``w``; each block of that row errs by at most
+    ``e``, so the row by at most ``(1/2) sqrt(4) e = e``."""
+    co, ci = int(kernel.shape[0]), int(kernel.shape[1])
+    if not strided:
+        Kh, e = proved_blocks(kernel, image)
+        return _norm_bound(Kh.reshape(-1, co, ci), up(e + extra))
+    H, W = image
+    if H % 2 or W % 2:
+        raise ConfigError(f"a stride-2 convolution needs an even image, got {H}x{W}")
+    Kh, e = proved_blocks(kernel, image, half=False)
+    Z = Kh.reshape(2, H // 2, 2, W // 2, co, ci).permute(1, 3, 4, 0, 2, 5)
+    Z = 0.5 * Z.reshape(-1, co, 4 * ci)  # halving is exact
+    return _norm_bound(Z.conj().transpose(-1, -2), up(e + extra))
+
+
+def conv_difference_bounds(
+    Kt: torch.Tensor, K: torch.Tensor, image: tuple[int, int], strided: bool = False
+) -> tuple[float, float]:
+    """``(upper, computed)`` for ``||conv(Kt) - conv(K)||`` (``strided``: after ``S``) on
+    ``image``. ``fl(Kt - K)`` errs by ``u |dK|`` entrywise, which is added to the block error."""
+    dK = Kt.detach().to(torch.float64) - K.detach().to(torch.float64)
+    e_sub = up(2.0 * UNIT_ROUNDOFF * frobenius_upper_bound(dK.abs().sum(dim=(2, 3))))
+    return conv_norm_bounds(dK, image, e_sub, strided)
+
+
 def conv_spectral_bounds(kernel: torch.Tensor, image: tuple[int, int], norm: bool = True) -> SpectralBounds:
     """Proved ``margin``, ``L`` and ``||W||`` bounds of the circular convolution by ``kernel`` on
     ``image`` (:class:`~monquant.verified.SpectralBounds`; the computed values beside them)."""
@@ -225,10 +263,7 @@ def certify_conv(
     c, _, kh, kw = (int(s) for s in K.shape)
     st = float_bounds if float_bounds is not None else conv_spectral_bounds(K, image)
     st_q = conv_spectral_bounds(Kt, image, norm=False)
-    dK = Kt - K  # fl(Kt - K) errs by u |dK| entrywise: added to the block error below
-    Dh, e = proved_blocks(dK, image)
-    e_sub = up(2.0 * UNIT_ROUNDOFF * frobenius_upper_bound(dK.abs().sum(dim=(2, 3))))
-    dW_hi, dW = _norm_bound(Dh.reshape(-1, c, c), up(e + e_sub))
+    dW_hi, dW = conv_difference_bounds(Kt, K, image)
     apb = up(kh * kw * c * entry)  # ||dW|| <= sum_taps ||dK_tap||_2 <= kh kw c max|dK|
     n = c * image[0] * image[1]
     return certificate_from_bounds(st, st_q, dW_hi, dW, apb, n=n, bits=bits if kernel_tilde is None else None,

@@ -40,6 +40,7 @@ __all__ = [
     "FourierBlockMap",
     "FourierOperator",
     "check_kernel",
+    "kernel_from_impulses",
 ]
 
 
@@ -96,6 +97,24 @@ def fourier_blocks(
     full = full.index_add(2, rows, k64)
     full = torch.zeros(c_out, c_in, H, W, dtype=torch.float64, device=kernel.device).index_add(3, cols, full)
     return torch.fft.fft2(full).permute(2, 3, 0, 1).contiguous()
+
+
+def kernel_from_impulses(
+    fn, c_in: int, size: tuple[int, int], dtype: torch.dtype, device
+) -> torch.Tensor:
+    """The kernel ``(c_out, c_in, kh, kw)`` (odd sizes, torch layout, cross-correlation) of a
+    shift-invariant linear map ``fn`` of ``(batch, c_in, H, W)`` states, read off ``fn`` applied to
+    a unit impulse in each input channel on a ``kh x kw`` image. Exact when every tap of the map
+    lies within ``kh x kw`` (nothing aliases); differentiable through ``fn``."""
+    kh, kw = size
+    delta = torch.zeros(c_in, c_in, kh, kw, dtype=dtype, device=device)
+    delta[torch.arange(c_in), torch.arange(c_in), 0, 0] = 1.0
+    y = fn(delta)  # y[i] = map(e_i): (c_in, c_out, kh, kw)
+    ca, cb = kh // 2, kw // 2
+    rows = torch.tensor([(-(a - ca)) % kh for a in range(kh)], device=device)
+    cols = torch.tensor([(-(b - cb)) % kw for b in range(kw)], device=device)
+    # (M z)[o, p] = sum K[o, i, a, b] z[i, p + a - ca]: an impulse at 0 gives y[o, -(a - ca)]
+    return y[:, :, rows][:, :, :, cols].transpose(0, 1).contiguous()
 
 
 def _circular(z: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
@@ -320,16 +339,8 @@ class ConvWKOperator(FourierOperator):
         if self.image[0] < kh2 or self.image[1] < kw2:
             raise OperatorError(f"the composite {kh2}x{kw2} kernel needs an image of at least that "
                                 f"size, got {self.image[0]}x{self.image[1]}")  # fmt: skip
-        H, W = kh2, kw2
         op = self if differentiable else self.to(dtype=torch.float64).detach()
-        delta = torch.zeros(c, c, H, W, dtype=op.dtype, device=self.device)
-        delta[torch.arange(c), torch.arange(c), 0, 0] = 1.0
-        y = op.apply(delta)  # y[i] = W e_i: (c_in, c_out, H, W)
-        ca, cb = kh2 // 2, kw2 // 2
-        rows = torch.tensor([(-(a - ca)) % H for a in range(kh2)], device=self.device)
-        cols = torch.tensor([(-(b - cb)) % W for b in range(kw2)], device=self.device)
-        # (W z)[o, p] = sum K[o, i, a, b] z[i, p + a - ca]: an impulse at 0 gives y[o, -(a - ca)]
-        return y[:, :, rows][:, :, :, cols].transpose(0, 1).contiguous()
+        return kernel_from_impulses(op.apply, c, (kh2, kw2), op.dtype, self.device)
 
     def parameters(self) -> tuple[torch.Tensor, ...]:
         return (self.A, self.B, self.m)
