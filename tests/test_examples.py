@@ -24,7 +24,7 @@ def _load(name: str):
 
 
 def test_every_example_is_tested() -> None:
-    tested = {"custom_model", "margin_aware_qat", "paper_checkpoint", "conv_mondeq"}
+    tested = {"custom_model", "margin_aware_qat", "paper_checkpoint", "conv_mondeq", "multitier_mondeq"}
     assert {p.stem for p in EXAMPLES.glob("*.py")} == tested
 
 
@@ -44,6 +44,18 @@ def test_conv_mondeq(mnist_dir: Path) -> None:
     eight = out["bits"][8]
     assert eight["verdict"] == "certified" and eight["margin_quantized_lower"] > 0
     assert all(r["verdict"] in ("certified", "refuted", "undecided") for r in out["bits"].values())
+
+
+def test_multitier_mondeq(mnist_dir: Path) -> None:
+    out = _load("multitier_mondeq").main(["--data-dir", str(mnist_dir), "--channels", "1", "2", "2",
+                                          "--train-limit", "256", "--test-limit", "128",
+                                          "--bits", "2", "8"])  # fmt: skip
+    assert set(out["bits"]) == {2, 8}
+    eight = out["bits"][8]
+    assert eight["verdict"] == "certified" and eight["tier"] in ("weyl", "a_priori")
+    assert 0 < eight["margin_quantized_lower"] <= eight["margin_lower"]
+    assert out["bits"][2]["dW_norm_upper"] > 10 * eight["dW_norm_upper"]  # coarser grid, larger dW
+    assert out["unconverged"] == 0
 
 
 def test_margin_aware_qat(mnist_dir: Path) -> None:

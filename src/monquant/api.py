@@ -29,7 +29,15 @@ from monquant.certify import Certificate, certify, certify_operator
 from monquant.certify import min_certified_bits as _min_bits
 from monquant.errors import ConfigError
 from monquant.model import MonDEQLayer
-from monquant.nn import QAT_METHODS, ConvMonDEQ, LayerQuant, MonDEQ, QuantConv2d, QuantLinear
+from monquant.nn import (
+    QAT_METHODS,
+    ConvMonDEQ,
+    LayerQuant,
+    MonDEQ,
+    MultiTierMonDEQ,
+    QuantConv2d,
+    QuantLinear,
+)
 from monquant.qconfig import QuantConfig
 from monquant.quant.uniform import quantize
 
@@ -74,6 +82,50 @@ def mondeq_layers(model: nn.Module, filter_fn: FilterFn | None = None,
 def _conv_layers(model: nn.Module, filter_fn: FilterFn | None) -> list[tuple[str, ConvMonDEQ]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, ConvMonDEQ)
             and (filter_fn is None or filter_fn(m, n))]  # fmt: skip
+
+
+def _multitier_layers(model: nn.Module, filter_fn: FilterFn | None) -> list[tuple[str, MultiTierMonDEQ]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, MultiTierMonDEQ)
+            and (filter_fn is None or filter_fn(m, n))]  # fmt: skip
+
+
+@torch.no_grad()
+def _multitier_ptq(layer: MultiTierMonDEQ, config: QuantConfig) -> Any:
+    """``W~`` of PTQ with ``config``: every composite kernel (computed from the factors in the
+    layer's dtype) quantized on its own grid, in the layer's dtype."""
+    from monquant.certify_multitier import quantize_multitier
+
+    if config.mondeq_targets != ("W",):
+        raise ConfigError("MultiTierMonDEQ layers quantize W (their composite kernels) only: use "
+                          "targets=('W',) (and 'Linear'/'Conv2d' for ordinary layers)")  # fmt: skip
+    dtype = layer.B[0].dtype
+    comp = layer.operator().to(dtype=dtype).composite()
+    tilde, _ = quantize_multitier(comp, config.bits, config.granularity, config.step_rule)
+    return tilde.to(dtype=dtype, device=layer.B[0].device)
+
+
+def _quantize_multitier(layer: MultiTierMonDEQ, config: QuantConfig) -> None:
+    tilde = _multitier_ptq(layer, config)
+    tensors = {f"diag{i}": K for i, K in enumerate(tilde.diag)}
+    tensors.update({f"down{i}": R for i, R in enumerate(tilde.down)})
+    layer.quant = LayerQuant(config, "quantized", "ptq", None, tensors)
+
+
+def _multitier_certificate(layer: MultiTierMonDEQ, config: QuantConfig | None) -> tuple[Certificate, Any]:
+    import dataclasses
+
+    from monquant.certify_multitier import certify_multitier
+
+    op = layer.operator()
+    q = layer.quant
+    if q is not None and q.mode == "quantized" and config is None:
+        qc, extra, tilde = q.config, {"method": q.method}, layer.deployed_operator()
+    else:
+        qc, extra = _config_to_certify(q, config), {}
+        tilde = _multitier_ptq(layer, qc)  # what quantize_ would deploy
+    cert = certify_multitier(op.detach(), tilde=tilde)
+    cert = dataclasses.replace(cert, bits=qc.bits, granularity=qc.granularity, step_rule=qc.step_rule)
+    return cert, {**qc.to_dict(), **extra}
 
 
 @torch.no_grad()
@@ -176,6 +228,9 @@ def quantize_(model: nn.Module, config: QuantConfig, filter_fn: FilterFn | None 
     for name, conv in _conv_layers(model, filter_fn):
         _quantize_conv(conv, config)
         names.append(name)
+    for name, tiered in _multitier_layers(model, filter_fn):
+        _quantize_multitier(tiered, config)
+        names.append(name)
     names += _quantize_ordinary(model, config, filter_fn)
     _check_found(names, "quantize_")
     return model
@@ -221,8 +276,9 @@ def prepare_qat(
     """
     if method not in QAT_METHODS:
         raise ConfigError(f"method must be one of {QAT_METHODS}, got {method!r}")
-    if _conv_layers(model, filter_fn):
-        raise ConfigError("prepare_qat: ConvMonDEQ layers support post-training quantization "
+    if _conv_layers(model, filter_fn) or _multitier_layers(model, filter_fn):
+        raise ConfigError("prepare_qat: ConvMonDEQ and MultiTierMonDEQ layers support post-training "
+                          "quantization "
                           "(quantize_) only so far")  # fmt: skip
     if method.startswith("proxquant") and config.mondeq_targets != ("W",):
         raise ConfigError(f"{method} quantizes W (or its factors) only: use targets=('W',)")
@@ -355,6 +411,8 @@ def certify_model(model: nn.Module, config: QuantConfig | None = None,
         layers[name], configs[name] = _layer_certificate(layer, config)
     for name, conv in _conv_layers(model, filter_fn):
         layers[name], configs[name] = _conv_certificate(conv, config)
+    for name, tiered in _multitier_layers(model, filter_fn):
+        layers[name], configs[name] = _multitier_certificate(tiered, config)
     if not layers:
         raise ConfigError("certify_model: the model has no MonDEQ layer (that filter_fn accepts)")
     return ModelCertificate(layers, configs)
