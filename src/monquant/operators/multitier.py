@@ -55,7 +55,7 @@ from monquant.operators.conv import (
     kernel_from_impulses,
 )
 from monquant.operators.matrix import OperatorError, SpectralStats, all_finite
-from monquant.operators.spectral import estimate_stats
+from monquant.operators.spectral import estimate_margin
 
 __all__ = [
     "MultiTierConvOperator",
@@ -270,8 +270,8 @@ class TieredOperator(MonotoneOperator):
     def spectral_stats(self) -> SpectralStats:
         """``m`` by power iteration (an estimate, ``exact=False``); ``L`` and ``||W||`` are the
         block-norm upper bounds (:meth:`norm_bound`)."""
-        est = estimate_stats(self.detach())
-        return SpectralStats(m=est.m, L=self.norm_bound(shift=True), norm_W=self.norm_bound(),
+        L = self.norm_bound(shift=True)
+        return SpectralStats(m=estimate_margin(self.detach(), L), L=L, norm_W=self.norm_bound(),
                              exact=False)  # fmt: skip
 
     def minus(self, other: MonotoneOperator) -> float:

@@ -15,7 +15,7 @@ import torch
 from monquant.operators.base import MonotoneOperator
 from monquant.operators.matrix import SpectralStats
 
-__all__ = ["estimate_stats"]
+__all__ = ["estimate_margin", "estimate_stats"]
 
 
 def _power(matvec, shape: tuple[int, ...], dtype, device, iters: int) -> tuple[float, torch.Tensor]:
@@ -43,12 +43,21 @@ def estimate_stats(op: MonotoneOperator, iters: int = 50) -> SpectralStats:
 
         L2, _ = _power(gram, shape, dt, dev, iters)
         nW2, _ = _power(lambda v: op.apply_T(op.apply(v)), shape, dt, dev, iters)
-        L = math.sqrt(max(L2, 0.0))
+    L = math.sqrt(max(L2, 0.0))
+    return SpectralStats(m=estimate_margin(op, L, iters), L=L, norm_W=math.sqrt(max(nW2, 0.0)),
+                         exact=False)  # fmt: skip
 
-        # lmin(S) for S = sym(I - W) via the largest eigenvalue of L I - S (>= 0 since ||S|| <= L)
-        def shifted(v):
-            s = v - 0.5 * (op.apply(v) + op.apply_T(v))
-            return L * v - s
 
+def estimate_margin(op: MonotoneOperator, L: float, iters: int = 50) -> float:
+    """An estimate of ``margin(W) = lmin(S)``, ``S = sym(I - W)``, by power iteration on
+    ``L I - S`` (positive semidefinite when ``L >= ||I - W|| >= ||S||``): a Rayleigh quotient, so
+    an upper estimate of the margin, never a bound to decide on."""
+    shape, dt, dev = op.state_shape, op.dtype, op.device
+
+    def shifted(v):
+        s = v - 0.5 * (op.apply(v) + op.apply_T(v))
+        return L * v - s
+
+    with torch.no_grad():
         top, _ = _power(shifted, shape, dt, dev, iters)
-    return SpectralStats(m=L - top, L=L, norm_W=math.sqrt(max(nW2, 0.0)), exact=False)
+    return L - top
