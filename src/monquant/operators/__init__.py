@@ -1,5 +1,6 @@
-"""Monotone operators: the protocol (``base``), its kinds (``dense``, ``wk``, ``conv``), dense spectral
-constants (``matrix``) and iterative, explicitly inexact estimates (``spectral``)."""
+"""Monotone operators: the protocol (``base``), its kinds (``dense``, ``wk``, ``conv``,
+``multitier``), dense spectral constants (``matrix``) and iterative, explicitly inexact estimates
+(``spectral``)."""
 
 from monquant.operators.base import LinearMap, MonotoneOperator
 from monquant.operators.conv import (
@@ -20,6 +21,11 @@ from monquant.operators.matrix import (
     spectral_stats,
     wk_weight,
 )
+from monquant.operators.multitier import (
+    MultiTierConvOperator,
+    MultiTierWKOperator,
+    TieredOperator,
+)
 from monquant.operators.spectral import estimate_stats
 from monquant.operators.wk import WKOperator
 
@@ -32,8 +38,11 @@ __all__ = [
     "LinearMap",
     "MatrixMap",
     "MonotoneOperator",
+    "MultiTierConvOperator",
+    "MultiTierWKOperator",
     "OperatorError",
     "SpectralStats",
+    "TieredOperator",
     "WKOperator",
     "as_operator",
     "check_weight",
