@@ -82,9 +82,9 @@ def test_bad_input() -> None:
     with pytest.raises(OperatorError, match="smaller than"):
         MultiTierMonDEQ(1, (2, 2, 2), (8, 8))
     with pytest.raises(ConfigError, match="output"):
-        MultiTierMonDEQ(1, (2, 2), (8, 8), output="first")
+        MultiTierMonDEQ(1, (2, 2), (20, 20), output="first")
     with pytest.raises(ConfigError, match="input must have shape"):
-        build()[0](torch.zeros(2, 400))
+        build()[0](torch.zeros(2, 399))
     with pytest.raises(ConfigError, match="composite kernels"):
         monquant.quantize_(build(), monquant.QuantConfig(bits=4, targets=("W", "U")))
     with pytest.raises(ConfigError, match="prepare_qat"):

@@ -116,14 +116,13 @@ def _multitier_certificate(layer: MultiTierMonDEQ, config: QuantConfig | None) -
 
     from monquant.certify_multitier import certify_multitier
 
-    op = layer.operator()
     q = layer.quant
     if q is not None and q.mode == "quantized" and config is None:
         qc, extra, tilde = q.config, {"method": q.method}, layer.deployed_operator()
     else:
         qc, extra = _config_to_certify(q, config), {}
         tilde = _multitier_ptq(layer, qc)  # what quantize_ would deploy
-    cert = certify_multitier(op.detach(), tilde=tilde)
+    cert = certify_multitier(layer.reference_weight(), tilde=tilde)
     cert = dataclasses.replace(cert, bits=qc.bits, granularity=qc.granularity, step_rule=qc.step_rule)
     return cert, {**qc.to_dict(), **extra}
 

@@ -30,6 +30,7 @@ from monquant.conv_model import ConvMonDEQConfig, ConvMonDEQLayer
 from monquant.errors import CheckpointError, ConfigError
 from monquant.implicit import EquilibriumSolver
 from monquant.model import MonDEQConfig, MonDEQLayer
+from monquant.multitier_model import MultiTierMonDEQConfig, MultiTierMonDEQLayer
 from monquant.operators import margin_tensor
 from monquant.qconfig import QuantConfig
 from monquant.quant.uniform import fake_quant, quantize
@@ -340,7 +341,7 @@ class ConvMonDEQ(ConvMonDEQLayer):
                    "composite kernel" if self.quant is not None else ""))  # fmt: skip
 
 
-class MultiTierMonDEQ(nn.Module):
+class MultiTierMonDEQ(MultiTierMonDEQLayer):
     """A multi-tier convolutional MonDEQ layer: ``x`` of shape ``(batch, in_channels, H, W)`` maps
     to the equilibrium ``z* = relu(W z* + q)`` on ``T = len(channels)`` tiers of ``H x W``,
     ``H/2 x W/2``, ... (``channels[i]`` channels on tier ``i``).
@@ -351,7 +352,9 @@ class MultiTierMonDEQ(nn.Module):
     monotone with margin ``>= m`` by construction. The injection is ``q_0 = U x + b_0`` on tier 0
     (an ordinary zero-padded convolution) and a learned per-channel bias ``b_i`` on the others.
     PR's resolvent is a forward substitution over the tiers, one ``c_i x c_i`` inverse per
-    frequency; the backward is the implicit adjoint solve through the protocol.
+    frequency; the backward is the implicit adjoint solve through the protocol. It is the
+    :class:`~monquant.multitier_model.MultiTierMonDEQLayer` of ``monquant train --arch multitier``
+    with the quantization state of the library API.
 
     ``output="last"`` (default) returns the coarsest tier ``(batch, c_{T-1}, H_{T-1}, W_{T-1})``;
     ``"all"`` the flattened state ``(batch, sum_i c_i H_i W_i)`` (:meth:`split` gives the tiers).
@@ -379,56 +382,15 @@ class MultiTierMonDEQ(nn.Module):
         tol: float = 1e-4,
         max_iter: int = 2000,
     ) -> None:
-        super().__init__()
-        from monquant.model import register_margin, softplus_inverse
-        from monquant.operators.conv import check_kernel
-        from monquant.operators.multitier import tier_images
-
-        channels = tuple(int(c) for c in channels)
-        if not channels or min(channels) < 1 or int(in_channels) < 1:
-            raise ConfigError(f"channels and in_channels must be positive, got {channels}, {in_channels}")
-        if output not in ("last", "all"):
-            raise ConfigError(f"output must be 'last' or 'all', got {output!r}")
-        if not margin > 0 or not 0 <= margin_floor < margin:
-            raise ConfigError(f"need margin > 0 and 0 <= margin_floor < margin, got {margin}, {margin_floor}")
-        k = int(kernel)
-        self.images = tier_images(image, len(channels))
-        for img in self.images:
-            check_kernel(torch.zeros(1, 1, k, k), img)  # odd, no larger than the coarsest tier
-        self.channels, self.kernel, self.output = channels, k, output
-        self.margin_floor = float(margin_floor)
-        ranks = [rank or c for c in channels]
-        g = [init_scale / (k * c**0.5) for c in channels]
-        self.P = nn.ParameterList([nn.Parameter(g[i] * torch.randn(ranks[i], c, k, k))
-                                   for i, c in enumerate(channels)])  # fmt: skip
-        self.Q = nn.ParameterList([nn.Parameter(g[i] * torch.randn(ranks[i], channels[i + 1], k, k))
-                                   for i in range(len(channels) - 1)])  # fmt: skip
-        self.B = nn.ParameterList([nn.Parameter(g[i] * torch.randn(c, c, k, k))
-                                   for i, c in enumerate(channels)])  # fmt: skip
-        self.U = nn.Conv2d(in_channels, channels[0], k, padding=k // 2)
-        self.bias = nn.ParameterList([nn.Parameter(torch.zeros(c)) for c in channels[1:]])
-        register_margin(self, torch.tensor(softplus_inverse(margin - margin_floor)), learn_margin)
-        self.solver = EquilibriumSolver(SolverConfig(method=solver, tol=tol, max_iter=max_iter))
+        cfg = MultiTierMonDEQConfig(
+            in_channels=in_channels, image=image, tier_channels=tuple(channels), kernel=kernel,
+            rank=rank, out_features=1, margin_init=margin, learn_margin=learn_margin,
+            margin_floor=margin_floor, init_scale=init_scale, output=output,
+            solver=SolverConfig(method=solver, tol=tol, max_iter=max_iter).as_dict(),
+        )  # fmt: skip
+        super().__init__(cfg)
         #: quantization: a LayerQuant whose tensors hold the composite kernels "diag<i>", "down<i>"
         self.quant: LayerQuant | None = None
-
-    @property
-    def image(self) -> tuple[int, int]:
-        return self.images[0]
-
-    def margin(self) -> torch.Tensor:
-        """``m = softplus(m_raw) + margin_floor``: a lower bound on margin(W) by construction."""
-        m_raw = self.m_raw
-        assert isinstance(m_raw, torch.Tensor)
-        return F.softplus(m_raw) + self.margin_floor
-
-    def operator(self) -> Any:
-        """The float ``W`` (:class:`~monquant.operators.multitier.MultiTierWKOperator`,
-        differentiable in the factors and ``m``)."""
-        from monquant.operators.multitier import MultiTierWKOperator
-
-        return MultiTierWKOperator(list(self.P), list(self.Q), list(self.B), self.margin(),
-                                   self.image, checked=True)  # fmt: skip
 
     def deployed_operator(self) -> Any:
         """The quantized composite kernels' operator when quantized, else the float one."""
@@ -441,30 +403,8 @@ class MultiTierMonDEQ(nn.Module):
                                          checked=True)  # fmt: skip
         return self.operator()
 
-    def injection(self, x: torch.Tensor) -> torch.Tensor:
-        """``q``: ``U x + b_0`` on tier 0 and ``b_i`` on tier ``i``, flattened ``(batch, n)``."""
-        want = (self.U.in_channels, *self.image)
-        if x.dim() != 4 or tuple(x.shape[1:]) != want:
-            raise ConfigError(f"input must have shape (batch, {want[0]}, {want[1]}, {want[2]}), "
-                              f"got {tuple(x.shape)}")  # fmt: skip
-        bias = self.U.bias
-        assert bias is not None
-        q0 = F.conv2d(x, self.U.weight.to(x.dtype), bias.to(x.dtype), padding=self.kernel // 2)
-        tiers = [q0] + [b.to(x.dtype)[None, :, None, None].expand(x.shape[0], -1, *img)
-                        for b, img in zip(self.bias, self.images[1:], strict=True)]  # fmt: skip
-        return torch.cat([t.flatten(1) for t in tiers], dim=1)
-
-    def split(self, z: torch.Tensor) -> list[torch.Tensor]:
-        """The tiers ``(batch, c_i, H_i, W_i)`` of a flattened state."""
-        sizes = [c * h * w for c, (h, w) in zip(self.channels, self.images, strict=True)]
-        return [p.reshape(z.shape[0], c, *img) for p, c, img in
-                zip(torch.split(z, sizes, dim=1), self.channels, self.images, strict=True)]  # fmt: skip
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q = self.injection(x)
-        op = self.deployed_operator()
-        z = self.solver(op.to(dtype=q.dtype) if op.dtype != q.dtype else op, q)
-        return z if self.output == "all" else self.split(z)[-1]
+    def forward(self, x: torch.Tensor, W: Any = None) -> torch.Tensor:
+        return self.solve(x, self.operator_of(W) if W is not None else self.deployed_operator())
 
     def get_extra_state(self) -> dict[str, Any]:
         return {"format": EXTRA_STATE_FORMAT,
@@ -480,7 +420,8 @@ class MultiTierMonDEQ(nn.Module):
         s = self.solver.forward_config
         tiers = ", ".join(f"{c}x{h}x{w}" for c, (h, w) in zip(self.channels, self.images, strict=True))
         return (f"tiers=[{tiers}], {self.kernel}x{self.kernel} factors, margin: multi-tier W-K, "
-                f"m = softplus(m_raw) + {self.margin_floor:g} (now {float(self.margin().detach()):.4g}), "
+                f"m = softplus(m_raw) + {self.config.margin_floor:g} "
+                f"(now {float(self.margin().detach()):.4g}), "
                 f"solver={s.method}(tol={s.tol:g}, max_iter={s.max_iter})"
                 + (f", quant={self.quant.config.bits}-bit {self.quant.config.granularity} "
                    "composite kernels" if self.quant is not None else ""))  # fmt: skip
