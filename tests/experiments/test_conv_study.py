@@ -29,6 +29,13 @@ def test_conv_study_runs_renders_and_resumes(tmp_path, tiny_mnist) -> None:
     qat = {r["kind"]: r for r in res["qat"]["rows"]}
     assert qat["proxquant-factors"]["tier"] == "construction"
     assert res["compare"]["conv"]["operator_parameters"] == 2 * 3 * 3 * 9 + 1
+    tiers = res["phase"]["multitier"]
+    assert {r["bits"] for r in tiers["rows"]} == set(cfg.bits)
+    assert all(r["verdict"] in ("certified", "refuted", "undecided") for r in tiers["rows"])
+    eight = [r for r in tiers["rows"] if r["bits"] == 8]
+    assert all(r["verdict"] == "certified" and r["margin_quantized_lower"] > 0 for r in eight)
+    assert res["compare"]["multitier"]["margin_lower"] > 0  # by construction, proved
+    assert res["compare"]["multitier"]["state_size"] == 1 * 784 + 2 * 196 + 2 * 49
     report = (cfg.out / "report.md").read_text()
     assert "Theorem 3 displacement" in report and "conv.png" in report
     again = run_conv_study(ConvStudyConfig.quick_config(**{**cfg.as_dict(), "resume": True}), data,
@@ -43,3 +50,5 @@ def test_conv_study_settings_are_checked() -> None:
         ConvStudyConfig(qat_kinds=("proxquant-w",))
     with pytest.raises(ConfigError, match="tol"):
         ConvStudyConfig(tol=0.1)
+    with pytest.raises(ConfigError, match="tier_channels"):
+        ConvStudyConfig(tier_channels=(4,))

@@ -27,6 +27,7 @@ EPILOG_TRAIN = """examples:
   torchrun --nproc-per-node 2 -m monquant train --out runs/ddp   # data-parallel (gloo on CPU)
   monquant train --out runs/conv --arch conv --channels 16 --kernel 3 --margin-init 0.5
   monquant train --out runs/conv4 --arch conv --qat-bits 4 --granularity per-channel
+  monquant train --out runs/tiers --arch multitier --tier-channels 8 16 32 --margin-init 0.5
 """
 
 
@@ -41,6 +42,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         channels=args.channels,
         kernel=args.kernel,
         pool=args.pool,
+        tier_channels=tuple(args.tier_channels),
         rank=args.rank,
         margin_init=args.margin_init,
         learn_margin=not args.fixed_margin,
@@ -81,14 +83,17 @@ def register(add: AddCommand) -> None:
     """Add ``train`` to the main parser."""
     t = add("train", cmd_train, "train a MonDEQ on MNIST (float or QAT)", EPILOG_TRAIN)
     t.add_argument("--out", required=True, help="run folder (checkpoint, model, log)")
-    t.add_argument("--arch", choices=["fc", "conv"], default="fc",
+    t.add_argument("--arch", choices=["fc", "conv", "multitier"], default="fc",
                    help="fc: the paper's dense MonDEQ; conv: a single-convolution MonDEQ (W a "
-                   "circular convolution, resolvent per 2-D frequency)")  # fmt: skip
+                   "circular convolution, resolvent per 2-D frequency); multitier: tiers of "
+                   "28x28, 14x14, 7x7 coupled by stride-2 convolutions")  # fmt: skip
     t.add_argument(
         "--hidden", type=positive_int, default=100, help="hidden units n of the MonDEQ layer (fc)"
     )
     t.add_argument("--channels", type=positive_int, default=16,
                    help="channels c of the equilibrium state (conv)")  # fmt: skip
+    t.add_argument("--tier-channels", type=positive_int, nargs="+", default=[8, 16, 32],
+                   metavar="C", help="channels of each tier (multitier; 2 or more tiers)")  # fmt: skip
     t.add_argument("--kernel", type=positive_int, default=3,
                    help="size k of the k x k factors A, B and of U (conv; odd)")  # fmt: skip
     t.add_argument("--pool", type=positive_int, default=4,

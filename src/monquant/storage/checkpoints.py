@@ -27,6 +27,7 @@ from monquant import __version__
 from monquant.conv_model import ConvMonDEQClassifier, ConvMonDEQConfig
 from monquant.errors import CheckpointError, ConfigError
 from monquant.model import MonDEQClassifier, MonDEQConfig
+from monquant.multitier_model import MultiTierMonDEQClassifier, MultiTierMonDEQConfig
 from monquant.quant.uniform import (
     QuantizationError,
     Quantized,
@@ -51,8 +52,16 @@ __all__ = [
 
 CHECKPOINT_FORMAT = 1
 KIND = "monquant-model"
-#: the classifiers a checkpoint holds (``config.arch``: ``fc``, the default, or ``conv``)
-Classifier = MonDEQClassifier | ConvMonDEQClassifier
+#: the classifiers a checkpoint holds (``config.arch``: ``fc``, the default, ``conv`` or
+#: ``multitier``)
+Classifier = MonDEQClassifier | ConvMonDEQClassifier | MultiTierMonDEQClassifier
+ModelConfig = MonDEQConfig | ConvMonDEQConfig | MultiTierMonDEQConfig
+#: the config and classifier of each architecture a checkpoint can hold
+ARCHITECTURES: dict[str, tuple[Any, Any]] = {
+    "fc": (MonDEQConfig, MonDEQClassifier),
+    "conv": (ConvMonDEQConfig, ConvMonDEQClassifier),
+    "multitier": (MultiTierMonDEQConfig, MultiTierMonDEQClassifier),
+}
 
 
 @dataclass
@@ -170,20 +179,21 @@ def save_model(
     return save_tensors(path, tensors, to_jsonable(meta))
 
 
-def build_classifier(config: MonDEQConfig | ConvMonDEQConfig) -> Classifier:
-    """The classifier of a config: dense (:class:`MonDEQClassifier`) or convolutional
-    (:class:`ConvMonDEQClassifier`)."""
-    if isinstance(config, ConvMonDEQConfig):
-        return ConvMonDEQClassifier(config)
-    return MonDEQClassifier(config)
+def build_classifier(config: ModelConfig) -> Classifier:
+    """The classifier of a config: dense (:class:`MonDEQClassifier`), convolutional
+    (:class:`ConvMonDEQClassifier`) or multi-tier (:class:`MultiTierMonDEQClassifier`)."""
+    for kind, cls in ARCHITECTURES.values():
+        if isinstance(config, kind):
+            return cls(config)
+    raise ConfigError(f"not a model config: {type(config).__name__}")
 
 
-def _config(meta: dict[str, Any]) -> MonDEQConfig | ConvMonDEQConfig:
+def _config(meta: dict[str, Any]) -> ModelConfig:
     raw = dict(meta.get("config") or {})
     arch = raw.get("arch", "fc")  # files before the conv model hold a dense config without arch
-    if arch not in ("fc", "conv"):
+    if arch not in ARCHITECTURES:
         raise CheckpointError(f"checkpoint holds a model of unknown architecture {arch!r}")
-    kind: Any = ConvMonDEQConfig if arch == "conv" else MonDEQConfig
+    kind: Any = ARCHITECTURES[arch][0]
     if arch == "fc":
         raw.pop("arch", None)
     names = {f.name for f in dataclasses.fields(kind)}

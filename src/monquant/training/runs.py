@@ -21,6 +21,7 @@ from monquant.conv_model import ConvMonDEQConfig
 from monquant.data import MNIST
 from monquant.errors import ConfigError, MonquantError
 from monquant.model import MonDEQConfig
+from monquant.multitier_model import MultiTierMonDEQConfig
 from monquant.solvers import SolverConfig
 from monquant.storage.checkpoints import Classifier, build_classifier, load_model, save_model
 from monquant.storage.files import folder_lock
@@ -42,13 +43,15 @@ class TrainRequest:
     """
 
     out: Path
-    #: ``fc`` (the dense MonDEQ of the paper) or ``conv`` (a single-convolution MonDEQ with
-    #: ``channels`` channels, ``kernel x kernel`` factors and a ``pool x pool`` average pool)
+    #: ``fc`` (the dense MonDEQ of the paper), ``conv`` (a single-convolution MonDEQ with
+    #: ``channels`` channels, ``kernel x kernel`` factors and a ``pool x pool`` average pool) or
+    #: ``multitier`` (tiers of ``tier_channels`` channels on 28, 14, 7, ... pixels)
     arch: str = "fc"
     hidden: int = 100
     channels: int = 16
     kernel: int = 3
     pool: int = 4
+    tier_channels: tuple[int, ...] = (8, 16, 32)
     rank: int | None = None
     margin_init: float = 1.0
     learn_margin: bool = True
@@ -68,18 +71,31 @@ class TrainRequest:
         own = {k: v for k, v in settings.items() if k not in names}
         req = cls(out=Path(out), train=train, **own)
         req.model_config(784, 10)  # validate the model and solver settings now (MNIST sizes)
-        if req.arch == "conv" and train.robust_eps:
+        if req.arch != "fc" and train.robust_eps:
             raise ConfigError("robust_eps (Lipschitz-margin training) is implemented for the dense "
-                              "MonDEQ only, not for --arch conv")  # fmt: skip
+                              f"MonDEQ only, not for --arch {req.arch}")  # fmt: skip
+        if req.arch == "multitier" and (train.qat_bits is not None or train.margin_target is not None):
+            raise ConfigError("quantization-aware training (--qat-bits, --margin-target) is not "
+                              "implemented for --arch multitier: train it in float, then ptq")  # fmt: skip
         return req
 
-    def model_config(self, in_features: int, out_features: int) -> MonDEQConfig | ConvMonDEQConfig:
+    def model_config(
+        self, in_features: int, out_features: int
+    ) -> MonDEQConfig | ConvMonDEQConfig | MultiTierMonDEQConfig:
         solver = SolverConfig(**{k: v for k, v in self.solver.items() if v is not None})
-        if self.arch == "conv":
+        if self.arch in ("conv", "multitier"):
             side = math.isqrt(in_features)
             if side * side != in_features:
-                raise ConfigError(f"--arch conv takes square one-channel images; {in_features} "
-                                  "input features are not a square")  # fmt: skip
+                raise ConfigError(f"--arch {self.arch} takes square one-channel images; "
+                                  f"{in_features} input features are not a square")  # fmt: skip
+        if self.arch == "multitier":
+            return MultiTierMonDEQConfig(
+                in_channels=1, image=(side, side), tier_channels=tuple(self.tier_channels),
+                kernel=self.kernel, rank=self.rank, out_features=out_features,
+                margin_init=self.margin_init, learn_margin=self.learn_margin,
+                margin_floor=self.margin_floor, solver=solver.as_dict(), backward=self.backward,
+            )  # fmt: skip
+        if self.arch == "conv":
             return ConvMonDEQConfig(
                 in_channels=1, image=(side, side), channels=self.channels, kernel=self.kernel,
                 rank=self.rank, out_features=out_features, pool=self.pool,
@@ -87,7 +103,7 @@ class TrainRequest:
                 margin_floor=self.margin_floor, solver=solver.as_dict(), backward=self.backward,
             )  # fmt: skip
         if self.arch != "fc":
-            raise ConfigError(f"arch must be 'fc' or 'conv', got {self.arch!r}")
+            raise ConfigError(f"arch must be 'fc', 'conv' or 'multitier', got {self.arch!r}")
         return MonDEQConfig(
             in_features=in_features,
             hidden=self.hidden,

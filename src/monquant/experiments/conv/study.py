@@ -3,18 +3,20 @@
 Stages (each saved to ``<out>/stages/<name>.json`` when it ends; ``resume=True`` skips finished
 stages, and an interrupted training resumes from its per-epoch checkpoint):
 
-1. ``train_conv`` / ``train_fc``: float models (the conv model: ``channels`` channels, ``kernel x
-   kernel`` factors, PR; the dense one: the paper's 100-unit setup) trained on MNIST;
+1. ``train_conv`` / ``train_fc`` / ``train_multitier``: float models (the conv model: ``channels``
+   channels, ``kernel x kernel`` factors, PR; the dense one: the paper's 100-unit setup; the
+   multi-tier one: ``tier_channels`` on 28 x 28, 14 x 14, 7 x 7) trained on MNIST;
 2. ``phase_<model>``: the phase transition, for every bit-width in ``bits`` and both
    granularities: the certificate of PTQ of ``W`` (the conv model's composite kernel, certified
-   from its Fourier blocks) and the quantized model's accuracy and unconverged solves on the
+   from its Fourier blocks; the multi-tier model's composite kernels, by the Weyl tier with a
+   proved ``||dW||``) and the quantized model's accuracy and unconverged solves on the
    first ``phase_test_limit`` test images;
 3. ``displacement``: Theorem 3 on ``displacement_samples`` test inputs in float64 (PR,
    ``tol``), with the solvers' a-posteriori errors (the conv model, per-channel);
 4. ``qat``: fine-tuning at low bits, per-channel (``ste``, ``margin``, ``proxquant-factors``)
    from the float conv model on ``qat_train_limit`` training images, each deployed and certified,
    evaluated on the whole test set;
-5. ``compare``: the side-by-side table (accuracy, parameters, weight storage, margins, smallest
+5. ``compare_tiers``: the side-by-side table (accuracy, parameters, weight storage, margins, smallest
    certified bits, solver iterations, epoch time).
 """
 
@@ -52,6 +54,8 @@ class ConvStudyConfig:
     decay_epoch: int = 4
     margin_init: float = 0.5
     fc_epochs: int = 15
+    tier_channels: tuple[int, ...] = (4, 8, 16)
+    multitier_epochs: int = 2
     train_limit: int | None = None
     bits: tuple[int, ...] = tuple(range(2, 17))
     phase_test_limit: int | None = 2000
@@ -80,8 +84,12 @@ class ConvStudyConfig:
         bad = [k for k in self.qat_kinds if k not in KINDS or k in ("ptq", "proxquant-w")]
         if bad:
             raise ConfigError(f"qat kinds for a conv model: ste, margin, proxquant-factors; got {bad}")
-        for name in ("channels", "epochs", "fc_epochs", "qat_epochs", "displacement_samples",
-                     "qat_train_limit"):  # fmt: skip
+        self.tier_channels = tuple(int(c) for c in self.tier_channels)
+        if len(self.tier_channels) < 2 or min(self.tier_channels) < 1:
+            raise ConfigError("tier_channels needs two or more positive counts, got "
+                              f"{list(self.tier_channels)}")  # fmt: skip
+        for name in ("channels", "epochs", "fc_epochs", "multitier_epochs", "qat_epochs",
+                     "displacement_samples", "qat_train_limit"):  # fmt: skip
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} must be >= 1")
         if not 0 < self.tol < 1e-3:
@@ -90,7 +98,8 @@ class ConvStudyConfig:
     @classmethod
     def quick_config(cls, **kw: Any) -> ConvStudyConfig:
         """A CI-sized run of the same pipeline: 4 channels, 1 epoch on 2,000 images, fewer bits."""
-        base = dict(channels=4, epochs=1, fc_epochs=1, train_limit=2000, bits=(2, 4, 8),
+        base = dict(channels=4, epochs=1, fc_epochs=1, tier_channels=(1, 2, 2), multitier_epochs=1,
+                    train_limit=2000, bits=(2, 4, 8),
                     phase_test_limit=300, test_limit=500, displacement_samples=64,
                     displacement_bits=(4, 8), qat_kinds=("ste", "proxquant-factors"),
                     qat_bits=(4,), qat_train_limit=500, decay_epoch=1, quick=True)  # fmt: skip
@@ -120,6 +129,12 @@ def _train(cfg: ConvStudyConfig, data: MNIST, arch: str, echo: Echo) -> dict[str
                               kernel=cfg.kernel, margin_init=cfg.margin_init, epochs=cfg.epochs,
                               lr=cfg.lr, decay_epoch=cfg.decay_epoch, seed=cfg.seed,
                               resume=True, progress=cfg.progress)  # fmt: skip
+    elif arch == "multitier":
+        req = TrainRequest.of(cfg.out / "multitier-float", arch="multitier",
+                              tier_channels=cfg.tier_channels, kernel=cfg.kernel,
+                              margin_init=cfg.margin_init, epochs=cfg.multitier_epochs, lr=cfg.lr,
+                              decay_epoch=cfg.decay_epoch, seed=cfg.seed, resume=True,
+                              progress=cfg.progress)  # fmt: skip
     else:
         req = TrainRequest.of(cfg.out / "fc-float", epochs=cfg.fc_epochs, seed=cfg.seed,
                               decay_epoch=min(10, cfg.fc_epochs), resume=True,
@@ -128,45 +143,78 @@ def _train(cfg: ConvStudyConfig, data: MNIST, arch: str, echo: Echo) -> dict[str
     return {"model": r["model"], "history": r["history"], "seconds": r["seconds"]}
 
 
-def _phase(cfg: ConvStudyConfig, model: Any, data: MNIST) -> dict[str, Any]:
-    """Certificates and PTQ accuracy over ``bits`` x granularities."""
-    from monquant.certify import certify, min_bits_of
+def _quantizer(model: Any) -> Callable[[int, str], tuple[Any, Any]]:
+    """``(bits, granularity) -> (certificate, W~ for the forward pass)`` for PTQ of ``model``'s
+    operator: the dense ``W``, the conv composite kernel (certified from its Fourier blocks) or
+    the multi-tier composite kernels (Weyl tier with a proved ``||dW||``). The certificate is of
+    the ``W~`` the forward pass runs on (in the model's dtype). The float side is proved once."""
+    import dataclasses
+
+    from monquant.certify import certify
     from monquant.certify_conv import certify_conv, conv_spectral_bounds
+    from monquant.certify_multitier import (
+        certify_multitier,
+        multitier_float_bounds,
+        quantize_multitier,
+    )
     from monquant.conv_model import ConvMonDEQClassifier
-    from monquant.progress import progress_bar
+    from monquant.multitier_model import MultiTierMonDEQClassifier
     from monquant.quant.uniform import quantize
-    from monquant.training.loop import evaluate
     from monquant.verified import spectral_bounds
 
-    x, y = subset(data.x_test, data.y_test, cfg.phase_test_limit)
+    dtype = model.head.weight.dtype
+    if isinstance(model, MultiTierMonDEQClassifier):
+        op = model.layer.reference_weight()
+        fb = multitier_float_bounds(op)
+
+        def multitier(b: int, g: str) -> tuple[Any, Any]:
+            tilde = quantize_multitier(fb.comp, b, g)[0].to(dtype=dtype)
+            c = certify_multitier(op, tilde=tilde, float_bounds=fb)
+            return dataclasses.replace(c, bits=b, granularity=g, step_rule="paper"), tilde
+
+        return multitier
     W = model.layer.reference_weight().to(torch.float64)
     if isinstance(model, ConvMonDEQClassifier):
         image = model.config.image
         st = conv_spectral_bounds(W, image)
 
-        def cert(b: int, g: str) -> Any:
-            return certify_conv(W, image, b, g, float_bounds=st)
-    else:
-        st = spectral_bounds(W)
+        def conv(b: int, g: str) -> tuple[Any, Any]:
+            Wt = quantize(W, b, g).dequantized().to(dtype)
+            c = certify_conv(W, image, kernel_tilde=Wt, float_bounds=st)
+            return dataclasses.replace(c, bits=b, granularity=g, step_rule="paper"), Wt
 
-        def cert(b: int, g: str) -> Any:
-            return certify(W, b, g, float_bounds=st)
+        return conv
+    st = spectral_bounds(W)
 
+    def dense(b: int, g: str) -> tuple[Any, Any]:
+        return certify(W, b, g, float_bounds=st), quantize(W, b, g).dequantized().to(dtype)
+
+    return dense
+
+
+def _phase(cfg: ConvStudyConfig, model: Any, data: MNIST) -> dict[str, Any]:
+    """Certificates and PTQ accuracy over ``bits`` x granularities."""
+    from monquant.certify import min_bits_of
+    from monquant.progress import progress_bar
+    from monquant.training.loop import evaluate
+
+    x, y = subset(data.x_test, data.y_test, cfg.phase_test_limit)
+    quantized = _quantizer(model)
     rows = []
     certs: dict[str, list[Any]] = {}
     grans = ("per-tensor", "per-channel")
     bar = progress_bar(desc="phase transition", enabled=cfg.progress, total=len(grans) * len(cfg.bits))
     for g in grans:
         for b in cfg.bits:
-            Wt = quantize(W, b, g).dequantized()
-            c = cert(b, g)
+            c, Wt = quantized(b, g)
             certs.setdefault(g, []).append(c)
-            ev = evaluate(model, x, y, W=Wt.to(model.head.weight.dtype))
+            ev = evaluate(model, x, y, W=Wt)
             rows.append({"granularity": g, "bits": b, "verdict": c.verdict, "tier": c.tier,
                          "margin_quantized_lower": c.margin_quantized_lower,
                          "margin_quantized": c.margin_quantized, "dW_norm": c.dW_norm,
-                         "dW_over_m": c.dW_over_m, "accuracy": ev.accuracy,
-                         "unconverged": ev.unconverged, "mean_iterations": ev.mean_iterations})  # fmt: skip
+                         "dW_norm_upper": c.dW_norm_upper, "dW_over_m": c.dW_over_m,
+                         "accuracy": ev.accuracy, "unconverged": ev.unconverged,
+                         "mean_iterations": ev.mean_iterations})  # fmt: skip
             bar.update(1)
     bar.close()
     return {"rows": rows, "min_bits": {g: min_bits_of(cs) for g, cs in certs.items()},
@@ -204,26 +252,38 @@ def _qat(cfg: ConvStudyConfig, model: Any, data: MNIST) -> dict[str, Any]:
 
 def _describe(model: Any, train: dict[str, Any], phase: dict[str, Any], ev: Any) -> dict[str, Any]:
     from monquant.certify_conv import conv_spectral_bounds
+    from monquant.certify_multitier import multitier_float_bounds
     from monquant.conv_model import ConvMonDEQClassifier
+    from monquant.multitier_model import MultiTierMonDEQClassifier
     from monquant.verified import spectral_bounds
 
     layer = model.layer
-    W = layer.reference_weight().to(torch.float64)
-    conv = isinstance(model, ConvMonDEQClassifier)
-    st = conv_spectral_bounds(W, model.config.image) if conv else spectral_bounds(W)
+    k = model.config.kernel if hasattr(model.config, "kernel") else 0
+    if isinstance(model, MultiTierMonDEQClassifier):
+        fb = multitier_float_bounds(layer.reference_weight())
+        st, size = fb.bounds, fb.comp.size
+        n_W = sum(int(K.numel()) for K in (*fb.comp.diag, *fb.comp.down))
+        arch = ("multi-tier " + ", ".join(f"{c}x{h}x{w}" for c, (h, w) in
+                                          zip(model.config.tier_channels, model.config.images, strict=True))
+                + f", {k}x{k} factors")  # fmt: skip
+    else:
+        W = layer.reference_weight().to(torch.float64)
+        conv = isinstance(model, ConvMonDEQClassifier)
+        st = conv_spectral_bounds(W, model.config.image) if conv else spectral_bounds(W)
+        size, n_W = (int(W.shape[0]) * 784 if conv else int(W.shape[0])), int(W.numel())
+        arch = (f"conv {model.config.channels}x28x28, {k}x{k} factors" if conv
+                else f"dense {model.config.hidden} units")  # fmt: skip
     params = sum(p.numel() for p in layer.parameters()) - layer.U.weight.numel() - layer.U.bias.numel()
     hist = train["history"]
     return {
-        "architecture": (f"conv {model.config.channels}x28x28, {model.config.kernel}x"
-                         f"{model.config.kernel} factors" if conv else
-                         f"dense {model.config.hidden} units"),
-        "state_size": int(W.shape[0]) * 784 if conv else int(W.shape[0]),
+        "architecture": arch,
+        "state_size": size,
         "accuracy": ev.accuracy,
         "unconverged": ev.unconverged,
         "mean_iterations": ev.mean_iterations,
         "operator_parameters": int(params),
         "parameters": int(sum(p.numel() for p in model.parameters())),
-        "W_storage_float32_bits": 32 * int(W.numel()),
+        "W_storage_float32_bits": 32 * n_W,
         "margin": st.m,
         "margin_lower": st.m_lo,
         "L": st.L,
@@ -240,7 +300,8 @@ def run_conv_study(cfg: ConvStudyConfig, data: MNIST, echo: Echo = print) -> dic
     from monquant.training.loop import evaluate
 
     runner = StageRunner(cfg.out, cfg.resume, echo)
-    trained = {a: runner.run(f"train_{a}", lambda a=a: _train(cfg, data, a, echo)) for a in ("fc", "conv")}
+    trained = {a: runner.run(f"train_{a}", lambda a=a: _train(cfg, data, a, echo))
+               for a in ("fc", "conv", "multitier")}  # fmt: skip
     models = {a: load_model(t["model"]).model.eval() for a, t in trained.items()}
     phases = {a: runner.run(f"phase_{a}", lambda a=a: _phase(cfg, models[a], data)) for a in models}
 
@@ -259,7 +320,7 @@ def run_conv_study(cfg: ConvStudyConfig, data: MNIST, echo: Echo = print) -> dic
         return {a: _describe(models[a], trained[a], phases[a], evaluate(models[a], xt, yt))
                 for a in models}  # fmt: skip
 
-    comparison = runner.run("compare", compare)
+    comparison = runner.run("compare_tiers", compare)
     results = {
         "config": cfg.as_dict(),
         "command": " ".join(shlex.quote(a) for a in cfg.command),
