@@ -79,3 +79,39 @@ def test_conv_study_refuses_bad_settings_before_loading_data(capsys, tmp_path) -
     rc, _, err = run(capsys, "conv", "--out", tmp_path / "s", "--bits", "1",
                      "--data-dir", tmp_path / "nothing-here", "--no-download")  # fmt: skip
     assert rc != 0 and err.startswith("monquant conv: error: ") and "Traceback" not in err
+
+
+@pytest.fixture(scope="module")
+def multitier_run(tmp_path_factory: pytest.TempPathFactory, tiny_mnist) -> tuple[Path, Path]:
+    data = tiny_mnist(tmp_path_factory.mktemp("mnist"), 128, 64)
+    out = tmp_path_factory.mktemp("multitier")
+    rc = main(["train", "--out", str(out), "--arch", "multitier", "--tier-channels", "1", "2", "2",
+               "--epochs", "1", "--batch-size", "64", "--margin-init", "0.5", "--data-dir", str(data),
+               "--no-download", "--no-progress", "--json"])  # fmt: skip
+    assert rc == 0
+    return out / "model.safetensors", data
+
+
+def test_train_multitier_then_certify_and_eval_its_checkpoint(capsys, multitier_run, tmp_path) -> None:
+    model, data = multitier_run
+    rc, out, err = run(capsys, "certify", model, "--bits", "3", "8", "--granularity", "per-channel",
+                       "--json")  # fmt: skip
+    assert rc == 0, err
+    certs = json.loads(out)
+    assert set(JSON_KEYS) <= set(certs[0])
+    assert [c["bits"] for c in certs] == [3, 8] and all(c["n"] == 784 + 2 * 196 + 2 * 49 for c in certs)
+    assert certs[1]["verdict"] == "certified" and certs[1]["tier"] in ("weyl", "a_priori")
+    assert certs[1]["dW_norm_upper"] < certs[0]["dW_norm_upper"]
+    rc, out, err = run(capsys, "certify", model, "--bits", "8")
+    assert rc == 0 and "multi-tier operator, tiers 1x28x28, 2x14x14, 2x7x7" in out
+    rc, out, err = run(capsys, "eval", model, "--data-dir", data, "--no-download", "--no-progress",
+                       "--json")  # fmt: skip
+    assert rc == 0, err
+    assert json.loads(out)["eval"]["unconverged"] == 0
+    rc, out, err = run(capsys, "ptq", model, "--bits", "8", "--out", tmp_path / "q.safetensors",
+                       "--data-dir", data, "--no-download")  # fmt: skip
+    assert rc == 2 and err.startswith("monquant ptq: error:") and "multi-tier" in err
+    assert not (tmp_path / "q.safetensors").exists()
+    rc, out, err = run(capsys, "train", "--out", tmp_path / "t", "--arch", "multitier", "--qat-bits", "4",
+                       "--data-dir", data, "--no-download")  # fmt: skip
+    assert rc == 2 and "not implemented for --arch multitier" in err

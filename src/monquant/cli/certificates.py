@@ -100,18 +100,51 @@ def _certify_conv(args: argparse.Namespace, K: Any = None, image: Any = None) ->
     return 0
 
 
+def _certify_multitier(args: argparse.Namespace, op: Any) -> int:
+    """A multi-tier checkpoint: its composite kernels quantized at each bit-width, certified by
+    the Weyl tier with a proved ``||dW||`` (:mod:`monquant.certify_multitier`)."""
+    from monquant.certify import TIERS, min_bits_of
+    from monquant.certify_multitier import certify_multitier, multitier_float_bounds
+
+    fb = multitier_float_bounds(op)
+    st = fb.bounds
+    tiers = ", ".join(f"{c}x{h}x{w}" for c, (h, w) in zip(op.channels, op.images, strict=True))
+    head = (f"W: multi-tier operator, tiers {tiers} (operator size {op.size}; block bounds proved "
+            f"from Fourier blocks, polyphase for the stride-2 couplings)  m = {float(op.m):.6g} "
+            f"(by construction; proved >= {st.m_lo:.6g})  L <= {st.L_hi:.6g} (proved)\n"
+            "certificates: the Weyl tier only (no exact tier for the coupled operator); the plain "
+            "margins are power-iteration estimates")  # fmt: skip
+    bits = args.bits if args.bits is not None else ([] if args.min_bits else [3, 4, 5, 6, 8])
+    certs = [certify_multitier(op, b, args.granularity, step_rule=args.step_rule, float_bounds=fb)
+             for b in bits]  # fmt: skip
+    data: dict[str, Any] | list[Any] = [cc.to_dict() for cc in certs]
+    text = head + (_certificate_table(args, certs) if certs else "")
+    if args.min_bits:
+        mb = {g: min_bits_of([certify_multitier(op, b, g, step_rule=args.step_rule, float_bounds=fb)
+                              for b in range(2, 17)])
+              for g in ("per-tensor", "per-channel")}  # fmt: skip
+        text += _min_bits_text(mb, TIERS)
+        data = {"certificates": data, "min_bits": mb} if bits else {"min_bits": mb}
+    emit(args, data, text)
+    return 0
+
+
 def _min_bits_text(mb: dict[str, dict[str, Any]], tiers: tuple[str, ...]) -> str:
     lines = [f"  {g:12s} " + ", ".join(f"{t} {v[t]}" for t in tiers) for g, v in mb.items()]
     return "\nsmallest certified bit-width per tier:\n" + "\n".join(lines)
 
 
 def cmd_certify(args: argparse.Namespace) -> int:
+    import torch
+
     from monquant.certify import TIERS, certify, min_certified_bits
     from monquant.verified import spectral_bounds
 
     if args.image_size is not None:
         return _certify_conv(args)
     W, loaded = load_W(args.path)
+    if not isinstance(W, torch.Tensor):  # a multi-tier checkpoint: its operator
+        return _certify_multitier(args, W)
     if W.dim() == 4:  # a convolutional checkpoint: its composite kernel on its image
         return _certify_conv(args, W, loaded.model.config.image)
     st = spectral_bounds(W)

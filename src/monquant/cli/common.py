@@ -238,7 +238,13 @@ def require_checkpoint(path: str, command: str):
             "safetensors holding W) goes to 'monquant certify'"
             + ("" if p.exists() else " (no such file)")
         )
-    return load_model(p)
+    loaded = load_model(p)
+    arch = getattr(loaded.model.config, "arch", "fc")
+    if arch == "multitier" and command not in ("eval",):
+        raise CheckpointError(f"{p}: {command} does not take multi-tier checkpoints yet; "
+                              "'monquant eval' and 'monquant certify' do (and the library's "
+                              "monquant.quantize_ on nn.MultiTierMonDEQ)")  # fmt: skip
+    return loaded
 
 
 def require_deployment(path: str, command: str) -> None:
@@ -352,7 +358,10 @@ def load_kernel(path: str):
 
 
 def load_W(path: str):
-    """``W`` (and the model, if any) from a checkpoint or a plain weights file."""
+    """``W`` (and the model, if any) from a checkpoint or a plain weights file (a multi-tier
+    checkpoint gives its float operator)."""
+    import torch
+
     from monquant.errors import CheckpointError
     from monquant.operators import check_weight
     from monquant.storage.checkpoints import load_model
@@ -361,8 +370,9 @@ def load_W(path: str):
     p = Path(path)
     if p.suffix == ".safetensors" and is_monquant_file(p):
         try:
-            loaded = load_model(p)  # a dense W, or a convolutional model's composite kernel
-            return loaded.model.layer.reference_weight().double(), loaded
+            loaded = load_model(p)  # a dense W, a conv model's composite kernel, or an operator
+            ref = loaded.model.layer.reference_weight()
+            return (ref.double() if isinstance(ref, torch.Tensor) else ref), loaded
         except CheckpointError as exc:
             if "not a monquant model checkpoint" not in str(exc):
                 raise
