@@ -27,7 +27,7 @@ from torch.nn import functional as F
 
 from monquant.errors import ConfigError
 from monquant.implicit import EquilibriumSolver
-from monquant.model import default_solver, register_margin, softplus_inverse
+from monquant.model import check_margin_settings, default_solver, register_margin, softplus_inverse
 from monquant.operators.conv import (
     CircularConvOperator,
     ConvWKOperator,
@@ -84,13 +84,7 @@ class ConvMonDEQConfig:
             raise ConfigError(f"pool {self.pool} must divide the image {self.image[0]}x{self.image[1]}")
         if self.rank is not None and not 1 <= int(self.rank) <= int(self.channels):
             raise ConfigError(f"rank must be in [1, channels={self.channels}], got {self.rank}")
-        if not self.margin_init > 0:
-            raise ConfigError(f"margin_init must be positive, got {self.margin_init}")
-        if not 0 <= self.margin_floor < self.margin_init:
-            raise ConfigError(f"margin_floor must be in [0, margin_init={self.margin_init}), "
-                              f"got {self.margin_floor}")  # fmt: skip
-        if not self.init_scale > 0:
-            raise ConfigError(f"init_scale must be positive, got {self.init_scale}")
+        check_margin_settings(self.margin_init, self.margin_floor, self.init_scale)
         if self.backward not in ("splitting", "direct"):
             raise ConfigError(f"backward must be 'splitting' or 'direct', got {self.backward!r}")
         if self.backward == "direct":

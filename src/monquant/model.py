@@ -35,6 +35,17 @@ __all__ = [
 ]
 
 
+def check_margin_settings(margin_init: float, margin_floor: float, init_scale: float | None = None) -> None:
+    """The margin parameterization's settings, checked for every layer config: ``margin_init > 0``,
+    ``0 <= margin_floor < margin_init`` and (where a config has one) ``init_scale > 0``."""
+    if not margin_init > 0:
+        raise ConfigError(f"margin_init must be positive, got {margin_init}")
+    if not 0 <= margin_floor < margin_init:
+        raise ConfigError(f"margin_floor must be in [0, margin_init={margin_init}), got {margin_floor}")
+    if init_scale is not None and not init_scale > 0:
+        raise ConfigError(f"init_scale must be positive, got {init_scale}")
+
+
 def softplus_inverse(y: float) -> float:
     """``x`` with ``softplus(x) = y`` (``y > 0``)."""
     if y <= 0:
@@ -71,14 +82,9 @@ class MonDEQConfig:
                 raise ConfigError(f"{name} must be >= 1")
         if self.rank is not None and not 1 <= int(self.rank) <= int(self.hidden):
             raise ConfigError(f"rank must be in [1, hidden={self.hidden}], got {self.rank}")
-        if not self.margin_init > 0:
-            raise ConfigError(f"margin_init must be positive, got {self.margin_init}")
+        check_margin_settings(self.margin_init, self.margin_floor)
         if self.init not in ("uniform", "paper"):
             raise ConfigError(f"init must be 'uniform' or 'paper', got {self.init!r}")
-        if not 0 <= self.margin_floor < self.margin_init:
-            raise ConfigError(
-                f"margin_floor must be in [0, margin_init={self.margin_init}), got {self.margin_floor}"
-            )
         if self.backward not in ("splitting", "direct"):
             raise ConfigError(f"backward must be 'splitting' or 'direct', got {self.backward!r}")
 

@@ -29,7 +29,7 @@ from torch.nn import functional as F
 
 from monquant.errors import ConfigError
 from monquant.implicit import EquilibriumSolver
-from monquant.model import default_solver, register_margin, softplus_inverse
+from monquant.model import check_margin_settings, default_solver, register_margin, softplus_inverse
 from monquant.operators.conv import check_kernel
 from monquant.operators.matrix import OperatorError
 from monquant.operators.multitier import MultiTierWKOperator, TieredOperator, tier_images
@@ -85,13 +85,7 @@ class MultiTierMonDEQConfig:
             check_kernel(torch.zeros(1, 1, 2 * k - 1, 2 * k - 1), img)  # composite kernels fit
         if self.rank is not None and int(self.rank) < 1:
             raise ConfigError(f"rank must be >= 1, got {self.rank}")
-        if not self.margin_init > 0:
-            raise ConfigError(f"margin_init must be positive, got {self.margin_init}")
-        if not 0 <= self.margin_floor < self.margin_init:
-            raise ConfigError(f"margin_floor must be in [0, margin_init={self.margin_init}), "
-                              f"got {self.margin_floor}")  # fmt: skip
-        if not self.init_scale > 0:
-            raise ConfigError(f"init_scale must be positive, got {self.init_scale}")
+        check_margin_settings(self.margin_init, self.margin_floor, self.init_scale)
         if self.output not in ("last", "all"):
             raise ConfigError(f"output must be 'last' or 'all', got {self.output!r}")
         if self.backward != "splitting":

@@ -255,7 +255,24 @@ class MonDEQ(MonDEQLayer):
                 f"solver={solver}, backward={c.backward}{quant}")  # fmt: skip
 
 
-class ConvMonDEQ(ConvMonDEQLayer):
+class _QuantState:
+    """Mixin: a layer whose quantization state (``quant``, a :class:`LayerQuant` or ``None``) is
+    its module's extra state, so ``load_state_dict`` into a fresh layer restores it."""
+
+    quant: LayerQuant | None
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"format": EXTRA_STATE_FORMAT,
+                "quant": self.quant.state() if self.quant is not None else None}  # fmt: skip
+
+    def set_extra_state(self, state: Any) -> None:
+        if not isinstance(state, dict) or state.get("format") != EXTRA_STATE_FORMAT:
+            raise CheckpointError(f"not a monquant {type(self).__name__} layer state (format mismatch)")
+        q = state.get("quant")
+        self.quant = LayerQuant.from_state(q) if q is not None else None
+
+
+class ConvMonDEQ(_QuantState, ConvMonDEQLayer):
     """A single-convolution MonDEQ layer: ``x`` of shape ``(batch, in_channels, H, W)`` maps to the
     equilibrium ``z* = relu(W z* + U x)`` of shape ``(batch, channels, H, W)``.
 
@@ -320,16 +337,6 @@ class ConvMonDEQ(ConvMonDEQLayer):
         op = self.deployed_operator()
         return self.solver(op.to(dtype=q.dtype) if op.dtype != q.dtype else op, q)
 
-    def get_extra_state(self) -> dict[str, Any]:
-        return {"format": EXTRA_STATE_FORMAT,
-                "quant": self.quant.state() if self.quant is not None else None}  # fmt: skip
-
-    def set_extra_state(self, state: Any) -> None:
-        if not isinstance(state, dict) or state.get("format") != EXTRA_STATE_FORMAT:
-            raise CheckpointError("not a monquant ConvMonDEQ layer state (format mismatch)")
-        q = state.get("quant")
-        self.quant = LayerQuant.from_state(q) if q is not None else None
-
     def extra_repr(self) -> str:
         s = self.solver.forward_config
         k = int(self.B.shape[-1])
@@ -341,7 +348,7 @@ class ConvMonDEQ(ConvMonDEQLayer):
                    "composite kernel" if self.quant is not None else ""))  # fmt: skip
 
 
-class MultiTierMonDEQ(MultiTierMonDEQLayer):
+class MultiTierMonDEQ(_QuantState, MultiTierMonDEQLayer):
     """A multi-tier convolutional MonDEQ layer: ``x`` of shape ``(batch, in_channels, H, W)`` maps
     to the equilibrium ``z* = relu(W z* + q)`` on ``T = len(channels)`` tiers of ``H x W``,
     ``H/2 x W/2``, ... (``channels[i]`` channels on tier ``i``).
@@ -405,16 +412,6 @@ class MultiTierMonDEQ(MultiTierMonDEQLayer):
 
     def forward(self, x: torch.Tensor, W: Any = None) -> torch.Tensor:
         return self.solve(x, self.operator_of(W) if W is not None else self.deployed_operator())
-
-    def get_extra_state(self) -> dict[str, Any]:
-        return {"format": EXTRA_STATE_FORMAT,
-                "quant": self.quant.state() if self.quant is not None else None}  # fmt: skip
-
-    def set_extra_state(self, state: Any) -> None:
-        if not isinstance(state, dict) or state.get("format") != EXTRA_STATE_FORMAT:
-            raise CheckpointError("not a monquant MultiTierMonDEQ layer state (format mismatch)")
-        q = state.get("quant")
-        self.quant = LayerQuant.from_state(q) if q is not None else None
 
     def extra_repr(self) -> str:
         s = self.solver.forward_config
