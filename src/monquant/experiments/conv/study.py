@@ -168,7 +168,7 @@ def _quantizer(model: Any) -> Callable[[int, str], tuple[Any, Any]]:
         fb = multitier_float_bounds(op)
 
         def multitier(b: int, g: str) -> tuple[Any, Any]:
-            tilde = quantize_multitier(fb.comp, b, g)[0].to(dtype=dtype)
+            tilde = quantize_multitier(fb.comp, b, g)[0].to(dtype=dtype, device=model.head.weight.device)
             c = certify_multitier(op, tilde=tilde, float_bounds=fb)
             return dataclasses.replace(c, bits=b, granularity=g, step_rule="paper"), tilde
 
