@@ -69,8 +69,9 @@ robustness: $(STAMP)
 	  --bits 4 5 6 8 --granularities per-tensor per-channel \
 	  --methods ptq ste margin proxquant-w proxquant-factors --robust-eps 0.25 --resume
 
-# The paper's experiments on a single-convolution MonDEQ beside the dense one (issue 12): 16
-# channels, 3 epochs (about 45 minutes on this 2-core machine; resumable).
+# The paper's experiments on a single-convolution MonDEQ (16 channels, 3 epochs) and a multi-tier
+# one (4/8/16 channels, 2 epochs) beside the dense one (issue 12). Hours on this 2-core machine, not
+# minutes: its conv training alone took 59 min here (one thread, beside other jobs); resumable.
 conv: $(STAMP)
 	$(VENV)/bin/monquant conv --out results/conv --epochs 3 --resume
 

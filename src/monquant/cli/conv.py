@@ -11,7 +11,7 @@ from monquant.cli.common import AddCommand, bits_arg, data_args, emit, load_data
 __all__ = ["cmd_conv", "register"]
 
 EPILOG_CONV = """examples:
-  monquant conv --out results/conv                  # the full study (about 45 min on 2 cores)
+  monquant conv --out results/conv                  # the full study (hours on a 2-core CPU)
   monquant conv --out results/conv-quick --quick    # a CI-sized run of the same pipeline
   monquant conv --out results/conv --resume         # continue an interrupted study
   monquant conv --out results/c8 --channels 8 --epochs 3
