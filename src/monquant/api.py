@@ -89,19 +89,23 @@ def _multitier_layers(model: nn.Module, filter_fn: FilterFn | None) -> list[tupl
             and (filter_fn is None or filter_fn(m, n))]  # fmt: skip
 
 
+def _require_W_only(config: QuantConfig, layer: str, what: str) -> None:
+    """Convolutional MonDEQ layers quantize ``W`` (as composite kernels) and nothing else."""
+    if config.mondeq_targets != ("W",):
+        raise ConfigError(f"{layer} layers quantize W ({what}) only: use targets=('W',) (and "
+                          "'Linear'/'Conv2d' for ordinary layers)")  # fmt: skip
+
+
 @torch.no_grad()
 def _multitier_ptq(layer: MultiTierMonDEQ, config: QuantConfig) -> Any:
-    """``W~`` of PTQ with ``config``: every composite kernel (computed from the factors in the
-    layer's dtype) quantized on its own grid, in the layer's dtype."""
+    """``W~`` of PTQ with ``config``: every composite kernel quantized on its own grid, stored in
+    the layer's dtype and on its device."""
     from monquant.certify_multitier import quantize_multitier
 
-    if config.mondeq_targets != ("W",):
-        raise ConfigError("MultiTierMonDEQ layers quantize W (their composite kernels) only: use "
-                          "targets=('W',) (and 'Linear'/'Conv2d' for ordinary layers)")  # fmt: skip
-    dtype = layer.B[0].dtype
-    comp = layer.operator().to(dtype=dtype).composite()
-    tilde, _ = quantize_multitier(comp, config.bits, config.granularity, config.step_rule)
-    return tilde.to(dtype=dtype, device=layer.B[0].device)
+    _require_W_only(config, "MultiTierMonDEQ", "their composite kernels")
+    tilde, _ = quantize_multitier(layer.operator().composite(), config.bits, config.granularity,
+                                  config.step_rule)  # fmt: skip
+    return tilde.to(dtype=layer.B[0].dtype, device=layer.B[0].device)
 
 
 def _quantize_multitier(layer: MultiTierMonDEQ, config: QuantConfig) -> None:
@@ -114,25 +118,25 @@ def _quantize_multitier(layer: MultiTierMonDEQ, config: QuantConfig) -> None:
 def _multitier_certificate(layer: MultiTierMonDEQ, config: QuantConfig | None) -> tuple[Certificate, Any]:
     import dataclasses
 
-    from monquant.certify_multitier import certify_multitier
+    from monquant.certify_multitier import certify_deployed, certify_multitier
 
     q = layer.quant
     if q is not None and q.mode == "quantized" and config is None:
-        qc, extra, tilde = q.config, {"method": q.method}, layer.deployed_operator()
-    else:
-        qc, extra = _config_to_certify(q, config), {}
-        tilde = _multitier_ptq(layer, qc)  # what quantize_ would deploy
-    cert = certify_multitier(layer.reference_weight(), tilde=tilde)
-    cert = dataclasses.replace(cert, bits=qc.bits, granularity=qc.granularity, step_rule=qc.step_rule)
-    return cert, {**qc.to_dict(), **extra}
+        qc = q.config  # the deployed W~ itself is certified (labelled with how it was made)
+        cert = certify_multitier(layer.reference_weight(), tilde=layer.deployed_operator())
+        cert = dataclasses.replace(cert, bits=qc.bits, granularity=qc.granularity, step_rule=qc.step_rule)
+        return cert, {**qc.to_dict(), "method": q.method}
+    qc = _config_to_certify(q, config)
+    _require_W_only(qc, "MultiTierMonDEQ", "their composite kernels")
+    cert, _ = certify_deployed(layer.reference_weight(), qc.bits, qc.granularity, qc.step_rule,
+                               dtype=layer.B[0].dtype, device=layer.B[0].device)  # fmt: skip
+    return cert, qc.to_dict()
 
 
 @torch.no_grad()
 def _quantize_conv(layer: ConvMonDEQ, config: QuantConfig) -> None:
     """PTQ of the composite kernel, stored in the layer's dtype (as its forward pass uses it)."""
-    if config.mondeq_targets != ("W",):
-        raise ConfigError("ConvMonDEQ layers quantize W (their composite kernel) only: use "
-                          "targets=('W',) (and 'Linear'/'Conv2d' for ordinary layers)")  # fmt: skip
+    _require_W_only(config, "ConvMonDEQ", "their composite kernel")
     K = layer.operator().composite_kernel().to(layer.B.dtype)
     Kq = quantize(K, config.bits, config.granularity, step_rule=config.step_rule).dequantized()
     layer.quant = LayerQuant(config, "quantized", "ptq", None, {"K": Kq.to(K.dtype)})
@@ -277,8 +281,7 @@ def prepare_qat(
         raise ConfigError(f"method must be one of {QAT_METHODS}, got {method!r}")
     if _conv_layers(model, filter_fn) or _multitier_layers(model, filter_fn):
         raise ConfigError("prepare_qat: ConvMonDEQ and MultiTierMonDEQ layers support post-training "
-                          "quantization "
-                          "(quantize_) only so far")  # fmt: skip
+                          "quantization (quantize_) only so far")  # fmt: skip
     if method.startswith("proxquant") and config.mondeq_targets != ("W",):
         raise ConfigError(f"{method} quantizes W (or its factors) only: use targets=('W',)")
     names = []

@@ -32,6 +32,7 @@ multi-tier certificate are **estimates** (power iteration for the margins; block
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -45,6 +46,7 @@ from monquant.operators.conv import _circular, _flipped_T, kernel_from_impulses
 from monquant.operators.multitier import (
     MultiTierConvOperator,
     MultiTierWKOperator,
+    block_matrix,
     strided_conv,
     upsample,
 )
@@ -63,6 +65,7 @@ from monquant.verified import (
 __all__ = [
     "MultiTierFloatBounds",
     "block_matrix_norm_bound",
+    "certify_deployed",
     "certify_multitier",
     "certify_multitier_sweep",
     "composition_error",
@@ -130,45 +133,42 @@ class MultiTierFloatBounds:
     bounds: SpectralBounds
 
 
-def _blocks_bound(op: MultiTierConvOperator, shift: bool) -> tuple[float, float]:
-    """``(proved upper, min proved upper margin of a diagonal block)`` for ``||I - W||``
-    (``shift``) or ``||W||`` of a composite operator."""
-    T = op.tiers
-    N = torch.zeros(T, T, dtype=torch.float64)
-    m_hi = math.inf
-    for i, (K, img) in enumerate(zip(op.diag, op.images, strict=False)):
-        st = conv_spectral_bounds(K, img, norm=not shift)
-        N[i, i] = st.L_hi if shift else st.norm_hi
-        m_hi = min(m_hi, st.m_hi)
-    for i, (R, img) in enumerate(zip(op.down, op.images, strict=False)):
-        N[i + 1, i] = conv_norm_bounds(R, img, strided=True)[0]
-    return block_matrix_norm_bound(N), m_hi
+def _blocks_bound(op: MultiTierConvOperator, shift: bool) -> tuple[float, float, float]:
+    """``(proved upper, computed, smallest proved upper margin of a diagonal block)`` for
+    ``||I - W||`` (``shift``) or ``||W||`` of a composite operator; the computed value is the
+    spectral norm of the matrix of computed block norms (an estimate, for reading)."""
+    diag = [conv_spectral_bounds(K, img, norm=not shift) for K, img in zip(op.diag, op.images, strict=False)]
+    down = [conv_norm_bounds(R, img, strided=True) for R, img in zip(op.down, op.images, strict=False)]
+    hi = block_matrix([st.L_hi if shift else st.norm_hi for st in diag], [d[0] for d in down])
+    computed = block_matrix([st.L if shift else st.norm_W for st in diag], [d[1] for d in down])
+    return (block_matrix_norm_bound(hi), float(torch.linalg.matrix_norm(computed, ord=2)),
+            min(st.m_hi for st in diag))  # fmt: skip
 
 
 def multitier_float_bounds(op: MultiTierWKOperator) -> MultiTierFloatBounds:
     """Proved bounds of the float multi-tier operator (:class:`MultiTierFloatBounds`)."""
     comp = op.composite()
     e_comp = composition_error(op)
-    L_hi, m_hi = _blocks_bound(comp, shift=True)
-    norm_hi, _ = _blocks_bound(comp, shift=False)
-    L = comp.norm_bound(shift=True)
+    L_hi, L, m_hi = _blocks_bound(comp, shift=True)
+    norm_hi, norm_W, _ = _blocks_bound(comp, shift=False)
     st = SpectralBounds(
         m_lo=down(float(op.m.detach()) - e_comp), m_hi=up(m_hi + e_comp),
         L_hi=up(L_hi + e_comp), norm_hi=up(norm_hi + e_comp),
-        m=estimate_margin(comp, L, ESTIMATE_ITERS), L=L, norm_W=comp.norm_bound(),
+        m=estimate_margin(comp, L, ESTIMATE_ITERS), L=L, norm_W=norm_W,
     )  # fmt: skip
     return MultiTierFloatBounds(comp=comp, e_comp=e_comp, bounds=st)
 
 
-def difference_bounds(tilde: MultiTierConvOperator, comp: MultiTierConvOperator) -> float:
-    """A proved upper bound on ``||W~ - W_comp||`` (module docstring)."""
-    T = comp.tiers
-    N = torch.zeros(T, T, dtype=torch.float64)
-    for i, img in enumerate(comp.images):
-        N[i, i] = conv_difference_bounds(tilde.diag[i], comp.diag[i], img)[0]
-        if i < T - 1:
-            N[i + 1, i] = conv_difference_bounds(tilde.down[i], comp.down[i], img, strided=True)[0]
-    return block_matrix_norm_bound(N)
+def difference_bounds(tilde: MultiTierConvOperator, comp: MultiTierConvOperator) -> tuple[float, float]:
+    """``(upper, computed)`` for ``||W~ - W_comp||``: a proved bound (module docstring) and the
+    spectral norm of the matrix of computed block norms."""
+    diag = [conv_difference_bounds(a, b, img)
+            for a, b, img in zip(tilde.diag, comp.diag, comp.images, strict=False)]  # fmt: skip
+    down = [conv_difference_bounds(a, b, img, strided=True)
+            for a, b, img in zip(tilde.down, comp.down, comp.images, strict=False)]  # fmt: skip
+    hi = block_matrix([d[0] for d in diag], [d[0] for d in down])
+    computed = block_matrix([d[1] for d in diag], [d[1] for d in down])
+    return block_matrix_norm_bound(hi), float(torch.linalg.matrix_norm(computed, ord=2))
 
 
 def quantize_multitier(
@@ -190,17 +190,13 @@ def quantize_multitier(
 
 
 def _a_priori(comp: MultiTierConvOperator, entry: list[float]) -> float:
-    """``||dW|| <= ||N||`` with ``N_ij >= sum_taps ||dK_tap||_2 <= kh kw sqrt(c_out c_in) max|dK|``."""
-    T = comp.tiers
-    N = torch.zeros(T, T, dtype=torch.float64)
+    """``||dW|| <= ||N||`` with ``N_ij >= sum_taps ||dK_tap||_2 <= kh kw sqrt(c_out c_in) max|dK|``
+    (``entry``: the bounds on ``max|dK|`` of the diagonal kernels, then of the couplings)."""
+    vals = []
     for j, K in enumerate((*comp.diag, *comp.down)):
         co, ci, kh, kw = (int(s) for s in K.shape)
-        v = up(up(kh * kw * math.sqrt(co * ci)) * up(entry[j] * up(1.0 + 2.0 * UNIT_ROUNDOFF)))
-        if j < T:
-            N[j, j] = v
-        else:
-            N[j - T + 1, j - T] = v
-    return block_matrix_norm_bound(N)
+        vals.append(up(up(kh * kw * math.sqrt(co * ci)) * up(entry[j] * up(1.0 + 2.0 * UNIT_ROUNDOFF))))
+    return block_matrix_norm_bound(block_matrix(vals[: comp.tiers], vals[comp.tiers :]))
 
 
 def certify_multitier(
@@ -236,14 +232,14 @@ def certify_multitier(
         step, w_max = 2.0 * max(d), max(float(K.abs().max()) for K in (*comp.diag, *comp.down))
         granularity, bits, rule = "explicit", None, None
     e = fb.e_comp
-    dW_hi = up(difference_bounds(tilde, comp) + e)
+    dW_hi, dW = difference_bounds(tilde, comp)
+    dW_hi = up(dW_hi + e)
     apb = up(apb + e)
-    L_hi_q, m_hi_q = _blocks_bound(tilde, shift=True)
-    L_q = tilde.norm_bound(shift=True)
+    L_hi_q, L_q, m_hi_q = _blocks_bound(tilde, shift=True)
     st_q = SpectralBounds(m_lo=-math.inf, m_hi=m_hi_q, L_hi=L_hi_q, norm_hi=math.nan,
                           m=estimate_margin(tilde, L_q, ESTIMATE_ITERS), L=L_q, norm_W=math.nan)  # fmt: skip
     return certificate_from_bounds(
-        fb.bounds, st_q, dW_hi, tilde.minus(comp), apb, n=comp.size, bits=bits,
+        fb.bounds, st_q, dW_hi, dW, apb, n=comp.size, bits=bits,
         granularity=granularity, step=step, w_max=w_max,
         step_rule=rule,
     )  # fmt: skip
@@ -255,11 +251,13 @@ def certify_multitier_sweep(
     granularity: str = "per-tensor",
     progress: bool = False,
     step_rule: str = "paper",
+    float_bounds: MultiTierFloatBounds | None = None,
 ) -> list[Certificate]:
-    """One :func:`certify_multitier` certificate per bit-width (the float side proved once)."""
+    """One :func:`certify_multitier` certificate per bit-width (the float side proved once, or
+    given as ``float_bounds``)."""
     from monquant.progress import progress_bar
 
-    fb = multitier_float_bounds(op)
+    fb = float_bounds if float_bounds is not None else multitier_float_bounds(op)
     bar = progress_bar(bits_list, desc=f"certify {granularity}", enabled=progress, unit="bits")
     return [certify_multitier(op, b, granularity, step_rule=step_rule, float_bounds=fb) for b in bar]
 
@@ -270,6 +268,27 @@ def min_certified_bits_multitier(
     bits_range: range = range(2, 17),
     progress: bool = False,
     step_rule: str = "paper",
+    float_bounds: MultiTierFloatBounds | None = None,
 ) -> dict[str, Any]:
     """The smallest bit-width each tier certifies (:func:`monquant.certify.min_bits_of`)."""
-    return min_bits_of(certify_multitier_sweep(op, list(bits_range), granularity, progress, step_rule))
+    return min_bits_of(certify_multitier_sweep(op, list(bits_range), granularity, progress, step_rule,
+                                               float_bounds))  # fmt: skip
+
+
+def certify_deployed(
+    op: MultiTierWKOperator,
+    bits: int,
+    granularity: str = "per-tensor",
+    step_rule: str = "paper",
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    float_bounds: MultiTierFloatBounds | None = None,
+) -> tuple[Certificate, MultiTierConvOperator]:
+    """PTQ of ``op`` as a layer deploys it and the certificate of exactly that ``W~``: the
+    composite kernels quantized at ``bits`` (:func:`quantize_multitier`) and stored in ``dtype``
+    on ``device``; the certificate is labelled with ``bits``, ``granularity`` and ``step_rule``."""
+    fb = float_bounds if float_bounds is not None else multitier_float_bounds(op)
+    tilde = quantize_multitier(fb.comp, bits, granularity, step_rule)[0].to(dtype=dtype, device=device)
+    cert = certify_multitier(op, tilde=tilde, float_bounds=fb)
+    return dataclasses.replace(cert, bits=bits, granularity=granularity, step_rule=step_rule), tilde

@@ -103,8 +103,12 @@ def _certify_conv(args: argparse.Namespace, K: Any = None, image: Any = None) ->
 def _certify_multitier(args: argparse.Namespace, op: Any) -> int:
     """A multi-tier checkpoint: its composite kernels quantized at each bit-width, certified by
     the Weyl tier with a proved ``||dW||`` (:mod:`monquant.certify_multitier`)."""
-    from monquant.certify import TIERS, min_bits_of
-    from monquant.certify_multitier import certify_multitier, multitier_float_bounds
+    from monquant.certify import TIERS
+    from monquant.certify_multitier import (
+        certify_multitier,
+        min_certified_bits_multitier,
+        multitier_float_bounds,
+    )
 
     fb = multitier_float_bounds(op)
     st = fb.bounds
@@ -120,8 +124,8 @@ def _certify_multitier(args: argparse.Namespace, op: Any) -> int:
     data: dict[str, Any] | list[Any] = [cc.to_dict() for cc in certs]
     text = head + (_certificate_table(args, certs) if certs else "")
     if args.min_bits:
-        mb = {g: min_bits_of([certify_multitier(op, b, g, step_rule=args.step_rule, float_bounds=fb)
-                              for b in range(2, 17)])
+        mb = {g: min_certified_bits_multitier(op, g, progress=not args.no_progress,
+                                              step_rule=args.step_rule, float_bounds=fb)
               for g in ("per-tensor", "per-channel")}  # fmt: skip
         text += _min_bits_text(mb, TIERS)
         data = {"certificates": data, "min_bits": mb} if bits else {"min_bits": mb}

@@ -61,6 +61,7 @@ __all__ = [
     "MultiTierConvOperator",
     "MultiTierWKOperator",
     "TieredOperator",
+    "block_matrix",
     "polyphase_norms",
     "strided_conv",
     "strided_conv_T",
@@ -103,6 +104,24 @@ def strided_conv(z: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
 def strided_conv_T(y: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
     """The adjoint of :func:`strided_conv`: ``K^T * (S^T y)``."""
     return _circular(upsample(y), _flipped_T(kernel))
+
+
+def block_matrix(diag: list[float], down: list[float]) -> torch.Tensor:
+    """The ``T x T`` float64 matrix with ``diag`` on its diagonal and ``down`` just below it: the
+    pattern of a tiered operator's blocks (for the matrix of block norms, module docstring)."""
+    N = torch.zeros(len(diag), len(diag), dtype=torch.float64)
+    for i, v in enumerate(diag):
+        N[i, i] = v
+    for i, v in enumerate(down):
+        N[i + 1, i] = v
+    return N
+
+
+def _norm_matrix(diag_blocks: list[torch.Tensor], down_blocks: list[torch.Tensor]) -> torch.Tensor:
+    """The matrix of block norms from Fourier blocks: the largest singular value over frequencies
+    for a diagonal block, the polyphase norm (:func:`polyphase_norms`) for a coupling."""
+    return block_matrix([float(torch.linalg.matrix_norm(M, ord=2).max()) for M in diag_blocks],
+                        [math.sqrt(float(polyphase_norms(R).max())) for R in down_blocks])  # fmt: skip
 
 
 def polyphase_norms(blocks: torch.Tensor) -> torch.Tensor:
@@ -252,14 +271,9 @@ class TieredOperator(MonotoneOperator):
     def block_norms(self, shift: bool = False) -> torch.Tensor:
         """The ``T x T`` matrix of block norms ``||M_ij||`` of ``M = W`` (``shift``: ``I - W``),
         float64, from the Fourier blocks (computed, not proved)."""
-        T = self.tiers
-        N = torch.zeros(T, T, dtype=torch.float64)
-        for i, Kw in enumerate(self.diag_blocks()):
-            eye = torch.eye(Kw.shape[-1], dtype=Kw.dtype, device=Kw.device)
-            M = eye - Kw if shift else Kw
-            N[i, i] = float(torch.linalg.matrix_norm(M, ord=2).max())
-        for i, Rw in enumerate(self.down_blocks()):
-            N[i + 1, i] = math.sqrt(float(polyphase_norms(Rw).max()))
+        diag = [torch.eye(K.shape[-1], dtype=K.dtype, device=K.device) - K if shift else K
+                for K in self.diag_blocks()]  # fmt: skip
+        N = _norm_matrix(diag, self.down_blocks())
         return N.T if self.transposed else N
 
     def norm_bound(self, shift: bool = False) -> float:
@@ -280,12 +294,8 @@ class TieredOperator(MonotoneOperator):
         if not isinstance(other, TieredOperator) or other.state_shape != self.state_shape or (
                 other.channels != self.channels or other.images != self.images):  # fmt: skip
             raise OperatorError("minus needs a multi-tier operator with the same tiers")
-        T = self.tiers
-        N = torch.zeros(T, T, dtype=torch.float64)
-        for i, (a, b) in enumerate(zip(self.diag_blocks(), other.diag_blocks(), strict=True)):
-            N[i, i] = float(torch.linalg.matrix_norm(a - b, ord=2).max())
-        for i, (a, b) in enumerate(zip(self.down_blocks(), other.down_blocks(), strict=True)):
-            N[i + 1, i] = math.sqrt(float(polyphase_norms(a - b).max()))
+        N = _norm_matrix([a - b for a, b in zip(self.diag_blocks(), other.diag_blocks(), strict=True)],
+                         [a - b for a, b in zip(self.down_blocks(), other.down_blocks(), strict=True)])
         return float(torch.linalg.matrix_norm(N, ord=2))
 
 

@@ -76,7 +76,8 @@ class TrainRequest:
                               f"MonDEQ only, not for --arch {req.arch}")  # fmt: skip
         if req.arch == "multitier" and (train.qat_bits is not None or train.margin_target is not None):
             raise ConfigError("quantization-aware training (--qat-bits, --margin-target) is not "
-                              "implemented for --arch multitier: train it in float, then ptq")  # fmt: skip
+                              "implemented for --arch multitier: train it in float, then 'monquant certify' "
+                              "it (or monquant.quantize_ it in Python)")  # fmt: skip
         return req
 
     def model_config(

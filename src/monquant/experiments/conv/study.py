@@ -152,11 +152,7 @@ def _quantizer(model: Any) -> Callable[[int, str], tuple[Any, Any]]:
 
     from monquant.certify import certify
     from monquant.certify_conv import certify_conv, conv_spectral_bounds
-    from monquant.certify_multitier import (
-        certify_multitier,
-        multitier_float_bounds,
-        quantize_multitier,
-    )
+    from monquant.certify_multitier import certify_deployed, multitier_float_bounds
     from monquant.conv_model import ConvMonDEQClassifier
     from monquant.multitier_model import MultiTierMonDEQClassifier
     from monquant.quant.uniform import quantize
@@ -168,9 +164,8 @@ def _quantizer(model: Any) -> Callable[[int, str], tuple[Any, Any]]:
         fb = multitier_float_bounds(op)
 
         def multitier(b: int, g: str) -> tuple[Any, Any]:
-            tilde = quantize_multitier(fb.comp, b, g)[0].to(dtype=dtype, device=model.head.weight.device)
-            c = certify_multitier(op, tilde=tilde, float_bounds=fb)
-            return dataclasses.replace(c, bits=b, granularity=g, step_rule="paper"), tilde
+            return certify_deployed(op, b, g, dtype=dtype, device=model.head.weight.device,
+                                    float_bounds=fb)  # fmt: skip
 
         return multitier
     W = model.layer.reference_weight().to(torch.float64)
