@@ -32,7 +32,12 @@ from monquant.implicit import EquilibriumSolver
 from monquant.model import check_margin_settings, default_solver, register_margin, softplus_inverse
 from monquant.operators.conv import check_kernel
 from monquant.operators.matrix import OperatorError
-from monquant.operators.multitier import MultiTierWKOperator, TieredOperator, tier_images
+from monquant.operators.multitier import (
+    MultiTierWKOperator,
+    TieredOperator,
+    split_tiers,
+    tier_images,
+)
 from monquant.solvers import SolverConfig
 
 __all__ = ["MultiTierMonDEQClassifier", "MultiTierMonDEQConfig", "MultiTierMonDEQLayer"]
@@ -214,9 +219,7 @@ class MultiTierMonDEQLayer(nn.Module):
 
     def split(self, z: torch.Tensor) -> list[torch.Tensor]:
         """The tiers ``(batch, c_i, H_i, W_i)`` of a flattened state."""
-        sizes = [c * h * w for c, (h, w) in zip(self.channels, self.images, strict=True)]
-        return [p.reshape(z.shape[0], c, *img) for p, c, img in
-                zip(torch.split(z, sizes, dim=1), self.channels, self.images, strict=True)]  # fmt: skip
+        return split_tiers(z, self.channels, self.images)
 
     def solve(self, x: torch.Tensor, op: TieredOperator) -> torch.Tensor:
         """The equilibrium with operator ``op``: the coarsest tier, or the flattened state."""

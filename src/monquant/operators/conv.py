@@ -39,6 +39,7 @@ __all__ = [
     "ConvWKOperator",
     "FourierBlockMap",
     "FourierOperator",
+    "block_resolvent",
     "check_kernel",
     "kernel_from_impulses",
 ]
@@ -130,6 +131,17 @@ def _flipped_T(kernel: torch.Tensor) -> torch.Tensor:
     return kernel.transpose(0, 1).flip(-1, -2)
 
 
+def block_resolvent(blocks: torch.Tensor, a: float, dtype: torch.dtype) -> FourierBlockMap | None:
+    """``(I + a (I - M))^{-1}`` of the circulant map with Fourier blocks ``blocks``
+    (``(H, W, c, c)``): one ``c x c`` inverse per frequency; ``None`` when one of them is singular
+    (only possible when ``margin(M) <= 0``)."""
+    eye = torch.eye(blocks.shape[-1], dtype=blocks.dtype, device=blocks.device)
+    inv, info = torch.linalg.inv_ex((1.0 + a) * eye - a * blocks)
+    if bool((info != 0).any()) or not bool(torch.isfinite(torch.view_as_real(inv)).all()):
+        return None
+    return FourierBlockMap(inv, dtype)
+
+
 class FourierBlockMap(LinearMap):
     """``v -> F^* diag(M^(w)) F v`` for blocks ``M`` of shape ``(H, W, c, c)`` (a circulant map).
 
@@ -189,11 +201,7 @@ class FourierOperator(MonotoneOperator):
         return torch.eye(self.channels, dtype=torch.complex128, device=self.device)
 
     def resolvent(self, a: float) -> FourierBlockMap | None:
-        M = (1.0 + a) * self._eye() - a * self.blocks()
-        inv, info = torch.linalg.inv_ex(M)
-        if bool((info != 0).any()) or not bool(torch.isfinite(torch.view_as_real(inv)).all()):
-            return None  # I + a (I - W) singular: only possible when margin(W) <= 0
-        return FourierBlockMap(inv, self.dtype)
+        return block_resolvent(self.blocks(), a, self.dtype)
 
     def fb_map(self, a: float) -> FourierBlockMap:
         return FourierBlockMap((1.0 - a) * self._eye() + a * self.blocks(), self.dtype)

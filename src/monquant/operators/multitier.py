@@ -50,6 +50,7 @@ from monquant.operators.conv import (
     _check_factor,
     _circular,
     _flipped_T,
+    block_resolvent,
     check_kernel,
     fourier_blocks,
     kernel_from_impulses,
@@ -63,6 +64,7 @@ __all__ = [
     "TieredOperator",
     "block_matrix",
     "polyphase_norms",
+    "split_tiers",
     "strided_conv",
     "strided_conv_T",
     "tier_images",
@@ -84,6 +86,15 @@ def tier_images(image: tuple[int, int], tiers: int) -> list[tuple[int, int]]:
         raise OperatorError(f"image {H}x{W} must be divisible by 2^(tiers - 1) = {f} for "
                             f"{tiers} tiers")  # fmt: skip
     return [(H // 2**i, W // 2**i) for i in range(tiers)]
+
+
+def split_tiers(
+    z: torch.Tensor, channels: tuple[int, ...], images: list[tuple[int, int]]
+) -> list[torch.Tensor]:
+    """The tiers ``(batch, c_i, H_i, W_i)`` of a batch of flattened states ``(batch, n)``."""
+    sizes = [c * h * w for c, (h, w) in zip(channels, images, strict=True)]
+    return [p.reshape(z.shape[0], c, *img)
+            for p, c, img in zip(torch.split(z, sizes, dim=-1), channels, images, strict=True)]  # fmt: skip
 
 
 def upsample(y: torch.Tensor) -> torch.Tensor:
@@ -210,9 +221,7 @@ class TieredOperator(MonotoneOperator):
 
     def split(self, z: torch.Tensor) -> list[torch.Tensor]:
         """The tiers ``(batch, c_i, H_i, W_i)`` of a batch of flattened states ``(batch, n)``."""
-        parts = torch.split(z, self.tier_sizes, dim=-1)
-        return [p.reshape(z.shape[0], c, *img)
-                for p, c, img in zip(parts, self.channels, self.images, strict=True)]  # fmt: skip
+        return split_tiers(z, self.channels, self.images)
 
     def join(self, zs: list[torch.Tensor]) -> torch.Tensor:
         """The flattened state of a list of tiers (inverse of :meth:`split`)."""
@@ -254,13 +263,10 @@ class TieredOperator(MonotoneOperator):
         return self._lower(z, not self.transposed)
 
     def resolvent(self, a: float) -> LinearMap | None:
-        J = []
-        for Kw in self.diag_blocks():
-            eye = torch.eye(Kw.shape[-1], dtype=Kw.dtype, device=Kw.device)
-            inv, info = torch.linalg.inv_ex((1.0 + a) * eye - a * Kw)
-            if bool((info != 0).any()) or not bool(torch.isfinite(torch.view_as_real(inv)).all()):
-                return None  # a diagonal block of I + a (I - W) is singular
-            J.append(FourierBlockMap(inv, self.dtype))
+        inverses = [block_resolvent(Kw, a, self.dtype) for Kw in self.diag_blocks()]
+        J = [j for j in inverses if j is not None]
+        if len(J) != len(inverses):
+            return None  # a diagonal block of I + a (I - W) is singular
         lower = self if not self.transposed else self.transpose()
         res = _TieredResolvent(lower, a, J)  # type: ignore[arg-type]
         return res.T if self.transposed else res
