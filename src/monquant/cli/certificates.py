@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from typing import Any
 
 from monquant.cli.common import (
@@ -68,7 +69,6 @@ def _certificate_table(args: argparse.Namespace, certs: list[Any]) -> str:
 def _certify_conv(args: argparse.Namespace, K: Any = None, image: Any = None) -> int:
     """``certify KERNEL.npz --image-size H W``, or a convolutional checkpoint (its composite
     kernel ``K`` on its image): the circular convolution by the kernel ``W``."""
-    from monquant.certify import TIERS
     from monquant.certify_conv import certify_conv, conv_spectral_bounds, min_certified_bits_conv
     from monquant.operators.conv import check_kernel
 
@@ -85,25 +85,17 @@ def _certify_conv(args: argparse.Namespace, K: Any = None, image: Any = None) ->
             f"kappa = {kappa:.4g}")  # fmt: skip
     if st.verdict != "certified":
         head += f"\nW is not certified monotone ({st.verdict}): no quantization of it is either"
-    bits = args.bits if args.bits is not None else ([] if args.min_bits else [3, 4, 5, 6, 8])
-    certs = [certify_conv(K, image, b, args.granularity, step_rule=args.step_rule, float_bounds=st)
-             for b in bits]  # fmt: skip
-    data: dict[str, Any] | list[Any] = [cc.to_dict() for cc in certs]
-    text = head + (_certificate_table(args, certs) if certs else "")
-    if args.min_bits:
-        mb = {g: min_certified_bits_conv(K, image, g, progress=not args.no_progress,
-                                         step_rule=args.step_rule)
-              for g in ("per-tensor", "per-channel")}  # fmt: skip
-        text += _min_bits_text(mb, TIERS)
-        data = {"certificates": data, "min_bits": mb} if bits else {"min_bits": mb}
-    emit(args, data, text)
-    return 0
+    return _emit_certificates(
+        args, head,
+        lambda b: certify_conv(K, image, b, args.granularity, step_rule=args.step_rule, float_bounds=st),
+        lambda g: min_certified_bits_conv(K, image, g, progress=not args.no_progress,
+                                          step_rule=args.step_rule),
+    )  # fmt: skip
 
 
 def _certify_multitier(args: argparse.Namespace, op: Any) -> int:
     """A multi-tier checkpoint: its composite kernels quantized at each bit-width, certified by
     the Weyl tier with a proved ``||dW||`` (:mod:`monquant.certify_multitier`)."""
-    from monquant.certify import TIERS
     from monquant.certify_multitier import (
         certify_multitier,
         min_certified_bits_multitier,
@@ -118,19 +110,12 @@ def _certify_multitier(args: argparse.Namespace, op: Any) -> int:
             f"(by construction; proved >= {st.m_lo:.6g})  L <= {st.L_hi:.6g} (proved)\n"
             "certificates: the Weyl tier only (no exact tier for the coupled operator); the plain "
             "margins are power-iteration estimates")  # fmt: skip
-    bits = args.bits if args.bits is not None else ([] if args.min_bits else [3, 4, 5, 6, 8])
-    certs = [certify_multitier(op, b, args.granularity, step_rule=args.step_rule, float_bounds=fb)
-             for b in bits]  # fmt: skip
-    data: dict[str, Any] | list[Any] = [cc.to_dict() for cc in certs]
-    text = head + (_certificate_table(args, certs) if certs else "")
-    if args.min_bits:
-        mb = {g: min_certified_bits_multitier(op, g, progress=not args.no_progress,
-                                              step_rule=args.step_rule, float_bounds=fb)
-              for g in ("per-tensor", "per-channel")}  # fmt: skip
-        text += _min_bits_text(mb, TIERS)
-        data = {"certificates": data, "min_bits": mb} if bits else {"min_bits": mb}
-    emit(args, data, text)
-    return 0
+    return _emit_certificates(
+        args, head,
+        lambda b: certify_multitier(op, b, args.granularity, step_rule=args.step_rule, float_bounds=fb),
+        lambda g: min_certified_bits_multitier(op, g, progress=not args.no_progress,
+                                               step_rule=args.step_rule, float_bounds=fb),
+    )  # fmt: skip
 
 
 def _min_bits_text(mb: dict[str, dict[str, Any]], tiers: tuple[str, ...]) -> str:
@@ -138,10 +123,33 @@ def _min_bits_text(mb: dict[str, dict[str, Any]], tiers: tuple[str, ...]) -> str
     return "\nsmallest certified bit-width per tier:\n" + "\n".join(lines)
 
 
+def _emit_certificates(
+    args: argparse.Namespace,
+    head: str,
+    certify_at: Callable[[int], Any],
+    min_bits: Callable[[str], dict[str, Any]],
+) -> int:
+    """The output of ``certify`` for any operator kind: ``head``, then one certificate per
+    ``--bits`` (default 3 4 5 6 8, none with ``--min-bits`` alone) from ``certify_at(bits)``, and
+    with ``--min-bits`` the smallest certified bits per granularity from ``min_bits(granularity)``."""
+    from monquant.certify import TIERS
+
+    bits = args.bits if args.bits is not None else ([] if args.min_bits else [3, 4, 5, 6, 8])
+    certs = [certify_at(b) for b in bits]
+    data: dict[str, Any] | list[Any] = [c.to_dict() for c in certs]
+    text = head + (_certificate_table(args, certs) if certs else "")
+    if args.min_bits:
+        mb = {g: min_bits(g) for g in ("per-tensor", "per-channel")}
+        text += _min_bits_text(mb, TIERS)
+        data = {"certificates": data, "min_bits": mb} if bits else {"min_bits": mb}
+    emit(args, data, text)
+    return 0
+
+
 def cmd_certify(args: argparse.Namespace) -> int:
     import torch
 
-    from monquant.certify import TIERS, certify, min_certified_bits
+    from monquant.certify import certify, min_certified_bits
     from monquant.verified import spectral_bounds
 
     if args.image_size is not None:
@@ -166,20 +174,11 @@ def cmd_certify(args: argparse.Namespace) -> int:
             "\nmargin(W) is within rounding error of 0: W is not certified monotone, "
             "so no quantization of it is certified either"
         )
-    bits = args.bits if args.bits is not None else ([] if args.min_bits else [3, 4, 5, 6, 8])
-    certs = [certify(W, b, args.granularity, float_bounds=st, step_rule=args.step_rule)
-             for b in bits]  # fmt: skip
-    data: dict[str, Any] | list[Any] = [c.to_dict() for c in certs]
-    text = head + (_certificate_table(args, certs) if certs else "")
-    if args.min_bits:
-        mb = {
-            g: min_certified_bits(W, g, progress=not args.no_progress, step_rule=args.step_rule)
-            for g in ("per-tensor", "per-channel")
-        }
-        text += _min_bits_text(mb, TIERS)
-        data = {"certificates": data, "min_bits": mb} if bits else {"min_bits": mb}
-    emit(args, data, text)
-    return 0
+    return _emit_certificates(
+        args, head,
+        lambda b: certify(W, b, args.granularity, float_bounds=st, step_rule=args.step_rule),
+        lambda g: min_certified_bits(W, g, progress=not args.no_progress, step_rule=args.step_rule),
+    )  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------ ptq/eval
