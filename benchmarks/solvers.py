@@ -2,9 +2,12 @@
 
 A 100-unit MonDEQ with condition number kappa = L/m about 8, batch 128. FB at its certified step
 m/L^2 and at alpha = 1 (uncertified unless 1 < 2m/L^2), PR and DR at 1/L, in float32 and float64.
-Target (issue 2): PR needs at most a third of FB's iterations at FB's certified step.
+Target (issue 2): PR needs at most a third of FB's iterations at FB's certified step. The
+``Anderson(M)`` rows run the same method with safeguarded Anderson acceleration (issue 16): fewer
+iterations, each dearer (the least-squares mix), so the milliseconds decide.
 
-    python benchmarks/solvers.py [--repeats 5] [--json out.json] [--device cuda]
+    python benchmarks/solvers.py [--repeats 5] [--kappa 8] [--anderson 5] [--json out.json]
+        [--device cuda]
 """
 
 from __future__ import annotations
@@ -61,6 +64,7 @@ def main() -> None:
     p.add_argument("--kappa", type=float, default=8.0)
     p.add_argument("--tol", type=float, default=1e-6)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--anderson", type=int, default=5, help="memory of the accelerated rows")
     p.add_argument("--json", default=None)
     p.add_argument("--device", default="cpu", help="cpu or cuda (the operator and batch go there)")
     args = p.parse_args()
@@ -74,13 +78,16 @@ def main() -> None:
     for dtype in (torch.float32, torch.float64):
         W, q = W64.to(dtype=dtype, device=dev), q64.to(dtype=dtype, device=dev)
         results = {}
-        for name, method, step in (
-            ("FB a=m/L^2", "fb", None),
-            ("FB a=1", "fb", 1.0),
-            ("PR a=1/L", "pr", None),
-            ("DR a=1/L", "dr", None),
+        for name, method, step, aa in (
+            ("FB a=m/L^2", "fb", None, 0),
+            (f"FB a=m/L^2 Anderson({args.anderson})", "fb", None, args.anderson),
+            ("FB a=1", "fb", 1.0, 0),
+            ("PR a=1/L", "pr", None, 0),
+            (f"PR a=1/L Anderson({args.anderson})", "pr", None, args.anderson),
+            ("DR a=1/L", "dr", None, 0),
+            (f"DR a=1/L Anderson({args.anderson})", "dr", None, args.anderson),
         ):
-            cfg = SolverConfig(method=method, step=step, tol=args.tol, max_iter=20_000)
+            cfg = SolverConfig(method=method, step=step, tol=args.tol, max_iter=20_000, anderson=aa)
             res = bench(W, q, cfg, args.repeats)
             results[name] = res
             conv = f"{res['converged']}/{res['batch']}"

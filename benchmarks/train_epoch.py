@@ -12,7 +12,8 @@ the time of its one matrix product, measured alone in the same run (``128 x n @ 
 ratio is the per-iteration overhead (dispatch, the residual test, allocations) that no arithmetic
 needs. The rest of the epoch is the injection, the head, autograd and the optimizer.
 
-    MONQUANT_DATA=... python benchmarks/train_epoch.py [--epochs 15] [--threads N] [--device cuda]
+    MONQUANT_DATA=... python benchmarks/train_epoch.py [--epochs 15] [--threads N] [--anderson M]
+        [--device cuda]
 """
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ class SolveClock:
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[SolveClock]:
-        solve, loop = monquant.implicit.solve, monquant.solvers._iterate
+        solve = monquant.implicit.solve
+        loops = {name: getattr(monquant.solvers, name) for name in ("_iterate", "_iterate_anderson")}
 
         def timed_solve(*a, **kw):
             side = "backward" if "prox" in kw else "forward"  # the adjoint solve passes its mask
@@ -65,17 +67,24 @@ class SolveClock:
             self.iterations[side] += res.iterations
             return res
 
-        def timed_loop(*a, **kw):
-            t0 = time.perf_counter()
-            out = loop(*a, **kw)
-            self.t[f"{self._side}_loop"] += time.perf_counter() - t0
-            return out
+        def timed(loop):
+            def timed_loop(*a, **kw):
+                t0 = time.perf_counter()
+                out = loop(*a, **kw)
+                self.t[f"{self._side}_loop"] += time.perf_counter() - t0
+                return out
 
-        monquant.implicit.solve, monquant.solvers._iterate = timed_solve, timed_loop
+            return timed_loop
+
+        monquant.implicit.solve = timed_solve
+        for name, loop in loops.items():
+            setattr(monquant.solvers, name, timed(loop))
         try:
             yield self
         finally:
-            monquant.implicit.solve, monquant.solvers._iterate = solve, loop
+            monquant.implicit.solve = solve
+            for name, loop in loops.items():
+                setattr(monquant.solvers, name, loop)
 
 
 def matmul_seconds(batch: int = 128, n: int = 100, repeats: int = 2000) -> float:
@@ -126,6 +135,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--tol", type=float, default=1e-4)
     p.add_argument("--method", default="pr")
+    p.add_argument("--anderson", type=int, default=0, help="safeguarded Anderson memory (0: off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--margin-init", type=float, default=MonDEQConfig().margin_init)
     p.add_argument("--json", default=None)
@@ -141,7 +151,7 @@ def main() -> None:
     model = MonDEQClassifier(
         MonDEQConfig(
             margin_init=args.margin_init,
-            solver=SolverConfig(method=args.method, tol=args.tol).as_dict(),
+            solver=SolverConfig(method=args.method, tol=args.tol, anderson=args.anderson).as_dict(),
         )
     )
     peak = matmul_peak_gflops()
@@ -214,6 +224,7 @@ def main() -> None:
                       "us / matmul", "iteration / matmul"], brows))  # fmt: skip
     summary = {
         "threads": torch.get_num_threads(),
+        "anderson": args.anderson,
         "mean_epoch_seconds": sum(secs) / len(secs),
         "total_seconds_with_eval": total,
         "final_test_accuracy": log[-1]["test_accuracy"],

@@ -1,7 +1,7 @@
 import pytest
 import torch
 from conftest import random_monotone_W
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from monquant.implicit import EquilibriumSolver, direct_adjoint
@@ -37,6 +37,23 @@ def test_gradient_matches_dense_implicit_function_theorem(method, mode, n, m, se
     eq = EquilibriumSolver(cfg, backward=mode)
     z = eq(W, q)
     (z * g).sum().backward()
+    rW, rq = dense_implicit_grads(W.detach(), q.detach(), g)
+    assert eq.counters.forward_unconverged == 0 and eq.counters.backward_unconverged == 0
+    assert float((W.grad - rW).norm()) <= 1e-6 * float(rW.norm()) + 1e-12
+    assert float((q.grad - rq).norm()) <= 1e-6 * float(rq.norm()) + 1e-12
+
+
+@pytest.mark.parametrize("method", ["fb", "pr", "dr"])
+@settings(max_examples=15, deadline=None)
+@given(n=st.integers(2, 12), m=st.floats(0.2, 1.0), seed=st.integers(0, 500))
+def test_anderson_forward_and_adjoint_give_the_implicit_gradient(method, n, m, seed):
+    W = random_monotone_W(n, m, seed=seed).requires_grad_(True)
+    g_ = torch.Generator().manual_seed(seed)
+    q = torch.randn(4, n, generator=g_, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(4, n, generator=g_, dtype=torch.float64)
+    eq = EquilibriumSolver(SolverConfig(method=method, tol=1e-13, max_iter=200_000, anderson=3))
+    (eq(W, q) * g).sum().backward()
+    assert eq.last_backward is not None  # the adjoint solve ran, with the forward's settings
     rW, rq = dense_implicit_grads(W.detach(), q.detach(), g)
     assert eq.counters.forward_unconverged == 0 and eq.counters.backward_unconverged == 0
     assert float((W.grad - rW).norm()) <= 1e-6 * float(rW.norm()) + 1e-12

@@ -152,3 +152,81 @@ def test_solver_config_round_trips_every_setting():
     assert SolverConfig.from_dict({"method": "fb"}) == SolverConfig(method="fb")
     with pytest.raises(SolverError, match="unknown solver settings"):
         SolverConfig.from_dict({"method": "pr", "bogus": 1})
+
+
+# --- safeguarded Anderson acceleration -------------------------------------------------------
+
+
+@given(
+    n=st.integers(2, 20),
+    m=st.floats(0.1, 1.5),
+    seed=st.integers(0, 1000),
+    memory=st.sampled_from([1, 3, 6]),
+)
+def test_anderson_reaches_the_same_equilibrium_with_a_valid_bound(n, m, seed, memory):
+    W = random_monotone_W(n, m, seed=seed)
+    q = _q(n, seed=seed)
+    ref = solve(W, q, SolverConfig(method="pr", tol=1e-14, max_iter=100_000)).z
+    for method in ("fb", "pr", "dr"):
+        r = solve(W, q, SolverConfig(method=method, anderson=memory, **TIGHT))
+        assert r.all_converged, (method, r.summary())
+        assert float((r.z - ref).abs().max()) <= 1e-8 * (1 + float(ref.abs().max()))
+        loose = solve(W, q, SolverConfig(method=method, tol=1e-4, anderson=memory))
+        err = (loose.z - ref).norm(dim=1)
+        assert loose.modulus is not None
+        assert bool((err <= loose.error_bound + 1e-10).all()), method
+
+
+def test_anderson_cuts_iterations_on_an_ill_conditioned_operator():
+    W = random_monotone_W(60, 0.05, seed=4)
+    q = _q(60, batch=16, seed=4)
+    for method in ("fb", "pr", "dr"):
+        plain = solve(W, q, SolverConfig(method=method, tol=1e-8, max_iter=50_000))
+        fast = solve(W, q, SolverConfig(method=method, tol=1e-8, max_iter=50_000, anderson=5))
+        assert plain.all_converged and fast.all_converged
+        assert fast.iterations < plain.iterations, (method, fast.iterations, plain.iterations)
+
+
+@pytest.mark.parametrize("bad", ["nan", "huge"])
+def test_anderson_safeguard_falls_back_to_the_plain_step(monkeypatch, bad):
+    """Candidates that always fail the safeguard leave the plain iteration, at most 2x its count."""
+    from monquant import solvers
+
+    def broken(self):
+        point, x = original(self)
+        spoil = (lambda t: torch.full_like(t, math.nan)) if bad == "nan" else (lambda t: 1e6 * t + 1e6)
+        return spoil(point), None if x is None else spoil(x)
+
+    original = solvers._AndersonHistory.mix
+    monkeypatch.setattr(solvers._AndersonHistory, "mix", broken)
+    W = random_monotone_W(30, 0.3, seed=5)
+    q = _q(30, batch=8, seed=5)
+    for method in ("fb", "pr"):
+        plain = solve(W, q, SolverConfig(method=method, tol=1e-9, max_iter=50_000))
+        r = solve(W, q, SolverConfig(method=method, tol=1e-9, max_iter=50_000, anderson=4))
+        assert r.all_converged and not r.diverged.any()
+        assert float((r.z - plain.z).abs().max()) <= 1e-6
+        assert r.iterations <= 2 * plain.iterations + 2
+        assert bool(torch.isfinite(r.error_bound).all())
+
+
+@pytest.mark.parametrize("method", ["fb", "pr", "dr"])
+def test_anderson_reports_the_cap_and_never_passes_a_non_monotone_operator(method):
+    W = random_monotone_W(20, 0.05, seed=3)
+    r = solve(W, _q(20), SolverConfig(method=method, tol=1e-14, max_iter=3, anderson=3))
+    assert r.iterations == 3 and not r.converged.any()
+    assert bool((r.sample_iterations == 3).all())
+    n = 12
+    S = torch.randn(n, n, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    bad = 1.5 * torch.eye(n, dtype=torch.float64) + 0.3 * (S - S.T)
+    q = torch.rand(4, n, generator=torch.Generator().manual_seed(1), dtype=torch.float64) + 0.5
+    r = solve(bad, q, SolverConfig(method=method, tol=1e-8, max_iter=500, anderson=3))
+    assert not r.converged.any() and r.modulus is None
+
+
+def test_anderson_settings_are_checked_and_round_trip():
+    for bad in (-1, 1.5, True, 51):
+        with pytest.raises(SolverError, match="anderson"):
+            SolverConfig(anderson=bad)
+    cfg = SolverConfig(method="fb", anderson=4)
+    assert SolverConfig.from_dict(cfg.as_dict()) == cfg

@@ -148,6 +148,7 @@ class EquilibriumSolver:
             check_every=cfg.check_every,
             diverge_at=cfg.diverge_at,
             spectral=cfg.spectral,
+            anderson=cfg.anderson,
         )
         K = fwd.resolvent if fwd is not None else None
         result = solve(

@@ -95,8 +95,9 @@ class MonDEQ(MonDEQLayer):
     ``margin``: the initial monotonicity margin ``m`` (learned through ``m = softplus(m_raw) +
     margin_floor`` unless ``learn_margin=False``); ``rank``: rank of ``A`` (default full);
     ``init``: ``uniform`` or ``paper``; ``solver``: a registered splitting method (``fb``, ``pr``,
-    ``dr``, or one added by :func:`monquant.solvers.register_solver`) with ``tol``, ``max_iter``
-    and ``step``; ``backward``: ``splitting`` (Theorem 5's adjoint solve) or ``direct``.
+    ``dr``, or one added by :func:`monquant.solvers.register_solver`) with ``tol``, ``max_iter``,
+    ``step`` and ``anderson`` (safeguarded Anderson memory, 0 = off); ``backward``: ``splitting``
+    (Theorem 5's adjoint solve) or ``direct``.
     """
 
     def __init__(
@@ -113,13 +114,15 @@ class MonDEQ(MonDEQLayer):
         tol: float = 1e-4,
         max_iter: int = 2000,
         step: float | None = None,
+        anderson: int = 0,
         backward: str = "splitting",
         parameterization: str = "wk",
     ) -> None:
         cfg = MonDEQConfig(
             in_features=in_features, hidden=hidden, out_features=1, rank=rank,
             margin_init=margin, learn_margin=learn_margin, margin_floor=margin_floor, init=init,
-            solver=SolverConfig(method=solver, tol=tol, max_iter=max_iter, step=step).as_dict(),
+            solver=SolverConfig(method=solver, tol=tol, max_iter=max_iter, step=step,
+                                anderson=anderson).as_dict(),
             backward=backward, parameterization=parameterization,
         )  # fmt: skip
         super().__init__(cfg)
@@ -132,7 +135,7 @@ class MonDEQ(MonDEQLayer):
                    margin=config.margin_init, learn_margin=config.learn_margin,
                    margin_floor=config.margin_floor, init=config.init, solver=s.method,
                    tol=s.tol, max_iter=s.max_iter, step=s.step, backward=config.backward,
-                   parameterization=config.parameterization)  # fmt: skip
+                   parameterization=config.parameterization).configure_solver(**s.as_dict())  # fmt: skip
 
     @classmethod
     def from_layer(cls, layer: MonDEQLayer) -> MonDEQ:
@@ -229,8 +232,7 @@ class MonDEQ(MonDEQLayer):
                 raise CheckpointError(f"MonDEQ state has {k}={getattr(cfg, k)!r}, the layer "
                                       f"{getattr(self.config, k)!r}")  # fmt: skip
         s = cfg.solver_config()
-        self.configure_solver(method=s.method, tol=s.tol, max_iter=s.max_iter, step=s.step,
-                              backward=cfg.backward)  # fmt: skip
+        self.configure_solver(**s.as_dict(), backward=cfg.backward)
         q = state.get("quant")
         self.quant = LayerQuant.from_state(q) if q is not None else None
         if self.quant is not None:
@@ -308,12 +310,13 @@ class ConvMonDEQ(_QuantState, ConvMonDEQLayer):
         solver: str = "pr",
         tol: float = 1e-4,
         max_iter: int = 2000,
+        anderson: int = 0,
     ) -> None:
         cfg = ConvMonDEQConfig(
             in_channels=in_channels, image=image, channels=channels, kernel=kernel, rank=rank,
             out_features=1, pool=1, margin_init=margin, learn_margin=learn_margin,
             margin_floor=margin_floor, init_scale=init_scale,
-            solver=SolverConfig(method=solver, tol=tol, max_iter=max_iter).as_dict(),
+            solver=SolverConfig(method=solver, tol=tol, max_iter=max_iter, anderson=anderson).as_dict(),
         )  # fmt: skip
         super().__init__(cfg)
         #: quantization: a LayerQuant whose tensors hold the quantized composite kernel "K"
@@ -388,12 +391,13 @@ class MultiTierMonDEQ(_QuantState, MultiTierMonDEQLayer):
         solver: str = "pr",
         tol: float = 1e-4,
         max_iter: int = 2000,
+        anderson: int = 0,
     ) -> None:
         cfg = MultiTierMonDEQConfig(
             in_channels=in_channels, image=image, tier_channels=tuple(channels), kernel=kernel,
             rank=rank, out_features=1, margin_init=margin, learn_margin=learn_margin,
             margin_floor=margin_floor, init_scale=init_scale, output=output,
-            solver=SolverConfig(method=solver, tol=tol, max_iter=max_iter).as_dict(),
+            solver=SolverConfig(method=solver, tol=tol, max_iter=max_iter, anderson=anderson).as_dict(),
         )  # fmt: skip
         super().__init__(cfg)
         #: quantization: a LayerQuant whose tensors hold the composite kernels "diag<i>", "down<i>"

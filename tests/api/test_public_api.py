@@ -116,12 +116,14 @@ def test_certify_with_a_config_changes_nothing_and_errors_are_clear() -> None:
 
 def test_solver_settings_are_attributes_saved_with_the_layer(tmp_path) -> None:
     layer = MonDEQ(5, 6, solver="dr", tol=1e-6, max_iter=300)
-    layer.configure_solver(method="fb", tol=1e-7)
+    layer.configure_solver(method="fb", tol=1e-7, anderson=4, check_every=2)
     assert layer.solver_config.method == "fb" and "fb(tol=1e-07, max_iter=300)" in repr(layer)
     torch.save(layer.state_dict(), tmp_path / "l.pt")
     fresh = MonDEQ(5, 6)
     fresh.load_state_dict(torch.load(tmp_path / "l.pt", weights_only=True))
     assert fresh.solver_config.method == "fb" and fresh.solver_config.tol == 1e-7
+    assert fresh.solver_config.anderson == 4 and fresh.solver_config.check_every == 2
+    assert MonDEQ.from_config(layer.config).solver_config == layer.solver_config
     with pytest.raises(CheckpointError, match="hidden"):
         MonDEQ(5, 7).load_state_dict(torch.load(tmp_path / "l.pt", weights_only=True), strict=False)
 

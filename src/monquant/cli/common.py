@@ -281,6 +281,10 @@ def solver_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--step", type=positive_float, default=None, help="step size (default: FB m/L^2, PR 1/L)"
     )
+    g.add_argument(
+        "--anderson", type=int, default=0, metavar="M",
+        help="safeguarded Anderson acceleration with memory M (0: plain iteration; see docs/theory.md)",
+    )  # fmt: skip
 
 
 def granularity_arg(p: argparse.ArgumentParser, flag: str = "--granularity") -> None:
