@@ -8,7 +8,7 @@ vectors) and the largest difference. Then the seconds of the whole *proved* cert
 (:func:`monquant.certify_conv.certify_conv`: float bounds, the quantized kernel's bounds and
 ``||dW||``, at ``--bits`` per output channel). Medians of ``--repeats``; one thread by default.
 
-    python benchmarks/conv_operator.py [--c 64] [--image 28 28] [--kernel 3] [--repeats 3]
+    python benchmarks/conv_operator.py [--c 64] [--image 28 28] [--kernel 3] [--repeats 3] [--device cuda]
 """
 
 from __future__ import annotations
@@ -31,12 +31,14 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--bits", type=int, default=6)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu", help="cpu or cuda: the kernels go there")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     g = torch.Generator().manual_seed(0)
     rows = []
     for c, (H, W) in ((args.c, tuple(args.image)), (3, (6, 6)), (4, (8, 7))):
         K = 0.05 * torch.randn(c, c, args.kernel, args.kernel, generator=g, dtype=torch.float64)
+        K = K.to(args.device)
         times = []
         for _ in range(args.repeats):
             t0 = time.perf_counter()
@@ -44,7 +46,7 @@ def main() -> None:
             times.append(time.perf_counter() - t0)
         diff = "-"
         if c * H * W <= 400:
-            D = CircularConvOperator(K, (H, W)).dense()
+            D = CircularConvOperator(K.cpu(), (H, W)).dense()
             S = torch.eye(D.shape[0], dtype=torch.float64) - D
             dense = (
                 float(torch.linalg.eigvalsh(0.5 * (S + S.T))[0]),
@@ -59,6 +61,7 @@ def main() -> None:
     from monquant.certify_conv import certify_conv
 
     K = 0.05 * torch.randn(args.c, args.c, args.kernel, args.kernel, generator=g, dtype=torch.float64)
+    K = K.to(args.device)
     times = []
     for _ in range(args.repeats):
         t0 = time.perf_counter()
