@@ -4,7 +4,7 @@ import time
 import pytest
 import torch
 from conftest import random_monotone_W
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from monquant.operators import spectral_stats
@@ -157,6 +157,7 @@ def test_solver_config_round_trips_every_setting():
 # --- safeguarded Anderson acceleration -------------------------------------------------------
 
 
+@settings(max_examples=30, deadline=None)
 @given(
     n=st.integers(2, 20),
     m=st.floats(0.1, 1.5),
@@ -222,6 +223,11 @@ def test_anderson_reports_the_cap_and_never_passes_a_non_monotone_operator(metho
     q = torch.rand(4, n, generator=torch.Generator().manual_seed(1), dtype=torch.float64) + 0.5
     r = solve(bad, q, SolverConfig(method=method, tol=1e-8, max_iter=500, anderson=3))
     assert not r.converged.any() and r.modulus is None
+    assert math.isinf(float(r.error_bound.max()))
+    q[1] = math.inf  # a non-finite iterate is divergence, never convergence, in both loops
+    for memory in (0, 3):
+        r = solve(random_monotone_W(n, 0.5), q, SolverConfig(method=method, anderson=memory))
+        assert bool(r.diverged[1]) and not bool(r.converged[1]) and bool(r.converged[[0, 2, 3]].all())
 
 
 def test_anderson_settings_are_checked_and_round_trip():

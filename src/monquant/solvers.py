@@ -572,6 +572,25 @@ def _diverging(s: torch.Tensor, limit2: float) -> torch.Tensor:
     return ~torch.isfinite(sn2) | (sn2 > limit2)
 
 
+def _finished(
+    ok: torch.Tensor, diverged: torch.Tensor, s: torch.Tensor, limit2: float, full: bool
+) -> tuple[bool, torch.Tensor]:
+    """Whether every sample is done; a ``full`` check (every 16th, and the last) also looks for
+    divergence, which the cheap checks between skip."""
+    if full:
+        diverged = diverged | _diverging(s, limit2)
+        return bool((ok | diverged).all()), diverged
+    return bool(ok.all()), diverged
+
+
+def _final(
+    ok: torch.Tensor, diverged: torch.Tensor, s: torch.Tensor, dz2: torch.Tensor, limit2: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The end of a loop: a non-finite residual or iterate is divergence, never convergence."""
+    bad = ~torch.isfinite(dz2)
+    return ok & ~bad, diverged | _diverging(s, limit2) | bad
+
+
 def _iterate(it: SplittingMap, s: torch.Tensor, q: torch.Tensor, cfg: SolverConfig):
     """The shared iteration loop with per-sample stopping (lean: ~15 tensor ops per check).
 
@@ -609,14 +628,10 @@ def _iterate(it: SplittingMap, s: torch.Tensor, q: torch.Tensor, cfg: SolverConf
             zn2 = _sq(z)
         ok = dz2 <= torch.add(floor, zn2, alpha=tol2)
         pending += ~ok
-        if checks % 16 == 0 or k == cfg.max_iter:
-            diverged = diverged | _diverging(s, limit2)
-            if bool((ok | diverged).all()):
-                break
-        elif bool(ok.all()):
+        done, diverged = _finished(ok, diverged, s, limit2, checks % 16 == 0 or k == cfg.max_iter)
+        if done:
             break
-    diverged = diverged | _diverging(s, limit2) | ~torch.isfinite(dz2)
-    ok = ok & torch.isfinite(dz2)
+    ok, diverged = _final(ok, diverged, s, dz2, limit2)
     return s, s_prev, z, k, pending, dz2, zn2, ok, diverged
 
 
@@ -720,11 +735,8 @@ def _iterate_anderson(it: SplittingMap, s: torch.Tensor, q: torch.Tensor, cfg: S
         zn2 = torch.where(acc, _sq(zT), zn2)
         ok = dz2 <= torch.add(floor, zn2, alpha=tol2)
         pending += ~ok
-        if k % 16 == 0 or k == cfg.max_iter:
-            diverged = diverged | _diverging(F, limit2)
-            if bool((ok | diverged).all()):
-                break
-        elif bool(ok.all()):
+        done, diverged = _finished(ok, diverged, F, limit2, k % 16 == 0 or k == cfg.max_iter)
+        if done:
             break
         # G = g(b): the new residual where accepted, a repeated entry (zero difference) elsewhere
         if not hist.push(F, G, X if hist.dX is not None else None):
@@ -736,4 +748,5 @@ def _iterate_anderson(it: SplittingMap, s: torch.Tensor, q: torch.Tensor, cfg: S
         p = point if every else torch.where(a_s, point, F)
         x = xm if every or X is None or xm is None else torch.where(a_s, xm, X)
         candidate = acc
+    ok, diverged = _final(ok, diverged, F, dz2, limit2)
     return F, b, zF, k, pending, dz2, zn2, ok, diverged
