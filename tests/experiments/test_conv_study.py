@@ -52,3 +52,18 @@ def test_conv_study_settings_are_checked() -> None:
         ConvStudyConfig(tol=0.1)
     with pytest.raises(ConfigError, match="tier_channels"):
         ConvStudyConfig(tier_channels=(4,))
+
+
+def test_a_vacuous_displacement_row_is_shown_as_not_checkable() -> None:
+    from monquant.experiments.conv.report import _disp_table
+
+    row = {"bits": 4, "dW_over_m": 2.3, "samples": 8, "float_converged": 8, "quantized_converged": 8,
+           "fraction_within_bound": None, "violations": 0, "vacuous_samples": 8,
+           "median_ratio_bound_over_empirical": None, "max_solver_error_bound": None}  # fmt: skip
+    ok = dict(row, bits=8, fraction_within_bound=1.0, vacuous_samples=0, max_solver_error_bound=1e-7)
+    _, rows = _disp_table({"displacement": {"rows": [row, ok]}})
+    assert rows[0][4].startswith("not checkable") and rows[0][7].startswith("none")
+    assert rows[1][4] == "100.0%" and rows[1][7] == "1.00e-07"
+    old = {k: v for k, v in row.items() if k != "vacuous_samples"} | {"fraction_within_bound": 1.0}
+    _, rows = _disp_table({"displacement": {"rows": [old]}})  # a stage file from before the fix
+    assert rows[0][4].startswith("not checkable")
