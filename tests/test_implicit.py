@@ -116,3 +116,25 @@ def test_unconverged_backward_is_counted():
     eq(W, q).sum().backward()
     s = eq.counters.summary()
     assert s["forward_unconverged"] == 4 and s["backward_unconverged"] > 0
+
+
+@pytest.mark.parametrize("kind", ["dense", "conv", "multitier"])
+def test_a_layer_deep_copies_right_after_a_training_step(kind):
+    import copy
+
+    from monquant.nn import ConvMonDEQ, MonDEQ, MultiTierMonDEQ
+
+    torch.manual_seed(0)
+    if kind == "dense":
+        layer, x = MonDEQ(6, 5), torch.rand(4, 6)
+    elif kind == "conv":
+        layer, x = ConvMonDEQ(1, 2, (8, 8)), torch.rand(4, 1, 8, 8)
+    else:
+        layer, x = MultiTierMonDEQ(1, channels=(2, 2), image=(12, 12)), torch.rand(4, 1, 12, 12)
+    opt = torch.optim.Adam(layer.parameters(), 1e-3)
+    layer(x).square().sum().backward()
+    opt.step()
+    twin = copy.deepcopy(layer)  # the kept solver result holds no graph node
+    assert layer.solver.last_forward is not None and layer.solver.last_forward.z.grad_fn is None
+    with torch.no_grad():
+        assert torch.equal(twin(x), layer(x))

@@ -18,7 +18,7 @@ whatever built them (A, B, m_raw, U, b, x).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
@@ -164,19 +164,26 @@ class EquilibriumSolver:
         return result.z
 
 
+def _kept(result: SolverResult) -> tuple[torch.Tensor, SolverResult]:
+    """The equilibrium to return from an autograd function, and the result to keep with a
+    detached alias of it (same storage): the returned tensor becomes a graph node, and a kept
+    graph node would make the layer impossible to ``copy.deepcopy`` and tie ``ctx`` in a cycle."""
+    return result.z, replace(result, z=result.z.detach())
+
+
 class _Equilibrium(torch.autograd.Function):
     """Forward: solve without a graph. Backward: adjoint equilibrium (Theorem 5)."""
 
     @staticmethod
     def forward(ctx, W: torch.Tensor, q: torch.Tensor, owner: EquilibriumSolver):  # type: ignore[override]
-        result = solve(W, q, owner.forward_config)
+        z, result = _kept(solve(W, q, owner.forward_config))
         owner._record_forward(result)
         Wq = W.detach().to(q.dtype)
         ctx.owner = owner
         ctx.result = result
-        ctx.save_for_backward(Wq, q.detach(), result.z)
+        ctx.save_for_backward(Wq, q.detach(), z)
         ctx.w_dtype = W.dtype
-        return result.z
+        return z
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):  # type: ignore[override]
@@ -198,11 +205,11 @@ class _OperatorEquilibrium(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: torch.Tensor, owner: EquilibriumSolver, op: MonotoneOperator, *params):  # type: ignore[override]
         opd = op.with_parameters(tuple(p.detach() for p in params))
-        result = solve(opd, q, owner.forward_config)
+        z, result = _kept(solve(opd, q, owner.forward_config))
         owner._record_forward(result)
         ctx.owner, ctx.result, ctx.op = owner, result, op
-        ctx.save_for_backward(q.detach(), result.z, *params)
-        return result.z
+        ctx.save_for_backward(q.detach(), z, *params)
+        return z
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):  # type: ignore[override]
