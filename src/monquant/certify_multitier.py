@@ -26,8 +26,9 @@ A diagonal block of ``W~`` is a principal compression of ``W~``, so
 operator is *refuted* when one of its diagonal blocks is provably not monotone. In between, the
 verdict is ``undecided``: no exact tier is claimed for a multi-tier ``W~`` (that would need the
 spectrum of the whole coupled operator). The computed margins, ``L`` and ``||dW||`` of a
-multi-tier certificate are **estimates** (power iteration for the margins; block-norm values for
-``L`` and ``||dW||``), shown for reading; none decides anything.
+multi-tier certificate are **estimates** (for the margins, the smaller of a power iteration's
+Rayleigh quotient and the proved diagonal-block upper bound, both upper estimates; block-norm
+values for ``L`` and ``||dW||``), shown for reading; none decides anything.
 """
 
 from __future__ import annotations
@@ -154,7 +155,7 @@ def multitier_float_bounds(op: MultiTierWKOperator) -> MultiTierFloatBounds:
     st = SpectralBounds(
         m_lo=down(float(op.m.detach()) - e_comp), m_hi=up(m_hi + e_comp),
         L_hi=up(L_hi + e_comp), norm_hi=up(norm_hi + e_comp),
-        m=estimate_margin(comp, L, ESTIMATE_ITERS), L=L, norm_W=norm_W,
+        m=min(estimate_margin(comp, L, ESTIMATE_ITERS), m_hi), L=L, norm_W=norm_W,
     )  # fmt: skip
     return MultiTierFloatBounds(comp=comp, e_comp=e_comp, bounds=st)
 
@@ -237,7 +238,8 @@ def certify_multitier(
     apb = up(apb + e)
     L_hi_q, L_q, m_hi_q = _blocks_bound(tilde, shift=True)
     st_q = SpectralBounds(m_lo=-math.inf, m_hi=m_hi_q, L_hi=L_hi_q, norm_hi=math.nan,
-                          m=estimate_margin(tilde, L_q, ESTIMATE_ITERS), L=L_q, norm_W=math.nan)  # fmt: skip
+                          m=min(estimate_margin(tilde, L_q, ESTIMATE_ITERS), m_hi_q), L=L_q,
+                          norm_W=math.nan)  # fmt: skip
     return certificate_from_bounds(
         fb.bounds, st_q, dW_hi, dW, apb, n=comp.size, bits=bits,
         granularity=granularity, step=step, w_max=w_max,

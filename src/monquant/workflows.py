@@ -14,6 +14,7 @@ from monquant.certify_conv import certify_conv
 from monquant.conv_model import ConvMonDEQClassifier
 from monquant.data import MNIST, subset
 from monquant.errors import ConfigError
+from monquant.multitier_model import MultiTierMonDEQClassifier
 from monquant.storage.checkpoints import (
     Classifier,
     LoadedModel,
@@ -33,10 +34,16 @@ def _test_set(data: MNIST, test_limit: int | None) -> tuple[torch.Tensor, torch.
     return subset(data.x_test, data.y_test, test_limit)
 
 
-def certify_weights(model: Classifier, W: torch.Tensor, W_tilde: torch.Tensor) -> Certificate:
+def certify_weights(model: Classifier, W: Any, W_tilde: Any) -> Certificate:
     """The certificate of running ``model`` on ``W_tilde`` instead of its float ``W``: the dense
-    certificate (:func:`monquant.certify.certify`) or, for a convolutional model, the Fourier-block
-    one of its composite kernel (:func:`monquant.certify_conv.certify_conv`)."""
+    certificate (:func:`monquant.certify.certify`); for a convolutional model, the Fourier-block
+    one of its composite kernel (:func:`monquant.certify_conv.certify_conv`); for a multi-tier
+    model, the Weyl tier with a proved ``||dW||`` of its composite kernels
+    (:func:`monquant.certify_multitier.certify_multitier`; ``W`` its float operator)."""
+    if isinstance(model, MultiTierMonDEQClassifier):
+        from monquant.certify_multitier import certify_multitier
+
+        return certify_multitier(W, tilde=W_tilde)
     if isinstance(model, ConvMonDEQClassifier):
         return certify_conv(W, model.config.image, kernel_tilde=W_tilde)
     return certify(W, W_tilde=W_tilde)
@@ -85,6 +92,7 @@ def run_ptq(
         extra={"certificate": cert_d, "source": str(checkpoint)},
     )
     return {
+        "architecture": getattr(model.config, "arch", "fc"),
         "bits": bits,
         "granularity": granularity,
         "step_rule": step_rule,

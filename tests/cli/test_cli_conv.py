@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from monquant.certify import JSON_KEYS
 from monquant.cli import main
@@ -108,10 +109,38 @@ def test_train_multitier_then_certify_and_eval_its_checkpoint(capsys, multitier_
                        "--json")  # fmt: skip
     assert rc == 0, err
     assert json.loads(out)["eval"]["unconverged"] == 0
-    rc, out, err = run(capsys, "ptq", model, "--bits", "8", "--out", tmp_path / "q.safetensors",
-                       "--data-dir", data, "--no-download")  # fmt: skip
-    assert rc == 2 and err.startswith("monquant ptq: error:") and "multi-tier" in err
-    assert not (tmp_path / "q.safetensors").exists()
+    rc, out, err = run(capsys, "export", model, "--bits", "8", "--out", tmp_path / "d.npz")
+    assert rc == 2 and err.startswith("monquant export: error:") and "multi-tier" in err
     rc, out, err = run(capsys, "train", "--out", tmp_path / "t", "--arch", "multitier", "--qat-bits", "4",
                        "--data-dir", data, "--no-download")  # fmt: skip
     assert rc == 2 and "not implemented for --arch multitier" in err
+
+
+def test_ptq_of_a_multitier_checkpoint_is_certified_saved_and_reloaded(
+    capsys, multitier_run, tmp_path
+) -> None:
+    from monquant.certify_multitier import certify_deployed
+    from monquant.storage.checkpoints import load_model
+
+    model, data = multitier_run
+    dest = tmp_path / "q.safetensors"
+    rc, out, err = run(capsys, "ptq", model, "--bits", "6", "--granularity", "per-channel", "--out", dest,
+                       "--data-dir", data, "--no-download", "--json")  # fmt: skip
+    assert rc == 0, err
+    r = json.loads(out)
+    assert r["architecture"] == "multitier" and r["eval"]["unconverged"] == 0
+    cert = r["certificate"]
+    loaded = load_model(dest)
+    Wt = loaded.quantized.overrides()["W"]  # the composite kernels, assembled on the layer's tiers
+    float_model = load_model(model).model
+    ref_cert, ref = certify_deployed(float_model.layer.reference_weight(), 6, "per-channel")
+    for a, b in zip((*Wt.diag, *Wt.down), (*ref.diag, *ref.down), strict=True):
+        assert torch.equal(a, b)  # the saved W~ is the one certify_deployed certifies
+    assert cert["verdict"] == ref_cert.verdict and cert["dW_norm_upper"] == ref_cert.dW_norm_upper
+    assert cert["bits"] == 6 and cert["granularity"] == "per-channel"
+    rc, out, err = run(capsys, "eval", dest, "--data-dir", data, "--no-download", "--no-progress", "--json")
+    assert rc == 0 and json.loads(out)["eval"]["accuracy"] == r["eval"]["accuracy"]
+    assert json.loads(out)["exact"] is False  # the margin of a coupled W~ is an estimate
+    rc, out, err = run(capsys, "ptq", model, "--bits", "6", "--quantize", "W,U", "--out", tmp_path / "wu",
+                       "--data-dir", tmp_path / "none", "--no-download")  # fmt: skip
+    assert rc == 2 and err.startswith("monquant ptq: error:") and "composite kernels" in err  # before data

@@ -183,10 +183,14 @@ def cmd_certify(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------ ptq/eval
 def cmd_ptq(args: argparse.Namespace) -> int:
+    from monquant.errors import ConfigError
     from monquant.workflows import run_ptq
 
     parts = args.quantize
     loaded = require_checkpoint(args.checkpoint, "ptq")
+    if getattr(loaded.model.config, "arch", "fc") == "multitier" and tuple(parts) != ("W",):
+        raise ConfigError("a multi-tier model quantizes W (its composite kernels) only; "
+                          f"got --quantize {','.join(parts)}")  # fmt: skip
     if args.out:
         check_output_file(args.out)
     data = load_data(args)
@@ -207,7 +211,9 @@ def cmd_ptq(args: argparse.Namespace) -> int:
         f"{args.bits}-bit PTQ ({args.granularity}, {args.step_rule} step, {','.join(parts)}): "
         f"tier {c['tier']} "
         f"({c.get('verdict', 'undecided')}), "
-        f"||dW||/m = {c['dW_over_m']:.4g}, margin(W~) = {c['margin_quantized']:.4g}\n"
+        f"||dW||/m = {c['dW_over_m']:.4g}, margin(W~) >= {c['margin_quantized_lower']:.4g} "
+        f"(proved; computed {c['margin_quantized']:.4g}"
+        f"{', an estimate' if result['architecture'] == 'multitier' else ''})\n"
         f"accuracy {ev['accuracy']:.4f} (float {result['float_eval']['accuracy']:.4f}); "
         f"converged {ev['converged']}/{ev['samples']} solves; iterations mean "
         f"{ev['mean_iterations']:.1f}, max {ev['max_iterations']}\nquantized model: {result['out']}"
@@ -229,7 +235,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     text = (
         f"accuracy {ev['accuracy']:.4f} on {ev['samples']} test images "
         f"({'quantized' if result['quantized'] else 'float'} weights)\n"
-        f"m {result['m']:.4g}  L {result['L']:.4g}  kappa {result['kappa']:.4g}  "
+        f"m {result['m']:.4g}  L {result['L']:.4g}  kappa {result['kappa']:.4g}"
+        f"{'' if result['exact'] else ' (estimates: m from above, L a block-norm bound)'}  "
         f"iterations mean {ev['mean_iterations']:.1f} max {ev['max_iterations']}  "
         f"unconverged {ev['unconverged']}"
     )

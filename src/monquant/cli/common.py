@@ -240,9 +240,9 @@ def require_checkpoint(path: str, command: str):
         )
     loaded = load_model(p)
     arch = getattr(loaded.model.config, "arch", "fc")
-    if arch == "multitier" and command not in ("eval",):
+    if arch == "multitier" and command not in ("eval", "ptq"):
         raise CheckpointError(f"{p}: {command} does not take multi-tier checkpoints yet; "
-                              "'monquant eval' and 'monquant certify' do (and the library's "
+                              "'monquant eval', 'ptq' and 'certify' do (and the library's "
                               "monquant.quantize_ on nn.MultiTierMonDEQ)")  # fmt: skip
     return loaded
 

@@ -287,12 +287,24 @@ class TieredOperator(MonotoneOperator):
         block norms (module docstring; computed in float64, not proved)."""
         return float(torch.linalg.matrix_norm(self.block_norms(shift), ord=2))
 
+    def diagonal_margin(self) -> float:
+        """The smallest margin of a diagonal block, ``min_i margin(W_ii)``, from the Fourier blocks
+        (float64, computed, not proved): an upper bound on ``margin(W)`` in exact arithmetic, since
+        a diagonal block is a principal compression of ``sym(I - W)``."""
+        out = math.inf
+        for K in self.diag_blocks():
+            S = torch.eye(K.shape[-1], dtype=K.dtype, device=K.device) - K
+            H = 0.5 * (S + S.conj().transpose(-1, -2))
+            out = min(out, float(torch.linalg.eigvalsh(H.to(torch.complex128)).min()))
+        return out
+
     def spectral_stats(self) -> SpectralStats:
-        """``m`` by power iteration (an estimate, ``exact=False``); ``L`` and ``||W||`` are the
-        block-norm upper bounds (:meth:`norm_bound`)."""
+        """``m`` estimated (``exact=False``): the smaller of a power iteration's Rayleigh quotient
+        and :meth:`diagonal_margin`, both upper estimates of the margin; ``L`` and ``||W||`` are
+        the block-norm upper bounds (:meth:`norm_bound`)."""
         L = self.norm_bound(shift=True)
-        return SpectralStats(m=estimate_margin(self.detach(), L), L=L, norm_W=self.norm_bound(),
-                             exact=False)  # fmt: skip
+        m = min(estimate_margin(self.detach(), L), self.diagonal_margin())
+        return SpectralStats(m=m, L=L, norm_W=self.norm_bound(), exact=False)
 
     def minus(self, other: MonotoneOperator) -> float:
         """An upper bound on ``||W - W_other||``: the spectral norm of the matrix of the blocks'

@@ -4,7 +4,9 @@ Layout (all tensors, no pickle; JSON metadata in the header, see :mod:`monquant.
 
 - ``model.<name>``: the model's ``state_dict`` (A, B, m_raw, U, b, head);
 - ``optim.<param index>.<key>``: Adam moments and step counts (training checkpoints only);
-- ``quant.<W|U|b>.codes`` / ``quant.<...>.step``: integer codes and steps of a quantized model.
+- ``quant.<W|U|b>.codes`` / ``quant.<...>.step``: integer codes and steps of a quantized model;
+  a multi-tier model's ``W`` is several composite kernels, stored as ``quant.W.<j>.*`` (the
+  diagonal blocks' kernels, then the couplings').
 
 Metadata: ``kind`` (``monquant-model``), ``format`` (integer, bumped on incompatible changes;
 older formats stay loadable), ``config`` (:class:`~monquant.model.MonDEQConfig`), ``train``
@@ -66,20 +68,42 @@ ARCHITECTURES: dict[str, tuple[Any, Any]] = {
 
 @dataclass
 class QuantizedWeights:
-    """Quantized replacements for ``W`` (and optionally ``U``, ``b``) of a MonDEQ."""
+    """Quantized replacements for ``W`` (and optionally ``U``, ``b``) of a MonDEQ.
+
+    ``tiers`` is set for a multi-tier model (``(number of tiers, image)``): its ``W`` is the parts
+    ``W.0``, ``W.1``, ... (one per composite kernel), assembled into the
+    :class:`~monquant.operators.multitier.MultiTierConvOperator` the layer runs on.
+    """
 
     bits: int
     granularity: str
     parts: dict[str, Quantized] = field(default_factory=dict)
     step_rule: str = "paper"
+    tiers: tuple[int, tuple[int, int]] | None = None
 
-    def tensor(self, name: str) -> torch.Tensor | None:
+    def tensor(self, name: str) -> Any:
+        """The dequantized part ``name`` (``W`` of a multi-tier model: its operator), or None."""
+        if name == "W" and self.tiers is not None:
+            from monquant.operators.multitier import MultiTierConvOperator
+
+            T, image = self.tiers
+            ks = [self.parts[f"W.{j}"].dequantized() for j in range(2 * T - 1) if f"W.{j}" in self.parts]
+            if not ks:
+                return None
+            return MultiTierConvOperator(ks[:T], ks[T:], image, checked=True)
         q = self.parts.get(name)
         return None if q is None else q.dequantized()
 
-    def overrides(self) -> dict[str, torch.Tensor | None]:
+    def overrides(self) -> dict[str, Any]:
         """Keyword arguments for ``model(x, W=..., U=..., b=...)``."""
         return {k: self.tensor(k) for k in ("W", "U", "b")}
+
+
+def _tiers(model: Classifier) -> tuple[int, tuple[int, int]] | None:
+    """``(tiers, image)`` of a multi-tier model, else None."""
+    if isinstance(model, MultiTierMonDEQClassifier):
+        return len(model.config.tier_channels), tuple(model.config.image)  # type: ignore[return-value]
+    return None
 
 
 def quantize_model(
@@ -97,6 +121,18 @@ def quantize_model(
     if bad or not parts:
         raise ConfigError(f"can quantize W, U and b only, got {sorted(set(parts))}")
     layer = model.layer
+    tiers = _tiers(model)
+    if tiers is not None:
+        if tuple(parts) != ("W",):
+            raise ConfigError("a multi-tier model quantizes W (its composite kernels) only; "
+                              f"got {sorted(set(parts))}")  # fmt: skip
+        # each composite kernel on its own grid, from the float64 composition, as certify does
+        comp = layer.reference_weight().composite()
+        out = QuantizedWeights(bits=bits, granularity=granularity, step_rule=step_rule, tiers=tiers)
+        for j, K in enumerate((*comp.diag, *comp.down)):
+            q = quantize(K, bits, granularity, step_rule=step_rule)
+            out.parts[f"W.{j}"] = dataclasses.replace(q, dtype=layer.U.weight.dtype)
+        return out
     src = {
         "W": layer.reference_weight().to(layer.U.weight.dtype),
         "U": layer.U.weight.detach(),
@@ -289,5 +325,6 @@ def load_model(path: str | os.PathLike[str], device: str | torch.device | None =
     quantized = None
     qm = meta.get("quantization")
     if qm is not None:
-        quantized = _quantized_parts(path, qm, tensors, model.layer.B.dtype)
+        quantized = _quantized_parts(path, qm, tensors, model.layer.U.weight.dtype)
+        quantized.tiers = _tiers(model)
     return LoadedModel(model=model, metadata=meta, train_state=train_state, quantized=quantized)
