@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
+import torch
 
 from monquant.errors import ConfigError
 from monquant.experiments.conv.study import ConvStudyConfig, run_conv_study
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 def test_conv_study_runs_renders_and_resumes(tmp_path, tiny_mnist) -> None:
@@ -43,9 +55,26 @@ def test_conv_study_runs_renders_and_resumes(tmp_path, tiny_mnist) -> None:
     assert set(again["resumed_stages"]) == set(res["stage_seconds"])
     stored = json.loads((cfg.out / "results.json").read_text())
     assert stored["qat"]["rows"][0]["label"] == res["qat"]["rows"][0]["label"]
+    # the low-bit configurations again, as tasks in two worker processes: the same rows
+    for name in ("qat", "compare_tiers"):
+        (cfg.out / "stages" / f"{name}.json").unlink()
+    with torch_threads(1):
+        serial_rows = run_conv_study(ConvStudyConfig.quick_config(**{**cfg.as_dict(), "resume": True}),
+                                     data, echo=None)["qat"]["rows"]  # fmt: skip
+    for name in ("qat", "compare_tiers"):
+        (cfg.out / "stages" / f"{name}.json").unlink()
+    procs = ConvStudyConfig.quick_config(**{**cfg.as_dict(), "resume": True, "executor": "process",
+                                            "workers": 2, "worker_threads": 1})  # fmt: skip
+    rows = run_conv_study(procs, data, echo=None)["qat"]["rows"]
+    assert [r["label"] for r in rows] == [r["label"] for r in serial_rows]
+    for a, b in zip(rows, serial_rows, strict=True):
+        assert a["status"] == b["status"] == "ok"
+        assert {k: v for k, v in a.items() if k != "events"} == {k: v for k, v in b.items() if k != "events"}
 
 
 def test_conv_study_settings_are_checked() -> None:
+    with pytest.raises(ConfigError, match="executor"):
+        ConvStudyConfig(executor="threads")
     with pytest.raises(ConfigError, match="proxquant"):
         ConvStudyConfig(qat_kinds=("proxquant-w",))
     with pytest.raises(ConfigError, match="tol"):

@@ -6,7 +6,15 @@ import argparse
 import sys
 from pathlib import Path
 
-from monquant.cli.common import AddCommand, bits_arg, data_args, emit, load_data, positive_int
+from monquant.cli.common import (
+    AddCommand,
+    bits_arg,
+    data_args,
+    emit,
+    executor_args,
+    load_data,
+    positive_int,
+)
 
 __all__ = ["cmd_conv", "register"]
 
@@ -15,6 +23,7 @@ EPILOG_CONV = """examples:
   monquant conv --out results/conv-quick --quick    # a CI-sized run of the same pipeline
   monquant conv --out results/conv --resume         # continue an interrupted study
   monquant conv --out results/c8 --channels 8 --epochs 3
+  monquant conv --out results/conv --executor process --workers 2   # trainings, QAT rows in parallel
 """
 
 
@@ -24,7 +33,8 @@ def cmd_conv(args: argparse.Namespace) -> int:
 
     kw = dict(out=Path(args.out), channels=args.channels, epochs=args.epochs,
               bits=tuple(args.bits) if args.bits else None, train_limit=args.train_limit,
-              resume=args.resume, progress=not args.no_progress,
+              resume=args.resume, progress=not args.no_progress, executor=args.executor,
+              workers=args.workers, address=args.address,
               command=["monquant", *sys.argv[1:]])  # fmt: skip
     cfg = (ConvStudyConfig.quick_config(**kw) if args.quick
            else ConvStudyConfig(**{k: v for k, v in kw.items() if v is not None}))  # fmt: skip
@@ -47,4 +57,5 @@ def register(add: AddCommand) -> None:
     c.add_argument("--train-limit", type=positive_int, default=None,
                    help="train on the first K images only")  # fmt: skip
     bits_arg(c, many=True, help_="bit-widths of the phase transition (default 2..16)")
+    executor_args(c)
     data_args(c)

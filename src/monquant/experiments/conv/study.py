@@ -71,6 +71,11 @@ class ConvStudyConfig:
     resume: bool = False
     progress: bool = True
     quick: bool = False
+    #: where the independent trainings and low-bit configurations run (``monquant.executors``)
+    executor: str = "serial"
+    workers: int | None = None
+    address: str | None = None
+    worker_threads: int | None = None
     command: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -94,6 +99,12 @@ class ConvStudyConfig:
                 raise ConfigError(f"{name} must be >= 1")
         if not 0 < self.tol < 1e-3:
             raise ConfigError(f"tol must be in (0, 1e-3), got {self.tol}")
+        self.executor_spec()  # checked here, before any data loads
+
+    def executor_spec(self) -> Any:
+        from monquant.executors import ExecutorSpec
+
+        return ExecutorSpec(self.executor, self.workers, self.address, self.worker_threads)
 
     @classmethod
     def quick_config(cls, **kw: Any) -> ConvStudyConfig:
@@ -141,6 +152,10 @@ def _train(cfg: ConvStudyConfig, data: MNIST, arch: str, echo: Echo) -> dict[str
                               progress=cfg.progress)  # fmt: skip
     r = run_training(req, _limited(data, cfg.train_limit), echo=echo)
     return {"model": r["model"], "history": r["history"], "seconds": r["seconds"]}
+
+
+def _train_task(data: MNIST, cfg: ConvStudyConfig, arch: str, echo: Echo) -> dict[str, Any]:
+    return _train(cfg, data, arch, echo)
 
 
 def _quantizer(model: Any) -> Callable[[int, str], tuple[Any, Any]]:
@@ -216,33 +231,46 @@ def _phase(cfg: ConvStudyConfig, model: Any, data: MNIST) -> dict[str, Any]:
             "samples": int(x.shape[0])}  # fmt: skip
 
 
-def _qat(cfg: ConvStudyConfig, model: Any, data: MNIST) -> dict[str, Any]:
+def _qat_row(data: MNIST, cfg: ConvStudyConfig, model_path: str, kind: str, b: int) -> dict[str, Any]:
+    """One low-bit configuration of the conv model: fine-tune, deploy, certify, evaluate (a task:
+    it loads the float model itself, so it runs in any worker)."""
+    from monquant.storage.checkpoints import load_model
     from monquant.training.loop import evaluate
     from monquant.training.methods import QuantMethod, deployed_weights, finetune_method
 
     xt, yt = subset(data.x_test, data.y_test, cfg.test_limit)
     x, y = random_subset(data.x_train, data.y_train, min(cfg.qat_train_limit, data.x_train.shape[0]),
                          cfg.seed)  # fmt: skip
-    rows = []
-    for kind in cfg.qat_kinds:
-        for b in cfg.qat_bits:
-            method = QuantMethod.default(kind, b, "per-channel")
-            m = copy.deepcopy(model)
-            torch.manual_seed(cfg.seed)
-            row: dict[str, Any] = {"kind": kind, "bits": b, "label": method.label}
-            try:
-                prep, hist = finetune_method(m, method, x, y, cfg.qat_epochs, seed=cfg.seed)
-                d = deployed_weights(m, method, prep)
-                m.layer.weight_transform = m.layer.factor_transform = None
-                ev = evaluate(m, xt, yt, **d.overrides())
-                row.update(status="ok", **d.summary(), accuracy=ev.accuracy,
-                           unconverged=ev.unconverged, mean_iterations=ev.mean_iterations,
-                           train_unconverged=sum(h["train_unconverged"] for h in hist),
-                           events=prep.events)  # fmt: skip
-            except Exception as exc:  # a failed configuration is reported, never dropped
-                row.update(status="failed", error=f"{type(exc).__name__}: {exc}")
-            rows.append(row)
-    return {"rows": rows, "samples": int(xt.shape[0])}
+    method = QuantMethod.default(kind, b, "per-channel")
+    m = load_model(model_path).model
+    torch.manual_seed(cfg.seed)
+    prep, hist = finetune_method(m, method, x, y, cfg.qat_epochs, seed=cfg.seed)
+    d = deployed_weights(m, method, prep)
+    m.layer.weight_transform = m.layer.factor_transform = None
+    ev = evaluate(m, xt, yt, **d.overrides())
+    return {"kind": kind, "bits": b, "label": method.label, "status": "ok", **d.summary(),
+            "accuracy": ev.accuracy, "unconverged": ev.unconverged,
+            "mean_iterations": ev.mean_iterations, "events": prep.events,
+            "train_unconverged": sum(h["train_unconverged"] for h in hist)}  # fmt: skip
+
+
+def _qat(cfg: ConvStudyConfig, model_path: str, data: MNIST) -> dict[str, Any]:
+    """Every low-bit configuration, as tasks on the study's executor; a failed one is a row with
+    its error (reported, never dropped)."""
+    from monquant.executors import Task, TaskFailure, run_tasks
+    from monquant.training.methods import QuantMethod
+
+    tasks = [Task(f"{kind}_{b}", _qat_row, (cfg, model_path, kind, b))
+             for kind in cfg.qat_kinds for b in cfg.qat_bits]  # fmt: skip
+    rows: dict[str, dict[str, Any]] = {}
+    for task, result, _ in run_tasks(cfg.executor_spec(), tasks, data):
+        if isinstance(result, TaskFailure):
+            kind, b = task.args[2], task.args[3]
+            result = {"kind": kind, "bits": b, "label": QuantMethod.default(kind, b, "per-channel").label,
+                      "status": "failed", "error": result.error}  # fmt: skip
+        rows[task.name] = result
+    samples = subset(data.x_test, data.y_test, cfg.test_limit)[0].shape[0]
+    return {"rows": [rows[t.name] for t in tasks], "samples": int(samples)}
 
 
 def _describe(model: Any, train: dict[str, Any], phase: dict[str, Any], ev: Any) -> dict[str, Any]:
@@ -290,13 +318,18 @@ def _describe(model: Any, train: dict[str, Any], phase: dict[str, Any], ev: Any)
 
 def run_conv_study(cfg: ConvStudyConfig, data: MNIST, echo: Echo = print) -> dict[str, Any]:
     """Run every stage (skipping finished ones on resume) and write the report in ``cfg.out``."""
+    from monquant.executors import Task
     from monquant.experiments.paper.displacement import run_displacement
+    from monquant.experiments.stages import run_task_stages
     from monquant.storage.checkpoints import load_model
     from monquant.training.loop import evaluate
 
     runner = StageRunner(cfg.out, cfg.resume, echo)
-    trained = {a: runner.run(f"train_{a}", lambda a=a: _train(cfg, data, a, echo))
-               for a in ("fc", "conv", "multitier")}  # fmt: skip
+    serial = cfg.executor == "serial"
+    tasks = [Task(f"train_{a}", _train_task, (cfg, a, echo if serial else None))
+             for a in ("fc", "conv", "multitier")]  # fmt: skip
+    stages = run_task_stages(runner, cfg.executor_spec(), tasks, data)
+    trained = {a: stages[f"train_{a}"] for a in ("fc", "conv", "multitier")}
     models = {a: load_model(t["model"]).model.eval() for a, t in trained.items()}
     phases = {a: runner.run(f"phase_{a}", lambda a=a: _phase(cfg, models[a], data)) for a in models}
 
@@ -308,7 +341,7 @@ def run_conv_study(cfg: ConvStudyConfig, data: MNIST, echo: Echo = print) -> dic
         return r
 
     disp = runner.run("displacement", displacement)
-    qat = runner.run("qat", lambda: _qat(cfg, models["conv"], data))
+    qat = runner.run("qat", lambda: _qat(cfg, trained["conv"]["model"], data))
 
     def compare() -> dict[str, Any]:
         xt, yt = subset(data.x_test, data.y_test, cfg.test_limit)

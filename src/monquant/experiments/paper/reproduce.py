@@ -181,8 +181,8 @@ def _independent_trainings(cfg: ReproduceConfig, data: MNIST, out: Path, runner:
     the reproduction with its error (the others are saved; ``--resume`` retries)."""
     from dataclasses import replace
 
-    from monquant.errors import MonquantError
-    from monquant.executors import ExecutorSpec, Task, TaskFailure, run_tasks
+    from monquant.executors import ExecutorSpec, Task
+    from monquant.experiments.stages import run_task_stages
 
     serial = cfg.executor == "serial"
     tasks = [Task(f"qat_{b}", _train_task, (cfg, out / f"qat-{b}", b, echo if serial else None))
@@ -191,19 +191,8 @@ def _independent_trainings(cfg: ReproduceConfig, data: MNIST, out: Path, runner:
         tasks += [Task(f"float_seed_{s}", _train_task,
                        (replace(cfg, seed=s), out / f"float-seed{s}", None, echo if serial else None))
                   for s in cfg.extra_seeds]  # fmt: skip
-    done = {t.name: runner.run(t.name, lambda: None) for t in tasks if runner.done(t.name)}
-    pending = [t for t in tasks if t.name not in done]
-    failures = []
     spec = ExecutorSpec(cfg.executor, cfg.workers, cfg.address, cfg.worker_threads)
-    for task, result, seconds in run_tasks(spec, pending, data):
-        if isinstance(result, TaskFailure):
-            failures.append(f"{task.name}: {result.error}")
-        else:
-            done[task.name] = runner.record(task.name, result, seconds)
-    if failures:
-        raise MonquantError("trainings failed (the others are saved; --resume retries): "
-                            + "; ".join(failures))  # fmt: skip
-    return done
+    return run_task_stages(runner, spec, tasks, data)
 
 
 def run_reproduce(
