@@ -24,6 +24,7 @@ EPILOG_CONV = """examples:
   monquant conv --out results/conv --resume         # continue an interrupted study
   monquant conv --out results/c8 --channels 8 --epochs 3
   monquant conv --out results/conv --executor process --workers 2   # trainings, QAT rows in parallel
+  monquant conv --out results/conv --qat-bits 4 --resume            # the low-bit stage at 4 bits only
 """
 
 
@@ -33,6 +34,8 @@ def cmd_conv(args: argparse.Namespace) -> int:
 
     kw = dict(out=Path(args.out), channels=args.channels, epochs=args.epochs,
               bits=tuple(args.bits) if args.bits else None, train_limit=args.train_limit,
+              qat_bits=tuple(args.qat_bits) if args.qat_bits else None,
+              qat_kinds=tuple(args.qat_kinds) if args.qat_kinds else None,
               resume=args.resume, progress=not args.no_progress, executor=args.executor,
               workers=args.workers, address=args.address,
               command=["monquant", *sys.argv[1:]])  # fmt: skip
@@ -57,5 +60,9 @@ def register(add: AddCommand) -> None:
     c.add_argument("--train-limit", type=positive_int, default=None,
                    help="train on the first K images only")  # fmt: skip
     bits_arg(c, many=True, help_="bit-widths of the phase transition (default 2..16)")
+    c.add_argument("--qat-bits", type=int, nargs="+", default=None, metavar="B",
+                   help="bit-widths of the low-bit training stage (default 2 4)")  # fmt: skip
+    c.add_argument("--qat-kinds", nargs="+", default=None, choices=("ste", "margin", "proxquant-factors"),
+                   help="low-bit training methods (default: all three)")  # fmt: skip
     executor_args(c)
     data_args(c)
