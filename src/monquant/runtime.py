@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from monquant.errors import ConfigError
 
-__all__ = ["available_cores", "choose_threads", "set_threads", "threads_per_worker"]
+__all__ = ["available_cores", "choose_threads", "set_threads", "threads_per_worker", "torch_threads"]
 
 
 def available_cores() -> int:
@@ -71,3 +73,19 @@ def threads_per_worker(workers: int, cores: int | None = None) -> int:
     """Threads for each of ``workers`` concurrent worker processes: the cores shared out, >= 1."""
     c = available_cores() if cores is None else int(cores)
     return max(1, c // max(1, int(workers)))
+
+
+@contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Set torch's intra-op thread count inside the block (``None``: leave it), then restore."""
+    import torch
+
+    if threads is None:
+        yield
+        return
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)

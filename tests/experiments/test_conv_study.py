@@ -2,24 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 
 import pytest
-import torch
 
 from monquant.errors import ConfigError
 from monquant.experiments.conv.study import ConvStudyConfig, run_conv_study
-
-
-@contextlib.contextmanager
-def torch_threads(n: int):
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
+from monquant.runtime import torch_threads
 
 
 def test_conv_study_runs_renders_and_resumes(tmp_path, tiny_mnist) -> None:

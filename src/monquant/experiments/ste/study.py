@@ -67,8 +67,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -101,6 +100,7 @@ from monquant.experiments.ste.scaling_fit import (
     t_quantile,
 )
 from monquant.progress import progress_bar
+from monquant.runtime import torch_threads
 
 __all__ = [
     "DEFAULT_NS",
@@ -295,20 +295,6 @@ def default_N_grid(n: int, ratios: Sequence[float] = DEFAULT_RATIOS) -> list[int
     return sorted({max(2, round(r * n)) for r in ratios})
 
 
-@contextmanager
-def _torch_threads(threads: int | None) -> Iterator[None]:
-    """Set torch's intra-op thread count inside the block (``None``: leave it), then restore."""
-    if threads is None:
-        yield
-        return
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
 def _low(point: dict[str, Any]) -> bool:
     """Both estimators below 50%: the point brackets N50 from below."""
     return max(point["rate_ergodic"], point["rate_last"]) < 0.5
@@ -486,7 +472,7 @@ def run_ste_recovery(
         "trials": recurrence_trials,
     }
     t0 = time.perf_counter()
-    with _torch_threads(threads):
+    with torch_threads(threads):
         params = {
             "quick": quick,
             "ns": list(ns),
