@@ -80,7 +80,7 @@ def test_a_vacuous_displacement_row_is_shown_as_not_checkable() -> None:
            "median_ratio_bound_over_empirical": None, "max_solver_error_bound": None}  # fmt: skip
     ok = dict(row, bits=8, fraction_within_bound=1.0, vacuous_samples=0, max_solver_error_bound=1e-7)
     _, rows = _disp_table({"displacement": {"rows": [row, ok]}})
-    assert rows[0][4].startswith("not checkable") and rows[0][7].startswith("none")
+    assert rows[0][4].startswith("not checkable") and rows[0][7].startswith("none") and rows[0][6] == "-"
     assert rows[1][4] == "100.0%" and rows[1][7] == "1.00e-07"
     old = {k: v for k, v in row.items() if k != "vacuous_samples"} | {"fraction_within_bound": 1.0}
     _, rows = _disp_table({"displacement": {"rows": [old]}})  # a stage file from before the fix

@@ -70,11 +70,13 @@ def _disp_table(res: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
         # stage files from before vacuous_samples existed: an infinite error bound means W~ had
         # no certified modulus, which leaves every sample's bound infinite
         vac = r.get("vacuous_samples", r["samples"] if no_err else 0)
+        ratio = r["median_ratio_bound_over_empirical"]  # None or inf: no finite bound to compare
         rows.append([r["bits"], r["dW_over_m"], r["samples"],
                      f"{r['float_converged']}/{r['quantized_converged']}",
                      "not checkable (W~ not proved monotone)" if frac is None or vac == r["samples"]
                      else f"{100 * frac:.1f}%" + (f" of {r['samples'] - vac}" if vac else ""),
-                     r["violations"], r["median_ratio_bound_over_empirical"],
+                     r["violations"],
+                     "-" if ratio is None or not math.isfinite(ratio) else ratio,
                      "none (no certified modulus)" if no_err
                      else f"{err:.2e}"])  # fmt: skip
     return h, rows
