@@ -52,7 +52,7 @@ from monquant.operators.multitier import (
     upsample,
 )
 from monquant.operators.spectral import estimate_margin
-from monquant.quant.uniform import quantize
+from monquant.quant.uniform import Quantized, quantize
 from monquant.verified import (
     UNIT_ROUNDOFF,
     SpectralBounds,
@@ -73,6 +73,7 @@ __all__ = [
     "difference_bounds",
     "min_certified_bits_multitier",
     "multitier_float_bounds",
+    "quantize_kernels",
     "quantize_multitier",
 ]
 
@@ -172,16 +173,23 @@ def difference_bounds(tilde: MultiTierConvOperator, comp: MultiTierConvOperator)
     return block_matrix_norm_bound(hi), float(torch.linalg.matrix_norm(computed, ord=2))
 
 
+def quantize_kernels(
+    comp: MultiTierConvOperator, bits: int, granularity: str = "per-tensor", step_rule: str = "paper"
+) -> list[Quantized]:
+    """Every composite kernel of ``comp`` quantized on its own grid (``per-channel``: one step per
+    output channel), in :meth:`MultiTierConvOperator.kernels` order: what a multi-tier ``W~`` is,
+    whether certified here or saved by ``monquant ptq``."""
+    return [quantize(K, bits, granularity, step_rule=step_rule) for K in comp.kernels()]
+
+
 def quantize_multitier(
     comp: MultiTierConvOperator, bits: int, granularity: str = "per-tensor", step_rule: str = "paper"
 ) -> tuple[MultiTierConvOperator, dict[str, Any]]:
-    """``W~``: every composite kernel quantized on its own grid (``per-channel``: one step per
-    output channel), and the quantization's summary (largest step, ``w_max``, and the a-priori
-    entry bound of each kernel)."""
-    qs = [quantize(K, bits, granularity, step_rule=step_rule) for K in (*comp.diag, *comp.down)]
+    """``W~`` (:func:`quantize_kernels`, dequantized in float64), and the quantization's summary
+    (largest step, ``w_max``, and the a-priori entry bound of each kernel)."""
+    qs = quantize_kernels(comp, bits, granularity, step_rule)
     kernels = [q.dequantized().to(torch.float64) for q in qs]
-    T = comp.tiers
-    tilde = MultiTierConvOperator(kernels[:T], kernels[T:], comp.image, checked=True)
+    tilde = MultiTierConvOperator.from_kernels(kernels, comp.image, checked=True)
     info = {
         "step": max(float(q.step.max()) for q in qs),
         "w_max": max(float(q.w_max.max()) for q in qs),

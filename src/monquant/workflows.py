@@ -18,6 +18,7 @@ from monquant.multitier_model import MultiTierMonDEQClassifier
 from monquant.storage.checkpoints import (
     Classifier,
     LoadedModel,
+    architecture,
     load_model,
     quantize_model,
     save_model,
@@ -92,7 +93,7 @@ def run_ptq(
         extra={"certificate": cert_d, "source": str(checkpoint)},
     )
     return {
-        "architecture": getattr(model.config, "arch", "fc"),
+        "architecture": architecture(model),
         "bits": bits,
         "granularity": granularity,
         "step_rule": step_rule,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import torch
 
 from monquant.certify import JSON_KEYS
 from monquant.cli import main
+from monquant.operators import OperatorError
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: object) -> tuple[int, str, str]:
@@ -134,6 +136,10 @@ def test_ptq_of_a_multitier_checkpoint_is_certified_saved_and_reloaded(
     cert = r["certificate"]
     loaded = load_model(dest)
     Wt = loaded.quantized.overrides()["W"]  # the composite kernels, assembled on the layer's tiers
+    short = dataclasses.replace(loaded.quantized, parts={k: v for k, v in loaded.quantized.parts.items()
+                                                         if k != "W.1"})  # fmt: skip
+    with pytest.raises(OperatorError, match="coupling"):
+        short.tensor("W")  # a kernel list that does not make the tiers is refused, never assembled
     float_model = load_model(model).model
     ref_cert, ref = certify_deployed(float_model.layer.reference_weight(), 6, "per-channel")
     for a, b in zip((*Wt.diag, *Wt.down), (*ref.diag, *ref.down), strict=True):

@@ -109,7 +109,7 @@ def _certify_multitier(args: argparse.Namespace, op: Any) -> int:
             f"from Fourier blocks, polyphase for the stride-2 couplings)  m = {float(op.m):.6g} "
             f"(by construction; proved >= {st.m_lo:.6g})  L <= {st.L_hi:.6g} (proved)\n"
             "certificates: the Weyl tier only (no exact tier for the coupled operator); the plain "
-            "margins are power-iteration estimates")  # fmt: skip
+            "margins are estimates from above (power iteration, capped by the diagonal blocks)")  # fmt: skip
     return _emit_certificates(
         args, head,
         lambda b: certify_multitier(op, b, args.granularity, step_rule=args.step_rule, float_bounds=fb),
@@ -183,14 +183,12 @@ def cmd_certify(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------ ptq/eval
 def cmd_ptq(args: argparse.Namespace) -> int:
-    from monquant.errors import ConfigError
+    from monquant.storage.checkpoints import check_parts
     from monquant.workflows import run_ptq
 
     parts = args.quantize
     loaded = require_checkpoint(args.checkpoint, "ptq")
-    if getattr(loaded.model.config, "arch", "fc") == "multitier" and tuple(parts) != ("W",):
-        raise ConfigError("a multi-tier model quantizes W (its composite kernels) only; "
-                          f"got --quantize {','.join(parts)}")  # fmt: skip
+    check_parts(loaded.model, parts)  # before any data loads
     if args.out:
         check_output_file(args.out)
     data = load_data(args)

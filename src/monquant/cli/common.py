@@ -226,7 +226,7 @@ def require_checkpoint(path: str, command: str):
     tampered checkpoint is named before MNIST is looked for; callers use what it returns.
     """
     from monquant.errors import CheckpointError
-    from monquant.storage.checkpoints import load_model
+    from monquant.storage.checkpoints import architecture, load_model
     from monquant.storage.tensors import is_monquant_file
 
     p = Path(path)
@@ -239,8 +239,7 @@ def require_checkpoint(path: str, command: str):
             + ("" if p.exists() else " (no such file)")
         )
     loaded = load_model(p)
-    arch = getattr(loaded.model.config, "arch", "fc")
-    if arch == "multitier" and command not in ("eval", "ptq"):
+    if architecture(loaded.model) == "multitier" and command not in ("eval", "ptq"):
         raise CheckpointError(f"{p}: {command} does not take multi-tier checkpoints yet; "
                               "'monquant eval', 'ptq' and 'certify' do (and the library's "
                               "monquant.quantize_ on nn.MultiTierMonDEQ)")  # fmt: skip

@@ -347,6 +347,18 @@ class MultiTierConvOperator(TieredOperator):
         self._diag_blocks: list[torch.Tensor] | None = None
         self._down_blocks: list[torch.Tensor] | None = None
 
+    @classmethod
+    def from_kernels(cls, kernels: list[torch.Tensor], image: tuple[int, int], *,
+                     checked: bool = False) -> MultiTierConvOperator:  # fmt: skip
+        """The operator of a flat kernel list in :meth:`kernels` order (the ``T`` diagonal kernels,
+        then the ``T - 1`` couplings), checked unless ``checked``."""
+        T = (len(kernels) + 1) // 2
+        return cls(list(kernels[:T]), list(kernels[T:]), image, checked=checked)
+
+    def kernels(self) -> list[torch.Tensor]:
+        """Every kernel: the diagonal blocks', then the couplings' (:meth:`from_kernels` order)."""
+        return [*self.diag, *self.down]
+
     @property
     def dtype(self) -> torch.dtype:
         return self.diag[0].dtype

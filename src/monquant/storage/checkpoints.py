@@ -30,6 +30,7 @@ from monquant.conv_model import ConvMonDEQClassifier, ConvMonDEQConfig
 from monquant.errors import CheckpointError, ConfigError
 from monquant.model import MonDEQClassifier, MonDEQConfig
 from monquant.multitier_model import MultiTierMonDEQClassifier, MultiTierMonDEQConfig
+from monquant.operators import OperatorError
 from monquant.quant.uniform import (
     QuantizationError,
     Quantized,
@@ -46,7 +47,9 @@ __all__ = [
     "Classifier",
     "LoadedModel",
     "QuantizedWeights",
+    "architecture",
     "build_classifier",
+    "check_parts",
     "load_model",
     "quantize_model",
     "save_model",
@@ -88,15 +91,33 @@ class QuantizedWeights:
 
             T, image = self.tiers
             ks = [self.parts[f"W.{j}"].dequantized() for j in range(2 * T - 1) if f"W.{j}" in self.parts]
-            if not ks:
-                return None
-            return MultiTierConvOperator(ks[:T], ks[T:], image, checked=True)
+            return MultiTierConvOperator.from_kernels(ks, image) if ks else None  # shapes checked
         q = self.parts.get(name)
         return None if q is None else q.dequantized()
 
     def overrides(self) -> dict[str, Any]:
         """Keyword arguments for ``model(x, W=..., U=..., b=...)``."""
         return {k: self.tensor(k) for k in ("W", "U", "b")}
+
+
+def architecture(model: Classifier) -> str:
+    """The model's architecture name (a key of :data:`ARCHITECTURES`: ``fc``, ``conv``,
+    ``multitier``)."""
+    for name, (_, cls) in ARCHITECTURES.items():
+        if isinstance(model, cls):
+            return name
+    raise ConfigError(f"not a monquant classifier: {type(model).__name__}")
+
+
+def check_parts(model: Classifier, parts: tuple[str, ...]) -> None:
+    """Refuse a PTQ of ``parts`` that ``model`` cannot take (:func:`quantize_model`; callers may
+    check before loading any data)."""
+    bad = set(parts) - {"W", "U", "b"}
+    if bad or not parts:
+        raise ConfigError(f"can quantize W, U and b only, got {sorted(set(parts))}")
+    if architecture(model) == "multitier" and tuple(parts) != ("W",):
+        raise ConfigError("a multi-tier model quantizes W (its composite kernels) only; "
+                          f"got {','.join(parts)}")  # fmt: skip
 
 
 def _tiers(model: Classifier) -> tuple[int, tuple[int, int]] | None:
@@ -117,20 +138,15 @@ def quantize_model(
     with the quantizer's ``step_rule`` (``paper`` or ``narrow``; recorded in the file). For a
     convolutional model ``W`` is the composite kernel (per-channel: per output channel, dim 0)
     and ``U`` the injection's kernel."""
-    bad = set(parts) - {"W", "U", "b"}
-    if bad or not parts:
-        raise ConfigError(f"can quantize W, U and b only, got {sorted(set(parts))}")
+    check_parts(model, parts)
     layer = model.layer
     tiers = _tiers(model)
-    if tiers is not None:
-        if tuple(parts) != ("W",):
-            raise ConfigError("a multi-tier model quantizes W (its composite kernels) only; "
-                              f"got {sorted(set(parts))}")  # fmt: skip
-        # each composite kernel on its own grid, from the float64 composition, as certify does
-        comp = layer.reference_weight().composite()
+    if tiers is not None:  # the composite kernels, quantized exactly as certify_multitier does
+        from monquant.certify_multitier import quantize_kernels
+
+        qs = quantize_kernels(layer.reference_weight().composite(), bits, granularity, step_rule)
         out = QuantizedWeights(bits=bits, granularity=granularity, step_rule=step_rule, tiers=tiers)
-        for j, K in enumerate((*comp.diag, *comp.down)):
-            q = quantize(K, bits, granularity, step_rule=step_rule)
+        for j, q in enumerate(qs):
             out.parts[f"W.{j}"] = dataclasses.replace(q, dtype=layer.U.weight.dtype)
         return out
     src = {
@@ -327,4 +343,9 @@ def load_model(path: str | os.PathLike[str], device: str | torch.device | None =
     if qm is not None:
         quantized = _quantized_parts(path, qm, tensors, model.layer.U.weight.dtype)
         quantized.tiers = _tiers(model)
+        if quantized.tiers is not None:  # the stored kernels must make an operator on its tiers
+            try:
+                model.layer.operator_of(quantized.tensor("W"))
+            except OperatorError as exc:
+                raise CheckpointError(f"{path}: its quantized kernels do not fit the model: {exc}") from None
     return LoadedModel(model=model, metadata=meta, train_state=train_state, quantized=quantized)

@@ -149,7 +149,7 @@ def _report(res: dict[str, Any], figure: str) -> str:
         "multi-tier: the Weyl tier with a proved ||dW|| from proved block norms, so a multi-tier "
         "operator that Weyl cannot certify is undecided, not refuted, unless a diagonal block is "
         "provably non-monotone); plain values are float64 computations, and the multi-tier "
-        "model's plain margins are power-iteration estimates.\n",
+        "model's plain margins are estimates from above (power iteration), never bounds.\n",
         f"![phase transition]({figure})\n",
     ]
     for title, fn in TABLES:
