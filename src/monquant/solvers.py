@@ -662,11 +662,12 @@ class _AndersonHistory:
     def push(self, F: torch.Tensor, G: torch.Tensor, X: torch.Tensor | None) -> bool:
         """Record an accepted triple; returns whether a difference is available."""
         B = F.shape[0]
-        new = (F.reshape(B, -1), G.reshape(B, -1)) + (() if X is None else (X.reshape(B, -1),))
+        new = tuple(t.reshape(B, -1) for t in (F, G, X) if t is not None)
         if self.last is not None:
             i = self.slot % self.M
-            for buf, a, b in zip((self.dF, self.dG, self.dX), new, self.last, strict=False):
-                torch.sub(a, b, out=buf[:, i]) if buf is not None else None
+            bufs = [buf for buf in (self.dF, self.dG, self.dX) if buf is not None]
+            for buf, a, b in zip(bufs, new, self.last, strict=True):
+                torch.sub(a, b, out=buf[:, i])
             self.slot += 1
         self.last = new  # the loop never writes into F, G, X in place: no copies needed
         return self.slot > 0
@@ -729,7 +730,7 @@ def _iterate_anderson(it: SplittingMap, s: torch.Tensor, q: torch.Tensor, cfg: S
             b, F, X, zF, G = p, Tp, xT, zT, g
         else:
             b, F, zF = torch.where(a_s, p, b), torch.where(a_s, Tp, F), torch.where(a_s, zT, zF)
-            G = torch.where(a_s, g, F - b)
+            G = F - b  # g where accepted (F - b = Tp - p there), the kept g(b) elsewhere
             X = None if xT is None or X is None else torch.where(a_s, xT, X)
         dz2 = torch.where(acc, _sq(zT - zp), dz2)
         zn2 = torch.where(acc, _sq(zT), zn2)
