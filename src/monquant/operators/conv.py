@@ -131,6 +131,14 @@ def _flipped_T(kernel: torch.Tensor) -> torch.Tensor:
     return kernel.transpose(0, 1).flip(-1, -2)
 
 
+def block_margin(blocks: torch.Tensor) -> float:
+    """``margin`` of the convolution whose Fourier blocks are ``blocks`` (``(..., c, c)``):
+    ``min over frequencies of lmin(I - (K^ + K^*) / 2)``, in complex128 (computed, not proved)."""
+    K = blocks.to(torch.complex128)
+    eye = torch.eye(K.shape[-1], dtype=K.dtype, device=K.device)
+    return float(torch.linalg.eigvalsh(eye - 0.5 * (K + K.conj().transpose(-1, -2))).min())
+
+
 def block_resolvent(blocks: torch.Tensor, a: float, dtype: torch.dtype) -> FourierBlockMap | None:
     """``(I + a (I - M))^{-1}`` of the circulant map with Fourier blocks ``blocks``
     (``(H, W, c, c)``): one ``c x c`` inverse per frequency; ``None`` when one of them is singular
@@ -208,8 +216,7 @@ class FourierOperator(MonotoneOperator):
 
     def spectral_stats(self) -> SpectralStats:
         Kw = self.blocks()
-        Hs = self._eye() - 0.5 * (Kw + Kw.conj().transpose(-1, -2))
-        m = float(torch.linalg.eigvalsh(Hs).min())
+        m = block_margin(Kw)
         L = float(torch.linalg.matrix_norm(self._eye() - Kw, ord=2).max())
         norm_W = float(torch.linalg.matrix_norm(Kw, ord=2).max())
         return SpectralStats(m=m, L=L, norm_W=norm_W, exact=True)

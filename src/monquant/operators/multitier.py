@@ -50,6 +50,7 @@ from monquant.operators.conv import (
     _check_factor,
     _circular,
     _flipped_T,
+    block_margin,
     block_resolvent,
     check_kernel,
     fourier_blocks,
@@ -291,12 +292,7 @@ class TieredOperator(MonotoneOperator):
         """The smallest margin of a diagonal block, ``min_i margin(W_ii)``, from the Fourier blocks
         (float64, computed, not proved): an upper bound on ``margin(W)`` in exact arithmetic, since
         a diagonal block is a principal compression of ``sym(I - W)``."""
-        out = math.inf
-        for K in self.diag_blocks():
-            S = torch.eye(K.shape[-1], dtype=K.dtype, device=K.device) - K
-            H = 0.5 * (S + S.conj().transpose(-1, -2))
-            out = min(out, float(torch.linalg.eigvalsh(H.to(torch.complex128)).min()))
-        return out
+        return min(block_margin(K) for K in self.diag_blocks())
 
     def spectral_stats(self) -> SpectralStats:
         """``m`` estimated (``exact=False``): the smaller of a power iteration's Rayleigh quotient
