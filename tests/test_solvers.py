@@ -236,3 +236,17 @@ def test_anderson_settings_are_checked_and_round_trip():
             SolverConfig(anderson=bad)
     cfg = SolverConfig(method="fb", anderson=4)
     assert SolverConfig.from_dict(cfg.as_dict()) == cfg
+
+
+@pytest.mark.parametrize("n", [1, 7, 100])
+def test_estimate_lipschitz_is_close_from_below(n):
+    """The squaring estimate of ||I - W|| lies below the exact value and within 1% of it (the
+    top eigenvalue of (I - W)^T (I - W) is well separated for random W), and is 0 for W = I."""
+    from monquant.solvers import estimate_lipschitz
+
+    W = random_monotone_W(n, m=0.2, seed=n)
+    exact = float(torch.linalg.matrix_norm(torch.eye(n, dtype=W.dtype) - W, ord=2))
+    est = estimate_lipschitz(W)
+    assert est <= exact * (1 + 1e-12)
+    assert est >= 0.99 * exact
+    assert estimate_lipschitz(torch.eye(n)) == 0.0

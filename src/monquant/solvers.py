@@ -453,21 +453,25 @@ def _failed_result(
     )
 
 
-def estimate_lipschitz(W: torch.Tensor, iters: int = 30) -> float:
-    """Power-iteration estimate of ``||I - W||`` (a lower bound, cheap; used only for steps).
+def estimate_lipschitz(W: torch.Tensor, squarings: int = 5) -> float:
+    """Estimate of ``L = ||I - W||_2`` from below (cheap; used only for steps, never certified).
 
-    PR and DR converge for every step ``a > 0``, so an estimated ``1/L`` is a safe step; it is
-    never used for a certificate.
+    Power iteration by repeated squaring: ``P = G^(2^squarings)`` for ``G = (I - W)^T (I - W)``
+    (each square rescaled by its Frobenius norm), then the Rayleigh quotient of ``G`` at ``P``'s
+    largest column, which is ``<= lmax(G) = L^2``. Five squarings are 32 power iterations in six
+    matrix products instead of thirty matrix-vector products, each a separate dispatch. PR and DR
+    converge for every step ``a > 0``, so an estimated ``1/L`` is a safe step.
     """
     M = torch.eye(W.shape[0], dtype=W.dtype, device=W.device) - W.detach()
-    v = torch.ones(W.shape[0], dtype=W.dtype, device=W.device) / W.shape[0] ** 0.5
     G = M.T @ M
-    lam = torch.zeros((), dtype=W.dtype, device=W.device)
-    for _ in range(iters):
-        w = G @ v
-        lam = w.norm()
-        v = w / lam.clamp_min(torch.finfo(W.dtype).tiny)
-    return float(lam.sqrt())
+    tiny = torch.finfo(W.dtype).tiny
+    P = G / torch.linalg.matrix_norm(G).clamp_min(tiny)
+    for _ in range(squarings):
+        P = P @ P
+        P = P / torch.linalg.matrix_norm(P).clamp_min(tiny)
+    v = P[:, int(P.square().sum(dim=0).argmax())]
+    lam = (v @ (G @ v)) / (v @ v).clamp_min(tiny)
+    return float(lam.clamp_min(0.0).sqrt())
 
 
 def solve(
@@ -606,11 +610,12 @@ def _iterate(it: SplittingMap, s: torch.Tensor, q: torch.Tensor, cfg: SolverConf
     x = it.start(s)
     z, y = it.read(s, x)
     s_prev = s
-    pending = torch.zeros(B, dtype=torch.long, device=q.device)
+    passed = torch.zeros(B, dtype=torch.long, device=q.device)  # checks each sample passed
     ok = torch.zeros(B, dtype=torch.bool, device=q.device)
     diverged = torch.zeros(B, dtype=torch.bool, device=q.device)
     dz2 = torch.full((B,), math.inf, dtype=q.dtype, device=q.device)
-    zn2 = torch.ones(B, dtype=q.dtype, device=q.device)
+    zn = torch.ones(B, dtype=q.dtype, device=q.device)
+    shape = (B, -1)
     k = checks = 0
     while k < cfg.max_iter:
         k += 1
@@ -620,19 +625,20 @@ def _iterate(it: SplittingMap, s: torch.Tensor, q: torch.Tensor, cfg: SolverConf
         if k % cfg.check_every and k < cfg.max_iter:
             continue
         checks += 1
-        if flat:
-            dz2 = (z - z_prev).square_().sum(dim=1)
-            zn2 = z.square().sum(dim=1)
+        d = z - z_prev
+        if flat:  # six dispatches per check: the loop's overhead on small states
+            dz2 = torch.linalg.vector_norm(d, dim=1).square_()
+            zn = torch.linalg.vector_norm(z, dim=1)
         else:
-            dz2 = _sq(z - z_prev)
-            zn2 = _sq(z)
-        ok = dz2 <= torch.add(floor, zn2, alpha=tol2)
-        pending += ~ok
+            dz2 = torch.linalg.vector_norm(d.reshape(shape), dim=1).square_()
+            zn = torch.linalg.vector_norm(z.reshape(shape), dim=1)
+        ok = dz2 <= torch.addcmul(floor, zn, zn, value=tol2)
+        passed.add_(ok)
         done, diverged = _finished(ok, diverged, s, limit2, checks % 16 == 0 or k == cfg.max_iter)
         if done:
             break
     ok, diverged = _final(ok, diverged, s, dz2, limit2)
-    return s, s_prev, z, k, pending, dz2, zn2, ok, diverged
+    return s, s_prev, z, k, checks - passed, dz2, zn.square(), ok, diverged
 
 
 def _rows(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
