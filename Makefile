@@ -72,10 +72,11 @@ robustness: $(STAMP)
 # The paper's experiments on a single-convolution MonDEQ (16 channels, 3 epochs) and a multi-tier
 # one (4/8/16 channels, 2 epochs) beside the dense one (issue 12), as committed in docs/results/conv.
 # Hours on this 2-core machine, not minutes: the conv training alone took 59 min and the float64
-# displacement stage 41 min here; resumable. The low-bit stage runs at 4 bits: STE at 2 bits makes
-# W~ non-monotone and every training solve runs to its cap (over an hour for one configuration).
+# displacement stage 41 min here; resumable. The low-bit stage runs the three methods at 4 bits and
+# ProxQuant on the factors at 2 bits (the default rows): STE at 2 bits makes W~ non-monotone and
+# every training solve runs to its cap (over an hour for one configuration).
 conv: $(STAMP)
-	$(VENV)/bin/monquant conv --out results/conv --epochs 3 --bits 4 6 8 12 16 --qat-bits 4 \
+	$(VENV)/bin/monquant conv --out results/conv --epochs 3 --bits 4 6 8 12 16 \
 	  --executor process --workers 2 --resume
 
 # Copy the reports and figures of the latest runs into docs/results (tracked; shown in the README).

@@ -80,7 +80,8 @@ def test_conv_bad_arguments_are_clear_one_line_errors(capsys, tmp_path) -> None:
 
 def test_conv_study_refuses_bad_settings_before_loading_data(capsys, tmp_path) -> None:
     for bad in (["--bits", "1"], ["--qat-bits", "1"], ["--qat-kinds", "proxquant-w"],
-                ["--address", "1.2.3.4:1"]):  # fmt: skip
+                ["--qat-rows", "ste"], ["--qat-rows", "ptq:4"], ["--qat-rows", "ste:1"],
+                ["--qat-rows", "ste:4", "ste:4"], ["--address", "1.2.3.4:1"]):  # fmt: skip
         rc, _, err = run(capsys, "conv", "--out", tmp_path / "s", *bad,
                          "--data-dir", tmp_path / "nothing-here", "--no-download")  # fmt: skip
         assert rc != 0 and err.startswith("monquant conv: error: ") and "Traceback" not in err, bad

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from monquant.errors import ConfigError
-from monquant.experiments.conv.study import ConvStudyConfig, run_conv_study
+from monquant.experiments.conv.study import QAT_ROWS, ConvStudyConfig, run_conv_study
 from monquant.runtime import torch_threads
 
 
@@ -44,13 +44,23 @@ def test_conv_study_runs_renders_and_resumes(tmp_path, tiny_mnist) -> None:
     assert set(again["resumed_stages"]) == set(res["stage_seconds"])
     stored = json.loads((cfg.out / "results.json").read_text())
     assert stored["qat"]["rows"][0]["label"] == res["qat"]["rows"][0]["label"]
+    # each low-bit configuration is its own stage: one added to a finished study runs alone
+    assert {"qat_ste_4", "qat_proxquant-factors_4"} <= set(res["stage_seconds"])
+    rows = (*cfg.qat_rows, ("proxquant-factors", 2))
+    more = ConvStudyConfig.quick_config(**{**cfg.as_dict(), "resume": True, "qat_rows": rows})
+    added = run_conv_study(more, data, echo=None)
+    assert set(res["stage_seconds"]) - set(added["resumed_stages"]) == set()
+    assert set(added["stage_seconds"]) - set(added["resumed_stages"]) == {"qat_proxquant-factors_2"}
+    two = added["qat"]["rows"][-1]
+    assert (two["bits"], two["tier"], two["status"]) == (2, "construction", "ok")
     # the low-bit configurations again, as tasks in two worker processes: the same rows
-    for name in ("qat", "compare_tiers"):
+    qat_stages = [f"qat_{k}_{b}" for k, b in cfg.qat_rows]
+    for name in (*qat_stages, "compare_tiers"):
         (cfg.out / "stages" / f"{name}.json").unlink()
     with torch_threads(1):
         serial_rows = run_conv_study(ConvStudyConfig.quick_config(**{**cfg.as_dict(), "resume": True}),
                                      data, echo=None)["qat"]["rows"]  # fmt: skip
-    for name in ("qat", "compare_tiers"):
+    for name in (*qat_stages, "compare_tiers"):
         (cfg.out / "stages" / f"{name}.json").unlink()
     procs = ConvStudyConfig.quick_config(**{**cfg.as_dict(), "resume": True, "executor": "process",
                                             "workers": 2, "worker_threads": 1})  # fmt: skip
@@ -66,6 +76,13 @@ def test_conv_study_settings_are_checked() -> None:
         ConvStudyConfig(executor="threads")
     with pytest.raises(ConfigError, match="proxquant"):
         ConvStudyConfig(qat_kinds=("proxquant-w",))
+    with pytest.raises(ConfigError, match="named twice"):
+        ConvStudyConfig(qat_rows=(("ste", 4), ("ste", 4)))
+    assert ConvStudyConfig().qat_rows == QAT_ROWS
+    assert ConvStudyConfig(qat_bits=(2,)).qat_rows == (("ste", 2), ("margin", 2), ("proxquant-factors", 2))
+    assert ConvStudyConfig(qat_kinds=("ste",)).qat_rows == (("ste", 4),)
+    assert ConvStudyConfig.quick_config(qat_bits=(2,)).qat_rows == (("ste", 2), ("margin", 2),
+                                                                   ("proxquant-factors", 2))  # fmt: skip
     with pytest.raises(ConfigError, match="tol"):
         ConvStudyConfig(tol=0.1)
     with pytest.raises(ConfigError, match="tier_channels"):

@@ -25,7 +25,20 @@ EPILOG_CONV = """examples:
   monquant conv --out results/c8 --channels 8 --epochs 3
   monquant conv --out results/conv --executor process --workers 2   # trainings, QAT rows in parallel
   monquant conv --out results/conv --qat-bits 4 --resume            # the low-bit stage at 4 bits only
+  monquant conv --out results/conv --qat-rows ste:2 margin:2 --resume   # add configurations
 """
+
+
+KINDS = ("ste", "margin", "proxquant-factors")
+
+
+def qat_row(text: str) -> tuple[str, int]:
+    """``KIND:BITS`` of ``--qat-rows`` (argparse reports the ArgumentTypeError as a usage error)."""
+    kind, sep, bits = text.partition(":")
+    if not sep or kind not in KINDS or not bits.isdigit() or not 2 <= int(bits) <= 32:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not KIND:BITS with KIND one of {', '.join(KINDS)} and BITS in 2..32")
+    return kind, int(bits)
 
 
 def cmd_conv(args: argparse.Namespace) -> int:
@@ -36,6 +49,7 @@ def cmd_conv(args: argparse.Namespace) -> int:
               bits=tuple(args.bits) if args.bits else None, train_limit=args.train_limit,
               qat_bits=tuple(args.qat_bits) if args.qat_bits else None,
               qat_kinds=tuple(args.qat_kinds) if args.qat_kinds else None,
+              qat_rows=tuple(args.qat_rows) if args.qat_rows else None,
               resume=args.resume, progress=not args.no_progress, executor=args.executor,
               workers=args.workers, address=args.address,
               command=["monquant", *sys.argv[1:]])  # fmt: skip
@@ -60,9 +74,12 @@ def register(add: AddCommand) -> None:
     c.add_argument("--train-limit", type=positive_int, default=None,
                    help="train on the first K images only")  # fmt: skip
     bits_arg(c, many=True, help_="bit-widths of the phase transition (default 2..16)")
+    c.add_argument("--qat-rows", type=qat_row, nargs="+", default=None, metavar="KIND:B",
+                   help="low-bit configurations, e.g. ste:4 proxquant-factors:2 (default: the three "
+                   "methods at 4 bits and proxquant-factors at 2)")  # fmt: skip
     c.add_argument("--qat-bits", type=int, nargs="+", default=None, metavar="B",
-                   help="bit-widths of the low-bit training stage (default 2 4)")  # fmt: skip
-    c.add_argument("--qat-kinds", nargs="+", default=None, choices=("ste", "margin", "proxquant-factors"),
-                   help="low-bit training methods (default: all three)")  # fmt: skip
+                   help="instead of --qat-rows: every --qat-kinds method at these bit-widths (default 4)")
+    c.add_argument("--qat-kinds", nargs="+", default=None, choices=KINDS,
+                   help="instead of --qat-rows: these methods at every --qat-bits (default: all three)")
     executor_args(c)
     data_args(c)

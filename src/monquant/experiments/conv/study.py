@@ -37,9 +37,17 @@ from monquant.data import MNIST, random_subset, subset
 from monquant.errors import ConfigError
 from monquant.experiments.stages import StageRunner
 
-__all__ = ["ConvStudyConfig", "run_conv_study"]
+__all__ = ["QAT_ROWS", "ConvStudyConfig", "run_conv_study"]
 
 Echo = Callable[[str], None] | None
+
+
+#: the full study's low-bit configurations: the three methods at 4 bits, and ProxQuant on the factors
+#: at 2 bits (monotone by construction). STE and margin-aware training at 2 bits run on an operator
+#: that is not monotone, so every solve runs to its cap (over an hour each on a 2-core CPU); they
+#: are available by ``--qat-rows ste:2 margin:2``.
+QAT_ROWS: tuple[tuple[str, int], ...] = (
+    ("ste", 4), ("margin", 4), ("proxquant-factors", 4), ("proxquant-factors", 2))  # fmt: skip
 
 
 @dataclass
@@ -63,8 +71,11 @@ class ConvStudyConfig:
     displacement_samples: int = 2560
     displacement_bits: tuple[int, ...] = (4, 6, 8, 12, 16)
     tol: float = 1e-10
-    qat_kinds: tuple[str, ...] = ("ste", "margin", "proxquant-factors")
-    qat_bits: tuple[int, ...] = (2, 4)
+    #: the low-bit configurations ``(kind, bits)``. ``None``: every one of ``qat_kinds`` (default all
+    #: three) at every one of ``qat_bits`` (default 4) when either is given, else :data:`QAT_ROWS`
+    qat_rows: tuple[tuple[str, int], ...] | None = None
+    qat_kinds: tuple[str, ...] | None = None
+    qat_bits: tuple[int, ...] | None = None
     qat_epochs: int = 1
     qat_train_limit: int = 10_000
     seed: int = 0
@@ -84,11 +95,18 @@ class ConvStudyConfig:
 
         self.out = Path(self.out)
         self.bits = tuple(check_bits(b) for b in self.bits)
-        self.qat_bits = tuple(check_bits(b) for b in self.qat_bits)
         self.displacement_bits = tuple(check_bits(b) for b in self.displacement_bits)
-        bad = [k for k in self.qat_kinds if k not in KINDS or k in ("ptq", "proxquant-w")]
+        if self.qat_rows is None and self.qat_kinds is None and self.qat_bits is None:
+            self.qat_rows = QAT_ROWS
+        elif self.qat_rows is None:
+            self.qat_rows = tuple((k, b) for k in (self.qat_kinds or ("ste", "margin", "proxquant-factors"))
+                                  for b in (self.qat_bits or (4,)))  # fmt: skip
+        self.qat_rows = tuple((str(k), check_bits(b)) for k, b in self.qat_rows)
+        bad = [k for k, _ in self.qat_rows if k not in KINDS or k in ("ptq", "proxquant-w")]
         if bad:
             raise ConfigError(f"qat kinds for a conv model: ste, margin, proxquant-factors; got {bad}")
+        if len(set(self.qat_rows)) != len(self.qat_rows):
+            raise ConfigError(f"a low-bit configuration is named twice in {list(self.qat_rows)}")
         self.tier_channels = tuple(int(c) for c in self.tier_channels)
         if len(self.tier_channels) < 2 or min(self.tier_channels) < 1:
             raise ConfigError("tier_channels needs two or more positive counts, got "
@@ -112,8 +130,10 @@ class ConvStudyConfig:
         base = dict(channels=4, epochs=1, fc_epochs=1, tier_channels=(1, 2, 2), multitier_epochs=1,
                     train_limit=2000, bits=(2, 4, 8),
                     phase_test_limit=300, test_limit=500, displacement_samples=64,
-                    displacement_bits=(4, 8), qat_kinds=("ste", "proxquant-factors"),
-                    qat_bits=(4,), qat_train_limit=500, decay_epoch=1, quick=True)  # fmt: skip
+                    displacement_bits=(4, 8), qat_rows=(("ste", 4), ("proxquant-factors", 4)),
+                    qat_train_limit=500, decay_epoch=1, quick=True)  # fmt: skip
+        if kw.get("qat_kinds") is not None or kw.get("qat_bits") is not None:
+            base["qat_rows"] = None  # the product of the given kinds and bits replaces the rows
         base.update({k: v for k, v in kw.items() if v is not None})
         return cls(**base)
 
@@ -254,21 +274,25 @@ def _qat_row(data: MNIST, cfg: ConvStudyConfig, model_path: str, kind: str, b: i
             "train_unconverged": sum(h["train_unconverged"] for h in hist)}  # fmt: skip
 
 
-def _qat(cfg: ConvStudyConfig, model_path: str, data: MNIST) -> dict[str, Any]:
-    """Every low-bit configuration, as tasks on the study's executor; a failed one is a row with
-    its error (reported, never dropped)."""
+def _qat(cfg: ConvStudyConfig, runner: StageRunner, model_path: str, data: MNIST) -> dict[str, Any]:
+    """Every low-bit configuration as its own stage ``qat_<kind>_<bits>``, run as tasks on the
+    study's executor (finished ones are skipped on resume, so a configuration can be added to a
+    finished study). A failed one is a row with its error (reported, never dropped; not saved, so
+    ``--resume`` retries it)."""
     from monquant.executors import Task, TaskFailure, run_tasks
     from monquant.training.methods import QuantMethod
 
-    tasks = [Task(f"{kind}_{b}", _qat_row, (cfg, model_path, kind, b))
-             for kind in cfg.qat_kinds for b in cfg.qat_bits]  # fmt: skip
-    rows: dict[str, dict[str, Any]] = {}
-    for task, result, _ in run_tasks(cfg.executor_spec(), tasks, data):
+    assert cfg.qat_rows is not None
+    tasks = [Task(f"qat_{kind}_{b}", _qat_row, (cfg, model_path, kind, b)) for kind, b in cfg.qat_rows]
+    rows = {t.name: runner.run(t.name, lambda: None) for t in tasks if runner.done(t.name)}
+    for task, result, seconds in run_tasks(cfg.executor_spec(), [t for t in tasks if t.name not in rows],
+                                           data):  # fmt: skip
         if isinstance(result, TaskFailure):
             kind, b = task.args[2], task.args[3]
-            result = {"kind": kind, "bits": b, "label": QuantMethod.default(kind, b, "per-channel").label,
-                      "status": "failed", "error": result.error}  # fmt: skip
-        rows[task.name] = result
+            rows[task.name] = {"kind": kind, "bits": b, "status": "failed", "error": result.error,
+                               "label": QuantMethod.default(kind, b, "per-channel").label}  # fmt: skip
+        else:
+            rows[task.name] = runner.record(task.name, result, seconds)
     samples = subset(data.x_test, data.y_test, cfg.test_limit)[0].shape[0]
     return {"rows": [rows[t.name] for t in tasks], "samples": int(samples)}
 
@@ -341,7 +365,7 @@ def run_conv_study(cfg: ConvStudyConfig, data: MNIST, echo: Echo = print) -> dic
         return r
 
     disp = runner.run("displacement", displacement)
-    qat = runner.run("qat", lambda: _qat(cfg, trained["conv"]["model"], data))
+    qat = _qat(cfg, runner, trained["conv"]["model"], data)
 
     def compare() -> dict[str, Any]:
         xt, yt = subset(data.x_test, data.y_test, cfg.test_limit)
