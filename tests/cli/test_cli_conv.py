@@ -153,3 +153,25 @@ def test_ptq_of_a_multitier_checkpoint_is_certified_saved_and_reloaded(
     rc, out, err = run(capsys, "ptq", model, "--bits", "6", "--quantize", "W,U", "--out", tmp_path / "wu",
                        "--data-dir", tmp_path / "none", "--no-download")  # fmt: skip
     assert rc == 2 and err.startswith("monquant ptq: error:") and "composite kernels" in err  # before data
+
+
+def test_conv_study_threads_bind_its_workers_and_rows_parse(
+    capsys, tmp_path, tiny_mnist, monkeypatch
+) -> None:
+    """An explicit --threads is each worker's thread count (as in lowbit and reproduce), and
+    --qat-rows reaches the study's configuration as (kind, bits) pairs."""
+    import monquant.experiments.conv.study as study
+
+    seen = []
+
+    def fake(cfg, data, echo=None):
+        seen.append(cfg)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(study, "run_conv_study", fake)
+    data = tiny_mnist(tmp_path / "mnist", 64, 32)
+    common = ["conv", "--out", tmp_path / "s", "--data-dir", data, "--no-download", "--executor", "process"]
+    run(capsys, *common, "--threads", "1", "--qat-rows", "proxquant-factors:2", "ste:4")
+    run(capsys, *common)
+    assert seen[0].worker_threads == 1 and seen[1].worker_threads is None
+    assert seen[0].qat_rows == (("proxquant-factors", 2), ("ste", 4))

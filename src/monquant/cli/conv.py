@@ -52,6 +52,7 @@ def cmd_conv(args: argparse.Namespace) -> int:
               qat_rows=tuple(args.qat_rows) if args.qat_rows else None,
               resume=args.resume, progress=not args.no_progress, executor=args.executor,
               workers=args.workers, address=args.address,
+              worker_threads=args.threads if getattr(args, "threads_given", False) else None,
               command=["monquant", *sys.argv[1:]])  # fmt: skip
     cfg = (ConvStudyConfig.quick_config(**kw) if args.quick
            else ConvStudyConfig(**{k: v for k, v in kw.items() if v is not None}))  # fmt: skip
