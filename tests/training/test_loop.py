@@ -473,3 +473,14 @@ def test_train_accepts_any_torch_optimizer_and_scheduler(data: MNIST) -> None:
     hist2 = train(model2, x, y, data.x_test[:64], data.y_test[:64], TrainConfig(epochs=1),
                   progress=False, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3))  # fmt: skip
     assert math.isfinite(hist2[0]["loss"])
+
+
+def test_finite_params_finds_nan_and_inf_and_survives_overflow():
+    from monquant.training.loop import _finite_params
+
+    ok = [torch.ones(3, 4), torch.zeros(2)]
+    assert _finite_params(ok)
+    assert not _finite_params([*ok, torch.tensor([1.0, math.nan])])
+    assert not _finite_params([*ok, torch.tensor([-math.inf])])
+    big = torch.full((4,), 3e38)  # finite entries whose norm overflows float32: entrywise fallback
+    assert _finite_params([*ok, big])

@@ -63,3 +63,20 @@ def test_parameters_without_gradient_are_left_alone():
     assert torch.equal(ps[1].detach(), before) and 1 not in opt.state
     with pytest.raises(ValueError):
         Adam(ps, lr=0.0)
+
+
+def test_adam_matches_torch_adam_when_step_counts_differ():
+    """A parameter that went without a gradient for a step has its own step count: the grouped
+    multi-tensor update gives each group its own bias correction, as torch.optim.Adam does."""
+    ours, ref = _params(), _params()
+    opt, topt = Adam(ours, lr=1e-2), torch.optim.Adam(ref, lr=1e-2)
+    g = torch.Generator().manual_seed(2)
+    for k in range(6):
+        for i, (p, q) in enumerate(zip(ours, ref, strict=True)):
+            gr = torch.randn(p.shape, generator=g) if (i == 0 or k % 2) else None
+            p.grad, q.grad = gr, None if gr is None else gr.clone()
+        opt.step()
+        topt.step()
+    assert float(opt.state[0]["step"]) == 6 and float(opt.state[1]["step"]) == 3
+    for p, q in zip(ours, ref, strict=True):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-6, atol=1e-7)

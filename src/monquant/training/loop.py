@@ -359,7 +359,7 @@ def _train_one_epoch(
         if not bool(torch.isfinite(loss)):
             raise TrainingDivergedError(
                 f"training diverged at epoch {epoch + 1}, batch {i + 1}: the loss is "
-                f"{float(loss)} (non-finite logits; the quantized operator may have lost "
+                f"{float(loss.detach())} (non-finite logits; the quantized operator may have lost "
                 "monotonicity)"
             )
         total = loss if not cfg.robust_eps else lipschitz_margin_loss(model, logits, yb, cfg.robust_eps)
@@ -393,10 +393,11 @@ def _train_one_epoch(
 
 
 def _finite_params(params: list[torch.Tensor]) -> bool:
-    """Whether every parameter is finite, by one reduction (a NaN or inf entry makes its sum, and
-    so the total, non-finite; only an overflowing total falls back to the entrywise test)."""
+    """Whether every parameter is finite, by one multi-tensor reduction (a NaN or inf entry makes
+    its norm, and so the total, non-finite; only an overflowing total falls back to the entrywise
+    test)."""
     with torch.no_grad():
-        total = torch.stack([p.detach().sum().to(torch.float64) for p in params]).sum()
+        total = torch.stack(torch._foreach_norm([p.detach() for p in params])).sum()
     return bool(torch.isfinite(total)) or all(bool(torch.isfinite(p).all()) for p in params)
 
 

@@ -55,11 +55,14 @@ class Adam:
 
     @torch.no_grad()
     def step(self) -> None:
+        """One Adam step of every parameter with a gradient: seven multi-tensor (``_foreach``)
+        operations over all of them at once, grouped by step count (one group unless some
+        parameter went without a gradient at some step), instead of seven per parameter."""
         group = self.param_groups[0]
         lr, (b1, b2), eps = group["lr"], group["betas"], group["eps"]
+        groups: dict[float, list[int]] = {}
         for i, p in enumerate(self.params):
-            g = p.grad
-            if g is None:
+            if p.grad is None:
                 continue
             st = self.state.get(i)
             if st is None:
@@ -69,11 +72,19 @@ class Adam:
                     "exp_avg_sq": torch.zeros_like(p),
                 }
             st["step"] += 1
-            t = float(st["step"])
-            st["exp_avg"].lerp_(g, 1.0 - b1)
-            st["exp_avg_sq"].mul_(b2).addcmul_(g, g, value=1.0 - b2)
-            denom = (st["exp_avg_sq"].sqrt() / math.sqrt(1.0 - b2**t)).add_(eps)
-            p.addcdiv_(st["exp_avg"], denom, value=-lr / (1.0 - b1**t))
+            groups.setdefault(float(st["step"]), []).append(i)
+        for t, idx in groups.items():
+            ps = [self.params[i] for i in idx]
+            gs = [p.grad for p in ps]
+            m = [self.state[i]["exp_avg"] for i in idx]
+            v = [self.state[i]["exp_avg_sq"] for i in idx]
+            torch._foreach_lerp_(m, gs, 1.0 - b1)
+            torch._foreach_mul_(v, b2)
+            torch._foreach_addcmul_(v, gs, gs, value=1.0 - b2)
+            denom = torch._foreach_sqrt(v)
+            torch._foreach_div_(denom, math.sqrt(1.0 - b2**t))
+            torch._foreach_add_(denom, eps)
+            torch._foreach_addcdiv_(ps, m, denom, value=-lr / (1.0 - b1**t))
 
     def state_dict(self) -> dict[str, Any]:
         group = dict(self.param_groups[0])
