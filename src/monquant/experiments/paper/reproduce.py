@@ -3,7 +3,8 @@
 Stages (each saved to ``<out>/stages/<name>.json`` as soon as it finishes; ``resume=True`` skips
 finished stages, and an interrupted training resumes from its per-epoch checkpoint):
 
-1. ``float``: train the float model (paper setup) or load ``--model``;
+1. ``float``: train the float model (paper setup) or load ``--model``; the trainings of stages 1,
+   4 and 6 are independent of each other and run first, as tasks on the configured executor;
 2. ``phase_transition``: Figure 1, PTQ of W at 3..32 bits;
 3. ``displacement``: Figure 2, Theorem 3 on float64 equilibria;
 4. ``qat_<b>`` and ``qat_vs_ptq``: Figure 3, STE QAT from scratch against PTQ;
@@ -176,9 +177,11 @@ def _train_task(data: MNIST, cfg: ReproduceConfig, out: Path, qat_bits: int | No
 
 def _independent_trainings(cfg: ReproduceConfig, data: MNIST, out: Path, runner: StageRunner,
                            echo: Callable[[str], None] | None) -> dict[str, Any]:  # fmt: skip
-    """The QAT trainings and the extra seeds' float trainings: independent, so they run as tasks
-    on the configured executor (stages ``qat_<b>`` and ``float_seed_<s>``). A failed one stops
-    the reproduction with its error (the others are saved; ``--resume`` retries)."""
+    """Every training: the float model (unless a checkpoint is given), the QAT trainings and the
+    extra seeds' float trainings. They are independent (QAT trains from scratch), so they run as
+    tasks on the configured executor (stages ``float``, ``qat_<b>`` and ``float_seed_<s>``), the
+    float model first. A failed one stops the reproduction with its error (the others are saved;
+    ``--resume`` retries)."""
     from dataclasses import replace
 
     from monquant.executors import ExecutorSpec, Task
@@ -188,6 +191,7 @@ def _independent_trainings(cfg: ReproduceConfig, data: MNIST, out: Path, runner:
     tasks = [Task(f"qat_{b}", _train_task, (cfg, out / f"qat-{b}", b, echo if serial else None))
              for b in cfg.qat_bits]  # fmt: skip
     if cfg.model is None:  # a given checkpoint has no seed to vary
+        tasks.insert(0, Task("float", _train_task, (cfg, out / "float", None, echo if serial else None)))
         tasks += [Task(f"float_seed_{s}", _train_task,
                        (replace(cfg, seed=s), out / f"float-seed{s}", None, echo if serial else None))
                   for s in cfg.extra_seeds]  # fmt: skip
@@ -216,15 +220,14 @@ def run_reproduce(
         )
     x_test, y_test = subset(data.x_test, data.y_test, cfg.test_limit)
 
+    trained = _independent_trainings(cfg, data, out, runner, echo)
     if cfg.model is not None:
         float_stage = runner.run(
             "float",
             lambda: {"model": str(cfg.model), "history": None, "train_seconds": 0.0},
         )
     else:
-        float_stage = runner.run(
-            "float", lambda: _train_stage(cfg, data, out / "float", None, echo)
-        )
+        float_stage = trained["float"]
     model = load_model(float_stage["model"]).model.eval()
 
     def ptq_progress(b: int, row: dict[str, Any]) -> None:
@@ -244,7 +247,6 @@ def run_reproduce(
     )
     xd, _ = random_subset(data.x_test, data.y_test, cfg.displacement_samples, cfg.seed)
     disp = runner.run("displacement", lambda: run_displacement(model, xd, cfg.displacement_bits))
-    trained = _independent_trainings(cfg, data, out, runner, echo)
     rows = []
     for b in cfg.qat_bits:
         qat = trained[f"qat_{b}"]
