@@ -31,9 +31,9 @@ from monquant.solvers import SolverConfig, solve
 from monquant.verified import (
     UNIT_ROUNDOFF,
     SpectralBounds,
-    difference_norm_bounds,
     gamma,
     norm2_bounds,
+    quantized_bounds,
     spectral_bounds,
     up,
 )
@@ -224,8 +224,7 @@ def agreement(
     ref = (float_model if isinstance(float_model, FloatReference)
            else FloatReference.solve(float_model, _required(x), tol, max_iter))  # fmt: skip
     f, g, x64, z, err, k = ref.weights, quant_model, ref.x64, ref.z, ref.err, ref.k
-    stq = spectral_bounds(g.W, norm=False)
-    dW_hi, _ = difference_norm_bounds(g.W, f.W)
+    stq, dW_hi, _ = quantized_bounds(g.W, f.W)
     # ||dW z*|| <= ||dW z^|| + ||dW||_hi e, with ||dW z^|| bounded through the computed
     # Dz = fl(fl(W~ - W) z^): |fl(W~ - W) - dW| <= u |fl(W~ - W)| and the matvec errs by
     # gamma_n |fl(W~ - W)| |z^| entrywise (both covered by 2 gamma_{n+2}); capped by ||dW||_hi ||z^||

@@ -29,10 +29,10 @@ from monquant.solvers import contraction_modulus, default_step
 from monquant.verified import (
     UNIT_ROUNDOFF,
     SpectralBounds,
-    difference_norm_bounds,
     down,
     inflate,
     modulus_upper_bound,
+    quantized_bounds,
     spectral_bounds,
     unit_roundoff,
     up,
@@ -433,8 +433,7 @@ def certify_operator(
     step_t = float(step) if step is not None else 0.0
     w_max = float(W64.abs().max()) if w_max is None else float(w_max)
     st = float_bounds if float_bounds is not None else spectral_bounds(W64)
-    st_q = spectral_bounds(Wt, radius=radius, norm=False)
-    dW_hi, dW = difference_norm_bounds(Wt, W64, radius)
+    st_q, dW_hi, dW = quantized_bounds(Wt, W64, radius)  # one batched verification
     return certificate_from_bounds(st, st_q, dW_hi, dW, apb, n=n, bits=bits,
                                    granularity=granularity, step=step_t, w_max=w_max,
                                    step_rule=step_rule)  # fmt: skip

@@ -47,8 +47,10 @@ __all__ = [
     "VerificationError",
     "all_finite",
     "cholesky_lower_bound",
+    "cholesky_lower_bounds",
     "difference_norm_bounds",
     "down",
+    "extreme_eigenvalue_bounds",
     "frobenius_upper_bound",
     "gamma",
     "inflate",
@@ -59,6 +61,7 @@ __all__ = [
     "modulus_upper_bound",
     "norm2_bounds",
     "norm2_upper_bound",
+    "quantized_bounds",
     "shifted_lmax_upper",
     "shifted_lmin_lower",
     "spectral_bounds",
@@ -136,34 +139,58 @@ def frobenius_upper_bound(M: torch.Tensor) -> float:
     return up(math.sqrt(s))
 
 
-def cholesky_lower_bound(A: torch.Tensor, tau: float) -> float | None:
-    """Verified ``lmin(A) >= tau - err`` if Cholesky of ``fl(A - tau I)`` completes, else ``None``.
+def cholesky_lower_bounds(A: torch.Tensor, tau: list[float], *, _owned: bool = False) -> list[float | None]:
+    """Per matrix of a batch ``(b, n, n)``: the verified ``lmin(A_i) >= tau_i - err_i`` when the
+    Cholesky factorization of ``fl(A_i - tau_i I)`` completes, else ``None``.
 
-    ``A`` must be exactly symmetric (as stored). ``err = gamma_{n+2} / (1 - gamma_{n+2}) tr(A^)``
-    (backward error of the factorization) ``+ u max|a^_ii|`` (rounding of the shift) plus an
-    underflow term; see the module docstring for the proof. A batch ``(..., n, n)`` is verified in
-    one batched factorization: the bound then holds for every matrix of the batch, with the error
-    terms taken at their largest over it (each term grows with the trace, diagonal and entries).
+    Every ``A_i`` must be exactly symmetric (as stored). ``err_i = gamma_{n+2} / (1 - gamma_{n+2})
+    tr(A^_i)`` (backward error of the factorization) ``+ u max|a^_ii|`` (rounding of the shift)
+    plus an underflow term, each from matrix ``i`` alone; see the module docstring for the proof.
+    All of them are factorized in one batched call. (``_owned``: ``A`` is a float64 temporary of
+    the caller's that may be shifted in place.)
     """
     A64 = _f64(A)
     n = int(A64.shape[-1])
-    Ash = A64.clone()
-    Ash.diagonal(dim1=-2, dim2=-1).sub_(float(tau))
-    R, info = torch.linalg.cholesky_ex(Ash)
-    if bool((info != 0).any()) or not all_finite(R):
-        return None
+    Ash = A64 if _owned and A64 is A else A64.clone()
     diag = Ash.diagonal(dim1=-2, dim2=-1)
-    if bool((diag < 0).any()):  # cannot happen after a completed factorization; be strict
-        return None
+    diag.sub_(torch.tensor(tau, dtype=torch.float64, device=A64.device).unsqueeze(-1))
+    R, info = torch.linalg.cholesky_ex(Ash)
+    # a finite sum proves a finite factor (a NaN or inf entry would make it non-finite); a sum
+    # that is not finite is looked at entrywise
+    finite = torch.isfinite(R.sum(dim=(-2, -1)))
+    if not bool(finite.all()):
+        finite = torch.isfinite(R).all(dim=-1).all(dim=-1)
+    done = (info == 0) & finite & (diag >= 0).all(dim=-1)
+    lo, hi = torch.aminmax(Ash.reshape(Ash.shape[0], -1), dim=-1)
+    stats = torch.stack([done.to(torch.float64), diag.sum(dim=-1), diag.amax(dim=-1),
+                         torch.maximum(hi, -lo)], dim=-1).tolist()  # fmt: skip
     g = gamma(n + 2)
-    trace = inflate(float(diag.sum(dim=-1).max()), n)
-    chol_err = up(up(g / down(1.0 - g)) * trace)
-    dmax = float(diag.max())
-    shift_err = up(2.0 * UNIT_ROUNDOFF * dmax)
-    amax = float(Ash.abs().max())
-    uflow = up(UNDERFLOW_UNIT * up(4.0 * n * (n + 2) * up(1.0 + 3.0 * amax)))
-    total = up(up(chol_err + shift_err) + uflow)
-    return down(float(tau) - total)
+    ratio = up(g / down(1.0 - g))
+    out: list[float | None] = []
+    for t, (ok, tr, dmax, amax) in zip(tau, stats, strict=True):
+        if not ok:  # not positive definite at this shift (or a non-finite factor): no bound
+            out.append(None)
+            continue
+        chol_err = up(ratio * inflate(tr, n))
+        shift_err = up(2.0 * UNIT_ROUNDOFF * dmax)
+        uflow = up(UNDERFLOW_UNIT * up(4.0 * n * (n + 2) * up(1.0 + 3.0 * amax)))
+        out.append(down(float(t) - up(up(chol_err + shift_err) + uflow)))
+    return out
+
+
+def cholesky_lower_bound(A: torch.Tensor, tau: float) -> float | None:
+    """Verified ``lmin(A) >= tau - err`` if Cholesky of ``fl(A - tau I)`` completes, else ``None``.
+
+    ``A`` must be exactly symmetric (as stored); the error terms are those of
+    :func:`cholesky_lower_bounds`. A batch ``(..., n, n)`` is verified in one batched factorization:
+    the bound then holds for every matrix of the batch (the smallest of their bounds).
+    """
+    A64 = _f64(A)
+    batch = A64.reshape(-1, *A64.shape[-2:])
+    bounds = cholesky_lower_bounds(batch, [float(tau)] * int(batch.shape[0]))
+    if any(b is None for b in bounds):
+        return None
+    return min(b for b in bounds if b is not None)
 
 
 def shifted_lmin_lower(A: torch.Tensor, lam: float, base: float) -> float | None:
@@ -189,6 +216,55 @@ def shifted_lmax_upper(G: torch.Tensor, lam: float, base: float) -> float | None
     return None
 
 
+def _lmin_base(A64: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    """The shift unit below an estimate ``lam`` of ``lmin`` (batched): ``gamma_{n+2}`` times
+    ``sum |a_ii - lam| + ||A||_F``, plus an underflow term; it only sizes the shift."""
+    n = int(A64.shape[-1])
+    scale = (A64.diagonal(dim1=-2, dim2=-1) - lam.unsqueeze(-1)).abs().sum(dim=-1)
+    return gamma(n + 2) * (scale + torch.linalg.matrix_norm(A64)) + UNDERFLOW_UNIT * n * n
+
+
+def _lmax_base(G64: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    """The shift unit above an estimate ``lam`` of ``lmax`` (batched): ``gamma_{n+2}`` times
+    ``sum |g_ii| + |lam|``; it only sizes the shift."""
+    n = int(G64.shape[-1])
+    return gamma(n + 2) * (G64.diagonal(dim1=-2, dim2=-1).abs().sum(dim=-1) + lam.abs())
+
+
+def extreme_eigenvalue_bounds(
+    mats: list[torch.Tensor], largest: list[bool]
+) -> list[tuple[float | None, float]]:
+    """For each exactly symmetric float64 matrix of one size: ``(bound, estimate)`` where
+    ``bound`` is a proved lower bound on ``lmin`` (``largest`` false) or a proved upper bound on
+    ``lmax`` (``largest`` true), ``None`` when no shift verifies, and ``estimate`` the computed
+    eigenvalue (never decisive).
+
+    The same proofs as :func:`lmin_lower_bound` and :func:`shifted_lmax_upper`, with the work
+    shared: one batched ``eigvalsh`` gives every estimate, one batched Cholesky
+    (:func:`cholesky_lower_bounds`) verifies every first shift, and only a matrix whose first shift
+    fails goes on up the ladder of wider shifts alone.
+    """
+    A = torch.stack(mats)
+    lam_all = torch.linalg.eigvalsh(A)
+    pick = torch.tensor(largest, device=A.device)
+    lam = torch.where(pick, lam_all[:, -1], lam_all[:, 0])
+    base = torch.where(pick, _lmax_base(A, lam), _lmin_base(A, lam))
+    sign = torch.where(pick, -1.0, 1.0).to(A)
+    lam_l, base_l = lam.tolist(), base.tolist()
+    # lmin(A) >= tau - err;  lmax(G) <= s  <=>  lmin(-G) >= -s
+    tau = [-(lm + 4.0 * b + UNDERFLOW_UNIT) if big else lm - 4.0 * b
+           for lm, b, big in zip(lam_l, base_l, largest, strict=True)]  # fmt: skip
+    first = cholesky_lower_bounds(A * sign.view(-1, 1, 1), tau, _owned=True)
+    out: list[tuple[float | None, float]] = []
+    for i, (lb, big) in enumerate(zip(first, largest, strict=True)):
+        if lb is None:  # the first shift did not verify: wider ones, this matrix alone
+            bound = (shifted_lmax_upper if big else shifted_lmin_lower)(mats[i], lam_l[i], base_l[i])
+        else:
+            bound = -lb if big else lb
+        out.append((bound, lam_l[i]))
+    return out
+
+
 def lmin_lower_bound(A: torch.Tensor, extra: float = 0.0, estimate: float | None = None) -> float:
     """Rigorous lower bound on ``lmin(A_true)`` for symmetric ``A`` with ``||A_true - A||_2 <= extra``.
 
@@ -196,12 +272,12 @@ def lmin_lower_bound(A: torch.Tensor, extra: float = 0.0, estimate: float | None
     definite (:func:`cholesky_lower_bound`), widening the shift up to six times. ``-inf`` when no
     shift verifies (the bound is then useless, never wrong).
     """
-    n = _check_square(A, "A")
+    _check_square(A, "A")
     A64 = _f64(A)
-    lam = float(torch.linalg.eigvalsh(A64)[0]) if estimate is None else float(estimate)
-    scale = float(A64.diagonal().sub(lam).abs().sum()) + float(torch.linalg.matrix_norm(A64))
-    base = gamma(n + 2) * scale + UNDERFLOW_UNIT * n * n
-    lb = shifted_lmin_lower(A64, lam, base)
+    if estimate is None:
+        lb = extreme_eigenvalue_bounds([A64], [False])[0][0]
+    else:
+        lb = shifted_lmin_lower(A64, float(estimate), float(_lmin_base(A64, torch.tensor(float(estimate)))))
     return down(lb - up(extra)) if lb is not None else -math.inf
 
 
@@ -230,6 +306,34 @@ def lmin_upper_bound(A: torch.Tensor, extra: float = 0.0, v: torch.Tensor | None
     return up(num_hi / den_lo) if num_hi >= 0 else up(num_hi / den_hi)
 
 
+def _gram(M: torch.Tensor, extra: float, rounded: bool) -> tuple[torch.Tensor | None, float, float, float]:
+    """``(G, gram_err, F, extra)`` of :func:`norm2_bounds`: the symmetrized ``fl(M^T M)`` (``None``
+    when ``M = 0`` or has no columns), ``gram_err >= ||G - M^T M||_2``, the Frobenius bound ``F``
+    and ``extra`` with the rounding of ``M`` itself added when ``rounded``."""
+    if not isinstance(M, torch.Tensor) or M.dim() != 2 or not M.is_floating_point():
+        raise VerificationError("M must be a floating-point matrix")
+    if not all_finite(M):
+        raise VerificationError("M has non-finite entries")
+    M64 = _f64(M)
+    F = frobenius_upper_bound(M64)
+    if rounded:
+        e_round = up(2.0 * UNIT_ROUNDOFF * F)
+        extra = up(float(extra) + e_round) if extra else e_round
+    if not (F > 0 and M64.shape[1] > 0):
+        return None, 0.0, F, float(extra)
+    G = M64.T @ M64
+    G = 0.5 * (G + G.T)
+    return G, up(gamma(int(M64.shape[0]) + 1) * up(F * F)), F, float(extra)
+
+
+def _norm_from(hi: float | None, lam: float, gram_err: float, F: float, extra: float) -> tuple[float, float]:
+    """``(upper, computed)`` of :func:`norm2_bounds` from a proved ``lmax(G) <= hi``."""
+    best = F
+    if hi is not None:
+        best = min(best, up(math.sqrt(up(max(hi, 0.0) + gram_err))))
+    return (up(best + up(extra)) if extra else best), math.sqrt(max(lam, 0.0))
+
+
 def norm2_bounds(
     M: torch.Tensor, extra: float = 0.0, rounded: bool = False
 ) -> tuple[float, float]:
@@ -244,32 +348,23 @@ def norm2_bounds(
     ``||fl(M^T M) - M^T M||_2 <= gamma_{k+1} ||M||_F^2`` (``k`` rows; the symmetrization costs one
     more rounding). Capped by (and falling back to) the Frobenius bound.
     """
-    if not isinstance(M, torch.Tensor) or M.dim() != 2 or not M.is_floating_point():
-        raise VerificationError("M must be a floating-point matrix")
-    if not all_finite(M):
-        raise VerificationError("M has non-finite entries")
-    M64 = _f64(M)
-    F = frobenius_upper_bound(M64)
-    if rounded:
-        e_round = up(2.0 * UNIT_ROUNDOFF * F)
-        extra = up(float(extra) + e_round) if extra else e_round
-    best, computed = F, 0.0
-    if F > 0 and M64.shape[1] > 0:
-        G = M64.T @ M64
-        G = 0.5 * (G + G.T)
-        gram_err = up(gamma(int(M64.shape[0]) + 1) * up(F * F))
-        lam = float(torch.linalg.eigvalsh(G)[-1])
-        computed = math.sqrt(max(lam, 0.0))
-        base = gamma(int(G.shape[0]) + 2) * (float(G.diagonal().abs().sum()) + abs(lam))
-        hi = shifted_lmax_upper(G, lam, base)
-        if hi is not None:
-            best = min(best, up(math.sqrt(up(max(hi, 0.0) + gram_err))))
-    return (up(best + up(float(extra))) if extra else best), computed
+    G, gram_err, F, extra = _gram(M, extra, rounded)
+    if G is None:
+        return _norm_from(None, 0.0, gram_err, F, extra)
+    hi, lam = extreme_eigenvalue_bounds([G], [True])[0]
+    return _norm_from(hi, lam, gram_err, F, extra)
 
 
 def norm2_upper_bound(M: torch.Tensor, extra: float = 0.0) -> float:
     """Rigorous upper bound on ``||M_true||_2`` (see :func:`norm2_bounds`)."""
     return norm2_bounds(M, extra)[0]
+
+
+def _difference(A: torch.Tensor, B: torch.Tensor, radius: float) -> tuple[torch.Tensor, float]:
+    """``fl(A - B)`` in float64 and the ``extra`` of its entrywise uncertainty ``radius`` of ``A``."""
+    D = _f64(A) - _f64(B)
+    extra = up(math.sqrt(D.numel()) * float(radius) * up(1.0 + 4 * UNIT_ROUNDOFF)) if radius else 0.0
+    return D, extra
 
 
 def difference_norm_bounds(A: torch.Tensor, B: torch.Tensor, radius: float = 0.0) -> tuple[float, float]:
@@ -278,8 +373,7 @@ def difference_norm_bounds(A: torch.Tensor, B: torch.Tensor, radius: float = 0.0
     ``fl(A - B)`` errs by at most ``u |fl(A - B)|`` entrywise, i.e. ``u ||fl(A - B)||_F`` in norm;
     ``radius`` (an entrywise uncertainty of ``A``) adds ``sqrt(rows cols) radius``.
     """
-    D = _f64(A) - _f64(B)
-    extra = up(math.sqrt(D.numel()) * float(radius) * up(1.0 + 4 * UNIT_ROUNDOFF)) if radius else 0.0
+    D, extra = _difference(A, B, radius)
     return norm2_bounds(D, extra, rounded=True)
 
 
@@ -313,8 +407,16 @@ def margin_bounds(
     ``margin > 0``, otherwise ``upper`` is the cheap bound ``min_i S_ii + e``.
     """
     S, e = sym_part_bounds(W, radius)
-    lam = float(torch.linalg.eigvalsh(S)[0])
-    lo = lmin_lower_bound(S, e, estimate=lam)
+    return _margin_from(S, e, extreme_eigenvalue_bounds([S], [False])[0], upper)
+
+
+def _margin_from(
+    S: torch.Tensor, e: float, proved: tuple[float | None, float], upper: bool | None = None
+) -> tuple[float, float, float]:
+    """:func:`margin_bounds` from ``S = fl(sym(I - W))``, its error ``e`` and the proved
+    ``(lmin(S) >= lb, estimate)`` of :func:`extreme_eigenvalue_bounds`."""
+    lb, lam = proved
+    lo = down(lb - up(e)) if lb is not None else -math.inf
     if upper or (upper is None and not lo > 0):
         hi = lmin_upper_bound(S, e)
     else:
@@ -420,13 +522,52 @@ def spectral_bounds(W: torch.Tensor, radius: float = 0.0, norm: bool = True) -> 
 
     ``radius`` is an entrywise bound on ``|W_true - W|`` when the stored entries are themselves
     rounded values of the operator (``0``: ``W`` is the operator). ``norm=False`` skips ``||W||``
-    (reported as ``nan``) when only ``m`` and ``L`` are needed.
+    (reported as ``nan``) when only ``m`` and ``L`` are needed. The symmetric part and the Gram
+    matrices share one batched eigenvalue computation and one batched Cholesky
+    (:func:`extreme_eigenvalue_bounds`).
     """
+    return _joint_bounds(W, radius, norm)[0]
+
+
+def quantized_bounds(
+    W_tilde: torch.Tensor, W: torch.Tensor, radius: float = 0.0
+) -> tuple[SpectralBounds, float, float]:
+    """The bounds a certificate needs of a quantized ``W~`` beside its float ``W``, in one batch:
+    ``spectral_bounds(W~, radius, norm=False)`` and ``(upper, computed)`` of ``||W~ - W||_2``
+    (:func:`difference_norm_bounds`; ``radius`` is ``W~``'s entrywise uncertainty)."""
+    st, dW = _joint_bounds(W_tilde, radius, False, versus=W)
+    assert dW is not None
+    return st, dW[0], dW[1]
+
+
+def _joint_bounds(
+    W: torch.Tensor, radius: float, norm: bool, versus: torch.Tensor | None = None
+) -> tuple[SpectralBounds, tuple[float, float] | None]:
+    """``spectral_bounds`` of ``W`` and, with ``versus``, the bounds of ``||W - versus||``: every
+    symmetric matrix involved (``sym(I - W)`` and the Gram matrices of ``I - W``, ``W``,
+    ``W - versus``) verified together."""
     n = _check_square(W, "W")
     W64 = _f64(W)
-    lo, hi, lam = margin_bounds(W64, radius)
+    S, e = sym_part_bounds(W64, radius)
     IW = torch.eye(n, dtype=torch.float64, device=W64.device) - W64
     e_rad = up(n * float(radius)) if radius else 0.0
-    L_hi, L = norm2_bounds(IW, e_rad, rounded=True)  # fl(I - W) is one rounding per entry
-    norm_hi, norm_W = norm2_bounds(W64, e_rad) if norm else (math.nan, math.nan)
-    return SpectralBounds(m_lo=lo, m_hi=hi, L_hi=L_hi, norm_hi=norm_hi, m=lam, L=L, norm_W=norm_W)
+    grams = [_gram(IW, e_rad, True)]  # fl(I - W) is one rounding per entry
+    if norm:
+        grams.append(_gram(W64, e_rad, False))
+    if versus is not None:
+        if tuple(versus.shape) != tuple(W.shape):
+            raise VerificationError(f"shapes differ: {tuple(W.shape)} and {tuple(versus.shape)}")
+        _check_square(versus, "versus")
+        D, extra = _difference(W64, versus, radius)
+        grams.append(_gram(D, extra, True))
+    mats = [S] + [G for G, *_ in grams if G is not None]
+    proved = iter(extreme_eigenvalue_bounds(mats, [False] + [True] * (len(mats) - 1)))
+    lo, hi, lam = _margin_from(S, e, next(proved))
+    norms = []
+    for G, gram_err, F, extra in grams:
+        bound, est = next(proved) if G is not None else (None, 0.0)
+        norms.append(_norm_from(bound, est, gram_err, F, extra))
+    L_hi, L = norms[0]
+    norm_hi, norm_W = norms[1] if norm else (math.nan, math.nan)
+    st = SpectralBounds(m_lo=lo, m_hi=hi, L_hi=L_hi, norm_hi=norm_hi, m=lam, L=L, norm_W=norm_W)
+    return st, (norms[-1] if versus is not None else None)
