@@ -83,7 +83,75 @@ def test_quantize_and_certify_a_conv_model_then_reload(tmp_path) -> None:
     with torch.no_grad():
         assert torch.equal(fresh(x), out)
     assert monquant.certify_model(fresh).to_dict() == cert.to_dict()
-    with pytest.raises(ConfigError, match="post-training"):
-        monquant.prepare_qat(make(), monquant.QuantConfig(bits=4))
+    with pytest.raises(ConfigError, match="free W"):
+        monquant.prepare_qat(make(), monquant.QuantConfig(bits=4), method="proxquant-W")
+    with pytest.raises(ConfigError, match="composite kernel"):
+        monquant.prepare_qat(make(), monquant.QuantConfig(bits=4, targets=("W", "U")))
     low = monquant.certify_model(make(), monquant.QuantConfig(bits=2))
     assert low.layers["0"].bits == 2 and low.verdict in ("certified", "refuted", "undecided")
+
+
+@pytest.mark.parametrize("method", ["ste", "margin-aware", "proxquant-factors"])
+def test_prepare_qat_of_a_conv_layer_trains_converts_certifies_and_reloads(method, tmp_path) -> None:
+    """QAT of the composite kernel (STE, margin-aware) or of the factor kernels (ProxQuant), then
+    convert: the layer deploys K~, is certified from the Fourier blocks, and reloads identically."""
+    import monquant
+    from monquant.conv_model import conv_margin_tensor
+    from monquant.quant.uniform import quantize
+
+    torch.manual_seed(4)
+    make = lambda: nn.Sequential(ConvMonDEQ(1, 3, (6, 6), margin=0.4), nn.Flatten(),  # noqa: E731
+                                 nn.Linear(3 * 36, 4))  # fmt: skip
+    model = make()
+    layer = model[0]
+    config = monquant.QuantConfig(bits=4, granularity="per-channel")
+    monquant.prepare_qat(model, config, method=method, margin_target=5.0, total_steps=6, lam_max=50.0)
+    assert layer.quant.mode == "qat" and f"({method}, qat)" in repr(layer)
+    x, y = torch.randn(8, 1, 6, 6), torch.randint(0, 4, (8,))
+    if method != "proxquant-factors":  # the forward solve runs on Q_b(K), straight through
+        K = layer.weight()
+        assert torch.equal(layer.effective_weight(),
+                           quantize(K.detach(), 4, "per-channel").dequantized())  # fmt: skip
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    before = layer.A.detach().clone()
+    for step in range(6):
+        pen = monquant.qat_penalty(model)
+        if method == "margin-aware":  # tau = 5 exceeds any margin: the penalty is active
+            assert float(pen.detach()) > 0
+        loss = F.cross_entropy(model(x), y) + pen
+        opt.zero_grad()
+        loss.backward()
+        assert layer.A.grad is not None and torch.isfinite(layer.A.grad).all()
+        opt.step()
+        monquant.qat_step(model, step, lr=0.05)
+        assert layer.solver.last_forward.all_converged
+    assert not torch.equal(layer.A.detach(), before)
+    monquant.convert(model)
+    q = layer.quant
+    assert q.mode == "quantized" and q.method == method and q.tensors["K"].shape == (3, 3, 5, 5)
+    K = layer.operator().composite_kernel().to(layer.B.dtype)
+    if method == "proxquant-factors":  # factors on their grids: K~ is their composite kernel
+        for P in (layer.A, layer.B):  # each output channel on a uniform grid of 2^4 levels
+            for row in P.detach().flatten(1):
+                levels = torch.unique(row)
+                assert len(levels) <= 16
+                steps = torch.diff(levels)
+                if len(steps):
+                    assert torch.allclose(steps / steps.min(), (steps / steps.min()).round(), atol=1e-4)
+        assert torch.equal(q.tensors["K"], K)
+        m_tilde = float(conv_margin_tensor(q.tensors["K"].double(), (6, 6)))
+        assert m_tilde >= float(layer.margin().detach()) - 1e-6
+    else:
+        assert torch.equal(q.tensors["K"], quantize(K, 4, "per-channel").dequantized())
+    cert = monquant.certify_model(model)
+    assert cert.verdict in ("certified", "refuted", "undecided")
+    if method == "proxquant-factors":
+        assert cert.verdict == "certified"
+    with torch.no_grad():
+        out = model(x)
+    torch.save(model.state_dict(), tmp_path / "m.pt")
+    fresh = make()
+    fresh.load_state_dict(torch.load(tmp_path / "m.pt", weights_only=True))
+    with torch.no_grad():
+        assert torch.equal(fresh(x), out)
+    assert monquant.certify_model(fresh).to_dict() == cert.to_dict()

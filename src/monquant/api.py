@@ -275,16 +275,34 @@ def prepare_qat(
       the factors ``A``, ``B``; call :func:`qat_step` after every optimizer step (the prox
       strength grows linearly to ``lam_max`` over ``total_steps``).
 
+    A :class:`~monquant.nn.ConvMonDEQ` layer trains on its composite kernel ``K`` the same way
+    (``Q_b(K)`` per tensor or per output channel with straight-through gradients; the
+    margin-aware penalty through the exact margin of ``Q_b(K)`` from its Fourier blocks) or, with
+    ``proxquant-factors``, on its factor kernels ``A``, ``B`` (``proxquant-W`` needs a free ``W``,
+    which it has not); it quantizes ``W`` only (``targets=('W',)``). MultiTierMonDEQ layers are
+    refused (post-training quantization only so far).
+
     Then :func:`convert` hard-quantizes. Returns ``model``.
     """
     if method not in QAT_METHODS:
         raise ConfigError(f"method must be one of {QAT_METHODS}, got {method!r}")
-    if _conv_layers(model, filter_fn) or _multitier_layers(model, filter_fn):
-        raise ConfigError("prepare_qat: ConvMonDEQ and MultiTierMonDEQ layers support post-training "
-                          "quantization (quantize_) only so far")  # fmt: skip
+    if _multitier_layers(model, filter_fn):
+        raise ConfigError("prepare_qat: MultiTierMonDEQ layers support post-training quantization "
+                          "(quantize_) only so far")  # fmt: skip
     if method.startswith("proxquant") and config.mondeq_targets != ("W",):
         raise ConfigError(f"{method} quantizes W (or its factors) only: use targets=('W',)")
-    names = []
+    convs = _conv_layers(model, filter_fn)
+    if convs:
+        _require_W_only(config, "ConvMonDEQ", "their composite kernel")
+        if method == "proxquant-W":
+            raise ConfigError("proxquant-W needs a free W, which a ConvMonDEQ layer does not have: "
+                              "use proxquant-factors (its factor kernels A, B)")  # fmt: skip
+    names = [name for name, _ in convs]
+    for _, conv in convs:
+        q = LayerQuant(config, "qat", method, margin_target if method == "margin-aware" else None)
+        if method == "proxquant-factors":
+            conv.install_prox(q, total_steps, lam_max)
+        conv.quant = q
     for name, layer in mondeq_layers(model, filter_fn):
         assert isinstance(layer, MonDEQ)
         if method == "proxquant-W" and not layer.free:
@@ -302,7 +320,7 @@ def prepare_qat(
 
 def qat_penalty(model: nn.Module) -> torch.Tensor:
     """The sum of every layer's margin-aware penalty (add it to the loss; 0 for other methods)."""
-    terms = [m.qat_penalty() for m in model.modules() if isinstance(m, MonDEQ)]
+    terms = [m.qat_penalty() for m in model.modules() if isinstance(m, MonDEQ | ConvMonDEQ)]
     return torch.stack(terms).sum() if terms else torch.zeros(())
 
 
@@ -311,7 +329,7 @@ def qat_step(model: nn.Module, step: int, lr: float = 1.0) -> None:
     """After ``optimizer.step()`` number ``step``: the ProxQuant prox step ``w <- prox_{lr
     lam_t R}(w)`` of every ProxQuant layer (pass the optimizer's learning rate)."""
     for m in model.modules():
-        if isinstance(m, MonDEQ) and m.quant is not None and m.quant.prox is not None:
+        if isinstance(m, MonDEQ | ConvMonDEQ) and m.quant is not None and m.quant.prox is not None:
             m.quant.prox.after_step(step, lr)
 
 
@@ -333,6 +351,22 @@ def _convert_layer(layer: MonDEQ) -> None:
     layer.quant = LayerQuant(q.config, "quantized", q.method, q.margin_target, tensors)
 
 
+@torch.no_grad()
+def _convert_conv(layer: ConvMonDEQ) -> None:
+    """The composite kernel a convolutional layer deploys after QAT: ``Q_b(K)`` of the trained
+    kernel (STE, margin-aware; as :func:`quantize_` would), or the kernel assembled from the factor
+    kernels frozen on their grids (ProxQuant on the factors: monotone by construction)."""
+    q = layer.quant
+    assert q is not None
+    K = layer.operator().composite_kernel().to(layer.B.dtype)
+    if q.method == "proxquant-factors":
+        q.prox.freeze()
+        Kq = layer.operator().composite_kernel().to(layer.B.dtype)
+    else:
+        Kq = quantize(K, q.config.bits, q.config.granularity, step_rule=q.config.step_rule).dequantized()
+    layer.quant = LayerQuant(q.config, "quantized", q.method, q.margin_target, {"K": Kq.to(K.dtype)})
+
+
 def convert(model: nn.Module, filter_fn: FilterFn | None = None) -> nn.Module:
     """End training-time quantization in place: every layer in QAT now runs on its hard-quantized
     tensors (STE/margin-aware: ``Q_b`` of the trained weights; ProxQuant: the weights frozen on
@@ -341,6 +375,10 @@ def convert(model: nn.Module, filter_fn: FilterFn | None = None) -> nn.Module:
     for name, layer in mondeq_layers(model, filter_fn, upgrade=False):
         if isinstance(layer, MonDEQ) and layer.quant is not None and layer.quant.mode == "qat":
             _convert_layer(layer)
+            names.append(name)
+    for name, conv in _conv_layers(model, filter_fn):
+        if conv.quant is not None and conv.quant.mode == "qat":
+            _convert_conv(conv)
             names.append(name)
     if not names:
         raise ConfigError("convert: no MonDEQ layer is in quantization-aware training "

@@ -326,6 +326,27 @@ class ConvMonDEQ(_QuantState, ConvMonDEQLayer):
     def margin_floor(self) -> float:
         return self.config.margin_floor
 
+    def _fakes_kernel(self) -> bool:
+        """Whether the forward pass fake-quantizes the composite kernel (STE / margin-aware QAT)."""
+        q = self.quant
+        return q is not None and q.mode == "qat" and q.method in ("ste", "margin-aware")
+
+    def effective_weight(self) -> torch.Tensor:
+        """The composite kernel the forward pass uses: under STE or margin-aware QAT ``Q_b(K)``
+        with straight-through gradients (per output channel: dim 0), else the layer's own."""
+        K = super().effective_weight()
+        if not self._fakes_kernel():
+            return K
+        c = self.quant.config  # type: ignore[union-attr]
+        return fake_quant(K, c.bits, c.granularity_of("W"), step_rule=c.step_rule)
+
+    def used_operator(self, W: torch.Tensor | None = None) -> Any:
+        from monquant.operators.conv import CircularConvOperator
+
+        if W is None and self._fakes_kernel():
+            return CircularConvOperator(self.effective_weight(), self.image, checked=True)
+        return super().used_operator(W)
+
     def deployed_operator(self) -> Any:
         """The operator the forward pass uses: the quantized composite kernel's circular
         convolution when quantized, else the layer's (float or QAT-transformed) operator."""
@@ -334,6 +355,35 @@ class ConvMonDEQ(_QuantState, ConvMonDEQLayer):
         if self.quant is not None and self.quant.mode == "quantized":
             return CircularConvOperator(self.quant.tensors["K"], self.image, checked=True)
         return self.used_operator()
+
+    def install_prox(self, q: LayerQuant, total_steps: int = 1000, lam_max: float = 5.0) -> None:
+        """Attach ProxQuant's driver to ``q`` (``proxquant-factors``): the prox toward the
+        ``q.config.bits``-bit uniform grids of the factor kernels ``A`` and ``B`` (per output
+        channel with ``per-channel``), ``lam_t`` linear from 0 to ``lam_max`` over ``total_steps``.
+        The operator assembled from factors on their grids is monotone by construction."""
+        from monquant.quant.prox import Grid, ProxQuantizer, lambda_schedule
+
+        c = q.config
+        grid = Grid("uniform", c.bits, c.granularity)  # type: ignore[arg-type]
+        sched = lambda_schedule("linear", lam_max=lam_max, total_steps=max(1, total_steps))
+        q.prox = ProxQuantizer([(self.A, grid), (self.B, grid)], sched)
+
+    def qat_penalty(self) -> torch.Tensor:
+        """The margin-aware penalty ``relu(tau - margin(Q_b(K)))``, the exact margin of the
+        fake-quantized kernel's circular convolution from its Fourier blocks, differentiable
+        (0 for other methods)."""
+        q = self.quant
+        if q is None or q.mode != "qat" or q.margin_target is None:
+            return torch.zeros((), dtype=self.B.dtype, device=self.B.device)
+        return F.relu(q.margin_target - self.margin_of(self.effective_weight()))
+
+    def set_extra_state(self, state: Any) -> None:
+        super().set_extra_state(state)
+        q = self.quant
+        if q is not None:
+            q.tensors = {k: v.to(self.B.device) for k, v in q.tensors.items()}
+            if q.mode == "qat" and q.method.startswith("proxquant"):
+                self.install_prox(q)  # the driver is rebuilt (recalibrated), not unpickled
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         q = self.injection(x)
@@ -348,7 +398,8 @@ class ConvMonDEQ(_QuantState, ConvMonDEQLayer):
                 f"{self.margin_floor:g} (now {float(self.margin().detach()):.4g}), "
                 f"solver={s.method}(tol={s.tol:g}, max_iter={s.max_iter})"
                 + (f", quant={self.quant.config.bits}-bit {self.quant.config.granularity} "
-                   "composite kernel" if self.quant is not None else ""))  # fmt: skip
+                   f"composite kernel ({self.quant.method}, {self.quant.mode})"
+                   if self.quant is not None else ""))  # fmt: skip
 
 
 class MultiTierMonDEQ(_QuantState, MultiTierMonDEQLayer):
