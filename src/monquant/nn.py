@@ -292,7 +292,10 @@ class ConvMonDEQ(_QuantState, ConvMonDEQLayer):
     quantizes its *composite kernel* (the one ``c x c x (2k-1) x (2k-1)`` kernel of ``W``, the
     analogue of quantizing a dense ``W``); the layer then runs on that circular convolution and
     ``monquant.certify_model`` certifies it against the float one from the Fourier blocks
-    (:func:`monquant.certify_conv.certify_conv`). The quantization state lives in the extra state.
+    (:func:`monquant.certify_conv.certify_conv`). ``monquant.prepare_qat`` trains it
+    quantization-aware: on ``Q_b(K)`` with straight-through gradients (STE, margin-aware) or with
+    ProxQuant on the factor kernels, and ``monquant.convert`` deploys ``K~``. The quantization
+    state lives in the extra state.
     """
 
     def __init__(
