@@ -304,3 +304,22 @@ def test_extreme_eigenvalue_bounds_bracket_every_matrix_of_the_batch(monkeypatch
     assert calls[0] == 3 and calls[1:] and all(c == 1 for c in calls[1:])
     assert again[0][0] is not None and again[0][0] <= float(exact[0][0])
     assert again[1:] == out[1:]
+
+
+def test_lmin_upper_bound_by_inverse_iteration_is_as_tight_as_by_eigh():
+    """From an estimate of lmin, two LU solves give a vector whose Rayleigh bound is as tight as
+    the full eigendecomposition's; a breakdown falls back to eigh (the bound never depends on v)."""
+    from monquant.verified import lmin_upper_bound
+
+    g = torch.Generator().manual_seed(5)
+    for n in (2, 17, 120):
+        A = torch.randn(n, n, generator=g, dtype=torch.float64)
+        A = 0.5 * (A + A.T)
+        lam = float(torch.linalg.eigvalsh(A)[0])
+        by_eigh = lmin_upper_bound(A)
+        by_inv = lmin_upper_bound(A, estimate=lam)
+        assert lam <= by_inv <= lam + 1e-10 * float(torch.linalg.matrix_norm(A, 2))
+        assert by_inv == pytest.approx(by_eigh, abs=1e-11 * float(torch.linalg.matrix_norm(A, 2)))
+    eye = torch.eye(4, dtype=torch.float64)  # a multiple eigenvalue, an exactly singular shift
+    assert 1.0 <= lmin_upper_bound(eye, estimate=1.0) <= 1.0 + 1e-12
+    assert lmin_upper_bound(eye, estimate=float("nan")) >= 1.0  # breakdown: eigh decides
