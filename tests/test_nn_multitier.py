@@ -87,7 +87,67 @@ def test_bad_input() -> None:
         build()[0](torch.zeros(2, 399))
     with pytest.raises(ConfigError, match="composite kernels"):
         monquant.quantize_(build(), monquant.QuantConfig(bits=4, targets=("W", "U")))
-    with pytest.raises(ConfigError, match="prepare_qat"):
-        monquant.prepare_qat(build(), monquant.QuantConfig(bits=4), method="ste")
+    with pytest.raises(ConfigError, match="closed form"):
+        monquant.prepare_qat(build(), monquant.QuantConfig(bits=4), method="margin-aware")
+    with pytest.raises(ConfigError, match="free W"):
+        monquant.prepare_qat(build(), monquant.QuantConfig(bits=4), method="proxquant-W")
+    with pytest.raises(ConfigError, match="composite kernels"):
+        monquant.prepare_qat(build(), monquant.QuantConfig(bits=4, targets=("W", "U")))
     with pytest.raises(ConfigError, match="not quantized"):
         monquant.certify_model(build())
+
+
+@pytest.mark.parametrize("method", ["ste", "proxquant-factors"])
+def test_prepare_qat_trains_converts_certifies_and_reloads(method: str) -> None:
+    """STE on every composite kernel (the forward solve runs on Q_b of each, straight through to
+    the factors) or ProxQuant on every factor kernel; convert deploys the kernels, which are
+    certified (ProxQuant on the factors: monotone by construction) and survive a reload."""
+    from monquant.certify_multitier import quantize_kernels
+    from monquant.quant.uniform import quantize
+
+    model = build(3)
+    layer = model[0]
+    config = monquant.QuantConfig(bits=6, granularity="per-channel")
+    monquant.prepare_qat(model, config, method=method, total_steps=4, lam_max=50.0)
+    assert f"({method}, qat)" in repr(layer)
+    if method == "ste":
+        used = layer.used_operator().kernels()
+        comp = layer.operator().composite(differentiable=True)
+        for K, Kq in zip(comp.kernels(), used, strict=True):
+            assert torch.equal(Kq.detach(), quantize(K.detach(), 6, "per-channel").dequantized())
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(6, 1, 20, 20, generator=g), torch.randint(0, 3, (6,), generator=g)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    before = [p.detach().clone() for p in (*layer.P, *layer.Q, *layer.B)]
+    for step in range(4):
+        loss = F.cross_entropy(model(x), y) + monquant.qat_penalty(model)
+        opt.zero_grad()
+        loss.backward()
+        for p in (*layer.P, *layer.Q, *layer.B):
+            assert p.grad is not None and torch.isfinite(p.grad).all()
+        opt.step()
+        monquant.qat_step(model, step, lr=0.05)
+        assert layer.solver.last_forward.all_converged and layer.solver.last_backward.all_converged
+    after = [p.detach() for p in (*layer.P, *layer.Q, *layer.B)]
+    assert any(not torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    monquant.convert(model)
+    assert layer.quant.mode == "quantized" and layer.quant.method == method
+    if method == "ste":  # the deployed kernels are PTQ's of the trained weights
+        ref = quantize_kernels(layer.operator().composite(), 6, "per-channel")
+        for K, q in zip(layer.deployed_operator().kernels(), ref, strict=True):
+            assert torch.equal(K, q.dequantized().to(K.dtype))
+    cert = monquant.certify_model(model)
+    assert cert.verdict in ("certified", "refuted", "undecided")
+    if method == "proxquant-factors":
+        assert cert.verdict == "certified"
+    with torch.no_grad():
+        out = model(x)
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    buf.seek(0)
+    fresh = build(7)
+    fresh.load_state_dict(torch.load(buf, weights_only=True))
+    with torch.no_grad():
+        assert torch.equal(fresh(x), out)
+    assert monquant.certify_model(fresh).to_dict() == cert.to_dict()
+    copy.deepcopy(model)  # nothing unpicklable kept in the layer

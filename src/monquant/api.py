@@ -279,26 +279,32 @@ def prepare_qat(
     (``Q_b(K)`` per tensor or per output channel with straight-through gradients; the
     margin-aware penalty through the exact margin of ``Q_b(K)`` from its Fourier blocks) or, with
     ``proxquant-factors``, on its factor kernels ``A``, ``B`` (``proxquant-W`` needs a free ``W``,
-    which it has not); it quantizes ``W`` only (``targets=('W',)``). MultiTierMonDEQ layers are
-    refused (post-training quantization only so far).
+    which it has not); it quantizes ``W`` only (``targets=('W',)``). A
+    :class:`~monquant.nn.MultiTierMonDEQ` layer trains with ``ste`` (every composite kernel
+    fake-quantized on its own grid) or ``proxquant-factors`` (every factor kernel); margin-aware
+    QAT is refused for it (no closed-form margin of the quantized operator).
 
     Then :func:`convert` hard-quantizes. Returns ``model``.
     """
     if method not in QAT_METHODS:
         raise ConfigError(f"method must be one of {QAT_METHODS}, got {method!r}")
-    if _multitier_layers(model, filter_fn):
-        raise ConfigError("prepare_qat: MultiTierMonDEQ layers support post-training quantization "
-                          "(quantize_) only so far")  # fmt: skip
     if method.startswith("proxquant") and config.mondeq_targets != ("W",):
         raise ConfigError(f"{method} quantizes W (or its factors) only: use targets=('W',)")
-    convs = _conv_layers(model, filter_fn)
+    convs: list[tuple[str, ConvMonDEQ | MultiTierMonDEQ]] = [*_conv_layers(model, filter_fn)]
+    tiers = _multitier_layers(model, filter_fn)
     if convs:
         _require_W_only(config, "ConvMonDEQ", "their composite kernel")
-        if method == "proxquant-W":
-            raise ConfigError("proxquant-W needs a free W, which a ConvMonDEQ layer does not have: "
-                              "use proxquant-factors (its factor kernels A, B)")  # fmt: skip
-    names = [name for name, _ in convs]
-    for _, conv in convs:
+    if tiers:
+        _require_W_only(config, "MultiTierMonDEQ", "their composite kernels")
+        if method == "margin-aware":
+            raise ConfigError("margin-aware QAT needs the exact margin of the quantized operator, "
+                              "which a MultiTierMonDEQ layer does not have in closed form (its "
+                              "certificate is the Weyl tier): use ste or proxquant-factors")  # fmt: skip
+    if (convs or tiers) and method == "proxquant-W":
+        raise ConfigError("proxquant-W needs a free W, which convolutional MonDEQ layers do not have: "
+                          "use proxquant-factors (their factor kernels)")  # fmt: skip
+    names = [name for name, _ in (*convs, *tiers)]
+    for _, conv in (*convs, *tiers):
         q = LayerQuant(config, "qat", method, margin_target if method == "margin-aware" else None)
         if method == "proxquant-factors":
             conv.install_prox(q, total_steps, lam_max)
@@ -329,7 +335,8 @@ def qat_step(model: nn.Module, step: int, lr: float = 1.0) -> None:
     """After ``optimizer.step()`` number ``step``: the ProxQuant prox step ``w <- prox_{lr
     lam_t R}(w)`` of every ProxQuant layer (pass the optimizer's learning rate)."""
     for m in model.modules():
-        if isinstance(m, MonDEQ | ConvMonDEQ) and m.quant is not None and m.quant.prox is not None:
+        if isinstance(m, MonDEQ | ConvMonDEQ | MultiTierMonDEQ) and m.quant is not None \
+                and m.quant.prox is not None:  # fmt: skip
             m.quant.prox.after_step(step, lr)
 
 
@@ -367,6 +374,23 @@ def _convert_conv(layer: ConvMonDEQ) -> None:
     layer.quant = LayerQuant(q.config, "quantized", q.method, q.margin_target, {"K": Kq.to(K.dtype)})
 
 
+@torch.no_grad()
+def _convert_multitier(layer: MultiTierMonDEQ) -> None:
+    """The composite kernels a multi-tier layer deploys after QAT: those of PTQ of the trained
+    weights (STE), or those assembled from the factor kernels frozen on their grids (ProxQuant on
+    the factors: monotone by construction)."""
+    q = layer.quant
+    assert q is not None
+    if q.method == "proxquant-factors":
+        q.prox.freeze()
+        tilde = layer.operator().composite().to(dtype=layer.B[0].dtype, device=layer.B[0].device)
+    else:
+        tilde = _multitier_ptq(layer, q.config)
+    tensors = {f"diag{i}": K for i, K in enumerate(tilde.diag)}
+    tensors.update({f"down{i}": R for i, R in enumerate(tilde.down)})
+    layer.quant = LayerQuant(q.config, "quantized", q.method, q.margin_target, tensors)
+
+
 def convert(model: nn.Module, filter_fn: FilterFn | None = None) -> nn.Module:
     """End training-time quantization in place: every layer in QAT now runs on its hard-quantized
     tensors (STE/margin-aware: ``Q_b`` of the trained weights; ProxQuant: the weights frozen on
@@ -379,6 +403,10 @@ def convert(model: nn.Module, filter_fn: FilterFn | None = None) -> nn.Module:
     for name, conv in _conv_layers(model, filter_fn):
         if conv.quant is not None and conv.quant.mode == "qat":
             _convert_conv(conv)
+            names.append(name)
+    for name, tier in _multitier_layers(model, filter_fn):
+        if tier.quant is not None and tier.quant.mode == "qat":
+            _convert_multitier(tier)
             names.append(name)
     if not names:
         raise ConfigError("convert: no MonDEQ layer is in quantization-aware training "

@@ -131,8 +131,9 @@ class MultiTierMonDEQLayer(nn.Module):
     in_channels, H, W)`` (or is flattened to ``(batch, in_channels * H * W)``).
 
     ``weight_transform`` and ``factor_transform`` exist for the training loop's hooks and stay
-    ``None``: training-time quantization of multi-tier layers is not implemented (refused by the
-    callers that would install them).
+    ``None``: ``monquant train`` refuses training-time quantization of multi-tier models; the
+    library layer :class:`monquant.nn.MultiTierMonDEQ` has it (``monquant.prepare_qat``: STE on the
+    composite kernels, ProxQuant on the factor kernels).
     """
 
     def __init__(self, config: MultiTierMonDEQConfig, solver: EquilibriumSolver | None = None) -> None:

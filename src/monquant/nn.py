@@ -458,7 +458,8 @@ class MultiTierMonDEQ(_QuantState, MultiTierMonDEQLayer):
         self.quant: LayerQuant | None = None
 
     def deployed_operator(self) -> Any:
-        """The quantized composite kernels' operator when quantized, else the float one."""
+        """The quantized composite kernels' operator when quantized, else the one the layer
+        trains on (float, or fake-quantized under STE QAT)."""
         from monquant.operators.multitier import MultiTierConvOperator
 
         if self.quant is not None and self.quant.mode == "quantized":
@@ -466,7 +467,42 @@ class MultiTierMonDEQ(_QuantState, MultiTierMonDEQLayer):
             return MultiTierConvOperator([t[f"diag{i}"] for i in range(T)],
                                          [t[f"down{i}"] for i in range(T - 1)], self.image,
                                          checked=True)  # fmt: skip
-        return self.operator()
+        return self.used_operator()
+
+    def used_operator(self, W: Any = None) -> Any:
+        """Under STE QAT: every composite kernel (one per diagonal block and per coupling)
+        fake-quantized on its own grid, with straight-through gradients to the factors, as
+        ``quantize_`` would quantize them; else as the float layer."""
+        from monquant.operators.multitier import MultiTierConvOperator
+
+        q = self.quant
+        if W is not None or q is None or q.mode != "qat" or q.method != "ste":
+            return super().used_operator(W)
+        c = q.config
+        comp = self.operator().composite(differentiable=True)
+        return MultiTierConvOperator.from_kernels(
+            [fake_quant(K, c.bits, c.granularity_of("W"), step_rule=c.step_rule) for K in comp.kernels()],
+            self.image, checked=True)  # fmt: skip
+
+    def install_prox(self, q: LayerQuant, total_steps: int = 1000, lam_max: float = 5.0) -> None:
+        """Attach ProxQuant's driver to ``q`` (``proxquant-factors``): every factor kernel (the
+        tiers' ``P_i``, ``B_i`` and the couplings' ``Q_i``) moves toward its own ``q.config.bits``
+        -bit uniform grid, ``lam_t`` linear from 0 to ``lam_max`` over ``total_steps``. The operator
+        assembled from factors on their grids is monotone by construction."""
+        from monquant.quant.prox import Grid, ProxQuantizer, lambda_schedule
+
+        c = q.config
+        grid = Grid("uniform", c.bits, c.granularity)  # type: ignore[arg-type]
+        sched = lambda_schedule("linear", lam_max=lam_max, total_steps=max(1, total_steps))
+        q.prox = ProxQuantizer([(p, grid) for p in (*self.P, *self.Q, *self.B)], sched)
+
+    def set_extra_state(self, state: Any) -> None:
+        super().set_extra_state(state)
+        q = self.quant
+        if q is not None:
+            q.tensors = {k: v.to(self.B[0].device) for k, v in q.tensors.items()}
+            if q.mode == "qat" and q.method.startswith("proxquant"):
+                self.install_prox(q)  # the driver is rebuilt (recalibrated), not unpickled
 
     def forward(self, x: torch.Tensor, W: Any = None) -> torch.Tensor:
         return self.solve(x, self.operator_of(W) if W is not None else self.deployed_operator())
@@ -479,7 +515,8 @@ class MultiTierMonDEQ(_QuantState, MultiTierMonDEQLayer):
                 f"(now {float(self.margin().detach()):.4g}), "
                 f"solver={s.method}(tol={s.tol:g}, max_iter={s.max_iter})"
                 + (f", quant={self.quant.config.bits}-bit {self.quant.config.granularity} "
-                   "composite kernels" if self.quant is not None else ""))  # fmt: skip
+                   f"composite kernels ({self.quant.method}, {self.quant.mode})"
+                   if self.quant is not None else ""))  # fmt: skip
 
 
 class _QuantLayer:
