@@ -48,7 +48,7 @@ test: lint typecheck
 	$(PY) -m pytest -q
 
 reproduce: $(STAMP)
-	$(VENV)/bin/monquant reproduce --out results/paper
+	$(VENV)/bin/monquant reproduce --out results/paper --executor process
 
 reproduce-quick: $(STAMP)
 	$(VENV)/bin/monquant reproduce --quick --out results/quick
