@@ -29,6 +29,25 @@ def random_monotone_W(
     return wk_weight(A, B, m)
 
 
+def assert_reloads_identically(model, make, x: torch.Tensor) -> None:
+    """``model``'s state dict, loaded into a fresh ``make()``, gives the same outputs on ``x`` to
+    the bit and the same model certificate (the quantization state travels with the weights)."""
+    import io
+
+    import monquant
+
+    with torch.no_grad():
+        out = model(x)
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    buf.seek(0)
+    fresh = make()
+    fresh.load_state_dict(torch.load(buf, weights_only=True))
+    with torch.no_grad():
+        assert torch.equal(fresh(x), out)
+    assert monquant.certify_model(fresh).to_dict() == monquant.certify_model(model).to_dict()
+
+
 def write_tiny_mnist(folder: Path, n_train: int, n_test: int) -> Path:
     """Raw IDX files of learnable 28 x 28 images in ``folder`` (class k lights up its own band
     of pixels): train and t10k splits, seeds 0 and 1."""

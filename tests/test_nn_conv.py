@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import assert_reloads_identically
 from torch import nn
 from torch.nn import functional as F
 
@@ -46,7 +47,7 @@ def test_conv_mondeq_refuses_bad_sizes() -> None:
         ConvMonDEQ(1, 2, (8, 8), margin=0.1, margin_floor=0.2)
 
 
-def test_quantize_and_certify_a_conv_model_then_reload(tmp_path) -> None:
+def test_quantize_and_certify_a_conv_model_then_reload() -> None:
     import monquant
     from monquant.certify import certify
     from monquant.nn import QuantConv2d
@@ -77,12 +78,7 @@ def test_quantize_and_certify_a_conv_model_then_reload(tmp_path) -> None:
     with torch.no_grad():
         out = model(x)
     assert torch.allclose(out, ref, atol=5e-2)
-    torch.save(model.state_dict(), tmp_path / "m.pt")
-    fresh = make()
-    fresh.load_state_dict(torch.load(tmp_path / "m.pt", weights_only=True))
-    with torch.no_grad():
-        assert torch.equal(fresh(x), out)
-    assert monquant.certify_model(fresh).to_dict() == cert.to_dict()
+    assert_reloads_identically(model, make, x)
     with pytest.raises(ConfigError, match="free W"):
         monquant.prepare_qat(make(), monquant.QuantConfig(bits=4), method="proxquant-W")
     with pytest.raises(ConfigError, match="composite kernel"):
@@ -92,7 +88,7 @@ def test_quantize_and_certify_a_conv_model_then_reload(tmp_path) -> None:
 
 
 @pytest.mark.parametrize("method", ["ste", "margin-aware", "proxquant-factors"])
-def test_prepare_qat_of_a_conv_layer_trains_converts_certifies_and_reloads(method, tmp_path) -> None:
+def test_prepare_qat_of_a_conv_layer_trains_converts_certifies_and_reloads(method) -> None:
     """QAT of the composite kernel (STE, margin-aware) or of the factor kernels (ProxQuant), then
     convert: the layer deploys K~, is certified from the Fourier blocks, and reloads identically."""
     import monquant
@@ -147,11 +143,4 @@ def test_prepare_qat_of_a_conv_layer_trains_converts_certifies_and_reloads(metho
     assert cert.verdict in ("certified", "refuted", "undecided")
     if method == "proxquant-factors":
         assert cert.verdict == "certified"
-    with torch.no_grad():
-        out = model(x)
-    torch.save(model.state_dict(), tmp_path / "m.pt")
-    fresh = make()
-    fresh.load_state_dict(torch.load(tmp_path / "m.pt", weights_only=True))
-    with torch.no_grad():
-        assert torch.equal(fresh(x), out)
-    assert monquant.certify_model(fresh).to_dict() == cert.to_dict()
+    assert_reloads_identically(model, make, x)

@@ -6,10 +6,10 @@ survives a reload into a fresh model, and bad input is refused."""
 from __future__ import annotations
 
 import copy
-import io
 
 import pytest
 import torch
+from conftest import assert_reloads_identically
 from torch import nn
 from torch.nn import functional as F
 
@@ -64,14 +64,8 @@ def test_quantize_certify_and_reload() -> None:
     with torch.no_grad():
         y_q = q(x)
     assert 0 < float((y_q - y_float).abs().max()) < 0.05  # it runs on the quantized operator
-    buf = io.BytesIO()
-    torch.save(q.state_dict(), buf)
-    buf.seek(0)
-    fresh = build(seed=5)
-    fresh.load_state_dict(torch.load(buf, weights_only=True))
-    with torch.no_grad():
-        assert torch.equal(fresh(x), y_q)
-    assert "8-bit per-channel composite kernels" in repr(fresh[0])
+    assert_reloads_identically(q, lambda: build(seed=5), x)
+    assert "8-bit per-channel composite kernels" in repr(q[0])
     low = monquant.certify_model(model, monquant.QuantConfig(bits=2))
     assert low.layers["0"].dW_norm_upper > after.layers["0"].dW_norm_upper
 
@@ -140,14 +134,5 @@ def test_prepare_qat_trains_converts_certifies_and_reloads(method: str) -> None:
     assert cert.verdict in ("certified", "refuted", "undecided")
     if method == "proxquant-factors":
         assert cert.verdict == "certified"
-    with torch.no_grad():
-        out = model(x)
-    buf = io.BytesIO()
-    torch.save(model.state_dict(), buf)
-    buf.seek(0)
-    fresh = build(7)
-    fresh.load_state_dict(torch.load(buf, weights_only=True))
-    with torch.no_grad():
-        assert torch.equal(fresh(x), out)
-    assert monquant.certify_model(fresh).to_dict() == cert.to_dict()
+    assert_reloads_identically(model, lambda: build(7), x)
     copy.deepcopy(model)  # nothing unpicklable kept in the layer
