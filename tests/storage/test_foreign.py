@@ -124,7 +124,7 @@ def test_cli_import_then_certify_and_every_command_accepts_it(tmp_path: Path, ca
     info = json.loads(capsys.readouterr().out)
     loaded = load_model(out)
     assert loaded.metadata["imported_from"]["layout"] == "mondeq-quant"
-    assert info["m"] == pytest.approx(float(loaded.model.layer.margin()), rel=1e-6)
+    assert info["m"] == pytest.approx(float(loaded.model.layer.margin().detach()), rel=1e-6)
     assert info["rank"] == 4
     assert main(["certify", str(out), "--bits", "4", "8", "--json"]) == 0
     certs = json.loads(capsys.readouterr().out)
