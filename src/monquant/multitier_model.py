@@ -130,10 +130,9 @@ class MultiTierMonDEQLayer(nn.Module):
     """Equilibrium layer on a multi-tier state (module docstring). ``x`` has shape ``(batch,
     in_channels, H, W)`` (or is flattened to ``(batch, in_channels * H * W)``).
 
-    ``weight_transform`` and ``factor_transform`` exist for the training loop's hooks and stay
-    ``None``: ``monquant train`` refuses training-time quantization of multi-tier models; the
-    library layer :class:`monquant.nn.MultiTierMonDEQ` has it (``monquant.prepare_qat``: STE on the
-    composite kernels, ProxQuant on the factor kernels).
+    Hooks, as on the dense and convolutional layers: ``weight_transform(op)`` maps the float
+    operator to the one the forward solve uses (STE QAT: every composite kernel fake-quantized,
+    :func:`monquant.training.loop.install_qat`); ``factor_transform`` is unused here.
     """
 
     def __init__(self, config: MultiTierMonDEQConfig, solver: EquilibriumSolver | None = None) -> None:
@@ -200,8 +199,15 @@ class MultiTierMonDEQLayer(nn.Module):
 
     def used_operator(self, W: Any = None) -> TieredOperator:
         """The operator the forward solve uses: ``W`` (an operator on the same tiers) if given,
-        else the float one."""
-        return self.operator_of(W) if W is not None else self.operator()
+        else the float one, mapped by ``weight_transform`` when one is installed."""
+        if W is not None:
+            return self.operator_of(W)
+        op = self.operator()
+        return self.weight_transform(op) if self.weight_transform is not None else op
+
+    def effective_weight(self) -> TieredOperator:
+        """The operator the forward pass uses (the training loop's name for it)."""
+        return self.used_operator()
 
     def injection(self, x: torch.Tensor) -> torch.Tensor:
         """``q``: ``U * x + b_0`` on tier 0 and ``b_i`` on tier ``i``, flattened ``(batch, n)``."""

@@ -117,8 +117,42 @@ def test_train_multitier_then_certify_and_eval_its_checkpoint(capsys, multitier_
     rc, out, err = run(capsys, "export", model, "--bits", "8", "--out", tmp_path / "d.npz")
     assert rc == 2 and err.startswith("monquant export: error:") and "multi-tier" in err
     rc, out, err = run(capsys, "train", "--out", tmp_path / "t", "--arch", "multitier", "--qat-bits", "4",
-                       "--data-dir", data, "--no-download")  # fmt: skip
+                       "--margin-target", "0.1", "--data-dir", data, "--no-download")  # fmt: skip
     assert rc == 2 and "not implemented for --arch multitier" in err
+
+
+def test_train_multitier_with_qat_then_ptq_deploys_what_it_trained_on(
+    capsys, multitier_run, tmp_path
+) -> None:
+    """STE QAT of a multi-tier model (every composite kernel fake-quantized on its own grid): each
+    epoch logs the proved margin bounds of the operator it trained on, and ptq of the checkpoint
+    deploys that operator's kernels and certifies them."""
+    from monquant.storage.checkpoints import load_model
+    from monquant.training.loop import fake_quant_tiers
+
+    _, data = multitier_run
+    out = tmp_path / "qat"
+    rc, _, err = run(capsys, "train", "--out", out, "--arch", "multitier", "--tier-channels", "1", "2", "2",
+                     "--epochs", "1", "--batch-size", "64", "--margin-init", "0.5", "--qat-bits", "6",
+                     "--granularity", "per-channel", "--data-dir", data, "--no-download", "--no-progress",
+                     "--json")  # fmt: skip
+    assert rc == 0, err
+    entry = json.loads((out / "log.json").read_text())["history"][-1]
+    assert entry["margin_quantized_verdict"] in ("certified", "refuted", "undecided")
+    assert entry["margin_quantized_lower"] <= entry["margin_quantized"] + 1e-9
+    assert entry["train_unconverged"] == 0
+    rc, text, err = run(capsys, "ptq", out / "model.safetensors", "--bits", "6", "--granularity",
+                        "per-channel", "--out", tmp_path / "q.safetensors", "--data-dir", data,
+                        "--no-download", "--no-progress", "--json")  # fmt: skip
+    assert rc == 0, err
+    layer = load_model(out / "model.safetensors").model.layer
+    trained_on = fake_quant_tiers(layer.operator(), 6, "per-channel")
+    deployed = load_model(tmp_path / "q.safetensors").quantized.overrides()["W"]
+    for K, Kd in zip(trained_on.kernels(), deployed.kernels(), strict=True):  # one grid step apart
+        step = float(Kd.abs().max()) / 2**5  # at most, where float32 and float64 round differently
+        assert float((K.detach().double() - Kd.double()).abs().max()) <= step
+        assert float((K.detach().double() - Kd.double()).abs().mean()) <= 1e-3 * step
+    assert json.loads(text)["certificate"]["verdict"] in ("certified", "refuted", "undecided")
 
 
 def test_ptq_of_a_multitier_checkpoint_is_certified_saved_and_reloaded(

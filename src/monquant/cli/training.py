@@ -27,6 +27,7 @@ EPILOG_TRAIN = """examples:
   torchrun --nproc-per-node 2 -m monquant train --out runs/ddp   # data-parallel (gloo on CPU)
   monquant train --out runs/conv --arch conv --channels 16 --kernel 3 --margin-init 0.5
   monquant train --out runs/conv4 --arch conv --qat-bits 4 --granularity per-channel
+  monquant train --out runs/tiers6 --arch multitier --qat-bits 6 --granularity per-channel
   monquant train --out runs/tiers --arch multitier --tier-channels 8 16 32 --margin-init 0.5
 """
 

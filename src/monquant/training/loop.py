@@ -20,6 +20,7 @@ from torch.nn import functional as F
 
 from monquant.errors import ConfigError, MonquantError
 from monquant.model import MonDEQClassifier
+from monquant.multitier_model import MultiTierMonDEQLayer
 from monquant.progress import progress_bar
 from monquant.quant.uniform import check_bits, fake_quant
 from monquant.training import distributed as dist
@@ -159,10 +160,26 @@ def install_qat(
         layer.weight_transform = None
         return
     b = check_bits(bits)
+    if isinstance(layer, MultiTierMonDEQLayer):  # every composite kernel, each on its own grid
+        if tuple(parts) != ("W",):
+            raise ConfigError("a multi-tier model quantizes W (its composite kernels) only")
+        layer.weight_transform = lambda op: fake_quant_tiers(op, b, granularity)
+        return
     layer.weight_transform = (lambda W: fake_quant(W, b, granularity)) if "W" in parts else None
     extra = {p: ("per-tensor" if p == "b" else granularity) for p in parts if p in ("U", "b")}
     if extra:
         layer.factor_transform = lambda name, t: fake_quant(t, b, extra[name]) if name in extra else t
+
+
+def fake_quant_tiers(op: Any, bits: int, granularity: str) -> Any:
+    """A multi-tier operator's composite kernels (differentiable in its factors) fake-quantized,
+    each on its own grid, with straight-through gradients: the ``W~`` that ``monquant ptq``
+    deploys from the same weights, up to the dtype the kernels are formed in."""
+    from monquant.operators.multitier import MultiTierConvOperator
+
+    kernels = op.composite(differentiable=True).kernels()
+    return MultiTierConvOperator.from_kernels([fake_quant(K, bits, granularity) for K in kernels],
+                                              op.image, checked=True)  # fmt: skip
 
 
 def margin_penalty(model: MonDEQClassifier, cfg: TrainConfig) -> torch.Tensor | None:
@@ -402,8 +419,15 @@ def _finite_params(params: list[torch.Tensor]) -> bool:
 
 
 def proved_margin_bounds(layer: Any, W: torch.Tensor) -> tuple[float, float, float]:
-    """``(lower, upper, computed)`` for ``margin`` of the operator of ``W`` (a dense weight or a
-    convolutional layer's kernel): the bounds are proved, ``computed`` is an estimate."""
+    """``(lower, upper, computed)`` for ``margin`` of the operator of ``W`` (a dense weight, a
+    convolutional layer's kernel, or a multi-tier operator: its Weyl bound against the layer's
+    float operator and the diagonal blocks' upper bound): the bounds are proved, ``computed`` is
+    an estimate."""
+    if not isinstance(W, torch.Tensor):
+        from monquant.certify_multitier import certify_multitier
+
+        c = certify_multitier(layer.reference_weight(), tilde=W.detach())
+        return c.margin_quantized_lower, c.margin_quantized_upper, c.margin_quantized
     if W.dim() == 4:
         from monquant.certify_conv import conv_spectral_bounds
 

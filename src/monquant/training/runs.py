@@ -74,10 +74,12 @@ class TrainRequest:
         if req.arch != "fc" and train.robust_eps:
             raise ConfigError("robust_eps (Lipschitz-margin training) is implemented for the dense "
                               f"MonDEQ only, not for --arch {req.arch}")  # fmt: skip
-        if req.arch == "multitier" and (train.qat_bits is not None or train.margin_target is not None):
-            raise ConfigError("quantization-aware training (--qat-bits, --margin-target) is not "
-                              "implemented for --arch multitier: train it in float, then 'monquant certify' "
-                              "it (or monquant.quantize_ it in Python)")  # fmt: skip
+        if req.arch == "multitier" and train.margin_target is not None:
+            raise ConfigError("margin-aware training (--margin-target) is not implemented for --arch "
+                              "multitier: the quantized multi-tier operator has no closed-form margin "
+                              "(its certificate is the Weyl tier); use --qat-bits alone (STE)")  # fmt: skip
+        if req.arch == "multitier" and train.qat_bits is not None and tuple(train.qat_parts) != ("W",):
+            raise ConfigError("--arch multitier quantizes W (its composite kernels) only")
         return req
 
     def model_config(
