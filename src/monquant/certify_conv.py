@@ -129,7 +129,8 @@ def _embed(M: torch.Tensor) -> torch.Tensor:
 
 def _fro_max(M: torch.Tensor) -> float:
     """A proved upper bound on the largest Frobenius norm in a batch (real or complex)."""
-    sq = (M.abs() ** 2 if M.is_complex() else M.square()).sum(dim=(-2, -1))
+    flat = (torch.view_as_real(M.resolve_conj()) if M.is_complex() else M).reshape(*M.shape[:-2], -1)
+    sq = flat.square().sum(dim=-1)  # |M_ij|^2 as re^2 + im^2 (no complex abs)
     k = int(M.shape[-1] * M.shape[-2]) * (2 if M.is_complex() else 1)
     return up(math.sqrt(inflate(float(sq.max()), k + 4))) if bool((sq > 0).any()) else 0.0
 

@@ -151,7 +151,7 @@ def cholesky_lower_bounds(A: torch.Tensor, tau: list[float], *, _owned: bool = F
     """
     A64 = _f64(A)
     n = int(A64.shape[-1])
-    Ash = A64 if _owned and A64 is A else A64.clone()
+    Ash = A64 if _owned else A64.clone()
     diag = Ash.diagonal(dim1=-2, dim2=-1)
     diag.sub_(torch.tensor(tau, dtype=torch.float64, device=A64.device).unsqueeze(-1))
     R, info = torch.linalg.cholesky_ex(Ash)
@@ -178,16 +178,17 @@ def cholesky_lower_bounds(A: torch.Tensor, tau: list[float], *, _owned: bool = F
     return out
 
 
-def cholesky_lower_bound(A: torch.Tensor, tau: float) -> float | None:
+def cholesky_lower_bound(A: torch.Tensor, tau: float, *, _owned: bool = False) -> float | None:
     """Verified ``lmin(A) >= tau - err`` if Cholesky of ``fl(A - tau I)`` completes, else ``None``.
 
     ``A`` must be exactly symmetric (as stored); the error terms are those of
     :func:`cholesky_lower_bounds`. A batch ``(..., n, n)`` is verified in one batched factorization:
-    the bound then holds for every matrix of the batch (the smallest of their bounds).
+    the bound then holds for every matrix of the batch (the smallest of their bounds). (``_owned``:
+    ``A`` is a temporary of the caller's that may be shifted in place.)
     """
     A64 = _f64(A)
     batch = A64.reshape(-1, *A64.shape[-2:])
-    bounds = cholesky_lower_bounds(batch, [float(tau)] * int(batch.shape[0]))
+    bounds = cholesky_lower_bounds(batch, [float(tau)] * int(batch.shape[0]), _owned=_owned)
     if any(b is None for b in bounds):
         return None
     return min(b for b in bounds if b is not None)
@@ -210,7 +211,7 @@ def shifted_lmax_upper(G: torch.Tensor, lam: float, base: float) -> float | None
     verified positive definite; ``None`` when none is."""
     for k in range(6):
         s = lam + base * 4.0 * 16.0**k + UNDERFLOW_UNIT
-        lb = cholesky_lower_bound(-G, -s)  # lmin(-G) >= lb  <=>  lmax(G) <= -lb
+        lb = cholesky_lower_bound(-G, -s, _owned=True)  # lmin(-G) >= lb  <=>  lmax(G) <= -lb
         if lb is not None:
             return -lb
     return None
