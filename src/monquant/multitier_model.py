@@ -33,6 +33,7 @@ from monquant.model import check_margin_settings, default_solver, register_margi
 from monquant.operators.conv import check_kernel
 from monquant.operators.matrix import OperatorError
 from monquant.operators.multitier import (
+    MultiTierConvOperator,
     MultiTierWKOperator,
     TieredOperator,
     split_tiers,
@@ -124,6 +125,18 @@ class MultiTierMonDEQConfig:
         d["image"] = list(self.image)
         d["tier_channels"] = list(self.tier_channels)
         return d
+
+
+def fake_quant_tiers(op: Any, bits: int, granularity: str = "per-tensor", step_rule: str = "paper") -> Any:
+    """A multi-tier operator's composite kernels (differentiable in its factors) fake-quantized,
+    each on its own grid, with straight-through gradients: the ``W~`` that PTQ deploys from the
+    same weights (:func:`monquant.certify_multitier.quantize_kernels`), up to the dtype the kernels
+    are formed in."""
+    from monquant.quant.uniform import fake_quant
+
+    kernels = op.composite(differentiable=True).kernels()
+    return MultiTierConvOperator.from_kernels(
+        [fake_quant(K, bits, granularity, step_rule=step_rule) for K in kernels], op.image, checked=True)
 
 
 class MultiTierMonDEQLayer(nn.Module):

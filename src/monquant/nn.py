@@ -19,6 +19,7 @@ The model-level functions (``quantize_``, ``prepare_qat``, ``convert``, ``certif
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -30,7 +31,7 @@ from monquant.conv_model import ConvMonDEQConfig, ConvMonDEQLayer
 from monquant.errors import CheckpointError, ConfigError
 from monquant.implicit import EquilibriumSolver
 from monquant.model import MonDEQConfig, MonDEQLayer
-from monquant.multitier_model import MultiTierMonDEQConfig, MultiTierMonDEQLayer
+from monquant.multitier_model import MultiTierMonDEQConfig, MultiTierMonDEQLayer, fake_quant_tiers
 from monquant.operators import margin_tensor
 from monquant.qconfig import QuantConfig
 from monquant.quant.uniform import fake_quant, quantize
@@ -51,6 +52,19 @@ QAT_METHODS: tuple[str, ...] = ("ste", "margin-aware", "proxquant-W", "proxquant
 EXTRA_STATE_FORMAT = 1
 #: architecture fields that a loaded state must match (the rest, e.g. the solver, is restored)
 _ARCHITECTURE = ("in_features", "hidden", "rank", "parameterization")
+
+
+def _prox_driver(
+    config: QuantConfig, params: Sequence[torch.Tensor], total_steps: int, lam_max: float
+) -> Any:
+    """ProxQuant's driver (Bai, Wang and Liberty) for ``params``: each toward its own
+    ``config.bits``-bit uniform grid (per output channel with ``per-channel``), the prox strength
+    ``lam_t`` linear from 0 to ``lam_max`` over ``total_steps``."""
+    from monquant.quant.prox import Grid, ProxQuantizer, lambda_schedule
+
+    grid = Grid("uniform", config.bits, config.granularity)  # type: ignore[arg-type]
+    sched = lambda_schedule("linear", lam_max=lam_max, total_steps=max(1, total_steps))
+    return ProxQuantizer([(p, grid) for p in params], sched)
 
 
 @dataclass
@@ -202,13 +216,8 @@ class MonDEQ(MonDEQLayer):
         """Attach ProxQuant's driver to ``q``: the prox toward the ``q.config.bits``-bit uniform
         grid of ``W`` (``proxquant-W``, free ``W``) or of ``A`` and ``B``
         (``proxquant-factors``), with ``lam_t`` linear from 0 to ``lam_max`` over ``total_steps``."""
-        from monquant.quant.prox import Grid, ProxQuantizer, lambda_schedule
-
-        c = q.config
         params = [self.W] if q.method == "proxquant-W" else [self.A, self.B]
-        grid = Grid("uniform", c.bits, c.granularity)  # type: ignore[arg-type]
-        sched = lambda_schedule("linear", lam_max=lam_max, total_steps=max(1, total_steps))
-        q.prox = ProxQuantizer([(p, grid) for p in params], sched)
+        q.prox = _prox_driver(q.config, params, total_steps, lam_max)
 
     def qat_penalty(self) -> torch.Tensor:
         """The margin-aware penalty ``relu(tau - margin(Q_b(W)))`` (0 for other methods)."""
@@ -364,12 +373,7 @@ class ConvMonDEQ(_QuantState, ConvMonDEQLayer):
         ``q.config.bits``-bit uniform grids of the factor kernels ``A`` and ``B`` (per output
         channel with ``per-channel``), ``lam_t`` linear from 0 to ``lam_max`` over ``total_steps``.
         The operator assembled from factors on their grids is monotone by construction."""
-        from monquant.quant.prox import Grid, ProxQuantizer, lambda_schedule
-
-        c = q.config
-        grid = Grid("uniform", c.bits, c.granularity)  # type: ignore[arg-type]
-        sched = lambda_schedule("linear", lam_max=lam_max, total_steps=max(1, total_steps))
-        q.prox = ProxQuantizer([(self.A, grid), (self.B, grid)], sched)
+        q.prox = _prox_driver(q.config, [self.A, self.B], total_steps, lam_max)
 
     def qat_penalty(self) -> torch.Tensor:
         """The margin-aware penalty ``relu(tau - margin(Q_b(K)))``, the exact margin of the
@@ -473,28 +477,18 @@ class MultiTierMonDEQ(_QuantState, MultiTierMonDEQLayer):
         """Under STE QAT: every composite kernel (one per diagonal block and per coupling)
         fake-quantized on its own grid, with straight-through gradients to the factors, as
         ``quantize_`` would quantize them; else as the float layer."""
-        from monquant.operators.multitier import MultiTierConvOperator
-
         q = self.quant
         if W is not None or q is None or q.mode != "qat" or q.method != "ste":
             return super().used_operator(W)
         c = q.config
-        comp = self.operator().composite(differentiable=True)
-        return MultiTierConvOperator.from_kernels(
-            [fake_quant(K, c.bits, c.granularity_of("W"), step_rule=c.step_rule) for K in comp.kernels()],
-            self.image, checked=True)  # fmt: skip
+        return fake_quant_tiers(self.operator(), c.bits, c.granularity_of("W"), c.step_rule)
 
     def install_prox(self, q: LayerQuant, total_steps: int = 1000, lam_max: float = 5.0) -> None:
         """Attach ProxQuant's driver to ``q`` (``proxquant-factors``): every factor kernel (the
         tiers' ``P_i``, ``B_i`` and the couplings' ``Q_i``) moves toward its own ``q.config.bits``
         -bit uniform grid, ``lam_t`` linear from 0 to ``lam_max`` over ``total_steps``. The operator
         assembled from factors on their grids is monotone by construction."""
-        from monquant.quant.prox import Grid, ProxQuantizer, lambda_schedule
-
-        c = q.config
-        grid = Grid("uniform", c.bits, c.granularity)  # type: ignore[arg-type]
-        sched = lambda_schedule("linear", lam_max=lam_max, total_steps=max(1, total_steps))
-        q.prox = ProxQuantizer([(p, grid) for p in (*self.P, *self.Q, *self.B)], sched)
+        q.prox = _prox_driver(q.config, [*self.P, *self.Q, *self.B], total_steps, lam_max)
 
     def set_extra_state(self, state: Any) -> None:
         super().set_extra_state(state)

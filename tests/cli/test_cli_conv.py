@@ -127,8 +127,8 @@ def test_train_multitier_with_qat_then_ptq_deploys_what_it_trained_on(
     """STE QAT of a multi-tier model (every composite kernel fake-quantized on its own grid): each
     epoch logs the proved margin bounds of the operator it trained on, and ptq of the checkpoint
     deploys that operator's kernels and certifies them."""
+    from monquant.multitier_model import fake_quant_tiers
     from monquant.storage.checkpoints import load_model
-    from monquant.training.loop import fake_quant_tiers
 
     _, data = multitier_run
     out = tmp_path / "qat"

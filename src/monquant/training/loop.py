@@ -20,7 +20,7 @@ from torch.nn import functional as F
 
 from monquant.errors import ConfigError, MonquantError
 from monquant.model import MonDEQClassifier
-from monquant.multitier_model import MultiTierMonDEQLayer
+from monquant.multitier_model import MultiTierMonDEQLayer, fake_quant_tiers
 from monquant.progress import progress_bar
 from monquant.quant.uniform import check_bits, fake_quant
 from monquant.training import distributed as dist
@@ -169,17 +169,6 @@ def install_qat(
     extra = {p: ("per-tensor" if p == "b" else granularity) for p in parts if p in ("U", "b")}
     if extra:
         layer.factor_transform = lambda name, t: fake_quant(t, b, extra[name]) if name in extra else t
-
-
-def fake_quant_tiers(op: Any, bits: int, granularity: str) -> Any:
-    """A multi-tier operator's composite kernels (differentiable in its factors) fake-quantized,
-    each on its own grid, with straight-through gradients: the ``W~`` that ``monquant ptq``
-    deploys from the same weights, up to the dtype the kernels are formed in."""
-    from monquant.operators.multitier import MultiTierConvOperator
-
-    kernels = op.composite(differentiable=True).kernels()
-    return MultiTierConvOperator.from_kernels([fake_quant(K, bits, granularity) for K in kernels],
-                                              op.image, checked=True)  # fmt: skip
 
 
 def margin_penalty(model: MonDEQClassifier, cfg: TrainConfig) -> torch.Tensor | None:
