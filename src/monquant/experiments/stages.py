@@ -58,21 +58,27 @@ class StageRunner:
         return read_json(path)["result"]
 
 
-def run_task_stages(runner: StageRunner, spec: Any, tasks: list[Any], payload: Any) -> dict[str, Any]:
+def run_task_stages(
+    runner: StageRunner, spec: Any, tasks: list[Any], payload: Any, *, keep_failures: bool = False
+) -> dict[str, Any]:
     """Run independent stages as tasks on an executor (:mod:`monquant.executors`): each task is one
     stage named after it; finished ones are skipped on resume, each result is recorded by this
     process as it arrives. A failed task is not saved (``--resume`` retries it); when any failed,
-    this raises after the others are saved. Returns every stage's result by name."""
+    this raises after the others are saved, or with ``keep_failures`` returns its
+    :class:`~monquant.executors.TaskFailure` in its place (for a caller that reports it as a row).
+    Returns every stage's result by name."""
     from monquant.errors import MonquantError
     from monquant.executors import TaskFailure, run_tasks
 
     done = {t.name: runner.run(t.name, lambda: None) for t in tasks if runner.done(t.name)}
     failures = []
     for task, result, seconds in run_tasks(spec, [t for t in tasks if t.name not in done], payload):
-        if isinstance(result, TaskFailure):
-            failures.append(f"{task.name}: {result.error}")
-        else:
+        if not isinstance(result, TaskFailure):
             done[task.name] = runner.record(task.name, result, seconds)
+        elif keep_failures:
+            done[task.name] = result
+        else:
+            failures.append(f"{task.name}: {result.error}")
     if failures:
         raise MonquantError("stages failed (the others are saved; --resume retries): "
                             + "; ".join(failures))  # fmt: skip

@@ -279,20 +279,19 @@ def _qat(cfg: ConvStudyConfig, runner: StageRunner, model_path: str, data: MNIST
     study's executor (finished ones are skipped on resume, so a configuration can be added to a
     finished study). A failed one is a row with its error (reported, never dropped; not saved, so
     ``--resume`` retries it)."""
-    from monquant.executors import Task, TaskFailure, run_tasks
+    from monquant.executors import Task, TaskFailure
+    from monquant.experiments.stages import run_task_stages
     from monquant.training.methods import QuantMethod
 
     assert cfg.qat_rows is not None
     tasks = [Task(f"qat_{kind}_{b}", _qat_row, (cfg, model_path, kind, b)) for kind, b in cfg.qat_rows]
-    rows = {t.name: runner.run(t.name, lambda: None) for t in tasks if runner.done(t.name)}
-    for task, result, seconds in run_tasks(cfg.executor_spec(), [t for t in tasks if t.name not in rows],
-                                           data):  # fmt: skip
-        if isinstance(result, TaskFailure):
+    rows = run_task_stages(runner, cfg.executor_spec(), tasks, data, keep_failures=True)
+    for task in tasks:
+        failure = rows[task.name]
+        if isinstance(failure, TaskFailure):
             kind, b = task.args[2], task.args[3]
-            rows[task.name] = {"kind": kind, "bits": b, "status": "failed", "error": result.error,
+            rows[task.name] = {"kind": kind, "bits": b, "status": "failed", "error": failure.error,
                                "label": QuantMethod.default(kind, b, "per-channel").label}  # fmt: skip
-        else:
-            rows[task.name] = runner.record(task.name, result, seconds)
     samples = subset(data.x_test, data.y_test, cfg.test_limit)[0].shape[0]
     return {"rows": [rows[t.name] for t in tasks], "samples": int(samples)}
 
