@@ -108,11 +108,17 @@ def _multitier_ptq(layer: MultiTierMonDEQ, config: QuantConfig) -> Any:
     return tilde.to(dtype=layer.B[0].dtype, device=layer.B[0].device)
 
 
-def _quantize_multitier(layer: MultiTierMonDEQ, config: QuantConfig) -> None:
-    tilde = _multitier_ptq(layer, config)
+def _deploy_multitier(layer: MultiTierMonDEQ, config: QuantConfig, tilde: Any, method: str = "ptq",
+                      margin_target: float | None = None) -> None:  # fmt: skip
+    """The layer runs on ``tilde``'s composite kernels from now on (saved as ``diag<i>``,
+    ``down<i>``), labelled with how they were made."""
     tensors = {f"diag{i}": K for i, K in enumerate(tilde.diag)}
     tensors.update({f"down{i}": R for i, R in enumerate(tilde.down)})
-    layer.quant = LayerQuant(config, "quantized", "ptq", None, tensors)
+    layer.quant = LayerQuant(config, "quantized", method, margin_target, tensors)
+
+
+def _quantize_multitier(layer: MultiTierMonDEQ, config: QuantConfig) -> None:
+    _deploy_multitier(layer, config, _multitier_ptq(layer, config))
 
 
 def _multitier_certificate(layer: MultiTierMonDEQ, config: QuantConfig | None) -> tuple[Certificate, Any]:
@@ -134,12 +140,16 @@ def _multitier_certificate(layer: MultiTierMonDEQ, config: QuantConfig | None) -
 
 
 @torch.no_grad()
+def _conv_ptq(layer: ConvMonDEQ, config: QuantConfig) -> torch.Tensor:
+    """``Q_b`` of the composite kernel in the layer's dtype: the ``K~`` PTQ deploys."""
+    K = layer.operator().composite_kernel().to(layer.B.dtype)
+    return quantize(K, config.bits, config.granularity, step_rule=config.step_rule).dequantized()
+
+
 def _quantize_conv(layer: ConvMonDEQ, config: QuantConfig) -> None:
     """PTQ of the composite kernel, stored in the layer's dtype (as its forward pass uses it)."""
     _require_W_only(config, "ConvMonDEQ", "their composite kernel")
-    K = layer.operator().composite_kernel().to(layer.B.dtype)
-    Kq = quantize(K, config.bits, config.granularity, step_rule=config.step_rule).dequantized()
-    layer.quant = LayerQuant(config, "quantized", "ptq", None, {"K": Kq.to(K.dtype)})
+    layer.quant = LayerQuant(config, "quantized", "ptq", None, {"K": _conv_ptq(layer, config)})
 
 
 def _conv_certificate(layer: ConvMonDEQ, config: QuantConfig | None) -> tuple[Certificate, Any]:
@@ -155,9 +165,7 @@ def _conv_certificate(layer: ConvMonDEQ, config: QuantConfig | None) -> tuple[Ce
                                    step_rule=q.config.step_rule)  # fmt: skip
         return cert, {**q.config.to_dict(), "method": q.method}
     c = _config_to_certify(q, config)
-    Kd = K.to(layer.B.dtype)  # what quantize_ would deploy, in the layer's dtype
-    Kq = quantize(Kd, c.bits, c.granularity, step_rule=c.step_rule).dequantized()
-    cert = certify_conv(K, layer.image, kernel_tilde=Kq)
+    cert = certify_conv(K, layer.image, kernel_tilde=_conv_ptq(layer, c))  # what quantize_ deploys
     cert = dataclasses.replace(cert, bits=c.bits, granularity=c.granularity, step_rule=c.step_rule)
     return cert, c.to_dict()
 
@@ -365,13 +373,12 @@ def _convert_conv(layer: ConvMonDEQ) -> None:
     kernels frozen on their grids (ProxQuant on the factors: monotone by construction)."""
     q = layer.quant
     assert q is not None
-    K = layer.operator().composite_kernel().to(layer.B.dtype)
     if q.method == "proxquant-factors":
         q.prox.freeze()
         Kq = layer.operator().composite_kernel().to(layer.B.dtype)
     else:
-        Kq = quantize(K, q.config.bits, q.config.granularity, step_rule=q.config.step_rule).dequantized()
-    layer.quant = LayerQuant(q.config, "quantized", q.method, q.margin_target, {"K": Kq.to(K.dtype)})
+        Kq = _conv_ptq(layer, q.config)
+    layer.quant = LayerQuant(q.config, "quantized", q.method, q.margin_target, {"K": Kq})
 
 
 @torch.no_grad()
@@ -386,9 +393,7 @@ def _convert_multitier(layer: MultiTierMonDEQ) -> None:
         tilde = layer.operator().composite().to(dtype=layer.B[0].dtype, device=layer.B[0].device)
     else:
         tilde = _multitier_ptq(layer, q.config)
-    tensors = {f"diag{i}": K for i, K in enumerate(tilde.diag)}
-    tensors.update({f"down{i}": R for i, R in enumerate(tilde.down)})
-    layer.quant = LayerQuant(q.config, "quantized", q.method, q.margin_target, tensors)
+    _deploy_multitier(layer, q.config, tilde, q.method, q.margin_target)
 
 
 def convert(model: nn.Module, filter_fn: FilterFn | None = None) -> nn.Module:
