@@ -102,6 +102,24 @@ class LayerQuant:
         what = "+".join(c.mondeq_targets) or "-"
         return f"{what} {c.bits}-bit {c.granularity} ({self.method}, {self.mode})"
 
+    def fake(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        """``Q_b(t)`` of target ``name`` (its granularity, the config's step rule) with
+        straight-through gradients: what STE and margin-aware QAT run on."""
+        c = self.config
+        return fake_quant(t, c.bits, c.granularity_of(name), step_rule=c.step_rule)
+
+
+def _restored(layer: Any, state: dict[str, Any] | None, device: torch.device) -> LayerQuant | None:
+    """A layer's saved quantization state, its tensors on ``device`` and, in ProxQuant QAT, its
+    driver rebuilt by ``layer.install_prox`` (recalibrated, never unpickled)."""
+    if state is None:
+        return None
+    q = LayerQuant.from_state(state)
+    q.tensors = {k: v.to(device) for k, v in q.tensors.items()}
+    if q.mode == "qat" and q.method.startswith("proxquant"):
+        layer.install_prox(q)
+    return q
+
 
 class MonDEQ(MonDEQLayer):
     """The equilibrium layer ``x -> z*`` (see the module docstring).
@@ -179,12 +197,6 @@ class MonDEQ(MonDEQLayer):
         return self
 
     # --------------------------------------------------------------------------- forward pass
-    def _fake(self, name: str, t: torch.Tensor) -> torch.Tensor:
-        q = self.quant
-        assert q is not None
-        c = q.config
-        return fake_quant(t, c.bits, c.granularity_of(name), step_rule=c.step_rule)
-
     def used_tensors(self) -> dict[str, torch.Tensor]:
         """``W``, ``U``, ``b`` as the forward pass uses them (quantized, fake-quantized or float)."""
         W, U, b = self.weight(), self.U.weight, self.U.bias
@@ -197,7 +209,7 @@ class MonDEQ(MonDEQLayer):
         if q.method in ("ste", "margin-aware"):
             out = {"W": W, "U": U, "b": b}
             for name in q.config.mondeq_targets:
-                out[name] = self._fake(name, out[name])
+                out[name] = q.fake(name, out[name])
             return out
         return {"W": W, "U": U, "b": b}  # ProxQuant: the prox steps move the float weights
 
@@ -242,13 +254,7 @@ class MonDEQ(MonDEQLayer):
                                       f"{getattr(self.config, k)!r}")  # fmt: skip
         s = cfg.solver_config()
         self.configure_solver(**s.as_dict(), backward=cfg.backward)
-        q = state.get("quant")
-        self.quant = LayerQuant.from_state(q) if q is not None else None
-        if self.quant is not None:
-            p = self.U.weight
-            self.quant.tensors = {k: v.to(p.device) for k, v in self.quant.tensors.items()}
-            if self.quant.mode == "qat" and self.quant.method.startswith("proxquant"):
-                self.install_prox(self.quant)  # the driver is rebuilt (recalibrated), not unpickled
+        self.quant = _restored(self, state.get("quant"), self.U.weight.device)
 
     def extra_repr(self) -> str:
         c = self.config
@@ -279,8 +285,8 @@ class _QuantState:
     def set_extra_state(self, state: Any) -> None:
         if not isinstance(state, dict) or state.get("format") != EXTRA_STATE_FORMAT:
             raise CheckpointError(f"not a monquant {type(self).__name__} layer state (format mismatch)")
-        q = state.get("quant")
-        self.quant = LayerQuant.from_state(q) if q is not None else None
+        device = next(iter(self.parameters())).device  # type: ignore[attr-defined]
+        self.quant = _restored(self, state.get("quant"), device)
 
 
 class ConvMonDEQ(_QuantState, ConvMonDEQLayer):
@@ -347,10 +353,7 @@ class ConvMonDEQ(_QuantState, ConvMonDEQLayer):
         """The composite kernel the forward pass uses: under STE or margin-aware QAT ``Q_b(K)``
         with straight-through gradients (per output channel: dim 0), else the layer's own."""
         K = super().effective_weight()
-        if not self._fakes_kernel():
-            return K
-        c = self.quant.config  # type: ignore[union-attr]
-        return fake_quant(K, c.bits, c.granularity_of("W"), step_rule=c.step_rule)
+        return self.quant.fake("W", K) if self._fakes_kernel() else K  # type: ignore[union-attr]
 
     def used_operator(self, W: torch.Tensor | None = None) -> Any:
         from monquant.operators.conv import CircularConvOperator
@@ -383,14 +386,6 @@ class ConvMonDEQ(_QuantState, ConvMonDEQLayer):
         if q is None or q.mode != "qat" or q.margin_target is None:
             return torch.zeros((), dtype=self.B.dtype, device=self.B.device)
         return F.relu(q.margin_target - self.margin_of(self.effective_weight()))
-
-    def set_extra_state(self, state: Any) -> None:
-        super().set_extra_state(state)
-        q = self.quant
-        if q is not None:
-            q.tensors = {k: v.to(self.B.device) for k, v in q.tensors.items()}
-            if q.mode == "qat" and q.method.startswith("proxquant"):
-                self.install_prox(q)  # the driver is rebuilt (recalibrated), not unpickled
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         q = self.injection(x)
@@ -489,14 +484,6 @@ class MultiTierMonDEQ(_QuantState, MultiTierMonDEQLayer):
         -bit uniform grid, ``lam_t`` linear from 0 to ``lam_max`` over ``total_steps``. The operator
         assembled from factors on their grids is monotone by construction."""
         q.prox = _prox_driver(q.config, [*self.P, *self.Q, *self.B], total_steps, lam_max)
-
-    def set_extra_state(self, state: Any) -> None:
-        super().set_extra_state(state)
-        q = self.quant
-        if q is not None:
-            q.tensors = {k: v.to(self.B[0].device) for k, v in q.tensors.items()}
-            if q.mode == "qat" and q.method.startswith("proxquant"):
-                self.install_prox(q)  # the driver is rebuilt (recalibrated), not unpickled
 
     def forward(self, x: torch.Tensor, W: Any = None) -> torch.Tensor:
         return self.solve(x, self.operator_of(W) if W is not None else self.deployed_operator())
