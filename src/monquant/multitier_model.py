@@ -127,6 +127,12 @@ class MultiTierMonDEQConfig:
         return d
 
 
+def check_qat_parts(parts: tuple[str, ...] | list[str]) -> None:
+    """A multi-tier model quantizes ``W`` (its composite kernels) and nothing else."""
+    if tuple(parts) != ("W",):
+        raise ConfigError(f"a multi-tier model quantizes W (its composite kernels) only, got {list(parts)}")
+
+
 def fake_quant_tiers(op: Any, bits: int, granularity: str = "per-tensor", step_rule: str = "paper") -> Any:
     """A multi-tier operator's composite kernels (differentiable in its factors) fake-quantized,
     each on its own grid, with straight-through gradients: the ``W~`` that PTQ deploys from the

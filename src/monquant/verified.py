@@ -278,7 +278,8 @@ def lmin_lower_bound(A: torch.Tensor, extra: float = 0.0, estimate: float | None
     if estimate is None:
         lb = extreme_eigenvalue_bounds([A64], [False])[0][0]
     else:
-        lb = shifted_lmin_lower(A64, float(estimate), float(_lmin_base(A64, torch.tensor(float(estimate)))))
+        lam = torch.tensor(float(estimate), dtype=torch.float64, device=A64.device)
+        lb = shifted_lmin_lower(A64, float(estimate), float(_lmin_base(A64, lam)))
     return down(lb - up(extra)) if lb is not None else -math.inf
 
 

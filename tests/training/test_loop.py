@@ -484,3 +484,17 @@ def test_finite_params_finds_nan_and_inf_and_survives_overflow():
     assert not _finite_params([*ok, torch.tensor([-math.inf])])
     big = torch.full((4,), 3e38)  # finite entries whose norm overflows float32: entrywise fallback
     assert _finite_params([*ok, big])
+
+
+def test_install_qat_on_a_multitier_model_quantizes_its_composite_kernels_only():
+    from monquant.errors import ConfigError
+    from monquant.multitier_model import MultiTierMonDEQClassifier, MultiTierMonDEQConfig
+    from monquant.training.loop import install_qat
+
+    model = MultiTierMonDEQClassifier(MultiTierMonDEQConfig(tier_channels=(1, 2), image=(12, 12)))
+    with pytest.raises(ConfigError, match=r"composite kernels\) only, got \['W', 'U'\]"):
+        install_qat(model, 4, parts=("W", "U"))
+    install_qat(model, 4, "per-channel")
+    assert model.layer.weight_transform is not None
+    op = model.layer.used_operator()  # every composite kernel on its own 4-bit grid
+    assert all(len(torch.unique(K[0].detach())) <= 16 for K in op.kernels())

@@ -20,7 +20,7 @@ from torch.nn import functional as F
 
 from monquant.errors import ConfigError, MonquantError
 from monquant.model import MonDEQClassifier
-from monquant.multitier_model import MultiTierMonDEQLayer, fake_quant_tiers
+from monquant.multitier_model import MultiTierMonDEQLayer, check_qat_parts, fake_quant_tiers
 from monquant.progress import progress_bar
 from monquant.quant.uniform import check_bits, fake_quant
 from monquant.training import distributed as dist
@@ -161,8 +161,7 @@ def install_qat(
         return
     b = check_bits(bits)
     if isinstance(layer, MultiTierMonDEQLayer):  # every composite kernel, each on its own grid
-        if tuple(parts) != ("W",):
-            raise ConfigError("a multi-tier model quantizes W (its composite kernels) only")
+        check_qat_parts(parts)
         layer.weight_transform = lambda op: fake_quant_tiers(op, b, granularity)
         return
     layer.weight_transform = (lambda W: fake_quant(W, b, granularity)) if "W" in parts else None

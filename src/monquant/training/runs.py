@@ -21,7 +21,7 @@ from monquant.conv_model import ConvMonDEQConfig
 from monquant.data import MNIST
 from monquant.errors import ConfigError, MonquantError
 from monquant.model import MonDEQConfig
-from monquant.multitier_model import MultiTierMonDEQConfig
+from monquant.multitier_model import MultiTierMonDEQConfig, check_qat_parts
 from monquant.solvers import SolverConfig
 from monquant.storage.checkpoints import Classifier, build_classifier, load_model, save_model
 from monquant.storage.files import folder_lock
@@ -78,8 +78,8 @@ class TrainRequest:
             raise ConfigError("margin-aware training (--margin-target) is not implemented for --arch "
                               "multitier: the quantized multi-tier operator has no closed-form margin "
                               "(its certificate is the Weyl tier); use --qat-bits alone (STE)")  # fmt: skip
-        if req.arch == "multitier" and train.qat_bits is not None and tuple(train.qat_parts) != ("W",):
-            raise ConfigError("--arch multitier quantizes W (its composite kernels) only")
+        if req.arch == "multitier" and train.qat_bits is not None:
+            check_qat_parts(train.qat_parts)
         return req
 
     def model_config(
