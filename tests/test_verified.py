@@ -323,3 +323,62 @@ def test_lmin_upper_bound_by_inverse_iteration_is_as_tight_as_by_eigh():
     eye = torch.eye(4, dtype=torch.float64)  # a multiple eigenvalue, an exactly singular shift
     assert 1.0 <= lmin_upper_bound(eye, estimate=1.0) <= 1.0 + 1e-12
     assert lmin_upper_bound(eye, estimate=float("nan")) >= 1.0  # breakdown: eigh decides
+
+
+def test_extreme_eigenvalue_bounds_from_lanczos_estimates(monkeypatch):
+    """With Lanczos estimates (forced at every size here), the proved bounds are those of the
+    eigvalsh path to rounding; an estimate that misses the extreme eigenvalue (faked) makes the
+    first shift fail, and the matrix is then verified from an eigvalsh estimate, as tight."""
+    import monquant.verified as v
+
+    g = torch.Generator().manual_seed(8)
+    M = torch.randn(60, 60, generator=g, dtype=torch.float64)
+    S = 0.3 * torch.eye(60, dtype=torch.float64) + M.T @ M / 60
+    G = M.T @ M
+    G = 0.5 * (G + G.T)
+    mats, largest = [S, G], [False, True]
+    by_eig = v.extreme_eigenvalue_bounds(mats, largest)
+    monkeypatch.setattr(v, "LANCZOS_FROM", {True: 1, False: 1})
+    calls = []
+    real = v.lanczos_extremes
+
+    def spy(A, big, tol, **kw):
+        calls.append(list(big))
+        return real(A, big, tol, **kw)
+
+    monkeypatch.setattr(v, "lanczos_extremes", spy)
+    by_lanczos = v.extreme_eigenvalue_bounds(mats, largest)
+    assert sorted(calls) == [[False], [True]]
+    for (b1, e1), (b2, e2) in zip(by_eig, by_lanczos, strict=True):
+        assert b1 is not None and b2 is not None
+        assert b2 == pytest.approx(b1, rel=1e-12) and e2 == pytest.approx(e1, rel=1e-12)
+    exact = [torch.linalg.eigvalsh(A) for A in mats]
+    assert by_lanczos[0][0] <= float(exact[0][0]) and by_lanczos[1][0] >= float(exact[1][-1])
+
+    def missed(A, big, tol, **kw):  # a settled estimate far inside the spectrum
+        est, ok = real(A, big, tol, **kw)
+        return [e - 0.1 if b else e + 0.1 for e, b in zip(est, big, strict=True)], ok
+
+    monkeypatch.setattr(v, "lanczos_extremes", missed)
+    again = v.extreme_eigenvalue_bounds(mats, largest)
+    assert again == by_eig  # recovered from eigvalsh estimates: the same proofs
+
+
+def test_quantized_bounds_at_lanczos_size_match_the_eigvalsh_path(monkeypatch):
+    """At n = 320 the Gram matrices' estimates come from the Lanczos process by default; every
+    proved bound of the certificate's batch equals the all-eigvalsh one to rounding."""
+    import monquant.verified as v
+    from monquant.quant.uniform import quantize
+
+    W = random_monotone_W(320, m=0.3, seed=2)
+    Wq = quantize(W, 5).dequantized()
+    assert v.LANCZOS_FROM[True] <= 320
+    st, hi, dW = v.quantized_bounds(Wq, W)
+    monkeypatch.setattr(v, "LANCZOS_FROM", {True: 10**9, False: 10**9})
+    st2, hi2, dW2 = v.quantized_bounds(Wq, W)
+    assert hi == pytest.approx(hi2, rel=1e-12) and dW == pytest.approx(dW2, rel=1e-12)
+    for a, b in zip(st.as_dict().values(), st2.as_dict().values(), strict=True):
+        if isinstance(a, str) or math.isnan(a):
+            assert a == b or math.isnan(b)
+        else:
+            assert a == pytest.approx(b, rel=1e-12)

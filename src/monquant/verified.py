@@ -40,6 +40,7 @@ import torch
 from monquant.errors import MonquantError
 from monquant.operators import SpectralStats
 from monquant.operators.matrix import all_finite
+from monquant.operators.spectral import lanczos_extremes
 
 __all__ = [
     "UNIT_ROUNDOFF",
@@ -132,10 +133,11 @@ def _f64(A: torch.Tensor) -> torch.Tensor:
 
 def frobenius_upper_bound(M: torch.Tensor) -> float:
     """Rigorous ``||M||_F`` upper bound (sum of ``k`` squares, then a correctly rounded sqrt)."""
-    M64 = _f64(M)
-    if not bool(M64.any()):
+    flat = _f64(M).reshape(-1)
+    sq = float(torch.dot(flat, flat))  # a sum of k rounded squares, any order, no temporary
+    if sq == 0.0 and not bool(flat.any()):
         return 0.0
-    s = inflate(float(M64.square().sum()), M64.numel() + 1)
+    s = inflate(sq, flat.numel() + 1)
     return up(math.sqrt(s))
 
 
@@ -161,9 +163,10 @@ def cholesky_lower_bounds(A: torch.Tensor, tau: list[float], *, _owned: bool = F
     if not bool(finite.all()):
         finite = torch.isfinite(R).all(dim=-1).all(dim=-1)
     done = (info == 0) & finite & (diag >= 0).all(dim=-1)
-    lo, hi = torch.aminmax(Ash.reshape(Ash.shape[0], -1), dim=-1)
-    stats = torch.stack([done.to(torch.float64), diag.sum(dim=-1), diag.amax(dim=-1),
-                         torch.maximum(hi, -lo)], dim=-1).tolist()  # fmt: skip
+    # max |a^_ij| as max(max a^_ij, -min a^_ij): two plain reductions (aminmax is slower)
+    amax = torch.maximum(Ash.amax(dim=(-2, -1)), Ash.amin(dim=(-2, -1)).neg())
+    stats = torch.stack([done.to(torch.float64), diag.sum(dim=-1), diag.amax(dim=-1), amax],
+                        dim=-1).tolist()  # fmt: skip
     g = gamma(n + 2)
     ratio = up(g / down(1.0 - g))
     out: list[float | None] = []
@@ -232,6 +235,41 @@ def _lmax_base(G64: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
     return gamma(n + 2) * (G64.diagonal(dim1=-2, dim2=-1).abs().sum(dim=-1) + lam.abs())
 
 
+#: Matrix sizes from which :func:`extreme_eigenvalue_bounds` estimates ``lmax`` (key ``True``)
+#: or ``lmin`` (``False``) by the Lanczos process instead of a full ``eigvalsh`` (one thread,
+#: ``benchmarks/certify_speed.py``: Gram matrices' top ends settle in a few dozen steps, the
+#: symmetric parts' bottom ends take a few times more).
+LANCZOS_FROM = {True: 300, False: 1000}
+
+
+def _estimates(A: torch.Tensor, largest: list[bool]) -> tuple[list[float], list[bool]]:
+    """Estimates of each matrix's extreme eigenvalue and whether it came from the Lanczos process
+    (:func:`~monquant.operators.spectral.lanczos_extremes`, asked to settle within a tolerance
+    below the first shift's unit) rather than from ``eigvalsh``, which serves every matrix that is
+    too small for Lanczos or on which it did not settle."""
+    b, n = int(A.shape[0]), int(A.shape[-1])
+    lam: list[float] = [math.nan] * b
+    lanczos = [False] * b
+    for big in (True, False):
+        rows = [i for i in range(b) if largest[i] == big]
+        if not rows or n < LANCZOS_FROM[big]:
+            continue
+        sub = A[rows[0] : rows[-1] + 1] if rows == list(range(rows[0], rows[-1] + 1)) else A[rows]
+        # tolerances at most the shift units of _lmax_base / _lmin_base, whatever the estimate
+        unit = sub.diagonal(dim1=-2, dim2=-1).abs().sum(dim=-1) if big else torch.linalg.matrix_norm(sub)
+        est, ok = lanczos_extremes(sub, [big] * len(rows), (gamma(n + 2) * unit).tolist())
+        for i, e, settled in zip(rows, est, ok, strict=True):
+            if settled:
+                lam[i], lanczos[i] = e, True
+    rest = [i for i in range(b) if not lanczos[i]]
+    if rest:
+        vals = torch.linalg.eigvalsh(A if len(rest) == b else A[rest])
+        ends = torch.stack([vals[:, 0], vals[:, -1]], dim=-1).tolist()
+        for i, (lo, hi) in zip(rest, ends, strict=True):
+            lam[i] = hi if largest[i] else lo
+    return lam, lanczos
+
+
 def extreme_eigenvalue_bounds(
     mats: list[torch.Tensor], largest: list[bool]
 ) -> list[tuple[float | None, float]]:
@@ -241,28 +279,37 @@ def extreme_eigenvalue_bounds(
     eigenvalue (never decisive).
 
     The same proofs as :func:`lmin_lower_bound` and :func:`shifted_lmax_upper`, with the work
-    shared: one batched ``eigvalsh`` gives every estimate, one batched Cholesky
-    (:func:`cholesky_lower_bounds`) verifies every first shift, and only a matrix whose first shift
-    fails goes on up the ladder of wider shifts alone.
+    shared: the estimates come from one batched ``eigvalsh``, or for large matrices from the
+    Lanczos process (:data:`LANCZOS_FROM`), one batched Cholesky (:func:`cholesky_lower_bounds`)
+    verifies every first shift, and only a matrix whose first shift fails goes on alone: with an
+    ``eigvalsh`` estimate if its estimate was Lanczos's (which can miss the extreme eigenvalue),
+    then up the ladder of wider shifts.
     """
     A = torch.stack(mats)
-    lam_all = torch.linalg.eigvalsh(A)
+    lam_l, lanczos = _estimates(A, largest)
+    lam = torch.tensor(lam_l, dtype=torch.float64, device=A.device)
     pick = torch.tensor(largest, device=A.device)
-    lam = torch.where(pick, lam_all[:, -1], lam_all[:, 0])
-    base = torch.where(pick, _lmax_base(A, lam), _lmin_base(A, lam))
-    sign = torch.where(pick, -1.0, 1.0).to(A)
-    lam_l, base_l = lam.tolist(), base.tolist()
+    base_l = torch.where(pick, _lmax_base(A, lam), _lmin_base(A, lam)).tolist()
     # lmin(A) >= tau - err;  lmax(G) <= s  <=>  lmin(-G) >= -s
     tau = [-(lm + 4.0 * b + UNDERFLOW_UNIT) if big else lm - 4.0 * b
            for lm, b, big in zip(lam_l, base_l, largest, strict=True)]  # fmt: skip
-    first = cholesky_lower_bounds(A * sign.view(-1, 1, 1), tau, _owned=True)
+    for i, big in enumerate(largest):
+        if big:
+            A[i].neg_()
+    first = cholesky_lower_bounds(A, tau, _owned=True)
     out: list[tuple[float | None, float]] = []
     for i, (lb, big) in enumerate(zip(first, largest, strict=True)):
-        if lb is None:  # the first shift did not verify: wider ones, this matrix alone
-            bound = (shifted_lmax_upper if big else shifted_lmin_lower)(mats[i], lam_l[i], base_l[i])
-        else:
-            bound = -lb if big else lb
-        out.append((bound, lam_l[i]))
+        if lb is not None:
+            out.append((-lb if big else lb, lam_l[i]))
+            continue
+        M = mats[i]  # the first shift did not verify: this matrix alone
+        lm, b = lam_l[i], base_l[i]
+        if lanczos[i]:
+            ev = torch.linalg.eigvalsh(M)
+            lm = float(ev[-1] if big else ev[0])
+            b = float((_lmax_base if big else _lmin_base)(M, torch.tensor(lm, dtype=torch.float64)))
+        bound = (shifted_lmax_upper if big else shifted_lmin_lower)(M, lm, b)
+        out.append((bound, lm))
     return out
 
 
@@ -349,7 +396,7 @@ def _gram(M: torch.Tensor, extra: float, rounded: bool) -> tuple[torch.Tensor | 
     if not (F > 0 and M64.shape[1] > 0):
         return None, 0.0, F, float(extra)
     G = M64.T @ M64
-    G = 0.5 * (G + G.T)
+    G = torch.add(G, G.T).mul_(0.5)
     return G, up(gamma(int(M64.shape[0]) + 1) * up(F * F)), F, float(extra)
 
 
@@ -414,9 +461,10 @@ def sym_part_bounds(W: torch.Tensor, radius: float = 0.0) -> tuple[torch.Tensor,
     """
     n = _check_square(W, "W")
     W64 = _f64(W)
-    H = 0.5 * (W64 + W64.T)
-    S = torch.eye(n, dtype=torch.float64, device=W64.device) - H
-    rows = float((H.abs() + S.abs()).sum(dim=1).max())
+    H = torch.add(W64, W64.T).mul_(0.5)
+    S = H.neg()
+    S.diagonal().add_(1.0)  # fl(1 - h_ii) on the diagonal, -h_ij (exact) off it: fl(I - H)
+    rows = float(H.abs_().add_(S.abs()).sum(dim=1).max())
     e = up(up(UNIT_ROUNDOFF * inflate(rows, n + 1)) + UNDERFLOW_UNIT * 2 * n)
     if radius:
         e = up(e + up(n * float(radius)))
@@ -576,7 +624,8 @@ def _joint_bounds(
     n = _check_square(W, "W")
     W64 = _f64(W)
     S, e = sym_part_bounds(W64, radius)
-    IW = torch.eye(n, dtype=torch.float64, device=W64.device) - W64
+    IW = W64.neg()
+    IW.diagonal().add_(1.0)  # fl(I - W)
     e_rad = up(n * float(radius)) if radius else 0.0
     grams = [_gram(IW, e_rad, True)]  # fl(I - W) is one rounding per entry
     if norm:
