@@ -13,7 +13,7 @@ ratio is the per-iteration overhead (dispatch, the residual test, allocations) t
 needs. The rest of the epoch is the injection, the head, autograd and the optimizer.
 
     MONQUANT_DATA=... python benchmarks/train_epoch.py [--epochs 15] [--threads N] [--anderson M]
-        [--device cuda]
+        [--check-every K] [--device cuda]
 """
 
 from __future__ import annotations
@@ -136,6 +136,8 @@ def main() -> None:
     p.add_argument("--tol", type=float, default=1e-4)
     p.add_argument("--method", default="pr")
     p.add_argument("--anderson", type=int, default=0, help="safeguarded Anderson memory (0: off)")
+    p.add_argument("--check-every", type=int, default=1,
+                   help="residual test every k-th iteration (SolverConfig.check_every)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--margin-init", type=float, default=MonDEQConfig().margin_init)
     p.add_argument("--json", default=None)
@@ -148,12 +150,10 @@ def main() -> None:
         data = data.to(args.device)
         torch.set_default_device(args.device)
     torch.manual_seed(args.seed)
-    model = MonDEQClassifier(
-        MonDEQConfig(
-            margin_init=args.margin_init,
-            solver=SolverConfig(method=args.method, tol=args.tol, anderson=args.anderson).as_dict(),
-        )
+    solver = SolverConfig(
+        method=args.method, tol=args.tol, anderson=args.anderson, check_every=args.check_every
     )
+    model = MonDEQClassifier(MonDEQConfig(margin_init=args.margin_init, solver=solver.as_dict()))
     peak = matmul_peak_gflops()
     rows, log = [], []
 

@@ -331,6 +331,21 @@ def test_train_json_result(trained_run: dict[str, Any]) -> None:
     assert ckpt.train_state is not None and ckpt.train_state["epoch"] == 2
 
 
+def test_train_check_every_reaches_the_solver_and_the_checkpoint(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, data_dir: Path
+) -> None:
+    """``--check-every 2`` tests the residual every other iteration in the forward and adjoint
+    solves; the setting is saved with the model, and every solve still converges."""
+    rc, out, err = cli(capsys, "train", "--out", tmp_path, "--hidden", 16, "--epochs", 1,
+                       "--batch-size", 200, "--check-every", 2, "--data-dir", data_dir,
+                       "--no-download", "--no-progress", "--json")  # fmt: skip
+    assert rc == 0, err
+    hist = json.loads(out)["history"][-1]
+    assert hist["train_unconverged"] == 0 and hist["test_unconverged"] == 0
+    model = load_model(tmp_path / "checkpoint.safetensors").model
+    assert model.solver.forward_config.check_every == 2
+
+
 def test_train_text_output_and_resume(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, data_dir: Path
 ) -> None:
@@ -347,7 +362,9 @@ def test_train_text_output_and_resume(
     assert_clean_error(rc, err, "train", "differ from the interrupted run")
 
 
-@pytest.mark.parametrize("option", [["--epochs", "0"], ["--hidden", "0"], ["--lr", "0"]])
+@pytest.mark.parametrize(
+    "option", [["--epochs", "0"], ["--hidden", "0"], ["--lr", "0"], ["--check-every", "0"]]
+)
 def test_train_refuses_bad_options(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, data_dir: Path, option: list[str]
 ) -> None:

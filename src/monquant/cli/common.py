@@ -284,6 +284,11 @@ def solver_args(p: argparse.ArgumentParser) -> None:
         "--anderson", type=int, default=0, metavar="M",
         help="safeguarded Anderson acceleration with memory M (0: plain iteration; see docs/theory.md)",
     )  # fmt: skip
+    g.add_argument(
+        "--check-every", type=positive_int, default=1, metavar="K",
+        help="test the residual every K-th iteration (1: every one; larger K saves the test's work, at "
+             "most K - 1 extra iterations per solve; README: Speed)",
+    )  # fmt: skip
 
 
 def granularity_arg(p: argparse.ArgumentParser, flag: str = "--granularity") -> None:

@@ -48,7 +48,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         margin_init=args.margin_init,
         learn_margin=not args.fixed_margin,
         solver=dict(method=args.solver, tol=args.tol, max_iter=args.max_iter, step=args.step,
-                    anderson=args.anderson),
+                    anderson=args.anderson, check_every=args.check_every),
         backward=args.backward,
         epochs=args.epochs,
         lr=args.lr,
