@@ -43,7 +43,7 @@ def test_logit_lipschitz_gradients_are_finite_and_the_floor_holds(classifier) ->
     # a non-monotone W_used (margin < 0) is divided by the floor, not by a negative number
     install_qat(model, 2)
     model.layer.weight_transform = lambda W: W + 3.0 * torch.eye(W.shape[0], dtype=W.dtype)
-    L = logit_lipschitz(model)
+    L = logit_lipschitz(model).detach()
     assert bool((L >= 0).all()) and float(L.max()) > 0
     C = model.head.weight.detach()
     U_norm = float(torch.linalg.matrix_norm(model.layer.U.weight.detach(), ord=2))
