@@ -242,17 +242,27 @@ def _lmax_base(G64: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
 LANCZOS_FROM = {True: 300, False: 1000}
 
 
-def _estimates(A: torch.Tensor, largest: list[bool]) -> tuple[list[float], list[bool]]:
+def _shift_units(A: torch.Tensor, lam: list[float], largest: list[bool]) -> list[float]:
+    """Per matrix of a batch: the shift unit of :func:`_lmax_base` or :func:`_lmin_base` at its
+    estimate."""
+    lam_t = torch.tensor(lam, dtype=torch.float64, device=A.device)
+    pick = torch.tensor(largest, device=A.device)
+    return torch.where(pick, _lmax_base(A, lam_t), _lmin_base(A, lam_t)).tolist()
+
+
+def _estimates(
+    A: torch.Tensor, largest: list[bool], lanczos_ok: bool = True
+) -> tuple[list[float], list[bool]]:
     """Estimates of each matrix's extreme eigenvalue and whether it came from the Lanczos process
     (:func:`~monquant.operators.spectral.lanczos_extremes`, asked to settle within a tolerance
     below the first shift's unit) rather than from ``eigvalsh``, which serves every matrix that is
-    too small for Lanczos or on which it did not settle."""
+    too small for Lanczos (or all of them when not ``lanczos_ok``) or on which it did not settle."""
     b, n = int(A.shape[0]), int(A.shape[-1])
     lam: list[float] = [math.nan] * b
     lanczos = [False] * b
     for big in (True, False):
         rows = [i for i in range(b) if largest[i] == big]
-        if not rows or n < LANCZOS_FROM[big]:
+        if not rows or not lanczos_ok or n < LANCZOS_FROM[big]:
             continue
         sub = A[rows[0] : rows[-1] + 1] if rows == list(range(rows[0], rows[-1] + 1)) else A[rows]
         # tolerances at most the shift units of _lmax_base / _lmin_base, whatever the estimate
@@ -287,9 +297,7 @@ def extreme_eigenvalue_bounds(
     """
     A = torch.stack(mats)
     lam_l, lanczos = _estimates(A, largest)
-    lam = torch.tensor(lam_l, dtype=torch.float64, device=A.device)
-    pick = torch.tensor(largest, device=A.device)
-    base_l = torch.where(pick, _lmax_base(A, lam), _lmin_base(A, lam)).tolist()
+    base_l = _shift_units(A, lam_l, largest)
     # lmin(A) >= tau - err;  lmax(G) <= s  <=>  lmin(-G) >= -s
     tau = [-(lm + 4.0 * b + UNDERFLOW_UNIT) if big else lm - 4.0 * b
            for lm, b, big in zip(lam_l, base_l, largest, strict=True)]  # fmt: skip
@@ -304,10 +312,9 @@ def extreme_eigenvalue_bounds(
             continue
         M = mats[i]  # the first shift did not verify: this matrix alone
         lm, b = lam_l[i], base_l[i]
-        if lanczos[i]:
-            ev = torch.linalg.eigvalsh(M)
-            lm = float(ev[-1] if big else ev[0])
-            b = float((_lmax_base if big else _lmin_base)(M, torch.tensor(lm, dtype=torch.float64)))
+        if lanczos[i]:  # Lanczos may have missed the extreme eigenvalue: eigvalsh's estimate
+            lm = _estimates(M[None], [big], lanczos_ok=False)[0][0]
+            b = _shift_units(M[None], [lm], [big])[0]
         bound = (shifted_lmax_upper if big else shifted_lmin_lower)(M, lm, b)
         out.append((bound, lm))
     return out

@@ -98,7 +98,7 @@ def lanczos_extremes(
     Q[:, :1] = q
     alphas: list[torch.Tensor] = []
     betas: list[torch.Tensor] = []
-    est: list[float | None] = [None] * b
+    est = [math.nan] * b  # every matrix is looked at by the last step at the latest
     settled = [False] * b
     size = torch.zeros(b, dtype=A.dtype, device=A.device)
     for j in range(steps):
@@ -132,7 +132,7 @@ def lanczos_extremes(
             break
         q = w / torch.where(beta > 0, beta, torch.ones_like(beta)).unsqueeze(-1)
         Q[:, k : k + 1] = q
-    return [float(e) if e is not None else math.nan for e in est], settled
+    return est, settled
 
 
 def _ritz(
