@@ -1,7 +1,7 @@
 """Does ``torch.compile`` pay for the PR iteration? (prints, asserts nothing; issue 16)
 
 Runs blocks of ``--unroll`` Peaceman-Rachford iterations of the library's own splitting map
-(:class:`monquant.solvers.SplittingMap`, the dense path: two ``lerp``, one ``relu``, one ``addmm``
+(:class:`monquant.solvers.SplittingMap`, the dense path: one ``addmm``, one ``relu``, one ``lerp``
 per iteration) followed by the residual terms of the stopping test, eagerly and compiled with
 ``torch.compile`` (inductor, static shapes), on a ``--batch x n`` state. Prints microseconds per
 iteration for both, the time of the iteration's one ``addmm`` alone (the arithmetic bound), the

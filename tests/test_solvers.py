@@ -250,3 +250,54 @@ def test_estimate_lipschitz_is_close_from_below(n):
     assert est <= exact * (1 + 1e-12)
     assert est >= 0.99 * exact
     assert estimate_lipschitz(torch.eye(n)) == 0.0
+
+
+@pytest.mark.parametrize("method", ["pr", "dr"])
+def test_cold_start_skips_the_product_and_matches_start(method):
+    """``start_zero`` (y = R_F(0) = 2c, no product) equals ``start`` at zero, for the dense path
+    (the reflection folded into R = 2J - I) and for an operator without a dense matrix."""
+    from monquant.operators import WKOperator, wk_weight
+    from monquant.solvers import SplittingMap
+
+    g = torch.Generator().manual_seed(3)
+    A = torch.randn(4, 9, generator=g, dtype=torch.float64) / 3
+    B = torch.randn(9, 9, generator=g, dtype=torch.float64) / 3
+    q = _q(9, batch=6, seed=2)
+    for op in (wk_weight(A, B, 0.3), WKOperator(A, B, 0.3)):
+        it = SplittingMap(method, op, q, 0.7, torch.relu)
+        assert torch.allclose(it.start_zero(), it.start(torch.zeros_like(q)), rtol=0, atol=1e-14)
+        u = _q(9, batch=6, seed=5)
+        J = torch.linalg.inv(torch.eye(9, dtype=torch.float64) + 0.7 * (torch.eye(9) - wk_weight(A, B, 0.3)))
+        y = 2 * (u @ J.T + 0.7 * q @ J.T) - u  # R_F(u) = 2 J_F(u) - u, written out
+        assert torch.allclose(it.start(u), y, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("check_every", [1, 3])
+def test_stopping_iteration_is_the_exact_residual_test(check_every):
+    """The fused residual test of dense states, (1 - t^2) <z - zp/(1 - t), z - zp/(1 + t)>, stops
+    a solve at the first checked iteration at which every sample passes the two-norm test
+    ||z - zp||^2 <= t^2 ||z||^2 + floor, replayed here with the same iteration map."""
+    from monquant.solvers import SplittingMap
+
+    W = random_monotone_W(30, 0.2, seed=11)
+    q = _q(30, batch=16, seed=4)
+    cfg = SolverConfig(method="pr", tol=1e-7, max_iter=5000, check_every=check_every)
+    r = solve(W, q, cfg)
+    assert r.all_converged
+    it = SplittingMap("pr", W, q, r.step, torch.relu)
+    s = torch.zeros_like(q)
+    aux = it.start(s)
+    z, y = it.read(s, aux)
+    floor = (8 * torch.finfo(q.dtype).eps) ** 2 * q.square().sum(1)
+    k = 0
+    while True:
+        k += 1
+        zp = z
+        s, aux = it.advance(s, aux, z, y)
+        z, y = it.read(s, aux)
+        if k % check_every:
+            continue
+        if bool(((z - zp).square().sum(1) <= 1e-14 * z.square().sum(1) + floor).all()):
+            break
+    assert r.iterations == k
+    assert float(r.residual.max()) <= 1e-7

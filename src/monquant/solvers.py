@@ -290,13 +290,16 @@ def _check_inputs(op: MonotoneOperator, q: torch.Tensor) -> None:
 class SplittingMap:
     """One splitting method on a fixed ``(W, q, a, prox)``; ``W`` a matrix or any operator.
 
-    The iterated variable ``s`` is ``z`` for FB and ``u`` for PR/DR; ``aux`` is ``J_F(u)`` for
-    PR/DR. ``read`` returns the equilibrium estimate ``z = prox(R_F u)`` belonging to ``s`` (for
-    FB ``z = s``); ``advance`` performs one iteration. FB applies the operator's ``fb_map(a)``
-    (``v -> (1 - a) v + a W v``); PR/DR apply its resolvent ``J = (I + a (I - W))^{-1}``, built once
-    (or passed in: the adjoint problem's resolvent is the forward one transposed), with
-    ``J_F(v) = J v + c``, ``c = a J q``. For a dense ``W`` both are one matrix product (``v K``,
-    row layout). Reading ``z`` through ``prox`` makes it exactly feasible (relu: exact zeros).
+    The iterated variable ``s`` is ``z`` for FB and ``u`` for PR/DR; ``aux`` (what ``start``
+    returns) is the reflected resolvent ``y = R_F(u) = 2 J_F(u) - u`` for PR/DR. ``read`` returns
+    the equilibrium estimate ``z = prox(y)`` belonging to ``s`` (for FB ``z = s``); ``advance``
+    performs one iteration: PR ``u+ = R_G(y) = 2 z - y``, DR ``u+ = (u + R_G(y)) / 2``. FB applies
+    the operator's ``fb_map(a)`` (``v -> (1 - a) v + a W v``); PR/DR apply its resolvent
+    ``J = (I + a (I - W))^{-1}``, built once (or passed in: the adjoint problem's resolvent is the
+    forward one transposed), with ``J_F(v) = J v + c``, ``c = a J q``. For a dense ``W`` each
+    iteration is one matrix product: ``v K`` for FB, and for PR/DR ``y = u R + 2c`` with the
+    reflection folded into ``R = 2 K - I`` (row layout ``K = J^T``), formed once per solve. Reading
+    ``z`` through ``prox`` makes it exactly feasible (relu: exact zeros).
     """
 
     def __init__(
@@ -327,11 +330,16 @@ class SplittingMap:
             resolvent = MatrixMap(resolvent.to(q))
         self.map = resolvent
         self.c = a * resolvent.matmul(q)
-        self._K = resolvent.K if isinstance(resolvent, MatrixMap) else None  # dense fast path
+        self._K = None  # the dense fast path: y = u R + 2c in one BLAS call
+        if isinstance(resolvent, MatrixMap):
+            R = resolvent.K.mul(2.0)
+            R.diagonal().sub_(1.0)
+            self._K, self.c = R, self.c.mul_(2.0)
 
     @property
     def K(self) -> torch.Tensor:
-        """The dense iteration matrix (row layout) when the operator is dense."""
+        """The dense iteration matrix (row layout) when the operator is dense: the FB matrix, or
+        the reflected resolvent ``R = 2 K_J - I`` for PR/DR."""
         if self._K is None:
             raise SolverError("this operator's splitting map has no dense matrix")
         return self._K
@@ -347,25 +355,36 @@ class SplittingMap:
         return self.read(s, self.start(s))[0]
 
     def start(self, s: torch.Tensor) -> torch.Tensor | None:
+        """``y = R_F(s)`` for PR/DR (``None`` for FB)."""
         if self.method == "fb":
             return None
-        K = self._K  # the dense fast path is inlined: this runs once per iteration
-        return torch.addmm(self.c, s, K) if K is not None else self.map.addmm(self.c, s)
+        return self._reflect(s)
 
-    def read(self, s: torch.Tensor, x: torch.Tensor | None):
-        if x is None:
+    def start_zero(self) -> torch.Tensor | None:
+        """``start`` at ``s = 0`` without its product: ``R_F(0) = 2 J_F(0) = 2c``."""
+        if self.method == "fb":
+            return None
+        return self.c.clone() if self._K is not None else self.c.mul(2.0)  # dense: c doubled
+
+    def _reflect(self, u: torch.Tensor) -> torch.Tensor:
+        K = self._K  # the dense fast path is inlined: this runs once per iteration
+        if K is not None:
+            return torch.addmm(self.c, u, K)
+        return torch.lerp(u, self.map.addmm(self.c, u), 2.0)  # 2 J_F(u) - u
+
+    def read(self, s: torch.Tensor, y: torch.Tensor | None):
+        if y is None:
             return s, None
-        y = torch.lerp(s, x, 2.0)  # R_F u = 2 J_F(u) - u
         return self.prox(y), y
 
-    def advance(self, s, x, z, y):
-        K = self._K
+    def advance(self, s, y, z, _y=None):
         if self.method == "fb":
+            K = self._K
             lin = torch.addmm(self.c, s, K) if K is not None else self.map.addmm(self.c, s)
             return self.prox(lin), None
-        # PR: u+ = R_G R_F u = 2 z - y;  DR: u+ = (u + R_G R_F u) / 2 = u + z - x
-        u = torch.lerp(y, z, 2.0) if self.method == "pr" else s + z - x
-        return u, torch.addmm(self.c, u, K) if K is not None else self.map.addmm(self.c, u)
+        # PR: u+ = R_G(y) = 2 z - y;  DR: u+ = (u + R_G(y)) / 2 = z + (u - y) / 2
+        u = torch.lerp(y, z, 2.0) if self.method == "pr" else torch.add(z, s - y, alpha=0.5)
+        return u, self._reflect(u)
 
 
 @dataclass(frozen=True)
@@ -519,7 +538,7 @@ def solve(
         if not it.ok:
             return _failed_result(q, cfg, a, rho, st)
         s0 = torch.zeros_like(q) if init is None else init.detach().to(q).clone()
-        res = (_iterate_anderson if cfg.anderson else _iterate)(it, s0, q, cfg)
+        res = (_iterate_anderson if cfg.anderson else _iterate)(it, s0, q, cfg, init is None)
     s, s_prev, z, k, pending, dz2, zn2, ok, diverged = res
     B = q.shape[0]
     converged = ok & ~diverged
@@ -564,16 +583,18 @@ def _flat_norm(t: torch.Tensor) -> torch.Tensor:
 
 
 def _limits(q: torch.Tensor, cfg: SolverConfig) -> tuple[torch.Tensor, float]:
-    """The stopping floor ``(8 eps)^2 ||q||^2`` per sample and the squared divergence limit."""
-    floor = (8.0 * torch.finfo(q.dtype).eps) ** 2 * _sq(q)
+    """The stopping floor ``(8 eps)^2 ||q||^2`` per sample and the squared divergence limit
+    (at most the dtype's largest finite number, so that ``x <= limit2`` fails for ``inf``)."""
+    fin = torch.finfo(q.dtype)
+    floor = (8.0 * fin.eps) ** 2 * _sq(q)
     limit2 = (cfg.diverge_at * (1.0 + float(q.abs().max()) if q.numel() else 1.0)) ** 2
-    return floor, limit2
+    return floor, min(limit2, fin.max)
 
 
 def _diverging(s: torch.Tensor, limit2: float) -> torch.Tensor:
-    """Samples whose iterate is non-finite or beyond the divergence limit."""
-    sn2 = _sq(s)
-    return ~torch.isfinite(sn2) | (sn2 > limit2)
+    """Samples whose iterate is non-finite or beyond the divergence limit (a NaN or infinite
+    squared norm fails ``<= limit2``, a finite limit)."""
+    return ~(_sq(s) <= limit2)
 
 
 def _finished(
@@ -591,12 +612,19 @@ def _final(
     ok: torch.Tensor, diverged: torch.Tensor, s: torch.Tensor, dz2: torch.Tensor, limit2: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The end of a loop: a non-finite residual or iterate is divergence, never convergence."""
-    bad = ~torch.isfinite(dz2)
+    bad = ~(dz2 <= torch.finfo(dz2.dtype).max)  # non-finite (a squared norm is never negative)
     return ok & ~bad, diverged | _diverging(s, limit2) | bad
 
 
-def _iterate(it: SplittingMap, s: torch.Tensor, q: torch.Tensor, cfg: SolverConfig):
-    """The shared iteration loop with per-sample stopping (lean: ~15 tensor ops per check).
+def _first(it: SplittingMap, s: torch.Tensor, cold: bool) -> torch.Tensor | None:
+    """The method's ``start(s)``; at a cold start (``s = 0``) without a product where it can."""
+    start_zero = getattr(it, "start_zero", None) if cold else None
+    return start_zero() if start_zero is not None else it.start(s)
+
+
+def _iterate(it: SplittingMap, s: torch.Tensor, q: torch.Tensor, cfg: SolverConfig, cold: bool = False):
+    """The shared iteration loop with per-sample stopping (lean: a dense PR iteration is three
+    tensor operations, its residual test seven more).
 
     A sample is done when ``||dz||^2 <= tol^2 ||z||^2 + (8 eps)^2 ||q||^2``: the relative residual
     test, with a floor at machine precision relative to the injection so that ``z* = 0`` reached
@@ -604,13 +632,19 @@ def _iterate(it: SplittingMap, s: torch.Tensor, q: torch.Tensor, cfg: SolverConf
     every 16 checks and at the end.
     """
     B = q.shape[0]
-    flat = q.dim() == 2  # the common (dense) layout takes the old, allocation-lean path
     tol2 = cfg.tol**2
     floor, limit2 = _limits(q, cfg)
-    x = it.start(s)
-    z, y = it.read(s, x)
+    # The common (dense) layout tests ||dz||^2 - tol^2 ||z||^2 = (1 - tol^2) <z - a zp, z - b zp>
+    # with a = 1/(1 - tol), b = 1/(1 + tol): one reduction and two fused subtractions per check.
+    fused = q.dim() == 2 and cfg.tol < 0.5
+    if fused:
+        a_m, a_p = 1.0 / (1.0 - cfg.tol), 1.0 / (1.0 + cfg.tol)
+        floor_f = floor / (1.0 - tol2)
+    aux = _first(it, s, cold)
+    z, y = it.read(s, aux)
     s_prev = s
-    passed = torch.zeros(B, dtype=torch.long, device=q.device)  # checks each sample passed
+    # each check's verdicts, one row per check (a copy per check; summed once at the end)
+    seen = torch.empty((-(-cfg.max_iter // cfg.check_every) + 1, B), dtype=torch.bool, device=q.device)
     ok = torch.zeros(B, dtype=torch.bool, device=q.device)
     diverged = torch.zeros(B, dtype=torch.bool, device=q.device)
     dz2 = torch.full((B,), math.inf, dtype=q.dtype, device=q.device)
@@ -620,24 +654,27 @@ def _iterate(it: SplittingMap, s: torch.Tensor, q: torch.Tensor, cfg: SolverConf
     while k < cfg.max_iter:
         k += 1
         s_prev, z_prev = s, z
-        s, x = it.advance(s, x, z, y)
-        z, y = it.read(s, x)
+        s, aux = it.advance(s, aux, z, y)
+        z, y = it.read(s, aux)
         if k % cfg.check_every and k < cfg.max_iter:
             continue
         checks += 1
-        d = z - z_prev
-        if flat:  # six dispatches per check: the loop's overhead on small states
-            dz2 = torch.linalg.vector_norm(d, dim=1).square_()
-            zn = torch.linalg.vector_norm(z, dim=1)
+        if fused:  # four dispatches before the bookkeeping: the loop's overhead on small states
+            e = torch.linalg.vecdot(torch.sub(z, z_prev, alpha=a_m), torch.sub(z, z_prev, alpha=a_p))
+            ok = e <= floor_f  # a non-finite e fails, as a non-finite residual does below
         else:
-            dz2 = torch.linalg.vector_norm(d.reshape(shape), dim=1).square_()
+            dz2 = torch.linalg.vector_norm((z - z_prev).reshape(shape), dim=1).square_()
             zn = torch.linalg.vector_norm(z.reshape(shape), dim=1)
-        ok = dz2 <= torch.addcmul(floor, zn, zn, value=tol2)
-        passed.add_(ok)
+            ok = dz2 <= torch.addcmul(floor, zn, zn, value=tol2)
+        seen[checks - 1].copy_(ok)
         done, diverged = _finished(ok, diverged, s, limit2, checks % 16 == 0 or k == cfg.max_iter)
         if done:
             break
+    if fused and checks:  # the residual terms of the last check, for the result
+        dz2 = torch.linalg.vector_norm(z - z_prev, dim=1).square_()
+        zn = torch.linalg.vector_norm(z, dim=1)
     ok, diverged = _final(ok, diverged, s, dz2, limit2)
+    passed = seen[:checks].sum(dim=0)
     return s, s_prev, z, k, checks - passed, dz2, zn.square(), ok, diverged
 
 
@@ -698,7 +735,9 @@ class _AndersonHistory:
         return point, torch.baddbmm(self.last[2].unsqueeze(1), gT, self.dX, alpha=-1.0).squeeze(1)
 
 
-def _iterate_anderson(it: SplittingMap, s: torch.Tensor, q: torch.Tensor, cfg: SolverConfig):
+def _iterate_anderson(
+    it: SplittingMap, s: torch.Tensor, q: torch.Tensor, cfg: SolverConfig, cold: bool = False
+):
     """The safeguarded Anderson loop (module docstring); same outputs as :func:`_iterate`.
 
     ``b`` is the last accepted point, ``F = T(b)``, ``X`` the method's ``x`` of ``F``; every
@@ -709,7 +748,7 @@ def _iterate_anderson(it: SplittingMap, s: torch.Tensor, q: torch.Tensor, cfg: S
     theta2 = ANDERSON_SAFEGUARD**2
     floor, limit2 = _limits(q, cfg)
     affine = bool(getattr(it, "affine_start", False))
-    p, x = s, it.start(s)
+    p, x = s, _first(it, s, cold)
     hist = _AndersonHistory(cfg.anderson, s, x is not None and affine)
     candidate = torch.zeros(B, dtype=torch.bool, device=q.device)  # p is an Anderson point
     b = F = zF = s
