@@ -542,14 +542,11 @@ def solve(
     s, s_prev, z, k, pending, dz2, zn2, ok, diverged = res
     B = q.shape[0]
     converged = ok & ~diverged
-    residual = (dz2 / zn2.clamp_min(torch.finfo(q.dtype).tiny)).sqrt()
-    residual = torch.where(dz2 == 0, torch.zeros_like(residual), residual)
+    residual = (dz2 / zn2.clamp_min(torch.finfo(q.dtype).tiny)).sqrt_()  # 0 where dz2 = 0
     every = 1 if cfg.anderson else cfg.check_every
-    sample_it = torch.clamp(pending * every + 1, max=k)
-    sample_it = torch.where(converged, sample_it, torch.full_like(sample_it, cfg.max_iter))
+    sample_it = (pending * every + 1).clamp_(max=k).masked_fill_(~converged, cfg.max_iter)
     if rho is not None and rho < 1.0:
-        error_bound = rho / (1.0 - rho) * _flat_norm(s - s_prev)
-        error_bound = torch.where(diverged, torch.full_like(error_bound, math.inf), error_bound)
+        error_bound = _flat_norm(s - s_prev).mul_(rho / (1.0 - rho)).masked_fill_(diverged, math.inf)
     else:
         error_bound = torch.full((B,), math.inf, dtype=q.dtype, device=q.device)
     return SolverResult(

@@ -12,6 +12,7 @@ from monquant.operators.base import LinearMap, MonotoneOperator
 from monquant.operators.matrix import (
     OperatorError,
     SpectralStats,
+    all_finite,
     check_weight,
     spectral_norm,
     spectral_stats,
@@ -65,7 +66,7 @@ class DenseOperator(MonotoneOperator):
         n = self.W.shape[0]
         eye = torch.eye(n, dtype=self.W.dtype, device=self.W.device)
         Minv, info = torch.linalg.inv_ex(eye + a * (eye - self.W))
-        if int(info) != 0 or not bool(torch.isfinite(Minv).all()):
+        if int(info) != 0 or not all_finite(Minv):
             return None  # I + a (I - W) singular: only possible when margin(W) <= 0
         return MatrixMap(Minv.T.contiguous())
 
