@@ -6,8 +6,10 @@ constants and the resolvent passed in (as the training's adjoint solve gets them
 timed is the loop: the iterations, their residual tests and the per-solve bookkeeping. Prints,
 per method, the iterations, the CPU time per solve (process time, less disturbed by other work on a
 shared machine than wall time) divided by the iterations, and the time of the iteration's one
-matrix product alone, as medians of ``--repeats`` rounds of ``--solves`` solves. Uses only
-``monquant.solvers.solve``, so the same file times another revision of the library
+matrix product alone, as medians of ``--repeats`` rounds of ``--solves`` solves; then a PR solve
+capped at one iteration (a solve's fixed cost plus one iteration) and what a training forward solve
+adds before its loop (the estimated ``L``, the resolvent). Uses only public names of
+``monquant.solvers`` and ``monquant.operators``, so the same file times another revision of the library
 (``PYTHONPATH=OTHER/src python benchmarks/solve_loop.py``) for an A/B comparison.
 
     python benchmarks/solve_loop.py [--methods pr dr fb] [--tol 1e-5] [--threads 1] [--json F]
@@ -21,9 +23,9 @@ import time
 
 import torch
 
-from monquant.operators import spectral_stats, wk_weight
+from monquant.operators import DenseOperator, spectral_stats, wk_weight
 from monquant.report import text_table
-from monquant.solvers import SolverConfig, solve
+from monquant.solvers import SolverConfig, estimate_lipschitz, solve
 from monquant.storage.jsonio import dumps_json
 
 
@@ -68,13 +70,24 @@ def main() -> None:
                     "us_per_iteration": per_it, "unconverged": first.n_unconverged})  # fmt: skip
     Kmm = torch.randn(n, n, generator=g)
     mm = statistics.median(cpu_us(lambda: torch.addmm(q, q, Kmm), 2000, args.repeats))
+    one = SolverConfig(method="pr", tol=args.tol, max_iter=1)
+    K = solve(W, q, one, stats=st).resolvent
+    capped = cpu_us(lambda: solve(W, q, one, stats=st, resolvent=K), args.solves, args.repeats)
+    fixed = statistics.median(capped)
+    op = DenseOperator(W)
+    setup = {"estimate_lipschitz": lambda: estimate_lipschitz(W), "resolvent": lambda: op.resolvent(0.5)}
+    setup_us = {k: statistics.median(cpu_us(f, args.solves, args.repeats)) for k, f in setup.items()}
     print(f"n={n} batch={args.batch} tol={args.tol:g} threads={torch.get_num_threads()} "
           f"(CPU time, medians of {args.repeats} rounds of {args.solves} solves)")  # fmt: skip
     print(text_table(["method", "iterations", "unconverged", "us / solve", "us / iteration"], rows))
     print(f"one {args.batch} x {n} @ {n} x {n} product alone: {mm:.1f} us")
+    print(f"a PR solve capped at one iteration (the fixed cost plus one iteration): {fixed:.1f} us")
+    print(f"a training forward solve's setup: the estimated L {setup_us['estimate_lipschitz']:.1f} us, "
+          f"the resolvent {setup_us['resolvent']:.1f} us")  # fmt: skip
     if args.json:
         with open(args.json, "w") as fh:
-            fh.write(dumps_json({"rows": out, "matmul_us": mm, "threads": args.threads}))
+            fh.write(dumps_json({"rows": out, "matmul_us": mm, "one_iteration_solve_us": fixed,
+                                 "setup_us": setup_us, "threads": args.threads}))  # fmt: skip
 
 
 if __name__ == "__main__":
