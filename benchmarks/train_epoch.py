@@ -13,7 +13,7 @@ ratio is the per-iteration overhead (dispatch, the residual test, allocations) t
 needs. The rest of the epoch is the injection, the head, autograd and the optimizer.
 
     MONQUANT_DATA=... python benchmarks/train_epoch.py [--epochs 15] [--threads N] [--anderson M]
-        [--check-every K] [--device cuda]
+        [--check-every K] [--train-tol-start T] [--device cuda]
 """
 
 from __future__ import annotations
@@ -138,6 +138,9 @@ def main() -> None:
     p.add_argument("--anderson", type=int, default=0, help="safeguarded Anderson memory (0: off)")
     p.add_argument("--check-every", type=int, default=1,
                    help="residual test every k-th iteration (SolverConfig.check_every)")  # fmt: skip
+    p.add_argument("--train-tol-start", type=float, default=None,
+                   help="training solves start at this tolerance, tightening to --tol by the last "
+                   "epoch")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--margin-init", type=float, default=MonDEQConfig().margin_init)
     p.add_argument("--json", default=None)
@@ -194,7 +197,7 @@ def main() -> None:
             data.y_train,
             data.x_test,
             data.y_test,
-            TrainConfig(epochs=args.epochs, seed=args.seed),
+            TrainConfig(epochs=args.epochs, seed=args.seed, train_tol_start=args.train_tol_start),
             progress=False,
             log=on_epoch,
         )

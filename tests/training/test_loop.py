@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from pathlib import Path
@@ -25,6 +26,7 @@ from monquant.training.loop import (
     install_qat,
     margin_penalty,
     train,
+    training_tolerance,
 )
 from monquant.training.runs import TrainRequest, run_training
 
@@ -283,6 +285,54 @@ def test_train_config_validation() -> None:
     with pytest.raises(QuantizationError):
         TrainConfig(qat_bits=1)
     assert TrainConfig(qat_bits=4.0).qat_bits == 4
+
+
+def test_training_tolerance_schedule_is_geometric_and_ends_at_tol() -> None:
+    cfg = TrainConfig(epochs=5, train_tol_start=1e-2)
+    tols = [training_tolerance(cfg, 1e-4, e) for e in range(5)]
+    assert tols[0] == pytest.approx(1e-2) and tols[-1] == 1e-4
+    ratios = [b / a for a, b in itertools.pairwise(tols)]
+    assert ratios == pytest.approx([10 ** -0.5] * 4)
+    assert training_tolerance(TrainConfig(epochs=5), 1e-4, 0) == 1e-4
+    assert training_tolerance(TrainConfig(epochs=1, train_tol_start=1e-2), 1e-4, 0) == 1e-4
+    with pytest.raises(MonquantError, match="tighter"):
+        training_tolerance(TrainConfig(train_tol_start=1e-6), 1e-4, 0)
+    for bad in (0.0, 1.0, -1e-3, math.nan, "1e-2"):
+        with pytest.raises(MonquantError, match="train_tol_start"):
+            TrainConfig(train_tol_start=bad)
+
+
+def test_loose_training_solves_leave_evaluation_and_the_model_at_tol(data: MNIST) -> None:
+    """Training solves follow the schedule (their residuals are at most the epoch's tolerance and
+    fewer iterations than at tol), evaluation solves and the trained model keep the full tol."""
+    model = new_model(solver={"method": "pr", "tol": 1e-5})
+    seen: list[tuple[bool, float, float]] = []
+    solve = model.solver.__class__.__call__
+
+    def spy(self, W, q):  # record (training?, tolerance, max residual) of every forward solve
+        z = solve(self, W, q)
+        seen.append((model.training, self.forward_config.tol, float(self.last_forward.residual.max())))
+        return z
+
+    cfg = TrainConfig(epochs=3, batch_size=200, train_tol_start=1e-2)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(model.solver.__class__, "__call__", spy)
+        history = run(model, data, cfg)
+    mid = (1e-2 * 1e-5) ** 0.5
+    assert [e["train_tol"] for e in history] == pytest.approx([1e-2, mid, 1e-5])
+    train_tols = sorted({t for training, t, _ in seen if training})
+    assert train_tols == pytest.approx([1e-5, mid, 1e-2])
+    assert {t for training, t, _ in seen if not training} == {1e-5}
+    assert all(res <= t for _, t, res in seen), max(res / t for _, t, res in seen)
+    assert model.solver.forward_config.tol == 1e-5  # restored after training
+    assert all(e["train_unconverged"] == 0 and e["test_unconverged"] == 0 for e in history)
+
+
+def test_train_tol_start_is_checked_before_data_loads(tmp_path: Path) -> None:
+    with pytest.raises(MonquantError, match="tighter"):
+        TrainRequest.of(tmp_path, solver={"method": "pr", "tol": 1e-3}, train_tol_start=1e-4)
+    req = TrainRequest.of(tmp_path, solver={"method": "pr", "tol": 1e-4}, train_tol_start=1e-2)
+    assert req.train.train_tol_start == 1e-2
 
 
 # ----------------------------------------------------------------------------------------------

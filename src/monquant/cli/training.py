@@ -23,6 +23,7 @@ EPILOG_TRAIN = """examples:
   monquant train --out runs/float                 # the paper's setup (15 epochs, PR solver)
   monquant train --out runs/qat4 --qat-bits 4     # quantization-aware training at 4 bits
   monquant train --out runs/float --resume        # continue an interrupted run
+  monquant train --out runs/fast --train-tol-start 1e-2   # loose early training solves, --tol at the end
   monquant train --out runs/lm4 --qat-bits 4 --margin-target 0.1 --robust-eps 0.1
   torchrun --nproc-per-node 2 -m monquant train --out runs/ddp   # data-parallel (gloo on CPU)
   monquant train --out runs/conv --arch conv --channels 16 --kernel 3 --margin-init 0.5
@@ -61,6 +62,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         margin_target=args.margin_target,
         margin_weight=args.margin_weight,
         robust_eps=args.robust_eps,
+        train_tol_start=args.train_tol_start,
         resume=args.resume,
         progress=not args.no_progress,
     )
@@ -128,6 +130,12 @@ def register(add: AddCommand) -> None:
         "--decay", type=positive_float, default=0.1, help="learning-rate decay factor in (0, 1]"
     )
     t.add_argument("--seed", type=int, default=0, help="random seed (initialization and batches)")
+    t.add_argument(
+        "--train-tol-start", type=positive_float, default=None, metavar="T",
+        help="the first epoch's training solves stop at relative residual T, tightening "
+             "geometrically to --tol at the last epoch; evaluation, the saved model and certificates "
+             "always use --tol (default: every training solve at --tol)",
+    )  # fmt: skip
     bits_arg(t, many=False, flag="--qat-bits", help_="quantization-aware training at B bits")
     granularity_arg(t)
     t.add_argument("--margin-target", type=float, default=None, help="margin-aware QAT target")

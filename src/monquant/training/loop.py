@@ -38,6 +38,7 @@ __all__ = [
     "install_qat",
     "proved_margin_bounds",
     "train",
+    "training_tolerance",
 ]
 
 
@@ -60,6 +61,12 @@ class TrainConfig:
     ``fast_spectral``: training solves step with an estimated ``1/L`` instead of computing exact
     eigen/singular values every batch (PR/DR are certified for any step; FB still needs the
     exact margin). Evaluation solves always use the exact constants.
+    ``train_tol_start``: the training solves (forward, and adjoint unless the model sets its own
+    ``backward_tol``) of the first epoch stop at this
+    relative residual, and the tolerance tightens geometrically to the model's own ``tol`` at the
+    last epoch (:func:`training_tolerance`); ``None`` (default): every training solve at ``tol``.
+    Evaluations, checkpoints and certificates always use ``tol``; a training solve that misses
+    its looser tolerance is still counted as unconverged.
     """
 
     epochs: int = 15
@@ -76,6 +83,7 @@ class TrainConfig:
     robust_eps: float | None = None
     eval_batch_size: int = 2000
     fast_spectral: bool = True
+    train_tol_start: float | None = None
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
@@ -91,6 +99,9 @@ class TrainConfig:
             raise ConfigError(f"robust_eps must be a finite number >= 0, got {self.robust_eps}")
         if not self.qat_parts or not set(self.qat_parts) <= {"W", "U", "b"}:
             raise ConfigError(f"qat_parts must name some of W, U, b, got {self.qat_parts}")
+        t0 = self.train_tol_start
+        if t0 is not None and not (isinstance(t0, (int, float)) and math.isfinite(t0) and 0 < t0 < 1):
+            raise ConfigError(f"train_tol_start must be a number in (0, 1), got {t0!r}")
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -241,6 +252,22 @@ def evaluate(
 
 
 
+def training_tolerance(cfg: TrainConfig, tol: float, epoch: int) -> float:
+    """The relative-residual tolerance of epoch ``epoch``'s (0-based) training solves:
+    ``t0 (tol / t0)^(epoch / (epochs - 1))`` from ``t0 = cfg.train_tol_start`` at the first epoch
+    to ``tol`` at the last (``tol`` itself without a start, or for a one-epoch run). Raises
+    :class:`ConfigError` when the start is tighter than ``tol``."""
+    t0 = cfg.train_tol_start
+    if t0 is None:
+        return tol
+    if t0 < tol:
+        raise ConfigError(f"train_tol_start {t0:g} is tighter than the solver's tol {tol:g}: the "
+                          "training tolerance starts loose and tightens to tol")  # fmt: skip
+    if cfg.epochs == 1 or epoch >= cfg.epochs - 1:
+        return tol
+    return t0 * (tol / t0) ** (epoch / (cfg.epochs - 1))
+
+
 def train(
     model: MonDEQClassifier,
     x_train: torch.Tensor,
@@ -293,6 +320,8 @@ def train(
     solver = model.solver
     ddp = dist.wrap(model) if dist.world()[1] > 1 else None  # built once: it owns the hooks
     exact_spectral = solver.forward_config.spectral
+    full_tol = solver.forward_config.tol
+    training_tolerance(cfg, full_tol, 0)  # a start tighter than tol fails before any epoch
     hk = hooks or TrainHooks()
     try:
         for epoch in range(start, cfg.epochs):
@@ -300,6 +329,7 @@ def train(
             if hk.on_epoch_start is not None:
                 hk.on_epoch_start(model, epoch)
             solver.forward_config.spectral = "estimate" if cfg.fast_spectral else exact_spectral
+            solver.forward_config.tol = train_tol = training_tolerance(cfg, full_tol, epoch)
             before = solver.counters.summary()
             t0 = time.perf_counter()
             loss_sum, correct = _train_one_epoch(
@@ -313,10 +343,12 @@ def train(
             after = solver.counters.summary()
             model.eval()
             solver.forward_config.spectral = exact_spectral
+            solver.forward_config.tol = full_tol
             ev = evaluate(model, x_test, y_test, cfg.eval_batch_size)
             entry = _epoch_entry(
                 model, epoch, n, loss_sum, correct, ev, before, after, train_seconds
             )
+            entry["train_tol"] = train_tol
             history.append(entry)
             if log is not None:
                 log(entry)
@@ -329,8 +361,9 @@ def train(
                         "history": history,
                     }
                 )
-    finally:  # never leave the solver in fast (uncertified) mode
+    finally:  # never leave the solver in fast (uncertified) or loose mode
         solver.forward_config.spectral = exact_spectral
+        solver.forward_config.tol = full_tol
     return history
 
 

@@ -27,7 +27,7 @@ from monquant.storage.checkpoints import Classifier, build_classifier, load_mode
 from monquant.storage.files import folder_lock
 from monquant.storage.jsonio import write_json
 from monquant.training import distributed as dist
-from monquant.training.loop import TrainConfig, train
+from monquant.training.loop import TrainConfig, train, training_tolerance
 
 __all__ = ["TrainRequest", "run_training"]
 
@@ -71,6 +71,8 @@ class TrainRequest:
         own = {k: v for k, v in settings.items() if k not in names}
         req = cls(out=Path(out), train=train, **own)
         req.model_config(784, 10)  # validate the model and solver settings now (MNIST sizes)
+        solver_tol = SolverConfig(**{k: v for k, v in req.solver.items() if v is not None}).tol
+        training_tolerance(train, solver_tol, 0)  # a start tighter than tol fails here
         if req.arch != "fc" and train.robust_eps:
             raise ConfigError("robust_eps (Lipschitz-margin training) is implemented for the dense "
                               f"MonDEQ only, not for --arch {req.arch}")  # fmt: skip
