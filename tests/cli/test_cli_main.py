@@ -346,6 +346,22 @@ def test_train_check_every_reaches_the_solver_and_the_checkpoint(
     assert model.solver.forward_config.check_every == 2
 
 
+def test_train_tol_start_loosens_training_solves_only(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, data_dir: Path
+) -> None:
+    """``--train-tol-start`` sets the first epochs' training tolerance (logged per epoch) and
+    tightens it to ``--tol`` at the last; the saved model and its settings keep ``--tol``."""
+    rc, out, err = cli(capsys, "train", "--out", tmp_path, "--hidden", 16, "--epochs", 2,
+                       "--batch-size", 200, "--tol", "1e-4", "--train-tol-start", "1e-2",
+                       "--data-dir", data_dir, "--no-download", "--no-progress", "--json")  # fmt: skip
+    assert rc == 0, err
+    result = json.loads(out)
+    assert [h["train_tol"] for h in result["history"]] == pytest.approx([1e-2, 1e-4])
+    assert all(h["train_unconverged"] == 0 for h in result["history"])
+    model = load_model(tmp_path / "checkpoint.safetensors").model
+    assert model.solver.forward_config.tol == 1e-4
+
+
 def test_train_text_output_and_resume(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, data_dir: Path
 ) -> None:

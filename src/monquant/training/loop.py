@@ -66,7 +66,8 @@ class TrainConfig:
     relative residual, and the tolerance tightens geometrically to the model's own ``tol`` at the
     last epoch (:func:`training_tolerance`); ``None`` (default): every training solve at ``tol``.
     Evaluations, checkpoints and certificates always use ``tol``; a training solve that misses
-    its looser tolerance is still counted as unconverged.
+    its looser tolerance is still counted as unconverged. The schedule is spaced over
+    ``epochs``: a run extended on resume re-spaces its remaining epochs.
     """
 
     epochs: int = 15
