@@ -61,10 +61,10 @@ class TrainConfig:
     ``fast_spectral``: training solves step with an estimated ``1/L`` instead of computing exact
     eigen/singular values every batch (PR/DR are certified for any step; FB still needs the
     exact margin). Evaluation solves always use the exact constants.
-    ``train_tol_start``: the training solves (forward, and adjoint unless the model sets its own
-    ``backward_tol``) of the first epoch stop at this
-    relative residual, and the tolerance tightens geometrically to the model's own ``tol`` at the
-    last epoch (:func:`training_tolerance`); ``None`` (default): every training solve at ``tol``.
+    ``train_tol_start``: the training solves of the first epoch (forward, and adjoint unless the
+    model sets its own ``backward_tol``) stop at this relative residual, and the tolerance
+    tightens geometrically to the model's own ``tol`` at the last epoch
+    (:func:`training_tolerance`); ``None`` (default): every training solve at ``tol``.
     Evaluations, checkpoints and certificates always use ``tol``; a training solve that misses
     its looser tolerance is still counted as unconverged. The schedule is spaced over
     ``epochs``: a run extended on resume re-spaces its remaining epochs.
