@@ -18,10 +18,10 @@ adds before its loop (the estimated ``L``, the resolvent). Uses only public name
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import torch
+from pr_compile import per_iteration_us  # the benchmarks' shared timing loop (same folder)
 
 from monquant.operators import DenseOperator, spectral_stats, wk_weight
 from monquant.report import text_table
@@ -29,16 +29,9 @@ from monquant.solvers import SolverConfig, estimate_lipschitz, solve
 from monquant.storage.jsonio import dumps_json
 
 
-def cpu_us(f, calls: int, repeats: int) -> list[float]:
-    """Process time per call in microseconds, one value per round."""
-    f()
-    out = []
-    for _ in range(repeats):
-        t0 = time.process_time()
-        for _ in range(calls):
-            f()
-        out.append((time.process_time() - t0) / calls * 1e6)
-    return out
+def cpu_us(f, calls: int, repeats: int) -> float:
+    """Process time per call in microseconds, the median of ``repeats`` rounds."""
+    return per_iteration_us(f, 1, calls, repeats, lambda: None, clock=time.process_time)
 
 
 def main() -> None:
@@ -64,19 +57,18 @@ def main() -> None:
         first = solve(W, q, cfg, stats=st)
         K = first.resolvent
         us = cpu_us(lambda cfg=cfg, K=K: solve(W, q, cfg, stats=st, resolvent=K), args.solves, args.repeats)
-        per_it = statistics.median(us) / first.iterations
-        rows.append([method, first.iterations, first.n_unconverged, statistics.median(us), per_it])
-        out.append({"method": method, "iterations": first.iterations, "us_per_solve": statistics.median(us),
+        per_it = us / first.iterations
+        rows.append([method, first.iterations, first.n_unconverged, us, per_it])
+        out.append({"method": method, "iterations": first.iterations, "us_per_solve": us,
                     "us_per_iteration": per_it, "unconverged": first.n_unconverged})  # fmt: skip
     Kmm = torch.randn(n, n, generator=g)
-    mm = statistics.median(cpu_us(lambda: torch.addmm(q, q, Kmm), 2000, args.repeats))
+    mm = cpu_us(lambda: torch.addmm(q, q, Kmm), 2000, args.repeats)
     one = SolverConfig(method="pr", tol=args.tol, max_iter=1)
     K = solve(W, q, one, stats=st).resolvent
-    capped = cpu_us(lambda: solve(W, q, one, stats=st, resolvent=K), args.solves, args.repeats)
-    fixed = statistics.median(capped)
+    fixed = cpu_us(lambda: solve(W, q, one, stats=st, resolvent=K), args.solves, args.repeats)
     op = DenseOperator(W)
     setup = {"estimate_lipschitz": lambda: estimate_lipschitz(W), "resolvent": lambda: op.resolvent(0.5)}
-    setup_us = {k: statistics.median(cpu_us(f, args.solves, args.repeats)) for k, f in setup.items()}
+    setup_us = {k: cpu_us(f, args.solves, args.repeats) for k, f in setup.items()}
     print(f"n={n} batch={args.batch} tol={args.tol:g} threads={torch.get_num_threads()} "
           f"(CPU time, medians of {args.repeats} rounds of {args.solves} solves)")  # fmt: skip
     print(text_table(["method", "iterations", "unconverged", "us / solve", "us / iteration"], rows))

@@ -82,6 +82,35 @@ def test_outputs_exist(quick_run):
         assert (quick_run / "stages" / f"{stage}.json").exists()
 
 
+def test_report_times_the_invocation_by_its_wall_clock(quick_run):
+    """The report's target line reads the invocation's wall time, and the timing table names the
+    sum of the stage times apart from it (under an executor the stages overlap)."""
+    res = json.loads((quick_run / "results.json").read_text())
+    assert res["stage_seconds_sum"] == pytest.approx(sum(res["stage_seconds"].values()))
+    assert 0 < res["wall_seconds_this_invocation"]
+    report = (quick_run / "report.md").read_text()
+    assert "| sum of the stage times |" in report and "| wall time of this invocation |" in report
+    assert f"this run took {res['wall_seconds_this_invocation'] / 60:.2f} min (quick mode" in report
+
+
+def test_full_run_target_is_judged_by_wall_time() -> None:
+    """A full run in parallel stages whose times add up past the target but whose wall time is
+    within it meets the target; a resumed run is never judged; a slow one misses."""
+    from monquant.experiments.paper.report import full_run_target_note
+
+    base = {"config": {"quick": False}, "stage_seconds": {"float": 96.0, "qat_4": 110.5},
+            "stage_seconds_sum": 626.4, "wall_seconds_this_invocation": 341.6,
+            "resumed_stages": []}  # fmt: skip
+    note = full_run_target_note(base)
+    assert "this run took 5.69 min -> target met." in note and "add up to 10.44 min" in note
+    slow = full_run_target_note({**base, "wall_seconds_this_invocation": 400.0})
+    assert "target MISSED" in slow
+    resumed = full_run_target_note({**base, "resumed_stages": ["float"]})
+    assert "not compared with the target" in resumed and "target m" not in resumed
+    old = {k: v for k, v in base.items() if k not in ("stage_seconds_sum", "wall_seconds_this_invocation")}
+    assert "not recorded" in full_run_target_note({**old, "wall_seconds_all_stages": 626.4})
+
+
 def test_results_structure_and_theorems(quick_run):
     res = json.loads((quick_run / "results.json").read_text())
     bits = [r["bits"] for r in res["phase_transition"]["rows"]]
@@ -154,3 +183,8 @@ def test_resume_skips_finished_stages(quick_run, mnist_dir, capsys):
     assert out.count("skipped") >= 6
     res = json.loads((quick_run / "results.json").read_text())
     assert set(res["resumed_stages"]) >= {"float", "phase_transition", "displacement"}
+    # a resumed invocation's wall time leaves the reused stages out (their stored times stay in
+    # the sum), and the report says which were reused
+    report = (quick_run / "report.md").read_text()
+    assert "Stages reused from an earlier invocation: float" in report
+    assert res["wall_seconds_this_invocation"] < res["stage_seconds_sum"]

@@ -27,3 +27,20 @@ def test_run_task_stages_saves_resumes_and_reports_failures(tmp_path) -> None:
     assert kept["a"] == 40 and kept["b"] == 90 and isinstance(kept["bad"], TaskFailure)
     assert sorted(runner.skipped) == ["a", "b"]  # resumed, not run again
     assert not (tmp_path / "stages" / "bad.json").exists()  # a failure is never saved
+
+
+def test_wall_time_and_stage_sum_are_named_for_what_they_are() -> None:
+    """Parallel stages overlap: a report names the invocation's wall time and the sum of the stage
+    times separately; results written before the sum had its own key still read."""
+    from monquant.experiments.stages import stage_seconds_sum, wall_time_line
+
+    res = {"stage_seconds": {"a": 100.0, "b": 110.0}, "stage_seconds_sum": 210.0,
+           "wall_seconds_this_invocation": 120.0, "resumed_stages": []}  # fmt: skip
+    assert stage_seconds_sum(res) == 210.0
+    line = wall_time_line(res)
+    assert line.startswith("Wall time of this invocation: 2.0 min") and "add up to 3.5 min" in line
+    assert "reused" in wall_time_line({**res, "resumed_stages": ["a"]})
+    old = {"stage_seconds": {"a": 60.0}, "wall_seconds_all_stages": 60.0}
+    assert stage_seconds_sum(old) == 60.0
+    assert "not recorded" in wall_time_line(old)
+    assert stage_seconds_sum({"stage_seconds": {"a": 1.0, "b": 2.0}}) == 3.0

@@ -63,7 +63,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     verdicts = "\n".join(f"  [{c['verdict']}] {c['claim']}" for c in res["claims"])
     text = (
         f"report: {Path(args.out) / 'report.md'}\nresults: {Path(args.out) / 'results.json'}\n"
-        f"wall time (all stages): {res['wall_seconds_all_stages']:.1f} s\nclaims:\n{verdicts}"
+        f"wall time: {res['wall_seconds_this_invocation']:.1f} s (stage times add up to "
+        f"{res['stage_seconds_sum']:.1f} s)\nclaims:\n{verdicts}"
     )
     emit(
         args,

@@ -10,7 +10,7 @@ from typing import Any
 
 from monquant.storage.jsonio import read_json, write_json
 
-__all__ = ["StageRunner", "run_task_stages"]
+__all__ = ["StageRunner", "run_task_stages", "stage_seconds_sum", "wall_time_line"]
 
 
 class StageRunner:
@@ -83,3 +83,27 @@ def run_task_stages(
         raise MonquantError("stages failed (the others are saved; --resume retries): "
                             + "; ".join(failures))  # fmt: skip
     return done
+
+
+def stage_seconds_sum(results: dict[str, Any]) -> float:
+    """The stage times of a study's results added up (results written before this key existed
+    stored the same sum as ``wall_seconds_all_stages``). Stages that ran in parallel on an
+    executor overlap, so the sum exceeds the wall time."""
+    if "stage_seconds_sum" in results:
+        return float(results["stage_seconds_sum"])
+    if "wall_seconds_all_stages" in results:
+        return float(results["wall_seconds_all_stages"])
+    return float(sum(results.get("stage_seconds", {}).values()))
+
+
+def wall_time_line(results: dict[str, Any]) -> str:
+    """One line for a report: the invocation's wall time (when recorded) and the sum of the stage
+    times, each named for what it is."""
+    total = stage_seconds_sum(results)
+    wall = results.get("wall_seconds_this_invocation")
+    if wall is None:
+        return f"Stage times add up to {total / 60:.1f} min (the wall time was not recorded)"
+    line = f"Wall time of this invocation: {wall / 60:.1f} min; stage times add up to {total / 60:.1f} min"
+    if results.get("resumed_stages"):
+        line += " (stages reused from an earlier invocation cost no wall time here)"
+    return line

@@ -16,6 +16,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from monquant.experiments.stages import wall_time_line
 from monquant.names import TIER_VALUES
 from monquant.report import markdown_table, new_figure, save_figure
 from monquant.storage.files import atomic_write_text
@@ -403,7 +404,7 @@ def _markdown(results, groups, targets, h, rows, fig) -> str:
         f"Seeds: {cfg['seeds']}; bits {cfg['bits']}; scaling {cfg['granularities']}; "
         f"solver {cfg['solver'].upper()} tol {cfg['tol']:g}, cap {cfg['max_iter']}; hidden "
         f"n = {cfg['hidden']}  ",
-        f"Wall time of all stages: {results['wall_seconds_all_stages'] / 60:.1f} min",
+        f"{wall_time_line(results)}",
         "",
         "## Protocol",
         "",

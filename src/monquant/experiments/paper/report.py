@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from monquant.experiments.paper.setup import SETUP_SOURCES
+from monquant.experiments.stages import stage_seconds_sum
 from monquant.report import (
     certificate_cells,
     certificate_headers,
@@ -642,6 +643,36 @@ def _training_table(results: dict[str, Any]) -> str:
     return markdown_table(h, rows)
 
 
+def full_run_target_note(results: dict[str, Any]) -> str:
+    """The report's sentence on the full-run target: judged by the invocation's wall time, and
+    only for a full (not quick) run that reused no stage; the sum of the stage times is named
+    apart when the stages overlapped on an executor."""
+    cfg = results["config"]
+    stage_sum = stage_seconds_sum(results)
+    wall = results.get("wall_seconds_this_invocation")
+    target_note = (f"Full-run target: <= {FULL_RUN_TARGET_S / 60:.0f} min of wall time on the 2-core "
+                   "CPU machine; ")  # fmt: skip
+    if wall is None:
+        target_note += ("this run's wall time was not recorded (its stage times add up to "
+                        f"{stage_sum / 60:.2f} min).")  # fmt: skip
+    elif cfg["quick"]:
+        target_note += f"this run took {wall / 60:.2f} min (quick mode: not comparable to the target)."
+    elif results["resumed_stages"]:
+        target_note += (f"this invocation took {wall / 60:.2f} min but reused stages of an earlier one, "
+                        "so it is not compared with the target.")  # fmt: skip
+    else:
+        target_note += f"this run took {wall / 60:.2f} min -> " + (
+            "target met." if wall <= FULL_RUN_TARGET_S else "target MISSED.")  # fmt: skip
+    if wall is not None and not results["resumed_stages"] and stage_sum > 1.05 * wall:
+        target_note += (f" Its stages' own times add up to {stage_sum / 60:.2f} min: stages ran in "
+                        "parallel on the executor.")  # fmt: skip
+    if results["resumed_stages"]:
+        target_note += (
+            f" Stages reused from an earlier invocation: {', '.join(results['resumed_stages'])}."
+        )
+    return target_note
+
+
 def render_report(results: dict[str, Any], out: Path) -> dict[str, Any]:
     """Write figures, ``results.json`` and ``report.md`` into ``out``; return the results."""
     out = Path(out)
@@ -659,22 +690,13 @@ def render_report(results: dict[str, Any], out: Path) -> dict[str, Any]:
     results["figures"] = {k: [v, v.replace(".png", ".pdf")] for k, v in figs.items()}
     cfg = results["config"]
     fl = results["phase_transition"]["float"]
-    total = results["wall_seconds_all_stages"]
+    stage_sum = stage_seconds_sum(results)
+    wall = results.get("wall_seconds_this_invocation")
     timing_rows = [[k, v] for k, v in results["stage_seconds"].items()]
-    timing_rows.append(["total (all stages)", total])
-    target_note = (
-        f"Full-run target: <= {FULL_RUN_TARGET_S / 60:.0f} min on the 2-core CPU machine; "
-        f"this run took {total / 60:.2f} min"
-        + (
-            " (quick mode: not comparable to the target)."
-            if cfg["quick"]
-            else (" -> target met." if total <= FULL_RUN_TARGET_S else " -> target MISSED.")
-        )
-    )
-    if results["resumed_stages"]:
-        target_note += (
-            f" Stages reused from an earlier invocation: {', '.join(results['resumed_stages'])}."
-        )
+    timing_rows.append(["sum of the stage times", stage_sum])
+    if wall is not None:
+        timing_rows.append(["wall time of this invocation", wall])
+    target_note = full_run_target_note(results)
     mode = (
         "QUICK (small CI-sized variant: numbers are not the paper setup)"
         if cfg["quick"]
