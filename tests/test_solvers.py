@@ -129,6 +129,12 @@ def test_bad_solver_inputs():
     W = random_monotone_W(4, 0.5)
     with pytest.raises(SolverError):
         solve(W, torch.zeros(2, 5, dtype=torch.float64))
+    # below float32 the rounding floor of the stopping test would pass a bfloat16 FB solve after
+    # one iteration with a relative residual of 1, and PR has no resolvent: refused, by name
+    for dtype in (torch.bfloat16, torch.float16, torch.int64):
+        for method in ("fb", "pr"):
+            with pytest.raises(SolverError, match="float32 or float64"):
+                solve(W.to(torch.float32), torch.ones(2, 4).to(dtype), SolverConfig(method=method))
     with pytest.raises(SolverError):
         SolverConfig(method="newton")
     with pytest.raises(SolverError):

@@ -279,11 +279,22 @@ def contraction_modulus(method: str, step: float, m: float, L: float) -> float |
     return 0.5 * (1.0 + rho_pr)
 
 
+#: the dtypes a solve runs in (the operator is cast to the injection's)
+SOLVE_DTYPES = (torch.float32, torch.float64)
+
+
 def _check_inputs(op: MonotoneOperator, q: torch.Tensor) -> None:
     if q.dim() != 1 + len(op.state_shape) or tuple(q.shape[1:]) != op.state_shape:
         raise SolverError(
             f"injection must be (batch, {', '.join(map(str, op.state_shape))}) to match the "
             f"operator, got {tuple(q.shape)}"
+        )
+    if q.dtype not in SOLVE_DTYPES:
+        # below float32 the stopping test's rounding floor (8 eps ||q||: 6% of ||q|| in
+        # bfloat16) passes before the iterates have moved, and PR/DR's resolvent has no routine
+        raise SolverError(
+            f"a solve runs in float32 or float64, got an injection of {q.dtype}: cast it (the "
+            "operator follows its dtype), e.g. q.float()"
         )
 
 
