@@ -307,3 +307,19 @@ def test_stopping_iteration_is_the_exact_residual_test(check_every):
             break
     assert r.iterations == k
     assert float(r.residual.max()) <= 1e-7
+
+
+@pytest.mark.parametrize("method", ["fb", "pr", "dr"])
+def test_a_non_finite_sample_diverges_alone(method):
+    """A NaN or an infinite entry in one sample's injection makes that sample diverge; the other
+    samples of the batch converge as if it were not there (the divergence limit comes from the
+    finite entries)."""
+    W = random_monotone_W(12, 0.5, seed=2)
+    q = _q(12, batch=4, seed=3)
+    bad = q.clone()
+    bad[1, 3], bad[2, 5] = math.nan, math.inf
+    cfg = SolverConfig(method=method, tol=1e-9, max_iter=5000)
+    ref, r = solve(W, q, cfg), solve(W, bad, cfg)
+    assert r.converged.tolist() == [True, False, False, True]
+    assert r.diverged.tolist() == [False, True, True, False]
+    assert torch.allclose(r.z[[0, 3]], ref.z[[0, 3]], atol=1e-8)

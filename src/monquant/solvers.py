@@ -595,8 +595,11 @@ def _limits(q: torch.Tensor, cfg: SolverConfig) -> tuple[torch.Tensor, float]:
     (at most the dtype's largest finite number, so that ``x <= limit2`` fails for ``inf``)."""
     fin = torch.finfo(q.dtype)
     floor = (8.0 * fin.eps) ** 2 * _sq(q)
-    limit2 = (cfg.diverge_at * (1.0 + float(q.abs().max()) if q.numel() else 1.0)) ** 2
-    return floor, min(limit2, fin.max)
+    big = float(q.abs().max()) if q.numel() else 0.0
+    if not math.isfinite(big):  # the limit comes from the finite entries; a bad sample diverges
+        good = q[torch.isfinite(q)]
+        big = float(good.abs().max()) if good.numel() else 0.0
+    return floor, min((cfg.diverge_at * (1.0 + big)) ** 2, fin.max)
 
 
 def _diverging(s: torch.Tensor, limit2: float) -> torch.Tensor:
