@@ -323,3 +323,25 @@ def test_a_non_finite_sample_diverges_alone(method):
     assert r.converged.tolist() == [True, False, False, True]
     assert r.diverged.tolist() == [False, True, True, False]
     assert torch.allclose(r.z[[0, 3]], ref.z[[0, 3]], atol=1e-8)
+
+
+def test_sample_iterations_count_failed_checks_past_the_table_growth():
+    """Per-sample iterations are the checks a sample failed (plus one), through more checks than
+    the verdict table first holds (it doubles from 64 rows): replayed with FB's own map."""
+    from monquant.solvers import SplittingMap
+
+    W = random_monotone_W(16, 0.1, seed=5)
+    q = _q(16, batch=6, seed=6)
+    cfg = SolverConfig(method="fb", tol=1e-8, max_iter=20_000)
+    r = solve(W, q, cfg)
+    assert r.all_converged and r.iterations > 200
+    it = SplittingMap("fb", W, q, r.step, torch.relu)
+    z = torch.zeros_like(q)
+    floor = (8 * torch.finfo(q.dtype).eps) ** 2 * q.square().sum(1)
+    failed = torch.zeros(6, dtype=torch.long)
+    for _ in range(r.iterations):
+        zp = z
+        z, _ = it.advance(z, None, z, None)
+        failed += ~((z - zp).square().sum(1) <= 1e-16 * z.square().sum(1) + floor)
+    assert r.sample_iterations.tolist() == (failed + 1).tolist()
+    assert len(set(r.sample_iterations.tolist())) > 1  # the samples stop at different checks

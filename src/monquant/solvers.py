@@ -654,8 +654,9 @@ def _iterate(it: SplittingMap, s: torch.Tensor, q: torch.Tensor, cfg: SolverConf
     aux = _first(it, s, cold)
     z, y = it.read(s, aux)
     s_prev = s
-    # each check's verdicts, one row per check (a copy per check; summed once at the end)
-    seen = torch.empty((-(-cfg.max_iter // cfg.check_every) + 1, B), dtype=torch.bool, device=q.device)
+    # each check's verdicts, one row per check (a copy per check; summed once at the end); the
+    # table doubles when full, so its size follows the checks made, not the iteration cap
+    seen = torch.empty((min(64, cfg.max_iter // cfg.check_every + 1), B), dtype=torch.bool, device=q.device)
     ok = torch.zeros(B, dtype=torch.bool, device=q.device)
     diverged = torch.zeros(B, dtype=torch.bool, device=q.device)
     dz2 = torch.full((B,), math.inf, dtype=q.dtype, device=q.device)
@@ -677,6 +678,8 @@ def _iterate(it: SplittingMap, s: torch.Tensor, q: torch.Tensor, cfg: SolverConf
             dz2 = torch.linalg.vector_norm((z - z_prev).reshape(shape), dim=1).square_()
             zn = torch.linalg.vector_norm(z.reshape(shape), dim=1)
             ok = dz2 <= torch.addcmul(floor, zn, zn, value=tol2)
+        if checks > seen.shape[0]:
+            seen = torch.cat([seen, torch.empty_like(seen)])
         seen[checks - 1].copy_(ok)
         done, diverged = _finished(ok, diverged, s, limit2, checks % 16 == 0 or k == cfg.max_iter)
         if done:
