@@ -127,8 +127,8 @@ def test_same_seed_gives_bit_identical_runs(data: MNIST) -> None:
 
 @pytest.mark.parametrize(
     "extra",
-    [{}, {"qat_bits": 4, "margin_target": 1.2, "margin_weight": 0.5}],
-    ids=["float", "qat-margin"],
+    [{}, {"qat_bits": 4, "margin_target": 1.2, "margin_weight": 0.5}, {"train_tol_start": 1e-2}],
+    ids=["float", "qat-margin", "tol-schedule"],
 )
 def test_resume_from_checkpoint_file_equals_uninterrupted(
     data: MNIST, tmp_path: Path, extra: dict
