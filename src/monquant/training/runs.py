@@ -70,9 +70,8 @@ class TrainRequest:
         train = TrainConfig(**{k: v for k, v in settings.items() if k in names})
         own = {k: v for k, v in settings.items() if k not in names}
         req = cls(out=Path(out), train=train, **own)
-        req.model_config(784, 10)  # validate the model and solver settings now (MNIST sizes)
-        solver_tol = SolverConfig(**{k: v for k, v in req.solver.items() if v is not None}).tol
-        training_tolerance(train, solver_tol, 0)  # a start tighter than tol fails here
+        model = req.model_config(784, 10)  # validate the model and solver settings now (MNIST sizes)
+        training_tolerance(train, float(model.solver["tol"]), 0)  # a start tighter than tol fails here
         if req.arch != "fc" and train.robust_eps:
             raise ConfigError("robust_eps (Lipschitz-margin training) is implemented for the dense "
                               f"MonDEQ only, not for --arch {req.arch}")  # fmt: skip
