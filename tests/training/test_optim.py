@@ -80,3 +80,34 @@ def test_adam_matches_torch_adam_when_step_counts_differ():
     assert float(opt.state[0]["step"]) == 6 and float(opt.state[1]["step"]) == 3
     for p, q in zip(ours, ref, strict=True):
         torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-6, atol=1e-7)
+
+
+def test_fused_and_multi_tensor_steps_agree(monkeypatch):
+    """The fused kernel (where torch has one for the device) and the multi-tensor fallback compute
+    the same update, step counts that differ between parameters included."""
+    import monquant.training.optim as optim
+
+    def run(fused: bool):
+        if fused:  # found out afresh by the first step
+            monkeypatch.delitem(optim._FUSED, "cpu", raising=False)
+        else:
+            monkeypatch.setitem(optim._FUSED, "cpu", False)
+        ps = _params(3)
+        opt = Adam(ps, lr=1e-2)
+        g = torch.Generator().manual_seed(4)
+        for k in range(5):
+            for i, p in enumerate(ps):
+                p.grad = torch.randn(p.shape, generator=g) if (i == 0 or k % 2) else None
+            opt.step()
+        return ps, opt
+
+    fused, opt_f = run(True)
+    if not optim._FUSED.get("cpu"):
+        pytest.skip("this torch has no fused Adam kernel for the CPU")
+    plain, opt_p = run(False)
+    for p, q in zip(fused, plain, strict=True):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-6, atol=1e-7)
+    for i in opt_f.state:
+        for key in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(opt_f.state[i][key], opt_p.state[i][key], rtol=1e-6, atol=1e-9)
+        assert float(opt_f.state[i]["step"]) == float(opt_p.state[i]["step"])

@@ -10,6 +10,11 @@ Adam (Kingma and Ba), for each parameter ``p`` with gradient ``g`` at step ``t``
     m <- b1 m + (1 - b1) g,        v <- b2 v + (1 - b2) g^2
     p <- p - lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
 
+The step runs as one fused kernel per device and dtype (``torch._fused_adam_``, the kernel behind
+``torch.optim.Adam(fused=True)``: one pass over each tensor instead of seven), where the installed
+torch has it for the device; elsewhere as seven multi-tensor (``_foreach``) operations. Both
+compute the formula above; they may differ in the last bit.
+
 The state dictionaries use the same layout and names as ``torch.optim.Adam`` (``state`` keyed by
 parameter index with ``step``, ``exp_avg``, ``exp_avg_sq``; ``param_groups``), so checkpoints
 store them the same way.
@@ -26,6 +31,31 @@ import torch
 from monquant.errors import ConfigError
 
 __all__ = ["Adam", "StepDecay"]
+
+
+#: Whether ``torch._fused_adam_`` runs on a device type (found out by the first step there).
+_FUSED: dict[str, bool] = {}
+
+
+def _fused_step(
+    ps: list[Any], gs: list[Any], m: list[Any], v: list[Any], steps: list[Any],
+    lr: float, b1: float, b2: float, eps: float,
+) -> bool:
+    """One fused Adam update of tensors on one device with one dtype; ``False`` (nothing done)
+    where this torch has no fused kernel for the device."""
+    kind = ps[0].device.type
+    if _FUSED.get(kind) is False or not hasattr(torch, "_fused_adam_"):
+        return False
+    try:
+        torch._fused_adam_(ps, gs, m, v, [], steps, lr=lr, beta1=b1, beta2=b2, weight_decay=0.0,
+                           eps=eps, amsgrad=False, maximize=False)  # fmt: skip
+    except (NotImplementedError, RuntimeError):
+        if kind in _FUSED:  # it ran here before: a real error
+            raise
+        _FUSED[kind] = False  # no kernel for this device in this torch: dispatch refused it
+        return False
+    _FUSED[kind] = True
+    return True
 
 
 class Adam:
@@ -55,12 +85,13 @@ class Adam:
 
     @torch.no_grad()
     def step(self) -> None:
-        """One Adam step of every parameter with a gradient: seven multi-tensor (``_foreach``)
-        operations over all of them at once, grouped by step count (one group unless some
-        parameter went without a gradient at some step), instead of seven per parameter."""
+        """One Adam step of every parameter with a gradient: a fused kernel per device and dtype
+        (each parameter's bias correction from its own step count), or where there is none
+        seven multi-tensor (``_foreach``) operations over all of them at once, grouped by step
+        count (one group unless some parameter went without a gradient at some step)."""
         group = self.param_groups[0]
         lr, (b1, b2), eps = group["lr"], group["betas"], group["eps"]
-        groups: dict[float, list[int]] = {}
+        kinds: dict[tuple[torch.device, torch.dtype], list[int]] = {}
         for i, p in enumerate(self.params):
             if p.grad is None:
                 continue
@@ -72,7 +103,20 @@ class Adam:
                     "exp_avg_sq": torch.zeros_like(p),
                 }
             st["step"] += 1
-            groups.setdefault(float(st["step"]), []).append(i)
+            kinds.setdefault((p.device, p.dtype), []).append(i)
+        for idx in kinds.values():
+            ps = [self.params[i] for i in idx]
+            sts = [self.state[i] for i in idx]
+            if not _fused_step(ps, [p.grad for p in ps], [s["exp_avg"] for s in sts],
+                               [s["exp_avg_sq"] for s in sts], [s["step"] for s in sts],
+                               lr, b1, b2, eps):  # fmt: skip
+                self._foreach_step(idx, lr, b1, b2, eps)
+
+    def _foreach_step(self, idx: list[int], lr: float, b1: float, b2: float, eps: float) -> None:
+        """The multi-tensor update of the parameters ``idx`` (steps already counted)."""
+        groups: dict[float, list[int]] = {}
+        for i in idx:
+            groups.setdefault(float(self.state[i]["step"]), []).append(i)
         for t, idx in groups.items():
             ps = [self.params[i] for i in idx]
             gs = [p.grad for p in ps]
