@@ -12,7 +12,7 @@ adds before its loop (the estimated ``L``, the resolvent). Uses only public name
 ``monquant.solvers`` and ``monquant.operators``, so the same file times another revision of the library
 (``PYTHONPATH=OTHER/src python benchmarks/solve_loop.py``) for an A/B comparison.
 
-    python benchmarks/solve_loop.py [--methods pr dr fb] [--tol 1e-5] [--threads 1] [--json F]
+    python benchmarks/solve_loop.py [--methods pr dr fb] [--tol 1e-5] [--check-every 1|auto] [--json F]
 """
 
 from __future__ import annotations
@@ -43,8 +43,10 @@ def main() -> None:
     p.add_argument("--solves", type=int, default=50)
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--check-every", default="1", help="K or auto (SolverConfig.check_every)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
+    every = args.check_every if args.check_every == "auto" else int(args.check_every)
     torch.set_num_threads(args.threads)
     g = torch.Generator().manual_seed(0)
     n = args.n
@@ -53,7 +55,7 @@ def main() -> None:
     st = spectral_stats(W)
     rows, out = [], []
     for method in args.methods:
-        cfg = SolverConfig(method=method, tol=args.tol, max_iter=20_000)
+        cfg = SolverConfig(method=method, tol=args.tol, max_iter=20_000, check_every=every)
         first = solve(W, q, cfg, stats=st)
         K = first.resolvent
         us = cpu_us(lambda cfg=cfg, K=K: solve(W, q, cfg, stats=st, resolvent=K), args.solves, args.repeats)
@@ -63,13 +65,13 @@ def main() -> None:
                     "us_per_iteration": per_it, "unconverged": first.n_unconverged})  # fmt: skip
     Kmm = torch.randn(n, n, generator=g)
     mm = cpu_us(lambda: torch.addmm(q, q, Kmm), 2000, args.repeats)
-    one = SolverConfig(method="pr", tol=args.tol, max_iter=1)
+    one = SolverConfig(method="pr", tol=args.tol, max_iter=1, check_every=every)
     K = solve(W, q, one, stats=st).resolvent
     fixed = cpu_us(lambda: solve(W, q, one, stats=st, resolvent=K), args.solves, args.repeats)
     op = DenseOperator(W)
     setup = {"estimate_lipschitz": lambda: estimate_lipschitz(W), "resolvent": lambda: op.resolvent(0.5)}
     setup_us = {k: cpu_us(f, args.solves, args.repeats) for k, f in setup.items()}
-    print(f"n={n} batch={args.batch} tol={args.tol:g} threads={torch.get_num_threads()} "
+    print(f"n={n} batch={args.batch} tol={args.tol:g} check_every={every} threads={torch.get_num_threads()} "
           f"(CPU time, medians of {args.repeats} rounds of {args.solves} solves)")  # fmt: skip
     print(text_table(["method", "iterations", "unconverged", "us / solve", "us / iteration"], rows))
     print(f"one {args.batch} x {n} @ {n} x {n} product alone: {mm:.1f} us")
@@ -79,7 +81,8 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as fh:
             fh.write(dumps_json({"rows": out, "matmul_us": mm, "one_iteration_solve_us": fixed,
-                                 "setup_us": setup_us, "threads": args.threads}))  # fmt: skip
+                                 "setup_us": setup_us, "threads": args.threads,
+                                 "check_every": every}))  # fmt: skip
 
 
 if __name__ == "__main__":

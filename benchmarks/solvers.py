@@ -87,7 +87,8 @@ def main() -> None:
             ("DR a=1/L", "dr", None, 0),
             (f"DR a=1/L Anderson({args.anderson})", "dr", None, args.anderson),
         ):
-            cfg = SolverConfig(method=method, step=step, tol=args.tol, max_iter=20_000, anderson=aa)
+            cfg = SolverConfig(method=method, step=step, tol=args.tol, max_iter=20_000, anderson=aa,
+                               check_every=1)  # exact iteration counts
             res = bench(W, q, cfg, args.repeats)
             results[name] = res
             conv = f"{res['converged']}/{res['batch']}"

@@ -28,6 +28,7 @@ import torch
 
 import monquant.implicit
 import monquant.solvers
+from monquant.cli.common import check_interval
 from monquant.data import load_mnist
 from monquant.model import MonDEQClassifier, MonDEQConfig
 from monquant.report import text_table
@@ -136,7 +137,7 @@ def main() -> None:
     p.add_argument("--tol", type=float, default=1e-4)
     p.add_argument("--method", default="pr")
     p.add_argument("--anderson", type=int, default=0, help="safeguarded Anderson memory (0: off)")
-    p.add_argument("--check-every", type=int, default=1,
+    p.add_argument("--check-every", type=check_interval, default="auto",
                    help="residual test every k-th iteration (SolverConfig.check_every)")  # fmt: skip
     p.add_argument("--train-tol-start", type=float, default=None,
                    help="training solves start at this tolerance, tightening to --tol by the last "

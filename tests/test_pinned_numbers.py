@@ -78,7 +78,7 @@ def test_dense_solves_are_unchanged():
     W = random_monotone_W(30, 0.2, seed=11)
     q = torch.randn(5, 30, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     for key, ref in SOLVES.items():
-        r = solve(W, q, SolverConfig(key[6:], tol=1e-8, max_iter=5000))
+        r = solve(W, q, SolverConfig(key[6:], tol=1e-8, max_iter=5000, check_every=1))
         assert r.iterations == ref["iterations"], key
         assert float(r.z.sum()) == pytest.approx(ref["z_sum"], rel=1e-12)
         assert float(r.error_bound.max()) == pytest.approx(ref["err"], rel=1e-9)

@@ -332,7 +332,7 @@ def test_sample_iterations_count_failed_checks_past_the_table_growth():
 
     W = random_monotone_W(16, 0.1, seed=5)
     q = _q(16, batch=6, seed=6)
-    cfg = SolverConfig(method="fb", tol=1e-8, max_iter=20_000)
+    cfg = SolverConfig(method="fb", tol=1e-8, max_iter=20_000, check_every=1)
     r = solve(W, q, cfg)
     assert r.all_converged and r.iterations > 200
     it = SplittingMap("fb", W, q, r.step, torch.relu)
@@ -345,3 +345,113 @@ def test_sample_iterations_count_failed_checks_past_the_table_growth():
         failed += ~((z - zp).square().sum(1) <= 1e-16 * z.square().sum(1) + floor)
     assert r.sample_iterations.tolist() == (failed + 1).tolist()
     assert len(set(r.sample_iterations.tolist())) > 1  # the samples stop at different checks
+
+
+# --- step policies and scheduled checks ---------------------------------------------------------
+
+
+def test_step_policy_and_check_schedule_settings_are_checked_and_round_trip():
+    cfg = SolverConfig(step_policy="geometric", check_every="auto")
+    assert SolverConfig.from_dict(cfg.as_dict()) == cfg
+    assert SolverConfig.from_dict({"method": "pr"}).step_policy == "bound"  # older configs
+    for bad in (dict(step_policy="fastest"), dict(check_every="sometimes"), dict(check_every=0),
+                dict(check_every=True), dict(check_every=2.5)):  # fmt: skip
+        with pytest.raises(SolverError):
+            SolverConfig(**bad)
+
+
+def test_geometric_step_is_one_over_sqrt_m_l_for_resolvent_methods_only():
+    from monquant.solvers import get_solver, solver_step
+
+    m, L = 0.25, 4.0
+    assert solver_step(get_solver("pr"), "geometric", m, L) == pytest.approx(1.0)
+    assert solver_step(get_solver("dr"), "geometric", m, L) == pytest.approx(1.0)
+    assert solver_step(get_solver("pr"), "bound", m, L) == default_step("pr", m, L)
+    assert solver_step(get_solver("fb"), "geometric", m, L) == default_step("fb", m, L)
+    for unknown in (math.nan, 0.0, -0.1):  # no positive margin: the method's own step
+        assert solver_step(get_solver("pr"), "geometric", unknown, L) == default_step("pr", unknown, L)
+
+
+@pytest.mark.parametrize("n", [2, 30, 100])
+def test_estimate_margin_dense_is_close_from_above(n):
+    from monquant.solvers import estimate_lipschitz, estimate_margin_dense
+
+    for m in (0.05, 0.5):
+        W = random_monotone_W(n, m, seed=n)
+        st = spectral_stats(W)
+        est = estimate_margin_dense(W, estimate_lipschitz(W))
+        assert st.m - 1e-9 <= est <= st.m + 0.25 * (st.L - st.m), (st, est)
+
+
+def test_estimated_geometric_solve_certifies_nothing_and_converges():
+    """Under ``spectral="estimate"`` the geometric step comes from estimates of m and L: the
+    result carries no modulus, no certified range, and reaches the exact solve's equilibrium."""
+    from monquant.solvers import estimate_lipschitz, estimate_margin_dense
+
+    W = random_monotone_W(40, 0.1, seed=3)
+    q = _q(40, batch=8, seed=2)
+    r = solve(W, q, SolverConfig(spectral="estimate", step_policy="geometric", **TIGHT))
+    L = estimate_lipschitz(W)
+    assert r.step == pytest.approx(1.0 / math.sqrt(estimate_margin_dense(W, L) * L))
+    assert r.modulus is None and r.certified_range is None and not r.stats.exact
+    assert math.isinf(float(r.error_bound.max()))
+    exact = solve(W, q, SolverConfig(**TIGHT))
+    assert r.all_converged and torch.allclose(r.z, exact.z, atol=1e-9)
+    assert exact.certified_range is not None  # exact constants still certify a range
+
+
+def test_geometric_step_needs_fewer_iterations_on_an_ill_conditioned_operator():
+    """An operator whose symmetric part dominates (the case the geometric step is made for; with
+    a dominant skew part it can need more iterations than 1/L, docs/theory.md)."""
+    W = random_monotone_W(60, 0.05, skew=0.3, seed=8)
+    q = _q(60, batch=32, seed=1)
+    bound = solve(W, q, SolverConfig(tol=1e-8))
+    geometric = solve(W, q, SolverConfig(tol=1e-8, step_policy="geometric"))
+    assert bound.all_converged and geometric.all_converged
+    assert geometric.iterations < 0.5 * bound.iterations
+    assert geometric.modulus is not None and geometric.modulus > bound.modulus  # a weaker bound
+
+
+@pytest.mark.parametrize("method", ["fb", "pr", "dr"])
+def test_scheduled_checks_stop_where_the_exact_test_passes(method):
+    """With ``check_every="auto"`` the solve stops at a checked iteration at which the two-norm
+    test, replayed with the same map, passes for every sample; not before the first iteration at
+    which it passes, and at most the schedule's largest gap after it. Each sample's iteration is
+    one of the checked ones."""
+    from monquant.solvers import AUTO_CHECK_MAX_GAP, SplittingMap
+
+    W = random_monotone_W(30, 0.2, seed=11)
+    q = _q(30, batch=16, seed=4)
+    tol = 1e-7
+    r = solve(W, q, SolverConfig(method=method, tol=tol, max_iter=20_000, check_every="auto"))
+    assert r.all_converged and float(r.residual.max()) <= tol
+    it = SplittingMap(method, W, q, r.step, torch.relu)
+    s = torch.zeros_like(q)
+    aux = it.start(s)
+    z, y = it.read(s, aux)
+    floor = (8 * torch.finfo(q.dtype).eps) ** 2 * q.square().sum(1)
+    passes = []
+    for _ in range(r.iterations):
+        zp = z
+        s, aux = it.advance(s, aux, z, y)
+        z, y = it.read(s, aux)
+        passes.append(bool(((z - zp).square().sum(1) <= tol**2 * z.square().sum(1) + floor).all()))
+    first = passes.index(True) + 1
+    assert passes[-1] and first <= r.iterations <= first + AUTO_CHECK_MAX_GAP
+    every = solve(W, q, SolverConfig(method=method, tol=tol, max_iter=20_000))
+    assert every.iterations == first
+    assert int(r.sample_iterations.max()) == r.iterations
+    assert bool((r.sample_iterations >= every.sample_iterations).all())
+
+
+def test_scheduled_checks_report_the_cap_and_divergence():
+    W = random_monotone_W(20, 0.01, seed=1)
+    q = _q(20, batch=4, seed=2)
+    r = solve(W, q, SolverConfig(method="fb", tol=1e-12, max_iter=37, check_every="auto"))
+    assert r.iterations == 37 and r.n_unconverged == 4
+    assert r.sample_iterations.tolist() == [37] * 4
+    bad = q.clone()
+    bad[2, 0] = math.nan
+    r = solve(W, bad, SolverConfig(tol=1e-9, check_every="auto"))
+    assert r.diverged.tolist() == [False, False, True, False]
+    assert r.converged.tolist() == [True, True, False, True]

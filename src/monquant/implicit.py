@@ -140,15 +140,10 @@ class EquilibriumSolver:
         fwd = forward
         stats = fwd.stats if fwd is not None else op.spectral_stats()
         cfg = self.forward_config
-        bcfg = SolverConfig(
-            method=cfg.method,
+        bcfg = replace(  # every other setting (method, cap, checks, step policy) as the forward's
+            cfg,
             step=fwd.step if fwd is not None else cfg.step,
             tol=self.backward_tol if self.backward_tol is not None else cfg.tol,
-            max_iter=cfg.max_iter,
-            check_every=cfg.check_every,
-            diverge_at=cfg.diverge_at,
-            spectral=cfg.spectral,
-            anderson=cfg.anderson,
         )
         K = fwd.resolvent if fwd is not None else None
         result = solve(

@@ -14,11 +14,31 @@ Methods (step ``a``; ``m = margin(W)``, ``L = ||I - W||``):
   ``rho = sqrt(1 - 4 a m / (1 + a L)^2)`` for every ``a > 0``; default ``a = 1/L``; ``z = prox(R_F u)``.
 - ``dr`` Douglas-Rachford ``u+ = (u + R_G R_F u) / 2``; ``rho = (1 + rho_PR) / 2``; default ``1/L``.
 
+Step policies (``SolverConfig.step_policy``, used when no ``step`` is given): ``bound`` (default)
+takes the steps above, which minimise the proved modulus (FB's rate bound at ``m/L^2``; PR's at ``1/L``,
+where ``rho^2 = 1 - m/L``). ``geometric`` takes ``a = 1/sqrt(m L)`` for PR and DR, the step that
+minimises PR's contraction factor ``(sqrt(kappa) - 1) / (sqrt(kappa) + 1)`` when ``I - W`` is
+symmetric (Giselsson and Boyd, IEEE TAC 62 (2017) 532-544). Its proved modulus is larger
+(``rho^2 = 1 - 4 / (sqrt(kappa) (1 + sqrt(kappa))^2)``), but on the networks measured it needs
+fewer iterations (docs/theory.md); FB keeps ``m/L^2``, and without a positive ``m`` (nor an
+estimate of it) PR and DR fall back to ``1/L``. PR and DR converge at every step ``a > 0``.
+
 Stopping: per sample the relative residual ``||z_{k+1} - z_k|| / ||z_{k+1}||`` below ``tol`` (with a
 floor at machine precision, ``||z_{k+1} - z_k||^2 <= tol^2 ||z_{k+1}||^2 + (8 eps)^2 ||q||^2``, so that
 ``z* = 0`` reached through cancellation is recognised); the batch
 stops when every sample is done (converged or diverged) or at ``max_iter``. A sample that has not met
 the tolerance is reported ``converged=False`` — never silently passed off as a solution.
+
+Checks (``SolverConfig.check_every``): the test runs every ``K``-th iteration, or with ``"auto"`` at
+scheduled iterations: the first two checks are at iterations 1 and 3; after each later one, with
+``r`` the largest ratio ``||dz||^2 / (tol^2 ||z||^2 + floor)`` over the samples still running (the
+test passes at ``r <= 1``) and ``r'`` its value at the check before, the next check comes when
+that ratio, decaying as it did between the two checks, would reach 1: after
+``ceil(log r / log(r' / r) * gap)`` iterations, from 1 to :data:`AUTO_CHECK_MAX_GAP` (1 when ``r``
+did not fall). A test is never skipped at ``max_iter``, and the verdict is the same test, so a
+solve never stops short of the tolerance; it may run past the iteration that first met it (a
+smaller residual). An unchecked iteration is three tensor operations for dense PR; a check, seven
+more and a synchronization.
 
 A-posteriori bound (for a certified contraction of the iterated variable ``s`` — ``z`` for FB, ``u``
 for PR/DR — and because ``J_F`` is non-expansive): ``||z_k - z*|| <= rho / (1 - rho) ||s_k - s_{k-1}||``.
@@ -63,7 +83,9 @@ from monquant.operators import (
 
 __all__ = [
     "ANDERSON_SAFEGUARD",
+    "AUTO_CHECK_MAX_GAP",
     "METHODS",
+    "STEP_POLICIES",
     "SolverConfig",
     "SolverError",
     "SolverResult",
@@ -73,11 +95,13 @@ __all__ = [
     "contraction_modulus",
     "default_step",
     "estimate_lipschitz",
+    "estimate_margin_dense",
     "get_solver",
     "mask_prox",
     "register_solver",
     "solve",
     "solver_names",
+    "solver_step",
 ]
 
 Method = Literal["fb", "pr", "dr"]
@@ -90,6 +114,14 @@ Prox = Callable[[torch.Tensor], torch.Tensor]
 #: let forward-backward stall for 50,000 iterations on ill-conditioned operators.
 ANDERSON_SAFEGUARD = 0.99
 
+#: The most iterations between two checks under ``check_every="auto"`` (bounds how far a solve
+#: can run past convergence when the residual starts falling faster than predicted).
+AUTO_CHECK_MAX_GAP = 16
+
+#: How a solve picks its step when none is given (module docstring): ``bound`` minimises the
+#: proved modulus, ``geometric`` takes ``1/sqrt(m L)`` for PR and DR.
+STEP_POLICIES = ("bound", "geometric")
+
 
 class SolverError(MonquantError, ValueError):
     """Invalid solver settings or inputs (unknown method, bad step, mismatched shapes)."""
@@ -100,22 +132,25 @@ class SolverConfig:
     """Settings shared by every splitting method.
 
     ``step=None`` picks the operator's own step (FB ``m/L^2``, PR/DR ``1/L``). ``check_every`` sets
-    how often the residual is evaluated (1 = every iteration; larger values save work on GPUs).
+    how often the residual is evaluated: every ``K``-th iteration (1 = every one), or ``"auto"``:
+    at iterations predicted from the residual's observed decay (module docstring, "Checks").
     ``diverge_at`` is the iterate norm (relative to ``1 + max|q|``) treated as divergence.
     ``spectral="estimate"`` skips the exact ``m``, ``L`` (eigen/singular values) for speed: PR/DR
     then step with an estimated ``1/L`` (certified for any step) and report no modulus.
     ``anderson=M`` turns on safeguarded Anderson acceleration with memory ``M`` (0 = plain
     iteration; the residual is then checked every iteration whatever ``check_every`` says).
+    ``step_policy`` picks the step when ``step`` is None (:data:`STEP_POLICIES`, :func:`solver_step`).
     """
 
     method: str = "pr"
     step: float | None = None
     tol: float = 1e-4
     max_iter: int = 2000
-    check_every: int = 1
+    check_every: int | str = "auto"
     diverge_at: float = 1e8
     spectral: str = "exact"
     anderson: int = 0
+    step_policy: str = "bound"
 
     def __post_init__(self) -> None:
         get_solver(self.method)  # raises SolverError for a name that is not registered
@@ -123,8 +158,11 @@ class SolverConfig:
             raise SolverError(f"step must be a positive finite number, got {self.step}")
         if not (self.tol > 0):
             raise SolverError(f"tol must be positive, got {self.tol}")
-        if int(self.max_iter) < 1 or int(self.check_every) < 1:
-            raise SolverError("max_iter and check_every must be >= 1")
+        if int(self.max_iter) < 1:
+            raise SolverError("max_iter must be >= 1")
+        ce = self.check_every
+        if ce != "auto" and (isinstance(ce, (bool, str)) or int(ce) != ce or int(ce) < 1):
+            raise SolverError(f"check_every must be an integer >= 1 or 'auto', got {ce!r}")
         if self.spectral not in ("exact", "estimate"):
             raise SolverError(f"spectral must be 'exact' or 'estimate', got {self.spectral!r}")
         if isinstance(self.anderson, bool) or int(self.anderson) != self.anderson or not (
@@ -132,6 +170,8 @@ class SolverConfig:
         ):
             raise SolverError(f"anderson must be an integer memory in 0..50, got {self.anderson!r}")
         self.anderson = int(self.anderson)
+        if self.step_policy not in STEP_POLICIES:
+            raise SolverError(f"step_policy must be one of {STEP_POLICIES}, got {self.step_policy!r}")
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -143,6 +183,7 @@ class SolverConfig:
             "diverge_at": self.diverge_at,
             "spectral": self.spectral,
             "anderson": self.anderson,
+            "step_policy": self.step_policy,
         }
 
     @classmethod
@@ -159,8 +200,9 @@ class SolverConfig:
 class SolverResult:
     """Outcome of one batched solve.
 
-    ``iterations`` is the batch's iteration count; ``sample_iterations`` the first iteration at
-    which each sample met the tolerance (``max_iter`` when it never did); ``residual`` the final
+    ``iterations`` is the batch's iteration count; ``sample_iterations`` the iteration of the
+    first check at which each sample met the tolerance (with a check at every iteration, the first
+    iteration that met it; ``max_iter`` when it never did); ``residual`` the final
     relative residual per sample; ``modulus`` the certified contraction modulus (``None`` when the
     step/operator is not certified); ``error_bound`` the a-posteriori bound on ``||z - z*||`` per
     sample (``inf`` when not certified).
@@ -214,7 +256,7 @@ class SolverResult:
     @property
     def certified_range(self) -> tuple[float, float] | None:
         """Steps for which this method is a certified contraction on this ``W`` (None if unknown)."""
-        if math.isnan(self.stats.m):
+        if math.isnan(self.stats.m) or not self.stats.exact:
             return None
         return get_solver(self.method).certified_range(self.stats.m, self.stats.L)
 
@@ -245,6 +287,16 @@ def default_step(method: str, m: float, L: float) -> float:
             return 1.0 / max(L, 1.0) ** 2
         return m / L**2
     return 1.0 / max(L, 1e-12)
+
+
+def solver_step(method: SplittingMethod, policy: str, m: float, L: float) -> float:
+    """The step a solve takes when none is given: the method's own (``policy == "bound"``), or
+    ``1/sqrt(m L)`` (``"geometric"``) for a resolvent method (PR, DR) when ``m > 0`` is known or
+    estimated (module docstring). PR and DR converge at every step, so an estimated ``m`` or ``L``
+    changes the speed of a solve, never its correctness."""
+    if policy == "geometric" and method.uses_resolvent and m > 0 and math.isfinite(m) and L > 0:
+        return 1.0 / math.sqrt(m * L)
+    return method.default_step(m, L)
 
 
 def certified_step_range(method: str, m: float, L: float) -> tuple[float, float] | None:
@@ -504,6 +556,28 @@ def estimate_lipschitz(W: torch.Tensor, squarings: int = 5) -> float:
     return float(lam.clamp_min(0.0).sqrt())
 
 
+def estimate_margin_dense(W: torch.Tensor, L: float, squarings: int = 4) -> float:
+    """Estimate of ``margin(W) = lmin(S)``, ``S = sym(I - W)``, from above (cheap; it only places
+    a step, never certified).
+
+    Power iteration by repeated squaring on ``P = L I - S`` (positive semidefinite once
+    ``L >= lmax(S)``, which ``L = ||I - W||`` ensures; an estimate of ``L`` from below leaves at
+    most a small negative eigenvalue, far from the dominant ``L - m``), then the Rayleigh quotient
+    of ``S`` at ``P``'s largest column: ``>= lmin(S)``. Four squarings are 16 power iterations;
+    eigenvalues of ``S`` close to ``m`` blend in, so the estimate lies a little above ``m``.
+    """
+    S = torch.eye(W.shape[0], dtype=W.dtype, device=W.device) - W.detach()
+    S = torch.add(S, S.T).mul_(0.5)
+    tiny = torch.finfo(W.dtype).tiny
+    P = S.neg()
+    P.diagonal().add_(L)
+    for _ in range(squarings):
+        P = P / torch.linalg.matrix_norm(P).clamp_min(tiny)
+        P = P @ P
+    v = P[:, int(P.square().sum(dim=0).argmax())]
+    return float((v @ (S @ v)) / (v @ v).clamp_min(tiny))
+
+
 def solve(
     W: torch.Tensor | MonotoneOperator,
     q: torch.Tensor,
@@ -520,8 +594,9 @@ def solve(
     :class:`~monquant.operators.DenseOperator`: float, quantized, imported); it is cast to ``q``'s
     dtype and device. The method is looked up in the solver registry (:func:`get_solver`).
     ``stats`` (``m``, ``L`` of this ``W``) may be passed to skip their computation; with
-    ``config.spectral == "estimate"`` and no ``stats``, only an estimate of ``L`` is formed (PR/DR)
-    and the result carries no modulus. Stats flagged ``exact=False`` never give a modulus either
+    ``config.spectral == "estimate"`` and no ``stats``, only an estimate of ``L`` is formed (PR/DR;
+    under the ``geometric`` step policy also one of ``m``) and the result carries no modulus.
+    Stats flagged ``exact=False`` never give a modulus either
     (nothing is certified by an estimate). ``init`` warm-starts the iterated variable (``z`` for FB,
     ``u`` for PR/DR); ``resolvent`` is a precomputed resolvent for PR/DR (a :class:`LinearMap`, or
     the dense row-layout matrix ``K``). Runs without autograd. Never raises for non-convergence:
@@ -536,13 +611,17 @@ def solve(
     if stats is not None:
         st = stats
     elif cfg.spectral == "estimate" and method.uses_resolvent:
-        L_est = estimate_lipschitz(op.W) if isinstance(op, DenseOperator) else (
-            estimate_stats(op).L
-        )
-        st = SpectralStats(m=math.nan, L=L_est, norm_W=math.nan, exact=False)
+        geometric = cfg.step is None and cfg.step_policy == "geometric"
+        if isinstance(op, DenseOperator):
+            L_est = estimate_lipschitz(op.W)
+            m_est = estimate_margin_dense(op.W, L_est) if geometric else math.nan
+        else:
+            est = estimate_stats(op)
+            L_est, m_est = est.L, est.m if geometric else math.nan
+        st = SpectralStats(m=m_est, L=L_est, norm_W=math.nan, exact=False)
     else:
         st = op.spectral_stats()
-    a = float(cfg.step) if cfg.step is not None else method.default_step(st.m, st.L)
+    a = float(cfg.step) if cfg.step is not None else solver_step(method, cfg.step_policy, st.m, st.L)
     rho = None if (math.isnan(st.m) or not st.exact) else method.modulus(a, st.m, st.L)
     with torch.no_grad():
         it = method.build(op, q, a, prox, resolvent)
@@ -550,12 +629,13 @@ def solve(
             return _failed_result(q, cfg, a, rho, st)
         s0 = torch.zeros_like(q) if init is None else init.detach().to(q).clone()
         res = (_iterate_anderson if cfg.anderson else _iterate)(it, s0, q, cfg, init is None)
-    s, s_prev, z, k, pending, dz2, zn2, ok, diverged = res
+    s, s_prev, z, k, pending, checked, dz2, zn2, ok, diverged = res
     B = q.shape[0]
     converged = ok & ~diverged
     residual = (dz2 / zn2.clamp_min(torch.finfo(q.dtype).tiny)).sqrt_()  # 0 where dz2 = 0
-    every = 1 if cfg.anderson else cfg.check_every
-    sample_it = (pending * every + 1).clamp_(max=k).masked_fill_(~converged, cfg.max_iter)
+    # a sample's iteration: that of the first check it passed (`pending` checks failed before)
+    at = torch.tensor([*checked, k], dtype=torch.long, device=q.device)
+    sample_it = at[pending].masked_fill_(~converged, cfg.max_iter)
     if rho is not None and rho < 1.0:
         error_bound = _flat_norm(s - s_prev).mul_(rho / (1.0 - rho)).masked_fill_(diverged, math.inf)
     else:
@@ -633,21 +713,38 @@ def _first(it: SplittingMap, s: torch.Tensor, cold: bool) -> torch.Tensor | None
     return start_zero() if start_zero is not None else it.start(s)
 
 
+def _next_gap(previous: tuple[int, float] | None, k: int, worst: float) -> int:
+    """Iterations to the next check under ``check_every="auto"`` (module docstring, "Checks"):
+    ``worst`` is this check's largest ratio ``||dz||^2 / (tol^2 ||z||^2 + floor)`` over the
+    running samples, ``previous`` the ``(iteration, ratio)`` of the check before."""
+    if previous is None:
+        return 2
+    k0, w0 = previous
+    if not (1.0 < worst < w0 and math.isfinite(w0)):
+        return 1  # not falling (or about to pass): look again at the next iteration
+    need = math.log(worst) / math.log(w0 / worst) * (k - k0)
+    return int(min(max(math.ceil(need), 1), AUTO_CHECK_MAX_GAP))
+
+
 def _iterate(it: SplittingMap, s: torch.Tensor, q: torch.Tensor, cfg: SolverConfig, cold: bool = False):
     """The shared iteration loop with per-sample stopping (lean: a dense PR iteration is three
     tensor operations, its residual test seven more).
 
     A sample is done when ``||dz||^2 <= tol^2 ||z||^2 + (8 eps)^2 ||q||^2``: the relative residual
     test, with a floor at machine precision relative to the injection so that ``z* = 0`` reached
-    through cancellation is recognised. Divergence (non-finite or exploding iterates) is checked
-    every 16 checks and at the end.
+    through cancellation is recognised. Checks come every ``check_every``-th iteration or, with
+    ``"auto"``, where :func:`_next_gap` schedules them. Divergence (non-finite or exploding
+    iterates) is checked every 16 fixed checks, at every scheduled one and at the end. Returns the
+    iterations checked with the loop's state.
     """
     B = q.shape[0]
     tol2 = cfg.tol**2
     floor, limit2 = _limits(q, cfg)
+    auto = cfg.check_every == "auto"
+    every = 1 if auto else int(cfg.check_every)
     # The common (dense) layout tests ||dz||^2 - tol^2 ||z||^2 = (1 - tol^2) <z - a zp, z - b zp>
     # with a = 1/(1 - tol), b = 1/(1 + tol): one reduction and two fused subtractions per check.
-    fused = q.dim() == 2 and cfg.tol < 0.5
+    fused = q.dim() == 2 and cfg.tol < 0.5 and not auto
     if fused:
         a_m, a_p = 1.0 / (1.0 - cfg.tol), 1.0 / (1.0 + cfg.tol)
         floor_f = floor / (1.0 - tol2)
@@ -656,31 +753,46 @@ def _iterate(it: SplittingMap, s: torch.Tensor, q: torch.Tensor, cfg: SolverConf
     s_prev = s
     # each check's verdicts, one row per check (a copy per check; summed once at the end); the
     # table doubles when full, so its size follows the checks made, not the iteration cap
-    seen = torch.empty((min(64, cfg.max_iter // cfg.check_every + 1), B), dtype=torch.bool, device=q.device)
+    seen = torch.empty((min(64, cfg.max_iter // every + 1), B), dtype=torch.bool, device=q.device)
     ok = torch.zeros(B, dtype=torch.bool, device=q.device)
     diverged = torch.zeros(B, dtype=torch.bool, device=q.device)
     dz2 = torch.full((B,), math.inf, dtype=q.dtype, device=q.device)
     zn = torch.ones(B, dtype=q.dtype, device=q.device)
     shape = (B, -1)
+    tiny = torch.finfo(q.dtype).tiny
+    checked: list[int] = []
+    previous: tuple[int, float] | None = None
     k = checks = 0
+    due = every
     while k < cfg.max_iter:
         k += 1
         s_prev, z_prev = s, z
         s, aux = it.advance(s, aux, z, y)
         z, y = it.read(s, aux)
-        if k % cfg.check_every and k < cfg.max_iter:
+        if k < due and k < cfg.max_iter:
             continue
         checks += 1
+        checked.append(k)
         if fused:  # four dispatches before the bookkeeping: the loop's overhead on small states
             e = torch.linalg.vecdot(torch.sub(z, z_prev, alpha=a_m), torch.sub(z, z_prev, alpha=a_p))
             ok = e <= floor_f  # a non-finite e fails, as a non-finite residual does below
         else:
             dz2 = torch.linalg.vector_norm((z - z_prev).reshape(shape), dim=1).square_()
             zn = torch.linalg.vector_norm(z.reshape(shape), dim=1)
-            ok = dz2 <= torch.addcmul(floor, zn, zn, value=tol2)
+            bound = torch.addcmul(floor, zn, zn, value=tol2)
+            ok = dz2 <= bound
         if checks > seen.shape[0]:
             seen = torch.cat([seen, torch.empty_like(seen)])
         seen[checks - 1].copy_(ok)
+        if auto:  # one synchronization: the worst running sample's ratio (0 when none runs)
+            diverged = diverged | _diverging(s, limit2)
+            worst = float(dz2.div(bound.clamp_min_(tiny)).masked_fill_(ok | diverged, 0.0).max())
+            if worst == 0.0:
+                break
+            due = k + _next_gap(previous, k, worst)
+            previous = (k, worst)
+            continue
+        due = k + every
         done, diverged = _finished(ok, diverged, s, limit2, checks % 16 == 0 or k == cfg.max_iter)
         if done:
             break
@@ -689,7 +801,7 @@ def _iterate(it: SplittingMap, s: torch.Tensor, q: torch.Tensor, cfg: SolverConf
         zn = torch.linalg.vector_norm(z, dim=1)
     ok, diverged = _final(ok, diverged, s, dz2, limit2)
     passed = seen[:checks].sum(dim=0)
-    return s, s_prev, z, k, checks - passed, dz2, zn.square(), ok, diverged
+    return s, s_prev, z, k, checks - passed, checked, dz2, zn.square(), ok, diverged
 
 
 def _rows(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -809,4 +921,4 @@ def _iterate_anderson(
         x = xm if every or X is None or xm is None else torch.where(a_s, xm, X)
         candidate = acc
     ok, diverged = _final(ok, diverged, F, dz2, limit2)
-    return F, b, zF, k, pending, dz2, zn2, ok, diverged
+    return F, b, zF, k, pending, list(range(1, k + 1)), dz2, zn2, ok, diverged

@@ -344,6 +344,13 @@ def test_train_check_every_reaches_the_solver_and_the_checkpoint(
     assert hist["train_unconverged"] == 0 and hist["test_unconverged"] == 0
     model = load_model(tmp_path / "checkpoint.safetensors").model
     assert model.solver.forward_config.check_every == 2
+    rc, out, err = cli(capsys, "train", "--out", tmp_path / "auto", "--hidden", 16, "--epochs", 1,
+                       "--batch-size", 200, "--data-dir", data_dir, "--no-download", "--no-progress",
+                       "--json")  # fmt: skip  # the default: scheduled checks
+    assert rc == 0, err
+    assert json.loads(out)["history"][-1]["train_unconverged"] == 0
+    auto = load_model(tmp_path / "auto" / "checkpoint.safetensors").model
+    assert auto.solver.forward_config.check_every == "auto"
 
 
 def test_train_tol_start_loosens_training_solves_only(
@@ -379,7 +386,8 @@ def test_train_text_output_and_resume(
 
 
 @pytest.mark.parametrize(
-    "option", [["--epochs", "0"], ["--hidden", "0"], ["--lr", "0"], ["--check-every", "0"]]
+    "option",
+    [["--epochs", "0"], ["--hidden", "0"], ["--lr", "0"], ["--check-every", "0"], ["--check-every", "often"]],
 )
 def test_train_refuses_bad_options(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, data_dir: Path, option: list[str]

@@ -328,6 +328,40 @@ def test_loose_training_solves_leave_evaluation_and_the_model_at_tol(data: MNIST
     assert all(e["train_unconverged"] == 0 and e["test_unconverged"] == 0 for e in history)
 
 
+@pytest.mark.parametrize("fast", [True, False])
+def test_training_solves_take_the_geometric_step_and_evaluation_the_models_own(
+    data: MNIST, fast: bool
+) -> None:
+    """With ``fast_spectral`` the training solves (forward and adjoint) step at 1/sqrt(m L) from
+    estimates (no modulus), evaluation solves at the model's own 1/L with exact constants; without
+    it every solve keeps the model's policy. The model's settings are restored after training."""
+    model = new_model(solver={"method": "pr", "tol": 1e-5})
+    seen: list[tuple[bool, str, float, float, bool]] = []
+    solve = model.solver.__class__.__call__
+
+    def spy(self, W, q):
+        z = solve(self, W, q)
+        r = self.last_forward
+        seen.append((model.training, self.forward_config.step_policy, r.step, r.stats.L, r.stats.exact))
+        return z
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(model.solver.__class__, "__call__", spy)
+        history = run(model, data, TrainConfig(epochs=1, batch_size=200, fast_spectral=fast))
+    training = [s for s in seen if s[0]]
+    evaluation = [s for s in seen if not s[0]]
+    assert training and evaluation
+    assert {s[1] for s in training} == {"geometric" if fast else "bound"}
+    assert all(s[4] is not fast for s in training)  # estimated constants only in fast mode
+    if fast:  # a step above 1/L (m < L), where bound would have taken 1/L
+        assert all(step > 1.0 / L for _, _, step, L, _ in training)
+    assert all(p == "bound" and exact and step == pytest.approx(1.0 / L)
+               for _, p, step, L, exact in evaluation)  # fmt: skip
+    assert model.solver.forward_config.step_policy == "bound"
+    assert model.solver.forward_config.spectral == "exact"
+    assert history[-1]["train_unconverged"] == 0 and history[-1]["backward_unconverged"] == 0
+
+
 def test_train_tol_start_is_checked_before_data_loads(tmp_path: Path) -> None:
     with pytest.raises(MonquantError, match="tighter"):
         TrainRequest.of(tmp_path, solver={"method": "pr", "tol": 1e-3}, train_tol_start=1e-4)

@@ -79,6 +79,16 @@ def positive_int(text: str) -> int:
     return v
 
 
+def check_interval(text: str) -> int | str:
+    """argparse type of ``--check-every``: a whole number ``>= 1`` or ``auto``."""
+    if text == "auto":
+        return text
+    try:
+        return positive_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1 or 'auto', got {text!r}") from None
+
+
 def positive_float(text: str) -> float:
     """argparse type: a finite number ``> 0``."""
     try:
@@ -285,9 +295,10 @@ def solver_args(p: argparse.ArgumentParser) -> None:
         help="safeguarded Anderson acceleration with memory M (0: plain iteration; see docs/theory.md)",
     )  # fmt: skip
     g.add_argument(
-        "--check-every", type=positive_int, default=1, metavar="K",
-        help="test the residual every K-th iteration (1: every one; larger K saves the test's work, at "
-             "most K - 1 extra iterations per solve; README: Speed)",
+        "--check-every", type=check_interval, default="auto", metavar="K|auto",
+        help="test the residual at iterations predicted from its decay (auto, the default), or every "
+             "K-th iteration (1: every one, the exact first iteration that meets the tolerance; "
+             "README: Speed)",
     )  # fmt: skip
 
 

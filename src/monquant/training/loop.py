@@ -58,9 +58,11 @@ class TrainConfig:
     ``robust_eps``: Lipschitz-margin training (:mod:`monquant.training.robust`): the loss is the
     cross-entropy with every wrong logit raised by ``robust_eps * L_kj``, which raises the
     certified L2 radius of the model the forward pass uses (``Q_b(W)`` under QAT).
-    ``fast_spectral``: training solves step with an estimated ``1/L`` instead of computing exact
-    eigen/singular values every batch (PR/DR are certified for any step; FB still needs the
-    exact margin). Evaluation solves always use the exact constants.
+    ``fast_spectral``: training solves estimate ``m`` and ``L`` instead of computing exact
+    eigen/singular values every batch, and PR/DR take the ``geometric`` step ``1/sqrt(m L)``
+    (:data:`~monquant.solvers.STEP_POLICIES`; a model's explicit ``step`` is kept). PR/DR converge at
+    every step; FB still needs the exact margin. Evaluation solves always use the exact constants
+    and the model's own step policy.
     ``train_tol_start``: the training solves of the first epoch (forward, and adjoint unless the
     model sets its own ``backward_tol``) stop at this relative residual, and the tolerance
     tightens geometrically to the model's own ``tol`` at the last epoch
@@ -321,6 +323,7 @@ def train(
     solver = model.solver
     ddp = dist.wrap(model) if dist.world()[1] > 1 else None  # built once: it owns the hooks
     exact_spectral = solver.forward_config.spectral
+    own_policy = solver.forward_config.step_policy
     full_tol = solver.forward_config.tol
     training_tolerance(cfg, full_tol, 0)  # a start tighter than tol fails before any epoch
     hk = hooks or TrainHooks()
@@ -330,6 +333,7 @@ def train(
             if hk.on_epoch_start is not None:
                 hk.on_epoch_start(model, epoch)
             solver.forward_config.spectral = "estimate" if cfg.fast_spectral else exact_spectral
+            solver.forward_config.step_policy = "geometric" if cfg.fast_spectral else own_policy
             solver.forward_config.tol = train_tol = training_tolerance(cfg, full_tol, epoch)
             before = solver.counters.summary()
             t0 = time.perf_counter()
@@ -344,6 +348,7 @@ def train(
             after = solver.counters.summary()
             model.eval()
             solver.forward_config.spectral = exact_spectral
+            solver.forward_config.step_policy = own_policy
             solver.forward_config.tol = full_tol
             ev = evaluate(model, x_test, y_test, cfg.eval_batch_size)
             entry = _epoch_entry(
@@ -364,6 +369,7 @@ def train(
                 )
     finally:  # never leave the solver in fast (uncertified) or loose mode
         solver.forward_config.spectral = exact_spectral
+        solver.forward_config.step_policy = own_policy
         solver.forward_config.tol = full_tol
     return history
 

@@ -30,8 +30,8 @@ PAPER_FB: dict[str, float] = {"fallback_step": 0.01, "tol": 1e-5, "max_iter": 20
 def paper_fb_config(m_q: float, L_q: float) -> SolverConfig:
     """The paper's Figure 1 FB settings for an operator with (computed) ``m~``, ``L~``."""
     step = m_q / L_q**2 if m_q > 0 else PAPER_FB["fallback_step"]
-    return SolverConfig(method="fb", step=step, tol=PAPER_FB["tol"],
-                        max_iter=int(PAPER_FB["max_iter"]))  # fmt: skip
+    return SolverConfig(method="fb", step=step, tol=PAPER_FB["tol"], max_iter=int(PAPER_FB["max_iter"]),
+                        check_every=1)  # fmt: skip
 
 
 @contextmanager

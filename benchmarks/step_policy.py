@@ -1,0 +1,91 @@
+"""PR iterations under the two step policies, 1/L (``bound``) and 1/sqrt(m L) (``geometric``)
+(prints, asserts nothing; issue 16).
+
+Part 1: Winston-Kolter operators ``W = (1 - m) I - s A^T A + t (B - B^T)`` (n = 100, A and B
+Gaussian / sqrt(n)) over a grid of margins ``m``, scales ``s`` of the symmetric part and ``t`` of
+the skew part; a batch of 128 Gaussian injections, float64, exact m and L. Prints kappa = L/m, the
+share of L that the symmetric part reaches (lmax(sym(I - W)) / L: 1 for a symmetric I - W) and the
+PR iterations of each policy (a check at every iteration: exact counts). Part 2 (``--checkpoint``):
+the same for trained models on MNIST test images. Both policies converge at every step; the
+geometric one minimises the contraction factor when I - W is symmetric, 1/L the proved modulus.
+
+    python benchmarks/step_policy.py [--tol 1e-6] [--checkpoint CKPT ...] [--json F]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from anderson import operator_and_injection  # the benchmarks' shared loader (same folder)
+
+from monquant.operators import as_operator, spectral_stats, wk_weight
+from monquant.report import text_table
+from monquant.solvers import SolverConfig, solve
+from monquant.storage.jsonio import dumps_json
+
+
+def symmetric_share(W: torch.Tensor, L: float) -> float:
+    S = torch.eye(W.shape[0], dtype=W.dtype) - W
+    return float(torch.linalg.eigvalsh(0.5 * (S + S.T))[-1]) / L
+
+
+def iterations(op, q: torch.Tensor, tol: float, stats) -> dict[str, int]:
+    out = {}
+    for policy in ("bound", "geometric"):
+        cfg = SolverConfig(tol=tol, max_iter=20_000, check_every=1, step_policy=policy)
+        r = solve(op, q, cfg, stats=stats)
+        out[policy] = r.iterations if r.all_converged else -1  # -1: a sample did not converge
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--n", type=int, default=100)
+    p.add_argument("--tol", type=float, default=1e-6)
+    p.add_argument("--checkpoint", nargs="*", default=[])
+    p.add_argument("--images", type=int, default=1024)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    n, rows, out = args.n, [], []
+    g = torch.Generator().manual_seed(0)
+    A0 = torch.randn(n, n, generator=g, dtype=torch.float64) / n**0.5
+    B0 = torch.randn(n, n, generator=g, dtype=torch.float64) / n**0.5
+    q = torch.randn(128, n, generator=g, dtype=torch.float64)
+    for m in (0.5, 0.05):
+        for s in (1.0, 3.0):
+            for t in (0.0, 0.3, 1.0, 3.0):
+                W = wk_weight(s * A0, t * B0, m)
+                st = spectral_stats(W)
+                its = iterations(W, q, args.tol, st)
+                share = symmetric_share(W, st.L)
+                rows.append([m, s, t, st.kappa, share, its["bound"], its["geometric"],
+                             its["geometric"] / its["bound"]])  # fmt: skip
+                out.append({"m": m, "sym_scale": s, "skew_scale": t, "kappa": st.kappa,
+                            "symmetric_share": share, **its})  # fmt: skip
+    print(f"n={n}, 128 Gaussian injections, float64, tol {args.tol:g}, PR, a check every iteration")
+    print(text_table(["m", "s (sym.)", "t (skew)", "kappa", "lmax(sym)/L", "it. 1/L", "it. 1/sqrt(mL)",
+                      "ratio"], rows))  # fmt: skip
+    if args.checkpoint:
+        from monquant.data import load_mnist
+        from monquant.storage.checkpoints import load_model
+
+        x = load_mnist().x_test[: args.images]
+        crow = []
+        for path in args.checkpoint:
+            op, qx = operator_and_injection(load_model(path).model.eval(), x)
+            st = as_operator(op).detach().to(dtype=qx.dtype).spectral_stats()
+            its = iterations(op, qx, 1e-4, st)
+            crow.append([path, st.kappa, its["bound"], its["geometric"], its["geometric"] / its["bound"]])
+            out.append({"checkpoint": path, "kappa": st.kappa, **its})
+        print(f"trained models, {args.images} MNIST test images, tol 1e-4")
+        print(text_table(["checkpoint", "kappa", "it. 1/L", "it. 1/sqrt(mL)", "ratio"], crow))
+    if args.json:
+        with open(args.json, "w") as fh:
+            fh.write(dumps_json({"tol": args.tol, "rows": out}))
+
+
+if __name__ == "__main__":
+    main()
