@@ -3,7 +3,8 @@
 Runs one training epoch of the paper's MNIST MonDEQ (n = 100, batch 128, Adam 1e-3) with the
 paper's own training function (github.com/JLi-Projects/mondeq-quant, ``training.train_mnist.train``
 with its settings: FB at alpha = 1 tuned at batches 30 and len/2, tol 1e-5, 500 iterations) and one
-with monquant's (``monquant train``'s defaults: PR, tol 1e-4, step 1/L), alternating
+with monquant's (``monquant train``'s defaults: PR, tol 1e-4, the step 1/sqrt(m L) from estimated
+constants, scheduled residual checks), alternating
 ``--pairs`` times, each from a fresh model. Both see the same normalised MNIST tensors in batches of
 128 through the same kind of loader, and both evaluate the same ``--test-size`` test images after
 the epoch (each library's own evaluation), so the two timed calls do the same work. Prints each

@@ -455,3 +455,30 @@ def test_scheduled_checks_report_the_cap_and_divergence():
     r = solve(W, bad, SolverConfig(tol=1e-9, check_every="auto"))
     assert r.diverged.tolist() == [False, False, True, False]
     assert r.converged.tolist() == [True, True, False, True]
+
+
+def test_step_estimates_follow_a_changing_operator_and_restart_cold():
+    """The first call gives the cold estimates; later calls continue the power iterations and stay
+    one-sided (L from below, m from above) while W drifts; reset, another shape and a non-finite
+    W start cold again."""
+    from monquant.solvers import StepEstimates, estimate_lipschitz, estimate_margin_dense
+
+    W = random_monotone_W(50, 0.2, seed=4)
+    est = StepEstimates()
+    first = est(W)
+    L0 = estimate_lipschitz(W)
+    assert first.L == pytest.approx(L0, rel=1e-12)
+    assert first.m == pytest.approx(estimate_margin_dense(W, L0), rel=1e-9) and not first.exact
+    g = torch.Generator().manual_seed(1)
+    for _ in range(20):
+        W = W + 1e-3 * torch.randn(50, 50, generator=g, dtype=W.dtype)
+        st, exact = est(W), spectral_stats(W)
+        assert st.L <= exact.L * (1 + 1e-12) and st.L >= 0.99 * exact.L
+        assert exact.m - 1e-12 <= st.m <= exact.m + 0.25 * (exact.L - exact.m)
+    est.reset()
+    assert est(W).m == pytest.approx(estimate_margin_dense(W, estimate_lipschitz(W)), rel=1e-9)
+    small = random_monotone_W(7, 0.3, seed=2)
+    assert est(small).L == pytest.approx(estimate_lipschitz(small), rel=1e-12)
+    bad = small.clone()
+    bad[0, 0] = math.nan
+    assert math.isnan(est(bad).L) and est._v is None

@@ -24,7 +24,7 @@ from typing import Literal
 import torch
 
 from monquant.operators import DenseOperator, MonotoneOperator, as_operator
-from monquant.solvers import SolverConfig, SolverResult, mask_prox, solve
+from monquant.solvers import SolverConfig, SolverResult, StepEstimates, get_solver, mask_prox, solve
 
 __all__ = ["BackwardMode", "EquilibriumSolver", "SolveCounters", "direct_adjoint"]
 
@@ -90,7 +90,10 @@ class EquilibriumSolver:
     ``forward_config`` configures the forward solve; the splitting backward uses the same method
     and step with ``backward_tol`` (default: the forward tolerance). ``last_forward`` /
     ``last_backward`` keep the latest :class:`SolverResult`; ``counters`` accumulates totals so that
-    unconverged solves are counted and reported, never hidden.
+    unconverged solves are counted and reported, never hidden. Under ``spectral="estimate"`` the
+    forward solves of a dense ``W`` take their ``m`` and ``L`` from ``estimates``, which follows
+    the weights from one solve to the next (:class:`~monquant.solvers.StepEstimates`; the training
+    loop resets it at each epoch).
     """
 
     forward_config: SolverConfig = field(default_factory=SolverConfig)
@@ -99,6 +102,7 @@ class EquilibriumSolver:
     counters: SolveCounters = field(default_factory=SolveCounters)
     last_forward: SolverResult | None = None
     last_backward: SolverResult | None = None
+    estimates: StepEstimates = field(default_factory=StepEstimates, repr=False, compare=False)
 
     def __call__(self, W: torch.Tensor | MonotoneOperator, q: torch.Tensor) -> torch.Tensor:
         """Equilibrium ``z*`` of ``z = relu(W z + q)``, differentiable in ``W`` (a matrix or any
@@ -112,9 +116,18 @@ class EquilibriumSolver:
                 return _OperatorEquilibrium.apply(q, self, W, *params)
         elif torch.is_grad_enabled() and (W.requires_grad or q.requires_grad):
             return _Equilibrium.apply(W, q, self)
-        result = solve(W, q, self.forward_config)
+        result = self._solve_forward(W, q)
         self._record_forward(result)
         return result.z
+
+    def _solve_forward(self, W: torch.Tensor | MonotoneOperator, q: torch.Tensor) -> SolverResult:
+        """The forward solve; estimated constants come from :attr:`estimates` for a dense ``W``."""
+        cfg = self.forward_config
+        stats = None
+        if (cfg.spectral == "estimate" and isinstance(W, torch.Tensor)
+                and get_solver(cfg.method).uses_resolvent):  # fmt: skip
+            stats = self.estimates(W.detach().to(dtype=q.dtype, device=q.device))
+        return solve(W, q, cfg, stats=stats)
 
     def _record_forward(self, result: SolverResult) -> None:
         self.last_forward = result
@@ -171,7 +184,7 @@ class _Equilibrium(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, W: torch.Tensor, q: torch.Tensor, owner: EquilibriumSolver):  # type: ignore[override]
-        z, result = _kept(solve(W, q, owner.forward_config))
+        z, result = _kept(owner._solve_forward(W, q))
         owner._record_forward(result)
         Wq = W.detach().to(q.dtype)
         ctx.owner = owner

@@ -334,6 +334,7 @@ def train(
                 hk.on_epoch_start(model, epoch)
             solver.forward_config.spectral = "estimate" if cfg.fast_spectral else exact_spectral
             solver.forward_config.step_policy = "geometric" if cfg.fast_spectral else own_policy
+            solver.estimates.reset()  # each epoch starts cold: a resumed run repeats it exactly
             solver.forward_config.tol = train_tol = training_tolerance(cfg, full_tol, epoch)
             before = solver.counters.summary()
             t0 = time.perf_counter()
