@@ -698,9 +698,14 @@ def solve(
     B = q.shape[0]
     converged = ok & ~diverged
     residual = (dz2 / zn2.clamp_min(torch.finfo(q.dtype).tiny)).sqrt_()  # 0 where dz2 = 0
-    # a sample's iteration: that of the first check it passed (`pending` checks failed before)
-    at = torch.tensor([*checked, k], dtype=torch.long, device=q.device)
-    sample_it = at[pending].masked_fill_(~converged, cfg.max_iter)
+    # a sample's iteration: that of the first check it passed (`pending` checks failed before);
+    # `checked` lists the checked iterations of a schedule, None when they were every `every`-th
+    if checked is None:
+        every = 1 if cfg.anderson else int(cfg.check_every)  # Anderson checks every iteration
+        sample_it = pending.add(1).mul_(every).clamp_(max=k)
+    else:
+        sample_it = torch.tensor([*checked, k], dtype=torch.long, device=q.device)[pending]
+    sample_it.masked_fill_(~converged, cfg.max_iter)
     if rho is not None and rho < 1.0:
         error_bound = _flat_norm(s - s_prev).mul_(rho / (1.0 - rho)).masked_fill_(diverged, math.inf)
     else:
@@ -799,8 +804,8 @@ def _iterate(it: SplittingMap, s: torch.Tensor, q: torch.Tensor, cfg: SolverConf
     test, with a floor at machine precision relative to the injection so that ``z* = 0`` reached
     through cancellation is recognised. Checks come every ``check_every``-th iteration or, with
     ``"auto"``, where :func:`_next_gap` schedules them. Divergence (non-finite or exploding
-    iterates) is checked every 16 fixed checks, at every scheduled one and at the end. Returns the
-    iterations checked with the loop's state.
+    iterates) is checked every 16 fixed checks, at every scheduled one and at the end. Returns,
+    with the loop's state, the iterations checked on a schedule (``None`` for every ``K``-th).
     """
     B = q.shape[0]
     tol2 = cfg.tol**2
@@ -825,7 +830,7 @@ def _iterate(it: SplittingMap, s: torch.Tensor, q: torch.Tensor, cfg: SolverConf
     zn = torch.ones(B, dtype=q.dtype, device=q.device)
     shape = (B, -1)
     tiny = torch.finfo(q.dtype).tiny
-    checked: list[int] = []
+    checked: list[int] | None = [] if auto else None
     previous: tuple[int, float] | None = None
     k = checks = 0
     due = every
@@ -837,7 +842,8 @@ def _iterate(it: SplittingMap, s: torch.Tensor, q: torch.Tensor, cfg: SolverConf
         if k < due and k < cfg.max_iter:
             continue
         checks += 1
-        checked.append(k)
+        if checked is not None:
+            checked.append(k)
         if fused:  # four dispatches before the bookkeeping: the loop's overhead on small states
             e = torch.linalg.vecdot(torch.sub(z, z_prev, alpha=a_m), torch.sub(z, z_prev, alpha=a_p))
             ok = e <= floor_f  # a non-finite e fails, as a non-finite residual does below
@@ -986,4 +992,4 @@ def _iterate_anderson(
         x = xm if every or X is None or xm is None else torch.where(a_s, xm, X)
         candidate = acc
     ok, diverged = _final(ok, diverged, F, dz2, limit2)
-    return F, b, zF, k, pending, list(range(1, k + 1)), dz2, zn2, ok, diverged
+    return F, b, zF, k, pending, None, dz2, zn2, ok, diverged
