@@ -42,8 +42,9 @@ SETUP_SOURCES: list[tuple[str, str, str]] = [
     ("rank of A = max(4, n // 4) = 25", "paper code (src/mondeq/operators.py)", "paper"),
     ("A, S, U ~ 0.01 N(0, 1), b = 0", "paper code (src/mondeq/operators.py)", "paper"),
     ("seed 42", "paper code (experiments/train_and_quantise.py: --seed 42)", "paper"),
-    ("training solver: Peaceman-Rachford at tol 1e-5, cap 500 (the paper's code trains with FB, "
-     "alpha 1 halved by a tuner, tol 1e-5, 500 iterations)",
+    ("training solver: Peaceman-Rachford at tol 1e-5, cap 500, step 1/sqrt(m L) from estimated m "
+     "and L, residual checks on a schedule (the paper's code trains with FB, alpha 1 halved by a "
+     "tuner, tol 1e-5, 500 iterations)",
      "monquant's choice: PR reaches the same unique equilibrium of the same operator (every "
      "solve converged is checked and reported), in far fewer iterations", "paper"),
     ("quantizer step 2 w_max / (2^b - 1); the table under w_max / (2^(b-1) - 1) is shown too",
