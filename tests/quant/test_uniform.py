@@ -143,3 +143,35 @@ def test_narrow_step_rule(bits: int, gran: str) -> None:
 def test_unknown_step_rule_is_refused() -> None:
     with pytest.raises(QuantizationError, match="step rule"):
         quantize(torch.eye(3, dtype=torch.float64), 4, step_rule="wide")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+@pytest.mark.parametrize("gran", ["per-tensor", "per-channel"])
+@pytest.mark.parametrize("rule", ["paper", "narrow"])
+def test_fake_quant_is_the_quantizers_dequantized_tensor_bit_for_bit(dtype, gran, rule):
+    """The fake quantizer (float64 codes times the step) forms exactly ``quantize(w).dequantized()``
+    (the operator that certificates certify), ties to even included; its STE mask is all ones."""
+    g = torch.Generator().manual_seed(7)
+    for bits in (2, 4, 8, 12, 20, 32):
+        w = (torch.randn(9, 13, generator=g, dtype=torch.float64) * 3).to(dtype)
+        w[0, :4] = torch.tensor([0.5, -0.5, 1.5, -2.5], dtype=dtype)  # halves of some steps
+        w[1] = 0.0  # a zero row: step 0 per channel
+        ref = quantize(w, bits, gran, step_rule=rule).dequantized()
+        leaf = w.clone().requires_grad_(True)
+        out = fake_quant(leaf, bits, gran, step_rule=rule)
+        assert out.dtype == dtype and torch.equal(out, ref), (bits, gran, rule)
+        out.sum().backward()
+        assert torch.equal(leaf.grad, torch.ones_like(w))
+
+
+@pytest.mark.parametrize("gran", ["per-tensor", "per-channel"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_entries_are_refused_through_the_range(gran, bad):
+    w = _w(4, 5, 1)
+    w[2, 3] = bad
+    with pytest.raises(QuantizationError, match="NaN or inf"):
+        quantize(w, 4, gran)
+    with pytest.raises(QuantizationError, match="NaN or inf"):
+        fake_quant(w, 4, gran)
+    with pytest.raises(QuantizationError, match="NaN or inf"):
+        quantize(w, 4, gran, w_max=1.0)  # a given range: the entries are checked themselves

@@ -135,14 +135,38 @@ def grid_codes(w: torch.Tensor, step: torch.Tensor, qmax: int) -> torch.Tensor:
     The one rounding rule of every uniform grid in monquant (this quantizer and ProxQuant's).
     """
     safe = torch.where(step > 0, step, torch.ones_like(step))
-    return torch.clamp(torch.round(w / safe), -qmax, qmax)
+    return torch.div(w, safe).round_().clamp_(-qmax, qmax)  # one new tensor, rounded in place
 
 
 def _range(w: torch.Tensor, granularity: str) -> torch.Tensor:
-    a = w.detach().abs().to(torch.float64)
+    """``max |w|`` (per row for per-channel) in float64: the maximum is taken in ``w``'s dtype,
+    whose values float64 holds exactly. A NaN or infinite entry makes its range non-finite."""
+    a = w.detach().abs()
     if granularity == "per-tensor" or w.dim() < 2:
-        return a.max()
-    return a.reshape(a.shape[0], -1).max(dim=1).values.reshape(-1, *([1] * (w.dim() - 1)))
+        return a.amax().to(torch.float64)
+    return a.reshape(a.shape[0], -1).amax(dim=1).to(torch.float64).reshape(-1, *([1] * (w.dim() - 1)))
+
+
+def _codes64(
+    w: torch.Tensor, bits: int, granularity: str, w_max: torch.Tensor | float | None, step_rule: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, str]:
+    """``(codes, step, w_max, bits, granularity)`` of :func:`quantize`, the codes as float64
+    integers (exact), after every check."""
+    b = check_bits(bits)
+    granularity = check_granularity(granularity)
+    if not isinstance(w, torch.Tensor) or not w.is_floating_point():
+        raise QuantizationError("quantize expects a floating-point tensor")
+    if w_max is None:
+        wmax = _range(w, granularity)
+        finite = bool(torch.isfinite(wmax).all())  # the range carries any NaN or inf of w
+    else:
+        wmax = torch.as_tensor(w_max, dtype=torch.float64, device=w.device)
+        finite = bool(torch.isfinite(w).all())
+    if not finite:
+        raise QuantizationError("cannot quantize a tensor with NaN or inf entries")
+    step = step_size(wmax, b, step_rule)
+    codes = grid_codes(w.detach().to(torch.float64), step, 2 ** (b - 1) - 1)
+    return codes, step, wmax, b, granularity
 
 
 def quantize(
@@ -159,20 +183,7 @@ def quantize(
     An all-zero tensor (or row) gets step 0 and codes 0. Raises :class:`QuantizationError` for a
     bad bit-width or granularity and for NaN/inf entries.
     """
-    b = check_bits(bits)
-    granularity = check_granularity(granularity)
-    if not isinstance(w, torch.Tensor) or not w.is_floating_point():
-        raise QuantizationError("quantize expects a floating-point tensor")
-    if not bool(torch.isfinite(w).all()):
-        raise QuantizationError("cannot quantize a tensor with NaN or inf entries")
-    wmax = (
-        _range(w, granularity)
-        if w_max is None
-        else torch.as_tensor(w_max, dtype=torch.float64, device=w.device)
-    )
-    step = step_size(wmax, b, step_rule)
-    qmax = 2 ** (b - 1) - 1
-    codes = grid_codes(w.detach().to(torch.float64), step, qmax)
+    codes, step, wmax, b, granularity = _codes64(w, bits, granularity, w_max, step_rule)
     return Quantized(
         codes=codes.to(_code_dtype(b)),
         step=step,
@@ -189,16 +200,18 @@ class _FakeQuant(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, w: torch.Tensor, bits: int, granularity: str, clip: bool, rule: str):  # type: ignore[override]
-        q = quantize(w, bits, granularity, step_rule=rule)
-        ctx.save_for_backward(w, q.w_max)
+        codes, step, w_max, _, _ = _codes64(w, bits, granularity, None, rule)
+        ctx.save_for_backward(w, w_max)
         ctx.clip = clip
-        return q.dequantized()
+        # Quantized.dequantized() without the round trip through the integer dtype: the float64
+        # codes are the same integers, so codes * D rounds to the same values
+        return codes.mul_(step).to(w.dtype)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         w, w_max = ctx.saved_tensors
-        if ctx.clip:
-            inside = w.detach().abs().to(torch.float64) <= w_max
+        if ctx.clip:  # w_max is max|w| itself, held exactly in w's dtype: compare there
+            inside = w.detach().abs() <= w_max.to(w.dtype)
             grad = grad * inside.to(grad.dtype)
         return grad, None, None, None, None
 
