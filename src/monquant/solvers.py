@@ -137,7 +137,7 @@ class SolverConfig:
     at iterations predicted from the residual's observed decay (module docstring, "Checks").
     ``diverge_at`` is the iterate norm (relative to ``1 + max|q|``) treated as divergence.
     ``spectral="estimate"`` skips the exact ``m``, ``L`` (eigen/singular values) for speed: PR/DR
-    then step with an estimated ``1/L`` (certified for any step) and report no modulus.
+    then step from estimates (they converge at any step) and report no modulus.
     ``anderson=M`` turns on safeguarded Anderson acceleration with memory ``M`` (0 = plain
     iteration; the residual is then checked every iteration whatever ``check_every`` says).
     ``step_policy`` picks the step when ``step`` is None (:data:`STEP_POLICIES`, :func:`solver_step`).
@@ -568,6 +568,20 @@ def _margin_at(S: torch.Tensor, v: torch.Tensor) -> float:
     return float(v @ (S @ v))
 
 
+def _cold_lipschitz(M: torch.Tensor, squarings: int = 5) -> tuple[float, torch.Tensor]:
+    """:func:`estimate_lipschitz` of ``M = I - W``, with its power-iteration vector."""
+    v = _squared_power(M.T @ M, squarings)
+    return _lipschitz_at(M, v), v
+
+
+def _cold_margin(S: torch.Tensor, L: float, squarings: int = 4) -> tuple[float, torch.Tensor]:
+    """:func:`estimate_margin_dense` of ``S = sym(I - W)``, with its power-iteration vector."""
+    P = S.neg()
+    P.diagonal().add_(L)
+    v = _squared_power(P, squarings)
+    return _margin_at(S, v), v
+
+
 def estimate_lipschitz(W: torch.Tensor, squarings: int = 5) -> float:
     """Estimate of ``L = ||I - W||_2`` from below (cheap; used only for steps, never certified).
 
@@ -577,8 +591,7 @@ def estimate_lipschitz(W: torch.Tensor, squarings: int = 5) -> float:
     matrix products instead of thirty matrix-vector products, each a separate dispatch. PR and DR
     converge for every step ``a > 0``, so an estimated ``1/L`` is a safe step.
     """
-    M, _ = _parts(W)
-    return _lipschitz_at(M, _squared_power(M.T @ M, squarings))
+    return _cold_lipschitz(_parts(W)[0], squarings)[0]
 
 
 def estimate_margin_dense(W: torch.Tensor, L: float, squarings: int = 4) -> float:
@@ -591,10 +604,7 @@ def estimate_margin_dense(W: torch.Tensor, L: float, squarings: int = 4) -> floa
     of ``S`` at ``P``'s largest column: ``>= lmin(S)``. Four squarings are 16 power iterations;
     eigenvalues of ``S`` close to ``m`` blend in, so the estimate lies a little above ``m``.
     """
-    _, S = _parts(W)
-    P = S.neg()
-    P.diagonal().add_(L)
-    return _margin_at(S, _squared_power(P, squarings))
+    return _cold_margin(_parts(W)[1], L, squarings)[0]
 
 
 @dataclass
@@ -622,11 +632,8 @@ class StepEstimates:
         M, S = _parts(W)
         v = self._v
         if v is None or v[0].shape[0] != M.shape[0] or v[0].dtype != M.dtype or v[0].device != M.device:
-            vL = _squared_power(M.T @ M, 5)
-            L = _lipschitz_at(M, vL)
-            P = S.neg()
-            P.diagonal().add_(L)
-            vm = _squared_power(P, 4)
+            L, vL = _cold_lipschitz(M)
+            m, vm = _cold_margin(S, L)
         else:
             vL, vm = v
             for _ in range(self.steps):
@@ -636,7 +643,7 @@ class StepEstimates:
             for _ in range(self.steps):
                 w = torch.sub(vm, S @ vm, alpha=1.0 / L) if L > 0 else vm  # (L I - S) v / L
                 vm = w / torch.linalg.vector_norm(w).clamp_min(torch.finfo(w.dtype).tiny)
-        m = _margin_at(S, vm)
+            m = _margin_at(S, vm)
         finite = math.isfinite(L) and math.isfinite(m)
         self._v = (vL, vm) if finite else None  # a non-finite W leaves nothing to continue from
         return SpectralStats(m=m, L=L, norm_W=math.nan, exact=False)
