@@ -482,3 +482,28 @@ def test_step_estimates_follow_a_changing_operator_and_restart_cold():
     bad = small.clone()
     bad[0, 0] = math.nan
     assert math.isnan(est(bad).L) and est._v is None
+
+
+def test_step_estimates_of_a_convolution_continue_its_power_iterations():
+    """For an operator that is not a matrix, the cold call is step_constants' 50 iterations; later
+    calls continue them (a few applications) and stay one-sided against the operator's exact
+    constants; a dense W after it starts cold again."""
+    from monquant.operators import step_constants
+    from monquant.operators.conv import ConvWKOperator
+    from monquant.solvers import StepEstimates, estimate_lipschitz
+
+    g = torch.Generator().manual_seed(3)
+    A = 0.3 * torch.randn(2, 2, 3, 3, generator=g, dtype=torch.float64)
+    B = 0.3 * torch.randn(2, 2, 3, 3, generator=g, dtype=torch.float64)
+    op = ConvWKOperator(A, B, 0.2, (6, 6))
+    est = StepEstimates()
+    first = est(op)
+    L0, m0, _ = step_constants(op, 50)
+    assert (first.L, first.m) == pytest.approx((L0, m0), rel=1e-12) and not first.exact
+    for k in range(10):
+        op = ConvWKOperator(A + 1e-3 * k, B, 0.2, (6, 6))
+        st, exact = est(op), op.spectral_stats()
+        assert st.L <= exact.L * (1 + 1e-9) and st.L >= 0.95 * exact.L
+        assert exact.m - 1e-9 <= st.m <= exact.m + 0.5 * (exact.L - exact.m)
+    W = random_monotone_W(8, 0.3, seed=1)
+    assert est(W).L == pytest.approx(estimate_lipschitz(W), rel=1e-12)

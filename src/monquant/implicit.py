@@ -91,7 +91,7 @@ class EquilibriumSolver:
     and step with ``backward_tol`` (default: the forward tolerance). ``last_forward`` /
     ``last_backward`` keep the latest :class:`SolverResult`; ``counters`` accumulates totals so that
     unconverged solves are counted and reported, never hidden. Under ``spectral="estimate"`` the
-    forward solves of a dense ``W`` take their ``m`` and ``L`` from ``estimates``, which follows
+    forward solves take their ``m`` and ``L`` from ``estimates``, which follows
     the weights from one solve to the next (:class:`~monquant.solvers.StepEstimates`; the training
     loop resets it at each epoch).
     """
@@ -121,11 +121,11 @@ class EquilibriumSolver:
         return result.z
 
     def _solve_forward(self, W: torch.Tensor | MonotoneOperator, q: torch.Tensor) -> SolverResult:
-        """The forward solve; estimated constants come from :attr:`estimates` for a dense ``W``."""
+        """The forward solve; under ``spectral="estimate"`` its constants come from
+        :attr:`estimates` (PR, DR)."""
         cfg = self.forward_config
         stats = None
-        if (cfg.spectral == "estimate" and isinstance(W, torch.Tensor)
-                and get_solver(cfg.method).uses_resolvent):  # fmt: skip
+        if cfg.spectral == "estimate" and get_solver(cfg.method).uses_resolvent:
             stats = self.estimates(W.detach().to(dtype=q.dtype, device=q.device))
         return solve(W, q, cfg, stats=stats)
 
@@ -213,7 +213,7 @@ class _OperatorEquilibrium(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: torch.Tensor, owner: EquilibriumSolver, op: MonotoneOperator, *params):  # type: ignore[override]
         opd = op.with_parameters(tuple(p.detach() for p in params))
-        z, result = _kept(solve(opd, q, owner.forward_config))
+        z, result = _kept(owner._solve_forward(opd, q))
         owner._record_forward(result)
         ctx.owner, ctx.result, ctx.op = owner, result, op
         ctx.save_for_backward(q.detach(), z, *params)

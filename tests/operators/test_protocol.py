@@ -193,3 +193,19 @@ def test_as_operator_wraps_matrices_only():
     assert "DenseOperator(n=3" in repr(op)
     with pytest.raises(OperatorError):
         as_operator(torch.zeros(2, 3))
+
+
+def test_estimates_of_a_circular_convolution_leave_the_zero_frequency_block():
+    """A circular convolution maps the per-channel constant images (its zero frequency) to
+    themselves; power iteration started there (all ones, as it once was) only ever saw that
+    block: L came out 26% low and m 5.6x high on this operator. From the fixed pseudo-random
+    start the estimates are close and one-sided."""
+    from monquant.operators.conv import ConvWKOperator
+
+    g = torch.Generator().manual_seed(3)
+    A = 0.3 * torch.randn(2, 2, 3, 3, generator=g, dtype=F64)
+    B = 0.3 * torch.randn(2, 2, 3, 3, generator=g, dtype=F64)
+    op = ConvWKOperator(A, B, 0.2, (6, 6))
+    exact, est = op.spectral_stats(), estimate_stats(op)
+    assert exact.L * 0.99 <= est.L <= exact.L * (1 + 1e-9)
+    assert exact.m - 1e-9 <= est.m <= 1.5 * exact.m

@@ -26,7 +26,7 @@ from monquant.operators.multitier import (
     MultiTierWKOperator,
     TieredOperator,
 )
-from monquant.operators.spectral import estimate_stats
+from monquant.operators.spectral import estimate_stats, step_constants
 from monquant.operators.wk import WKOperator
 
 __all__ = [
@@ -52,6 +52,7 @@ __all__ = [
     "margin_tensor",
     "spectral_norm",
     "spectral_stats",
+    "step_constants",
     "wk_weight",
 ]
 

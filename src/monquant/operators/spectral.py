@@ -17,12 +17,20 @@ import torch
 from monquant.operators.base import MonotoneOperator
 from monquant.operators.matrix import SpectralStats
 
-__all__ = ["estimate_margin", "estimate_stats", "lanczos_extremes"]
+__all__ = ["estimate_margin", "estimate_stats", "lanczos_extremes", "step_constants"]
 
 
-def _power(matvec, shape: tuple[int, ...], dtype, device, iters: int) -> tuple[float, torch.Tensor]:
-    v = torch.ones((1, *shape), dtype=dtype, device=device)
-    v = v / v.norm()
+def _power(
+    matvec, shape: tuple[int, ...], dtype, device, iters: int, v: torch.Tensor | None = None
+) -> tuple[float, torch.Tensor]:
+    """``iters`` power iterations of ``matvec`` from the unit ``v``: the last Rayleigh quotient and
+    the unit vector reached. The default start is a fixed pseudo-random vector. (All ones, used
+    before, lies in the zero-frequency subspace of a circular convolution, which the convolution
+    maps to itself: the iteration never left it and estimated that block's constants only.)"""
+    if v is None:
+        g = torch.Generator().manual_seed(0)
+        v = torch.randn((1, *shape), generator=g, dtype=torch.float64).to(dtype=dtype, device=device)
+        v = v / v.norm()
     lam = 0.0
     for _ in range(iters):
         w = matvec(v)
@@ -36,33 +44,57 @@ def _power(matvec, shape: tuple[int, ...], dtype, device, iters: int) -> tuple[f
 
 def estimate_stats(op: MonotoneOperator, iters: int = 50) -> SpectralStats:
     """One-sided estimates of ``m``, ``L``, ``||W||`` by power iteration (``exact=False``)."""
-    shape, dt, dev = op.state_shape, op.dtype, op.device
     with torch.no_grad():
-
-        def gram(v):
-            r = v - op.apply(v)
-            return r - op.apply_T(r)
-
-        L2, _ = _power(gram, shape, dt, dev, iters)
-        nW2, _ = _power(lambda v: op.apply_T(op.apply(v)), shape, dt, dev, iters)
-    L = math.sqrt(max(L2, 0.0))
+        L, _ = _lipschitz_power(op, iters)
+        nW2, _ = _power(lambda v: op.apply_T(op.apply(v)), op.state_shape, op.dtype, op.device, iters)
     return SpectralStats(m=estimate_margin(op, L, iters), L=L, norm_W=math.sqrt(max(nW2, 0.0)),
                          exact=False)  # fmt: skip
+
+
+def _lipschitz_power(
+    op: MonotoneOperator, iters: int, v: torch.Tensor | None = None
+) -> tuple[float, torch.Tensor]:
+    """``L`` from below by power iteration on ``(I - W)^T (I - W)``, and its vector."""
+
+    def gram(u):
+        r = u - op.apply(u)
+        return r - op.apply_T(r)
+
+    L2, v = _power(gram, op.state_shape, op.dtype, op.device, iters, v)
+    return math.sqrt(max(L2, 0.0)), v
+
+
+def _margin_power(
+    op: MonotoneOperator, L: float, iters: int, v: torch.Tensor | None = None
+) -> tuple[float, torch.Tensor]:
+    """``margin(W)`` from above by power iteration on ``L I - S``, and its vector."""
+
+    def shifted(u):
+        s = u - 0.5 * (op.apply(u) + op.apply_T(u))
+        return L * u - s
+
+    top, v = _power(shifted, op.state_shape, op.dtype, op.device, iters, v)
+    return L - top, v
 
 
 def estimate_margin(op: MonotoneOperator, L: float, iters: int = 50) -> float:
     """An estimate of ``margin(W) = lmin(S)``, ``S = sym(I - W)``, by power iteration on
     ``L I - S`` (positive semidefinite when ``L >= ||I - W|| >= ||S||``): a Rayleigh quotient, so
     an upper estimate of the margin, never a bound to decide on."""
-    shape, dt, dev = op.state_shape, op.dtype, op.device
-
-    def shifted(v):
-        s = v - 0.5 * (op.apply(v) + op.apply_T(v))
-        return L * v - s
-
     with torch.no_grad():
-        top, _ = _power(shifted, shape, dt, dev, iters)
-    return L - top
+        return _margin_power(op, L, iters)[0]
+
+
+def step_constants(
+    op: MonotoneOperator, iters: int = 50, start: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> tuple[float, float, tuple[torch.Tensor, torch.Tensor]]:
+    """``(L, m, vectors)``: the estimates of :func:`estimate_stats` that a step needs (``L`` from
+    below, ``m`` from above; no ``||W||``) and the two power-iteration vectors reached, continuing
+    from ``start`` (vectors of an earlier call) when given. Nothing is certified by them."""
+    with torch.no_grad():
+        L, vL = _lipschitz_power(op, iters, None if start is None else start[0])
+        m, vm = _margin_power(op, L, iters, None if start is None else start[1])
+    return L, m, (vL, vm)
 
 
 #: Steps after which :func:`lanczos_extremes` looks at its Ritz values (each look is one small
