@@ -89,9 +89,9 @@ def test_fused_and_multi_tensor_steps_agree(monkeypatch):
 
     def run(fused: bool):
         if fused:  # found out afresh by the first step
-            monkeypatch.delitem(optim._FUSED, "cpu", raising=False)
+            monkeypatch.delitem(optim._FUSED, ("cpu", torch.float32), raising=False)
         else:
-            monkeypatch.setitem(optim._FUSED, "cpu", False)
+            monkeypatch.setitem(optim._FUSED, ("cpu", torch.float32), False)
         ps = _params(3)
         opt = Adam(ps, lr=1e-2)
         g = torch.Generator().manual_seed(4)
@@ -102,7 +102,7 @@ def test_fused_and_multi_tensor_steps_agree(monkeypatch):
         return ps, opt
 
     fused, opt_f = run(True)
-    if not optim._FUSED.get("cpu"):
+    if not optim._FUSED.get(("cpu", torch.float32)):
         pytest.skip("this torch has no fused Adam kernel for the CPU")
     plain, opt_p = run(False)
     for p, q in zip(fused, plain, strict=True):

@@ -33,8 +33,9 @@ from monquant.errors import ConfigError
 __all__ = ["Adam", "StepDecay"]
 
 
-#: Whether ``torch._fused_adam_`` runs on a device type (found out by the first step there).
-_FUSED: dict[str, bool] = {}
+#: Whether ``torch._fused_adam_`` runs for a device type and dtype (found out by the first step
+#: there).
+_FUSED: dict[tuple[str, torch.dtype], bool] = {}
 
 
 def _fused_step(
@@ -43,7 +44,7 @@ def _fused_step(
 ) -> bool:
     """One fused Adam update of tensors on one device with one dtype; ``False`` (nothing done)
     where this torch has no fused kernel for the device."""
-    kind = ps[0].device.type
+    kind = (ps[0].device.type, ps[0].dtype)
     if _FUSED.get(kind) is False or not hasattr(torch, "_fused_adam_"):
         return False
     try:
@@ -52,7 +53,7 @@ def _fused_step(
     except (NotImplementedError, RuntimeError):
         if kind in _FUSED:  # it ran here before: a real error
             raise
-        _FUSED[kind] = False  # no kernel for this device in this torch: dispatch refused it
+        _FUSED[kind] = False  # no kernel for this device and dtype in this torch: refused
         return False
     _FUSED[kind] = True
     return True
