@@ -138,3 +138,17 @@ def test_a_layer_deep_copies_right_after_a_training_step(kind):
     assert layer.solver.last_forward is not None and layer.solver.last_forward.z.grad_fn is None
     with torch.no_grad():
         assert torch.equal(twin(x), layer(x))
+
+
+def test_configured_solves_with_the_given_settings_and_restores_its_own():
+    own = SolverConfig(tol=1e-6)
+    solver = EquilibriumSolver(forward_config=own)
+    W = torch.eye(4, dtype=torch.float64) * 0.5
+    q = torch.ones(2, 4, dtype=torch.float64)
+    with solver.configured(SolverConfig(method="fb", tol=1e-3)):
+        solver(W, q)
+        assert solver.last_forward.method == "fb" and solver.last_forward.tol == 1e-3
+    assert solver.forward_config is own
+    with pytest.raises(RuntimeError), solver.configured(SolverConfig(method="dr")):
+        raise RuntimeError("a failure inside the block")
+    assert solver.forward_config is own

@@ -18,6 +18,8 @@ whatever built them (A, B, m_raw, U, b, x).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -119,6 +121,17 @@ class EquilibriumSolver:
         result = self._solve_forward(W, q)
         self._record_forward(result)
         return result.z
+
+    @contextmanager
+    def configured(self, config: SolverConfig) -> Iterator[EquilibriumSolver]:
+        """Solve with ``config`` inside the block (forward solves, and the adjoint solves that
+        follow them), and with the solver's own settings again after it, whatever happens."""
+        saved = self.forward_config
+        self.forward_config = config
+        try:
+            yield self
+        finally:
+            self.forward_config = saved
 
     def _solve_forward(self, W: torch.Tensor | MonotoneOperator, q: torch.Tensor) -> SolverResult:
         """The forward solve; under ``spectral="estimate"`` its constants come from

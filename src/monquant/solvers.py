@@ -78,7 +78,6 @@ from monquant.operators import (
     MonotoneOperator,
     SpectralStats,
     as_operator,
-    estimate_stats,
     step_constants,
 )
 
@@ -702,9 +701,9 @@ def solve(
         if isinstance(op, DenseOperator):
             L_est = estimate_lipschitz(op.W)
             m_est = estimate_margin_dense(op.W, L_est) if geometric else math.nan
-        else:
-            est = estimate_stats(op)
-            L_est, m_est = est.L, est.m if geometric else math.nan
+        else:  # the estimates of estimate_stats without its ||W||, which no step needs
+            L_est, m_est, _ = step_constants(op)
+            m_est = m_est if geometric else math.nan
         st = SpectralStats(m=m_est, L=L_est, norm_W=math.nan, exact=False)
     else:
         st = op.spectral_stats()

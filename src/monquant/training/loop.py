@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -322,22 +322,20 @@ def train(
     n = x_train.shape[0]
     solver = model.solver
     ddp = dist.wrap(model) if dist.world()[1] > 1 else None  # built once: it owns the hooks
-    exact_spectral = solver.forward_config.spectral
-    own_policy = solver.forward_config.step_policy
-    full_tol = solver.forward_config.tol
-    training_tolerance(cfg, full_tol, 0)  # a start tighter than tol fails before any epoch
+    training_tolerance(cfg, solver.forward_config.tol, 0)  # a start tighter than tol fails here
+    fast = {"spectral": "estimate", "step_policy": "geometric"} if cfg.fast_spectral else {}
     hk = hooks or TrainHooks()
-    try:
-        for epoch in range(start, cfg.epochs):
-            model.train()
-            if hk.on_epoch_start is not None:
-                hk.on_epoch_start(model, epoch)
-            solver.forward_config.spectral = "estimate" if cfg.fast_spectral else exact_spectral
-            solver.forward_config.step_policy = "geometric" if cfg.fast_spectral else own_policy
-            solver.estimates.reset()  # each epoch starts cold: a resumed run repeats it exactly
-            solver.forward_config.tol = train_tol = training_tolerance(cfg, full_tol, epoch)
-            before = solver.counters.summary()
-            t0 = time.perf_counter()
+    for epoch in range(start, cfg.epochs):
+        model.train()
+        if hk.on_epoch_start is not None:
+            hk.on_epoch_start(model, epoch)
+        own = solver.forward_config  # evaluation, checkpoints and certificates use these settings
+        train_tol = training_tolerance(cfg, own.tol, epoch)
+        solver.estimates.reset()  # each epoch starts cold: a resumed run repeats it exactly
+        before = solver.counters.summary()
+        t0 = time.perf_counter()
+        # the training solves only run fast (uncertified) and loose; the block restores `own`
+        with solver.configured(replace(own, tol=train_tol, **fast)):
             loss_sum, correct = _train_one_epoch(
                 model, opt, x_train, y_train, cfg, hk, epoch, progress, ddp
             )
@@ -345,33 +343,26 @@ def train(
                 sched.step()
             if hk.on_epoch_end is not None:
                 hk.on_epoch_end(model, epoch)
-            train_seconds = time.perf_counter() - t0
-            after = solver.counters.summary()
-            model.eval()
-            solver.forward_config.spectral = exact_spectral
-            solver.forward_config.step_policy = own_policy
-            solver.forward_config.tol = full_tol
-            ev = evaluate(model, x_test, y_test, cfg.eval_batch_size)
-            entry = _epoch_entry(
-                model, epoch, n, loss_sum, correct, ev, before, after, train_seconds
+        train_seconds = time.perf_counter() - t0
+        after = solver.counters.summary()
+        model.eval()
+        ev = evaluate(model, x_test, y_test, cfg.eval_batch_size)
+        entry = _epoch_entry(
+            model, epoch, n, loss_sum, correct, ev, before, after, train_seconds
+        )
+        entry["train_tol"] = train_tol
+        history.append(entry)
+        if log is not None:
+            log(entry)
+        if checkpoint is not None:
+            checkpoint(
+                {
+                    "epoch": epoch + 1,
+                    "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict() if sched is not None else None,
+                    "history": history,
+                }
             )
-            entry["train_tol"] = train_tol
-            history.append(entry)
-            if log is not None:
-                log(entry)
-            if checkpoint is not None:
-                checkpoint(
-                    {
-                        "epoch": epoch + 1,
-                        "optimizer": opt.state_dict(),
-                        "scheduler": sched.state_dict() if sched is not None else None,
-                        "history": history,
-                    }
-                )
-    finally:  # never leave the solver in fast (uncertified) or loose mode
-        solver.forward_config.spectral = exact_spectral
-        solver.forward_config.step_policy = own_policy
-        solver.forward_config.tol = full_tol
     return history
 
 

@@ -202,13 +202,10 @@ def solver_agreement(
     """
     cfg = model.solver.forward_config
     preds, conv = {}, {}
-    try:
-        for method in (cfg.method, "dr"):
-            model.solver.forward_config = dataclasses.replace(cfg, method=method)
+    for method in (cfg.method, "dr"):
+        with model.solver.configured(dataclasses.replace(cfg, method=method)):
             preds[method] = model(x, **overrides).argmax(dim=1)
             conv[method] = float(model.solver.last_forward.converged.double().mean())
-    finally:
-        model.solver.forward_config = cfg
     main, dr = preds[cfg.method], preds["dr"]
     return {
         "check_samples": int(x.shape[0]),

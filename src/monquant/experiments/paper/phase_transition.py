@@ -7,8 +7,6 @@ actually does (fraction of converged solves at the iteration cap, iterations, ac
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -32,17 +30,6 @@ def paper_fb_config(m_q: float, L_q: float) -> SolverConfig:
     step = m_q / L_q**2 if m_q > 0 else PAPER_FB["fallback_step"]
     return SolverConfig(method="fb", step=step, tol=PAPER_FB["tol"], max_iter=int(PAPER_FB["max_iter"]),
                         check_every=1)  # fmt: skip
-
-
-@contextmanager
-def solver_settings(model: MonDEQClassifier, config: SolverConfig) -> Iterator[None]:
-    """Temporarily evaluate ``model`` with another forward solver configuration."""
-    saved = model.solver.forward_config
-    model.solver.forward_config = config
-    try:
-        yield
-    finally:
-        model.solver.forward_config = saved
 
 
 def _solve_columns(prefix: str, ev: Any) -> dict[str, Any]:
@@ -94,7 +81,7 @@ def run_phase_transition(
         Wq, meta = quantized_operator(W, b, granularity)  # the W~ certified is the W~ solved
         cert = certify_operator(W, Wq, float_bounds=st, **meta)
         ev = evaluate(model, x, y, batch_size, W=Wq)
-        with solver_settings(model, fb_cfg):
+        with model.solver.configured(fb_cfg):
             fb = evaluate(model, xf, yf, batch_size, W=Wq) if fb_samples > 0 else None
         row = cert.to_dict()
         row.update(
@@ -109,7 +96,7 @@ def run_phase_transition(
         )
         if paper_fb_samples > 0:
             pcfg = paper_fb_config(cert.margin_quantized, cert.L_quantized)
-            with solver_settings(model, pcfg):
+            with model.solver.configured(pcfg):
                 pfb = evaluate(model, xp, yp, batch_size, W=Wq)
             row.update(paper_fb_step=pcfg.step, **_solve_columns("paper_fb", pfb))
         nc = certify(W, b, granularity, step_rule="narrow", float_bounds=st)
