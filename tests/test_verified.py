@@ -272,6 +272,42 @@ def test_all_finite_by_one_reduction_and_its_overflow_fallback() -> None:
     assert not all_finite(t)
 
 
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_non_finite_entries_are_named_by_the_reductions_that_find_them(bad) -> None:
+    """The bounds find a NaN or inf entry through reductions they compute anyway (the rounding
+    error of sym(I - W), ||W - versus||_F, ||M||_F) and name the matrix that holds it."""
+    from monquant.verified import VerificationError, quantized_bounds, sym_part_bounds
+
+    W = torch.eye(4, dtype=torch.float64) * 0.5
+    B = W.clone()
+    B[1, 2] = bad
+    cases = [(lambda: spectral_bounds(B), "W"), (lambda: quantized_bounds(B, W), "W"),
+             (lambda: quantized_bounds(W, B), "versus"), (lambda: norm2_bounds(B), "M"),
+             (lambda: sym_part_bounds(B), "W"), (lambda: margin_bounds(B), "W")]  # fmt: skip
+    for call, name in cases:
+        with pytest.raises(VerificationError, match=f"^{name} has non-finite entries"):
+            call()
+    huge = torch.full((3, 3), 1e308, dtype=torch.float64)  # finite, but ||huge||_F overflows
+    assert norm2_bounds(huge)[0] == math.inf
+
+
+def test_cholesky_lower_bounds_refuse_a_non_finite_factor(monkeypatch) -> None:
+    """A factorization that reports success with a non-finite factor proves nothing."""
+    from monquant import verified as v
+
+    real = torch.linalg.cholesky_ex
+
+    def poisoned(A):
+        R, info = real(A)
+        R[1, -1, -1] = math.inf  # the second matrix's factor, reported as a success
+        return R, info
+
+    A = torch.eye(3, dtype=torch.float64).expand(2, 3, 3).clone()
+    monkeypatch.setattr(v.torch.linalg, "cholesky_ex", poisoned)
+    lo = v.cholesky_lower_bounds(A, [0.5, 0.5])
+    assert lo[0] is not None and lo[0] <= 0.5 and lo[1] is None
+
+
 def test_extreme_eigenvalue_bounds_bracket_every_matrix_of_the_batch(monkeypatch):
     """One batched verification gives, per matrix, a proved bound on the side asked for, tight to
     rounding; a matrix whose first shift fails is verified alone up the ladder."""

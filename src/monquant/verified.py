@@ -116,14 +116,22 @@ def inflate(x: float, k: int) -> float:
     return up(up(x * up(1.0 + 2.0 * gamma(k))) + UNDERFLOW_UNIT * (k + 1))
 
 
-def _check_square(A: torch.Tensor, name: str) -> int:
+def _check_square(A: torch.Tensor, name: str, finite: bool = True) -> int:
+    """``n`` of a square floating-point ``A``; with ``finite``, every entry is checked finite too
+    (a caller passing ``False`` checks it through a reduction it computes anyway, and calls
+    :func:`_check_finite` when that reduction is not finite)."""
     if not isinstance(A, torch.Tensor) or A.dim() != 2 or A.shape[0] != A.shape[1]:
         raise VerificationError(f"{name} must be a square matrix")
     if not A.is_floating_point():
         raise VerificationError(f"{name} must be floating point, got {A.dtype}")
+    if finite:
+        _check_finite(A, name)
+    return int(A.shape[0])
+
+
+def _check_finite(A: torch.Tensor, name: str) -> None:
     if not all_finite(A):
         raise VerificationError(f"{name} has non-finite entries")
-    return int(A.shape[0])
 
 
 def _f64(A: torch.Tensor) -> torch.Tensor:
@@ -157,23 +165,23 @@ def cholesky_lower_bounds(A: torch.Tensor, tau: list[float], *, _owned: bool = F
     diag = Ash.diagonal(dim1=-2, dim2=-1)
     diag.sub_(torch.tensor(tau, dtype=torch.float64, device=A64.device).unsqueeze(-1))
     R, info = torch.linalg.cholesky_ex(Ash)
-    # a finite sum proves a finite factor (a NaN or inf entry would make it non-finite); a sum
-    # that is not finite is looked at entrywise
-    finite = torch.isfinite(R.sum(dim=(-2, -1)))
-    if not bool(finite.all()):
-        finite = torch.isfinite(R).all(dim=-1).all(dim=-1)
-    done = (info == 0) & finite & (diag >= 0).all(dim=-1)
-    # max |a^_ij| as max(max a^_ij, -min a^_ij): two plain reductions (aminmax is slower)
-    amax = torch.maximum(Ash.amax(dim=(-2, -1)), Ash.amin(dim=(-2, -1)).neg())
-    stats = torch.stack([done.to(torch.float64), diag.sum(dim=-1), diag.amax(dim=-1), amax],
+    # one pass of reductions, one transfer: a finite sum of R proves a finite factor (a NaN or
+    # inf entry would make it non-finite; a sum that is not finite is looked at entrywise), and
+    # max |a^_ij| is max(max a^_ij, -min a^_ij) (two plain reductions; aminmax is slower)
+    stats = torch.stack([info.to(torch.float64), R.sum(dim=(-2, -1)), diag.amin(dim=-1), diag.sum(dim=-1),
+                         diag.amax(dim=-1), Ash.amax(dim=(-2, -1)), Ash.amin(dim=(-2, -1)).neg()],
                         dim=-1).tolist()  # fmt: skip
     g = gamma(n + 2)
     ratio = up(g / down(1.0 - g))
     out: list[float | None] = []
-    for t, (ok, tr, dmax, amax) in zip(tau, stats, strict=True):
+    for i, (t, (fail, rsum, dmin, tr, dmax, amax, amin_neg)) in enumerate(zip(tau, stats, strict=True)):
+        ok = fail == 0 and dmin >= 0  # factorized, with a non-negative shifted diagonal
+        if ok and not math.isfinite(rsum):
+            ok = bool(torch.isfinite(R[i]).all())
         if not ok:  # not positive definite at this shift (or a non-finite factor): no bound
             out.append(None)
             continue
+        amax = max(amax, amin_neg)
         chol_err = up(ratio * inflate(tr, n))
         shift_err = up(2.0 * UNIT_ROUNDOFF * dmax)
         uflow = up(UNDERFLOW_UNIT * up(4.0 * n * (n + 2) * up(1.0 + 3.0 * amax)))
@@ -243,11 +251,16 @@ LANCZOS_FROM = {True: 300, False: 1000}
 
 
 def _shift_units(A: torch.Tensor, lam: list[float], largest: list[bool]) -> list[float]:
-    """Per matrix of a batch: the shift unit of :func:`_lmax_base` or :func:`_lmin_base` at its
-    estimate."""
-    lam_t = torch.tensor(lam, dtype=torch.float64, device=A.device)
-    pick = torch.tensor(largest, device=A.device)
-    return torch.where(pick, _lmax_base(A, lam_t), _lmin_base(A, lam_t)).tolist()
+    """Per matrix of a batch: the shift unit of :func:`_lmax_base` (``largest``) or
+    :func:`_lmin_base` at its estimate, the same formulas from one pass of reductions."""
+    n = int(A.shape[-1])
+    centre = torch.tensor([0.0 if big else lm for lm, big in zip(lam, largest, strict=True)],
+                          dtype=torch.float64, device=A.device)  # fmt: skip
+    dev = (A.diagonal(dim1=-2, dim2=-1) - centre.unsqueeze(-1)).abs_().sum(dim=-1)
+    terms = torch.stack([dev, torch.linalg.matrix_norm(A)], dim=-1).tolist()
+    g = gamma(n + 2)
+    return [g * (d + abs(lm)) if big else g * (d + f) + UNDERFLOW_UNIT * n * n
+            for (d, f), lm, big in zip(terms, lam, largest, strict=True)]  # fmt: skip
 
 
 def _estimates(
@@ -393,14 +406,14 @@ def _gram(M: torch.Tensor, extra: float, rounded: bool) -> tuple[torch.Tensor | 
     and ``extra`` with the rounding of ``M`` itself added when ``rounded``."""
     if not isinstance(M, torch.Tensor) or M.dim() != 2 or not M.is_floating_point():
         raise VerificationError("M must be a floating-point matrix")
-    if not all_finite(M):
-        raise VerificationError("M has non-finite entries")
     M64 = _f64(M)
-    F = frobenius_upper_bound(M64)
+    F = frobenius_upper_bound(M64)  # finite only if every entry is: the entrywise test is for the rest
+    if not math.isfinite(F):
+        _check_finite(M64, "M")
     if rounded:
         e_round = up(2.0 * UNIT_ROUNDOFF * F)
         extra = up(float(extra) + e_round) if extra else e_round
-    if not (F > 0 and M64.shape[1] > 0):
+    if not (F > 0 and M64.shape[1] > 0 and F < math.inf):  # 0, no columns, or M^T M overflows
         return None, 0.0, F, float(extra)
     G = M64.T @ M64
     G = torch.add(G, G.T).mul_(0.5)
@@ -427,7 +440,8 @@ def norm2_bounds(
     ``sigma^2 I - fl(M^T M)`` positive definite for ``sigma`` just above the computed largest
     singular value (``computed`` = ``sqrt(lmax(fl(M^T M)))``, an estimate);
     ``||fl(M^T M) - M^T M||_2 <= gamma_{k+1} ||M||_F^2`` (``k`` rows; the symmetrization costs one
-    more rounding). Capped by (and falling back to) the Frobenius bound.
+    more rounding). Capped by (and falling back to) the Frobenius bound, which is also the answer
+    (``inf``, nothing proved) when ``||M||_F^2`` overflows.
     """
     G, gram_err, F, extra = _gram(M, extra, rounded)
     if G is None:
@@ -466,8 +480,11 @@ def sym_part_bounds(W: torch.Tensor, radius: float = 0.0) -> tuple[torch.Tensor,
     spectral norm is at most its largest row sum. ``radius`` is an entrywise bound on
     ``|W_true - W|`` (``0`` when ``W`` holds the operator's exact entries); it adds ``n radius``.
     """
-    n = _check_square(W, "W")
-    W64 = _f64(W)
+    return _sym_part(_f64(W), _check_square(W, "W"), radius)
+
+
+def _sym_part(W64: torch.Tensor, n: int, radius: float) -> tuple[torch.Tensor, float]:
+    """:func:`sym_part_bounds` of a checked float64 ``W``."""
     H = torch.add(W64, W64.T).mul_(0.5)
     S = H.neg()
     S.diagonal().add_(1.0)  # fl(1 - h_ii) on the diagonal, -h_ij (exact) off it: fl(I - H)
@@ -628,9 +645,11 @@ def _joint_bounds(
     """``spectral_bounds`` of ``W`` and, with ``versus``, the bounds of ``||W - versus||``: every
     symmetric matrix involved (``sym(I - W)`` and the Gram matrices of ``I - W``, ``W``,
     ``W - versus``) verified together."""
-    n = _check_square(W, "W")
+    n = _check_square(W, "W", finite=False)
     W64 = _f64(W)
-    S, e = sym_part_bounds(W64, radius)
+    S, e = _sym_part(W64, n, radius)
+    if not math.isfinite(e):  # finite for every finite W (but one whose W + W^T overflows)
+        _check_finite(W64, "W")
     IW = W64.neg()
     IW.diagonal().add_(1.0)  # fl(I - W)
     e_rad = up(n * float(radius)) if radius else 0.0
@@ -640,9 +659,13 @@ def _joint_bounds(
     if versus is not None:
         if tuple(versus.shape) != tuple(W.shape):
             raise VerificationError(f"shapes differ: {tuple(W.shape)} and {tuple(versus.shape)}")
-        _check_square(versus, "versus")
+        _check_square(versus, "versus", finite=False)
         D, extra = _difference(W64, versus, radius)
-        grams.append(_gram(D, extra, True))
+        try:  # a non-finite difference is versus's fault unless W - versus overflowed
+            grams.append(_gram(D, extra, True))
+        except VerificationError:
+            _check_finite(versus, "versus")
+            raise
     mats = [S] + [G for G, *_ in grams if G is not None]
     proved = iter(extreme_eigenvalue_bounds(mats, [False] + [True] * (len(mats) - 1)))
     lo, hi, lam = _margin_from(S, e, next(proved))
