@@ -135,7 +135,10 @@ def _check_finite(A: torch.Tensor, name: str) -> None:
 
 
 def _f64(A: torch.Tensor) -> torch.Tensor:
-    """``A`` in float64 (exact for float16/bfloat16/float32/float64 inputs)."""
+    """``A`` in float64 (exact for float16/bfloat16/float32/float64 inputs); ``A`` itself when it
+    is a float64 tensor outside autograd (``detach`` would only make an alias of it)."""
+    if A.dtype == torch.float64 and not A.requires_grad:
+        return A
     return A.detach().to(torch.float64)
 
 
