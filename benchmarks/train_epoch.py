@@ -10,7 +10,9 @@ Where an epoch goes: the forward and backward (adjoint) solves are timed (their 
 apart from their setup: resolvent, spectral constants), and the time of one iteration is set against
 the time of its one matrix product, measured alone in the same run (``128 x n @ n x n``): the
 ratio is the per-iteration overhead (dispatch, the residual test, allocations) that no arithmetic
-needs. The rest of the epoch is the injection, the head, autograd and the optimizer.
+needs. The rest of the epoch is the injection, the head, autograd and the optimizer. The summary
+also times the gathering of one shuffled batch of pixel codes, by indexing and by ``index_select``
+(the training loop's :func:`monquant.data.take_rows`).
 
     MONQUANT_DATA=... python benchmarks/train_epoch.py [--epochs 15] [--threads N] [--anderson M]
         [--check-every K] [--train-tol-start T] [--device cuda]
@@ -20,7 +22,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import resource
+import statistics
 import time
 from collections.abc import Iterator
 
@@ -97,6 +101,22 @@ def matmul_seconds(batch: int = 128, n: int = 100, repeats: int = 2000) -> float
     for _ in range(repeats):
         torch.addmm(c, s, K)
     return (time.perf_counter() - t0) / repeats
+
+
+def gather_seconds(codes: torch.Tensor, batch: int = 128, repeats: int = 500) -> tuple[float, float]:
+    """Median seconds to gather one shuffled batch of pixel-code rows: ``codes[idx]`` (advanced
+    indexing) and ``index_select`` (what :func:`monquant.data.take_rows` does)."""
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for take in (lambda i: codes[i], lambda i: codes.index_select(0, i)):
+        times = []
+        for _ in range(repeats):
+            idx = torch.randperm(codes.shape[0], generator=g)[:batch]
+            t0 = time.perf_counter()
+            take(idx)
+            times.append(time.perf_counter() - t0)
+        out.append(statistics.median(times))
+    return out[0], out[1]
 
 
 def breakdown_rows(clock: SolveClock, train_seconds: float, mm: float) -> list[list[object]]:
@@ -189,6 +209,8 @@ def main() -> None:
         )
 
     mm = matmul_seconds()
+    codes = getattr(data.x_train, "codes", None)
+    gather = gather_seconds(codes) if codes is not None else (math.nan, math.nan)
     clock = SolveClock()
     t0 = time.perf_counter()
     with clock.installed():
@@ -243,6 +265,8 @@ def main() -> None:
         "forward_us_per_iteration": 1e6 * clock.t["forward_loop"] / max(clock.iterations["forward"], 1),
         "backward_us_per_iteration": 1e6 * clock.t["backward_loop"] / max(clock.iterations["backward"], 1),
         "matmul_us": 1e6 * mm,
+        "batch_gather_us_indexing": 1e6 * gather[0],
+        "batch_gather_us_index_select": 1e6 * gather[1],
     }
     print(text_table(["metric", "value"], [[k, v] for k, v in summary.items()]))
     print(

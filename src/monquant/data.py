@@ -163,9 +163,9 @@ class ImageSet:
 
 def take_rows(x: ImageSet | torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """The rows ``idx`` (a 1-D tensor of non-negative row numbers) of a tensor or an
-    :class:`ImageSet`, as ``x[idx]`` gives them, by ``index_select``: CPU advanced indexing of
-    whole rows is an order of magnitude slower (a 128-image batch of MNIST's pixel codes: 93 us
-    against 6 us, one thread)."""
+    :class:`ImageSet`, as ``x[idx]`` gives them, by ``index_select``: on a CPU, advanced
+    indexing of whole rows is an order of magnitude slower (``benchmarks/train_epoch.py``
+    prints both for a batch of MNIST's pixel codes)."""
     if isinstance(x, ImageSet):
         return x.rows(idx)
     return x.index_select(0, idx)
