@@ -188,3 +188,24 @@ def test_resume_skips_finished_stages(quick_run, mnist_dir, capsys):
     report = (quick_run / "report.md").read_text()
     assert "Stages reused from an earlier invocation: float" in report
     assert res["wall_seconds_this_invocation"] < res["stage_seconds_sum"]
+
+
+@pytest.mark.parametrize("executor", ["serial", "process"])
+def test_trainings_start_longest_first_on_a_pool(executor, monkeypatch, tmp_path):
+    """Serially the float model trains first; on a pool the QAT trainings start first, fewest bits
+    first (they take longest), so that the last training to finish is a short one."""
+    from monquant.experiments.paper import reproduce as rp
+    from monquant.experiments.stages import StageRunner
+
+    seen: list[str] = []
+    def record(runner, spec, tasks, data):
+        seen.extend(t.name for t in tasks)
+        return {}
+
+    monkeypatch.setattr("monquant.experiments.stages.run_task_stages", record)
+    cfg = rp.ReproduceConfig(out=tmp_path, qat_bits=(8, 4, 6), extra_seeds=(43, 44), executor=executor)
+    rp._independent_trainings(cfg, None, tmp_path, StageRunner(tmp_path, False, None), None)
+    if executor == "serial":
+        assert seen == ["float", "qat_8", "qat_4", "qat_6", "float_seed_43", "float_seed_44"]
+    else:
+        assert seen == ["qat_4", "qat_6", "qat_8", "float", "float_seed_43", "float_seed_44"]

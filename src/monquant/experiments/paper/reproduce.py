@@ -179,8 +179,9 @@ def _independent_trainings(cfg: ReproduceConfig, data: MNIST, out: Path, runner:
                            echo: Callable[[str], None] | None) -> dict[str, Any]:  # fmt: skip
     """Every training: the float model (unless a checkpoint is given), the QAT trainings and the
     extra seeds' float trainings. They are independent (QAT trains from scratch), so they run as
-    tasks on the configured executor (stages ``float``, ``qat_<b>`` and ``float_seed_<s>``), the
-    float model first. A failed one stops the reproduction with its error (the others are saved;
+    tasks on the configured executor (stages ``float``, ``qat_<b>`` and ``float_seed_<s>``):
+    serially the float model first, on a pool the QAT trainings first (the fewest bits first: they
+    take longest). A failed one stops the reproduction with its error (the others are saved;
     ``--resume`` retries)."""
     from dataclasses import replace
 
@@ -195,6 +196,9 @@ def _independent_trainings(cfg: ReproduceConfig, data: MNIST, out: Path, runner:
         tasks += [Task(f"float_seed_{s}", _train_task,
                        (replace(cfg, seed=s), out / f"float-seed{s}", None, echo if serial else None))
                   for s in cfg.extra_seeds]  # fmt: skip
+    if not serial:  # on a pool the longest start first, so that the last to finish is a short one:
+        # QAT (its quantized operators have the smaller margins; the fewest bits, the most iterations)
+        tasks.sort(key=lambda t: (not t.name.startswith("qat_"), t.args[2] or 0))
     spec = ExecutorSpec(cfg.executor, cfg.workers, cfg.address, cfg.worker_threads)
     return run_task_stages(runner, spec, tasks, data)
 
