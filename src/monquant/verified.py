@@ -231,21 +231,6 @@ def shifted_lmax_upper(G: torch.Tensor, lam: float, base: float) -> float | None
     return None
 
 
-def _lmin_base(A64: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
-    """The shift unit below an estimate ``lam`` of ``lmin`` (batched): ``gamma_{n+2}`` times
-    ``sum |a_ii - lam| + ||A||_F``, plus an underflow term; it only sizes the shift."""
-    n = int(A64.shape[-1])
-    scale = (A64.diagonal(dim1=-2, dim2=-1) - lam.unsqueeze(-1)).abs().sum(dim=-1)
-    return gamma(n + 2) * (scale + torch.linalg.matrix_norm(A64)) + UNDERFLOW_UNIT * n * n
-
-
-def _lmax_base(G64: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
-    """The shift unit above an estimate ``lam`` of ``lmax`` (batched): ``gamma_{n+2}`` times
-    ``sum |g_ii| + |lam|``; it only sizes the shift."""
-    n = int(G64.shape[-1])
-    return gamma(n + 2) * (G64.diagonal(dim1=-2, dim2=-1).abs().sum(dim=-1) + lam.abs())
-
-
 #: Matrix sizes from which :func:`extreme_eigenvalue_bounds` estimates ``lmax`` (key ``True``)
 #: or ``lmin`` (``False``) by the Lanczos process instead of a full ``eigvalsh`` (one thread,
 #: ``benchmarks/certify_speed.py``: Gram matrices' top ends settle in a few dozen steps, the
@@ -254,8 +239,10 @@ LANCZOS_FROM = {True: 300, False: 1000}
 
 
 def _shift_units(A: torch.Tensor, lam: list[float], largest: list[bool]) -> list[float]:
-    """Per matrix of a batch: the shift unit of :func:`_lmax_base` (``largest``) or
-    :func:`_lmin_base` at its estimate, the same formulas from one pass of reductions."""
+    """Per matrix of a batch: the unit of the shifts placed around its estimate ``lam``; it only
+    sizes the shifts, never a bound. Above an estimate of ``lmax`` (``largest``): ``gamma_{n+2}``
+    times ``sum |a_ii| + |lam|``; below one of ``lmin``: ``gamma_{n+2}`` times
+    ``sum |a_ii - lam| + ||A||_F``, plus an underflow term."""
     n = int(A.shape[-1])
     centre = torch.tensor([0.0 if big else lm for lm, big in zip(lam, largest, strict=True)],
                           dtype=torch.float64, device=A.device)  # fmt: skip
@@ -281,7 +268,7 @@ def _estimates(
         if not rows or not lanczos_ok or n < LANCZOS_FROM[big]:
             continue
         sub = A[rows[0] : rows[-1] + 1] if rows == list(range(rows[0], rows[-1] + 1)) else A[rows]
-        # tolerances at most the shift units of _lmax_base / _lmin_base, whatever the estimate
+        # tolerances at most the shift units of _shift_units, whatever the estimate
         unit = sub.diagonal(dim1=-2, dim2=-1).abs().sum(dim=-1) if big else torch.linalg.matrix_norm(sub)
         est, ok = lanczos_extremes(sub, [big] * len(rows), (gamma(n + 2) * unit).tolist())
         for i, e, settled in zip(rows, est, ok, strict=True):
@@ -348,8 +335,8 @@ def lmin_lower_bound(A: torch.Tensor, extra: float = 0.0, estimate: float | None
     if estimate is None:
         lb = extreme_eigenvalue_bounds([A64], [False])[0][0]
     else:
-        lam = torch.tensor(float(estimate), dtype=torch.float64, device=A64.device)
-        lb = shifted_lmin_lower(A64, float(estimate), float(_lmin_base(A64, lam)))
+        lam = float(estimate)
+        lb = shifted_lmin_lower(A64, lam, _shift_units(A64[None], [lam], [False])[0])
     return down(lb - up(extra)) if lb is not None else -math.inf
 
 
@@ -487,7 +474,8 @@ def sym_part_bounds(W: torch.Tensor, radius: float = 0.0) -> tuple[torch.Tensor,
 
 
 def _sym_part(W64: torch.Tensor, n: int, radius: float) -> tuple[torch.Tensor, float]:
-    """:func:`sym_part_bounds` of a checked float64 ``W``."""
+    """:func:`sym_part_bounds` of a float64 ``W`` checked square; a non-finite entry shows as a
+    non-finite ``e``."""
     H = torch.add(W64, W64.T).mul_(0.5)
     S = H.neg()
     S.diagonal().add_(1.0)  # fl(1 - h_ii) on the diagonal, -h_ij (exact) off it: fl(I - H)

@@ -198,7 +198,8 @@ def _independent_trainings(cfg: ReproduceConfig, data: MNIST, out: Path, runner:
                   for s in cfg.extra_seeds]  # fmt: skip
     if not serial:  # on a pool the longest start first, so that the last to finish is a short one:
         # QAT (its quantized operators have the smaller margins; the fewest bits, the most iterations)
-        tasks.sort(key=lambda t: (not t.name.startswith("qat_"), t.args[2] or 0))
+        qat = {f"qat_{b}": b for b in cfg.qat_bits}
+        tasks.sort(key=lambda t: (t.name not in qat, qat.get(t.name, 0)))
     spec = ExecutorSpec(cfg.executor, cfg.workers, cfg.address, cfg.worker_threads)
     return run_task_stages(runner, spec, tasks, data)
 
