@@ -363,7 +363,7 @@ def certify(
     if bits is None:
         raise OperatorError("certify needs bits or an explicit W_tilde")
     Wt, meta = quantized_operator(W, bits, granularity, step_rule)
-    return _certify_pair(W, Wt, float_bounds=float_bounds, **meta)  # W~ = Q_b(W): finite, same shape
+    return certify_operator(W, Wt, float_bounds=float_bounds, _checked=True, **meta)  # W~ = Q_b(W)
 
 
 def _as_matrix(W: torch.Tensor | MonotoneOperator, name: str) -> torch.Tensor:
@@ -406,6 +406,7 @@ def certify_operator(
     a_priori: float | None = None,
     float_bounds: SpectralBounds | None = None,
     step_rule: str | None = None,
+    _checked: bool = False,
 ) -> Certificate:
     """The certificate of the pair ``(W, W~)``: float operator and the quantized one it deploys.
 
@@ -415,29 +416,12 @@ def certify_operator(
     of :mod:`monquant.verified` only; a ``W`` that is not provably monotone
     (``margin_lower <= 0``) gets the a-priori and Weyl tiers false.
     """
-    W = _as_matrix(W, "W")
-    W_tilde = _as_matrix(W_tilde, "W_tilde")
-    if W_tilde.shape != W.shape:
-        raise OperatorError(f"W_tilde shape {tuple(W_tilde.shape)} != W shape {tuple(W.shape)}")
-    return _certify_pair(W, W_tilde, radius=radius, bits=bits, granularity=granularity, step=step,
-                         w_max=w_max, a_priori=a_priori, float_bounds=float_bounds,
-                         step_rule=step_rule)  # fmt: skip
-
-
-def _certify_pair(
-    W: torch.Tensor,
-    W_tilde: torch.Tensor,
-    *,
-    radius: float = 0.0,
-    bits: int | None = None,
-    granularity: str = "explicit",
-    step: float | None = None,
-    w_max: float | None = None,
-    a_priori: float | None = None,
-    float_bounds: SpectralBounds | None = None,
-    step_rule: str | None = None,
-) -> Certificate:
-    """:func:`certify_operator` of two checked matrices of one shape."""
+    if not _checked:  # (``_checked``: both are matrices of one shape, checked by the caller)
+        W = _as_matrix(W, "W")
+        W_tilde = _as_matrix(W_tilde, "W_tilde")
+        if W_tilde.shape != W.shape:
+            raise OperatorError(f"W_tilde shape {tuple(W_tilde.shape)} != W shape {tuple(W.shape)}")
+    assert isinstance(W, torch.Tensor) and isinstance(W_tilde, torch.Tensor)
     W64 = W.detach().to(torch.float64)
     Wt = W_tilde.detach().to(torch.float64)
     n = W.shape[0]
