@@ -507,3 +507,42 @@ def test_step_estimates_of_a_convolution_continue_its_power_iterations():
         assert exact.m - 1e-9 <= st.m <= exact.m + 0.5 * (exact.L - exact.m)
     W = random_monotone_W(8, 0.3, seed=1)
     assert est(W).L == pytest.approx(estimate_lipschitz(W), rel=1e-12)
+
+
+def test_reflected_prox_is_prs_reflection_bit_for_bit() -> None:
+    """``R_G(v) = 2 prox(v) - v`` in one operation equals PR's ``lerp(v, prox(v), 2)`` exactly."""
+    from monquant.solvers import mask_prox, reflected_prox
+
+    g = torch.Generator().manual_seed(3)
+    for dtype in (torch.float32, torch.float64):
+        scale = 10.0 ** torch.randint(-30, 30, (64, 1), generator=g)
+        v = torch.randn(64, 9, generator=g, dtype=dtype) * scale.to(dtype)
+        v[0, :3] = torch.tensor([0.0, -0.0, 1e-45 if dtype == torch.float32 else 5e-324])
+        for prox in (torch.relu, mask_prox(torch.rand(64, 9, generator=g) > 0.5)):
+            reflect = reflected_prox(prox)
+            assert reflect is not None and torch.equal(reflect(v), torch.lerp(v, prox(v), 2.0))
+    assert reflected_prox(lambda v: torch.clamp(v, 0.0, 1.0)) is None  # unknown: the plain loop
+
+
+@pytest.mark.parametrize("check_every", ["auto", 1, 4])
+@pytest.mark.parametrize("masked", [False, True])
+def test_pr_with_a_known_reflection_solves_exactly_as_the_plain_loop(check_every, masked) -> None:
+    """The dense PR loop that forms z only where a check reads it gives every field of the plain
+    loop's result, bit for bit (the same prox behind a wrapper takes the plain loop)."""
+    from monquant.operators import wk_weight
+    from monquant.solvers import SplittingMap, mask_prox
+
+    g = torch.Generator().manual_seed(4)
+    n = 30
+    W = wk_weight(torch.randn(n // 2, n, generator=g) / n**0.5, torch.randn(n, n, generator=g) / n**0.5, 0.05)
+    q = torch.randn(16, n, generator=g)
+    prox = mask_prox(torch.rand(16, n, generator=g) > 0.3) if masked else torch.relu
+    assert SplittingMap("pr", W, q, 0.5, prox).reflected is not None  # the one-operation loop
+    assert SplittingMap("pr", W, q, 0.5, lambda v: prox(v)).reflected is None  # the plain loop
+    for cap in (1, 2, 7, 500):
+        cfg = SolverConfig(method="pr", tol=1e-6, max_iter=cap, check_every=check_every)
+        fast = solve(W, q, cfg, prox=prox)
+        plain = solve(W, q, cfg, prox=lambda v: prox(v))
+        assert fast.iterations == plain.iterations
+        for f in ("z", "sample_iterations", "residual", "converged", "error_bound", "state"):
+            assert torch.equal(getattr(fast, f), getattr(plain, f)), f

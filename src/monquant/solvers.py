@@ -267,16 +267,41 @@ def mask_prox(mask: torch.Tensor) -> Prox:
 
     This is the activation of the adjoint (backward) problem: ``D`` is the relu's Clarke Jacobian
     at the equilibrium. It is a projection, hence the resolvent of a maximal monotone operator.
+    Its reflection ``2 mask v - v`` is ``reflect`` (:func:`reflected_prox`).
     """
-    cache: dict[torch.dtype, torch.Tensor] = {}
+    return _MaskProjection(mask)
 
-    def project(v: torch.Tensor) -> torch.Tensor:
-        m = cache.get(v.dtype)
-        if m is None:
-            m = cache[v.dtype] = mask.to(v.dtype)
-        return v * m
 
-    return project
+class _MaskProjection:
+    """``v -> mask * v`` and its reflection ``v -> (2 mask - 1) * v``, one product each; the
+    factors are cast once per dtype."""
+
+    def __init__(self, mask: torch.Tensor) -> None:
+        self.mask = mask
+        self._factors: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _of(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        f = self._factors.get(dtype)
+        if f is None:
+            m = self.mask.to(dtype)
+            f = self._factors[dtype] = (m, m.mul(2.0).sub_(1.0))
+        return f
+
+    def __call__(self, v: torch.Tensor) -> torch.Tensor:
+        return v * self._of(v.dtype)[0]
+
+    def reflect(self, v: torch.Tensor) -> torch.Tensor:
+        return v * self._of(v.dtype)[1]
+
+
+def reflected_prox(prox: Prox) -> Prox | None:
+    """``R_G = 2 prox - I`` in one operation where one is known, else ``None``: ``|v|`` for the
+    relu, ``(2 mask - 1) v`` for a mask projection (:func:`mask_prox`). Each equals PR's
+    ``lerp(v, prox(v), 2)`` for every finite ``v``, bit for bit: the kept entries come back as
+    ``v`` and the zeroed ones as ``-v``, both exact."""
+    if prox is torch.relu:
+        return torch.abs
+    return getattr(prox, "reflect", None)
 
 
 def default_step(method: str, m: float, L: float) -> float:
@@ -378,6 +403,7 @@ class SplittingMap:
         op = as_operator(W)
         self.method, self.prox = method, prox
         self.ok = True
+        self.reflected: Prox | None = None  # PR on a dense operator: R_G in one operation
         self.affine_start = True  # start(s) is affine in s (Anderson mixes it with the points)
         if method == "fb":
             self.map: LinearMap = op.fb_map(a)
@@ -399,6 +425,8 @@ class SplittingMap:
             R = resolvent.K.mul(2.0)
             R.diagonal().sub_(1.0)
             self._K, self.c = R, self.c.mul_(2.0)
+            if method == "pr":
+                self.reflected = reflected_prox(prox)
 
     @property
     def K(self) -> torch.Tensor:
@@ -842,6 +870,10 @@ def _iterate(it: SplittingMap, s: torch.Tensor, q: torch.Tensor, cfg: SolverConf
     aux = _first(it, s, cold)
     z, y = it.read(s, aux)
     s_prev = s
+    # PR on a dense operator with a known reflection: u+ = R_G(y) in one operation, and z = prox(y)
+    # only where a check reads it (z_prev too, unless the iteration before was checked)
+    lazy = getattr(it, "reflected", None)
+    zk = 0  # the iteration of the z held
     # each check's verdicts, one row per check (a copy per check; summed once at the end); the
     # table doubles when full, so its size follows the checks made, not the iteration cap
     seen = torch.empty((min(64, cfg.max_iter // every + 1), B), dtype=torch.bool, device=q.device)
@@ -857,11 +889,19 @@ def _iterate(it: SplittingMap, s: torch.Tensor, q: torch.Tensor, cfg: SolverConf
     due = every
     while k < cfg.max_iter:
         k += 1
-        s_prev, z_prev = s, z
-        s, aux = it.advance(s, aux, z, y)
-        z, y = it.read(s, aux)
-        if k < due and k < cfg.max_iter:
-            continue
+        if lazy is not None:
+            s_prev, s, y_prev = s, lazy(y), y
+            y = it._reflect(s)
+            if k < due and k < cfg.max_iter:
+                continue
+            z_prev = z if zk == k - 1 else it.prox(y_prev)
+            z, zk = it.prox(y), k
+        else:
+            s_prev, z_prev = s, z
+            s, aux = it.advance(s, aux, z, y)
+            z, y = it.read(s, aux)
+            if k < due and k < cfg.max_iter:
+                continue
         checks += 1
         if checked is not None:
             checked.append(k)
