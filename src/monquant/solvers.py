@@ -37,8 +37,8 @@ that ratio, decaying as it did between the two checks, would reach 1: after
 ``ceil(log r / log(r' / r) * gap)`` iterations, from 1 to :data:`AUTO_CHECK_MAX_GAP` (1 when ``r``
 did not fall). A test is never skipped at ``max_iter``, and the verdict is the same test, so a
 solve never stops short of the tolerance; it may run past the iteration that first met it (a
-smaller residual). An unchecked iteration is three tensor operations for dense PR; a check, seven
-more and a synchronization.
+smaller residual). An unchecked iteration is two tensor operations for dense PR with the relu (or
+the adjoint's mask), three otherwise; a check, about seven more and a synchronization.
 
 A-posteriori bound (for a certified contraction of the iterated variable ``s`` — ``z`` for FB, ``u``
 for PR/DR — and because ``J_F`` is non-expansive): ``||z_k - z*|| <= rho / (1 - rho) ||s_k - s_{k-1}||``.
@@ -819,11 +819,14 @@ def _finished(
 
 
 def _final(
-    ok: torch.Tensor, diverged: torch.Tensor, s: torch.Tensor, dz2: torch.Tensor, limit2: float
+    ok: torch.Tensor, diverged: torch.Tensor, s: torch.Tensor, dz2: torch.Tensor, limit2: float,
+    tested: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The end of a loop: a non-finite residual or iterate is divergence, never convergence."""
+    """The end of a loop: a non-finite residual or iterate is divergence, never convergence.
+    ``tested``: the loop's last check already tested this ``s`` (its verdicts are in
+    ``diverged``)."""
     bad = ~(dz2 <= torch.finfo(dz2.dtype).max)  # non-finite (a squared norm is never negative)
-    return ok & ~bad, diverged | _diverging(s, limit2) | bad
+    return ok & ~bad, (diverged if tested else diverged | _diverging(s, limit2)) | bad
 
 
 def _first(it: SplittingMap, s: torch.Tensor, cold: bool) -> torch.Tensor | None:
@@ -888,6 +891,7 @@ def _iterate(it: SplittingMap, s: torch.Tensor, q: torch.Tensor, cfg: SolverConf
     previous: tuple[int, float] | None = None
     k = checks = 0
     due = every
+    tested = -1  # the last iteration whose iterate was tested for divergence
     while k < cfg.max_iter:
         k += 1
         if lazy is not None:
@@ -918,7 +922,7 @@ def _iterate(it: SplittingMap, s: torch.Tensor, q: torch.Tensor, cfg: SolverConf
             seen = torch.cat([seen, torch.empty_like(seen)])
         seen[checks - 1].copy_(ok)
         if auto:  # one synchronization: the worst running sample's ratio (0 when none runs)
-            diverged = diverged | _diverging(s, limit2)
+            diverged, tested = diverged | _diverging(s, limit2), k
             worst = float(dz2.div(bound.clamp_min_(tiny)).masked_fill_(ok | diverged, 0.0).max())
             if worst == 0.0:
                 break
@@ -926,13 +930,15 @@ def _iterate(it: SplittingMap, s: torch.Tensor, q: torch.Tensor, cfg: SolverConf
             previous = (k, worst)
             continue
         due = k + every
-        done, diverged = _finished(ok, diverged, s, limit2, checks % 16 == 0 or k == cfg.max_iter)
+        full = checks % 16 == 0 or k == cfg.max_iter
+        done, diverged = _finished(ok, diverged, s, limit2, full)
+        tested = k if full else tested
         if done:
             break
     if fused and checks:  # the residual terms of the last check, for the result
         dz2 = torch.linalg.vector_norm(z - z_prev, dim=1).square_()
         zn = torch.linalg.vector_norm(z, dim=1)
-    ok, diverged = _final(ok, diverged, s, dz2, limit2)
+    ok, diverged = _final(ok, diverged, s, dz2, limit2, tested == k)
     passed = seen[:checks].sum(dim=0)
     return s, s_prev, z, k, checks - passed, checked, dz2, zn.square(), ok, diverged
 
