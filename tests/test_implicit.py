@@ -152,3 +152,35 @@ def test_configured_solves_with_the_given_settings_and_restores_its_own():
     with pytest.raises(RuntimeError), solver.configured(SolverConfig(method="dr")):
         raise RuntimeError("a failure inside the block")
     assert solver.forward_config is own
+
+
+def test_training_solves_start_their_checks_where_the_previous_solve_of_their_side_stopped():
+    """Under ``spectral="estimate"`` each forward (adjoint) solve makes its first check at nine
+    tenths of the previous forward (adjoint) solve's iterations; exact solves and a solver after
+    ``reset`` start cold."""
+    import monquant.implicit as implicit
+
+    W = random_monotone_W(20, 0.1, seed=3).float().requires_grad_(True)
+    g = torch.Generator().manual_seed(0)
+    calls: list[tuple[bool, int | None, int]] = []
+
+    def spy(*a, **kw):
+        r = solve(*a, **kw)
+        calls.append(("prox" in kw, kw.get("first_check"), r.iterations))
+        return r
+
+    for spectral in ("estimate", "exact"):
+        solver = EquilibriumSolver(SolverConfig(tol=1e-6, spectral=spectral))
+        calls.clear()
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(implicit, "solve", spy)
+            for step in range(3):
+                if step == 2:
+                    solver.reset()
+                q = torch.randn(8, 20, generator=g).requires_grad_(True)
+                solver(W, q).sum().backward()
+        assert len(calls) == 6
+        for adjoint in (False, True):
+            side = [c for c in calls if c[0] == adjoint]
+            expected = [None, max(9 * side[0][2] // 10, 1), None] if spectral == "estimate" else [None] * 3
+            assert [c[1] for c in side] == expected

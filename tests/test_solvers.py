@@ -1,5 +1,6 @@
 import math
 import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -455,6 +456,43 @@ def test_scheduled_checks_report_the_cap_and_divergence():
     r = solve(W, bad, SolverConfig(tol=1e-9, check_every="auto"))
     assert r.diverged.tolist() == [False, False, True, False]
     assert r.converged.tolist() == [True, True, False, True]
+
+
+@pytest.mark.parametrize("method", ["fb", "pr", "dr"])
+def test_a_first_check_moves_the_schedule_and_keeps_the_verdicts(method):
+    """``first_check=h`` puts the first scheduled check at ``h`` (clamped to ``1..max_iter``):
+    every sample's iteration is a checked one at or after it, the verdict is the same test (every
+    sample within tol), a first check past the iterations needed stops the solve right there,
+    and a fixed ``check_every`` ignores it."""
+    W = random_monotone_W(30, 0.2, seed=11)
+    q = _q(30, batch=16, seed=4)
+    cfg = SolverConfig(method=method, tol=1e-7, max_iter=20_000, check_every="auto")
+    cold = solve(W, q, cfg)
+    k = cold.iterations
+    for h in (1, max(k // 2, 1), k - 2, k + 5):
+        r = solve(W, q, cfg, first_check=h)
+        assert r.all_converged and float(r.residual.max()) <= 1e-7
+        assert int(r.sample_iterations.min()) >= h and r.iterations >= h
+    at_once = solve(W, q, cfg, first_check=k + 5)
+    assert at_once.iterations == k + 5 and at_once.checks == 1  # it passes at once
+    assert cold.checks >= 3  # iterations 1, 3, then at least the one that passed
+    assert solve(W, q, cfg, first_check=0).iterations == cold.iterations  # clamped to 1: cold
+    capped = solve(W, q, replace(cfg, max_iter=5), first_check=50)
+    assert capped.iterations == 5 and capped.n_unconverged == 16  # never past the cap, reported
+    fixed = replace(cfg, check_every=3)
+    r = solve(W, q, fixed, first_check=k + 5)
+    assert torch.equal(r.z, solve(W, q, fixed).z) and r.checks == math.ceil(r.iterations / 3)
+
+
+def test_scheduled_checks_flag_exploding_iterates():
+    """Every scheduled check tests for divergence: an iterate growing by 1.5x per iteration
+    (its residual ratio settles, it does not rise) passes the limit 1e8 (1 + max|q|) within
+    about 50 iterations, and the solve stops soon after with every sample diverged."""
+    W = 1.5 * torch.eye(10, dtype=torch.float64)  # not monotone: z <- relu(1.5 z + q) explodes
+    q = _q(10, batch=3, seed=1).abs()
+    r = solve(W, q, SolverConfig(method="fb", step=1.0, max_iter=5000, check_every="auto"),
+              stats=spectral_stats(W))  # fmt: skip
+    assert r.diverged.all() and not r.converged.any() and r.iterations < 70
 
 
 def test_step_estimates_follow_a_changing_operator_and_restart_cold():

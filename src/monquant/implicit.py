@@ -26,7 +26,15 @@ from typing import Literal
 import torch
 
 from monquant.operators import DenseOperator, MonotoneOperator, as_operator
-from monquant.solvers import SolverConfig, SolverResult, StepEstimates, get_solver, mask_prox, solve
+from monquant.solvers import (
+    SolverConfig,
+    SolverResult,
+    StepEstimates,
+    first_check_after,
+    get_solver,
+    mask_prox,
+    solve,
+)
 
 __all__ = ["BackwardMode", "EquilibriumSolver", "SolveCounters", "direct_adjoint"]
 
@@ -94,8 +102,13 @@ class EquilibriumSolver:
     ``last_backward`` keep the latest :class:`SolverResult`; ``counters`` accumulates totals so that
     unconverged solves are counted and reported, never hidden. Under ``spectral="estimate"`` the
     forward solves take their ``m`` and ``L`` from ``estimates``, which follows
-    the weights from one solve to the next (:class:`~monquant.solvers.StepEstimates`; the training
-    loop resets it at each epoch).
+    the weights from one solve to the next (:class:`~monquant.solvers.StepEstimates`), and, under
+    ``check_every="auto"``, each forward (adjoint) solve makes its first residual check at nine
+    tenths of the iterations of the previous forward (adjoint) solve (``first_check`` of
+    :func:`~monquant.solvers.solve`): consecutive training batches need about as many
+    iterations, so the probes at iterations 1 and 3 are spared. Only the schedule moves: every
+    verdict is still the full test at a checked iteration. :meth:`reset` forgets both (the
+    training loop resets at each epoch).
     """
 
     forward_config: SolverConfig = field(default_factory=SolverConfig)
@@ -105,6 +118,8 @@ class EquilibriumSolver:
     last_forward: SolverResult | None = None
     last_backward: SolverResult | None = None
     estimates: StepEstimates = field(default_factory=StepEstimates, repr=False, compare=False)
+    #: under ``spectral="estimate"``: the iterations of the last forward / adjoint solve
+    last_iterations: dict[str, int] = field(default_factory=dict, repr=False, compare=False)
 
     def __call__(self, W: torch.Tensor | MonotoneOperator, q: torch.Tensor) -> torch.Tensor:
         """Equilibrium ``z*`` of ``z = relu(W z + q)``, differentiable in ``W`` (a matrix or any
@@ -133,14 +148,33 @@ class EquilibriumSolver:
         finally:
             self.forward_config = saved
 
+    def reset(self) -> None:
+        """Forget what follows the weights from solve to solve (:attr:`estimates`,
+        :attr:`last_iterations`): the next solve starts cold, so a resumed run repeats an epoch
+        exactly."""
+        self.estimates.reset()
+        self.last_iterations.clear()
+
+    def _first_check(self, side: str, cfg: SolverConfig) -> int | None:
+        """The first check of a ``side`` solve (``"forward"`` or ``"adjoint"``) under ``cfg``:
+        nine tenths of the previous such solve's iterations, under ``spectral="estimate"``."""
+        k = self.last_iterations.get(side) if cfg.spectral == "estimate" else None
+        return None if k is None else first_check_after(k)
+
+    def _stopped(self, side: str, cfg: SolverConfig, result: SolverResult) -> None:
+        if cfg.spectral == "estimate":
+            self.last_iterations[side] = result.iterations
+
     def _solve_forward(self, W: torch.Tensor | MonotoneOperator, q: torch.Tensor) -> SolverResult:
         """The forward solve; under ``spectral="estimate"`` its constants come from
-        :attr:`estimates` (PR, DR)."""
+        :attr:`estimates` (PR, DR) and its first check from :attr:`last_iterations`."""
         cfg = self.forward_config
         stats = None
         if cfg.spectral == "estimate" and get_solver(cfg.method).uses_resolvent:
             stats = self.estimates(W.detach().to(dtype=q.dtype, device=q.device))
-        return solve(W, q, cfg, stats=stats)
+        result = solve(W, q, cfg, stats=stats, first_check=self._first_check("forward", cfg))
+        self._stopped("forward", cfg, result)
+        return result
 
     def _record_forward(self, result: SolverResult) -> None:
         self.last_forward = result
@@ -179,7 +213,9 @@ class EquilibriumSolver:
             prox=mask_prox(active),
             stats=stats,
             resolvent=None if K is None else K.T,
+            first_check=self._first_check("adjoint", bcfg),
         )
+        self._stopped("adjoint", bcfg, result)
         self.last_backward = result
         self.counters.add_backward(result)
         return result.z

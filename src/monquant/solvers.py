@@ -35,10 +35,14 @@ scheduled iterations: the first two checks are at iterations 1 and 3; after each
 test passes at ``r <= 1``) and ``r'`` its value at the check before, the next check comes when
 that ratio, decaying as it did between the two checks, would reach 1: after
 ``ceil(log r / log(r' / r) * gap)`` iterations, from 1 to :data:`AUTO_CHECK_MAX_GAP` (1 when ``r``
-did not fall). A test is never skipped at ``max_iter``, and the verdict is the same test, so a
-solve never stops short of the tolerance; it may run past the iteration that first met it (a
-smaller residual). An unchecked iteration is two tensor operations for dense PR with the relu (or
-the adjoint's mask), three otherwise; a check, about seven more and a synchronization.
+did not fall). ``solve(..., first_check=h)`` moves the first check to iteration ``h`` (a hint from
+a solve of a similar problem: the training solves take nine tenths of the previous batch's
+iterations, :class:`~monquant.implicit.EquilibriumSolver`) and the second to ``max(h // 8, 1)``
+iterations after it; the schedule goes on as above. A test is never skipped at ``max_iter``, and
+the verdict is the same test, so a solve never stops short of the tolerance; it may run past the
+iteration that first met it (a smaller residual). An unchecked iteration is two tensor
+operations for dense PR with the relu (or the adjoint's mask), three otherwise; a check, about
+seven more and a synchronization.
 
 A-posteriori bound (for a certified contraction of the iterated variable ``s`` — ``z`` for FB, ``u``
 for PR/DR — and because ``J_F`` is non-expansive): ``||z_k - z*|| <= rho / (1 - rho) ||s_k - s_{k-1}||``.
@@ -97,6 +101,7 @@ __all__ = [
     "default_step",
     "estimate_lipschitz",
     "estimate_margin_dense",
+    "first_check_after",
     "get_solver",
     "mask_prox",
     "register_solver",
@@ -224,6 +229,8 @@ class SolverResult:
     max_iter: int
     state: torch.Tensor = field(repr=False)
     resolvent: LinearMap | None = field(default=None, repr=False)
+    #: the residual checks the solve made
+    checks: int = 0
 
     @property
     def all_converged(self) -> bool:
@@ -700,6 +707,7 @@ def solve(
     stats: SpectralStats | None = None,
     init: torch.Tensor | None = None,
     resolvent: torch.Tensor | LinearMap | None = None,
+    first_check: int | None = None,
 ) -> SolverResult:
     """Solve ``z = prox(W z + q)`` for every sample (leading dimension) of ``q``.
 
@@ -713,7 +721,9 @@ def solve(
     Stats flagged ``exact=False`` never give a modulus either
     (nothing is certified by an estimate). ``init`` warm-starts the iterated variable (``z`` for FB,
     ``u`` for PR/DR); ``resolvent`` is a precomputed resolvent for PR/DR (a :class:`LinearMap`, or
-    the dense row-layout matrix ``K``). Runs without autograd. Never raises for non-convergence:
+    the dense row-layout matrix ``K``). ``first_check`` moves the first residual check of the
+    ``"auto"`` schedule to that iteration (module docstring, "Checks"; without effect for a fixed
+    ``check_every`` or Anderson). Runs without autograd. Never raises for non-convergence:
     it is reported per sample in the result.
     """
     cfg = config or SolverConfig()
@@ -742,8 +752,11 @@ def solve(
         if not it.ok:
             return _failed_result(q, cfg, a, rho, st)
         s0 = torch.zeros_like(q) if init is None else init.detach().to(q).clone()
-        res = (_iterate_anderson if cfg.anderson else _iterate)(it, s0, q, cfg, init is None)
-    s, s_prev, z, k, pending, checked, dz2, zn2, ok, diverged = res
+        if cfg.anderson:
+            res = _iterate_anderson(it, s0, q, cfg, init is None)
+        else:
+            res = _iterate(it, s0, q, cfg, init is None, first_check)
+    s, s_prev, z, k, checks, pending, checked, dz2, zn2, ok, diverged = res
     B = q.shape[0]
     converged = ok & ~diverged
     residual = (dz2 / zn2.clamp_min(torch.finfo(q.dtype).tiny)).sqrt_()  # 0 where dz2 = 0
@@ -753,7 +766,8 @@ def solve(
         every = 1 if cfg.anderson else int(cfg.check_every)  # Anderson checks every iteration
         sample_it = pending.add(1).mul_(every).clamp_(max=k)
     else:
-        sample_it = torch.tensor([*checked, k], dtype=torch.long, device=q.device)[pending]
+        at = torch.tensor([*checked, k], dtype=torch.long, device=q.device)
+        sample_it = at.index_select(0, pending)
     sample_it.masked_fill_(~converged, cfg.max_iter)
     if rho is not None and rho < 1.0:
         error_bound = _flat_norm(s - s_prev).mul_(rho / (1.0 - rho)).masked_fill_(diverged, math.inf)
@@ -775,6 +789,7 @@ def solve(
         max_iter=cfg.max_iter,
         state=s,
         resolvent=getattr(it, "map", None) if method.uses_resolvent else None,
+        checks=checks,
     )
 
 
@@ -835,12 +850,18 @@ def _first(it: SplittingMap, s: torch.Tensor, cold: bool) -> torch.Tensor | None
     return start_zero() if start_zero is not None else it.start(s)
 
 
-def _next_gap(previous: tuple[int, float] | None, k: int, worst: float) -> int:
-    """Iterations to the next check under ``check_every="auto"`` (module docstring, "Checks"):
-    ``worst`` is this check's largest ratio ``||dz||^2 / (tol^2 ||z||^2 + floor)`` over the
-    running samples, ``previous`` the ``(iteration, ratio)`` of the check before."""
-    if previous is None:
-        return 2
+def first_check_after(iterations: int) -> int:
+    """The first check of a solve under ``check_every="auto"`` that follows a solve of a similar
+    problem which took ``iterations``: nine tenths of them (at least 1). The training solves use
+    it (:class:`~monquant.implicit.EquilibriumSolver`; module docstring, "Checks")."""
+    return max(9 * int(iterations) // 10, 1)
+
+
+def _next_gap(previous: tuple[int, float], k: int, worst: float) -> int:
+    """Iterations from a scheduled check after the first to the next one (``check_every="auto"``,
+    module docstring, "Checks"): ``worst`` is this check's largest ratio
+    ``||dz||^2 / (tol^2 ||z||^2 + floor)`` over the running samples, ``previous`` the
+    ``(iteration, ratio)`` of the check before."""
     k0, w0 = previous
     if not (1.0 < worst < w0 and math.isfinite(w0)):
         return 1  # not falling (or about to pass): look again at the next iteration
@@ -848,7 +869,10 @@ def _next_gap(previous: tuple[int, float] | None, k: int, worst: float) -> int:
     return int(min(max(math.ceil(need), 1), AUTO_CHECK_MAX_GAP))
 
 
-def _iterate(it: SplittingMap, s: torch.Tensor, q: torch.Tensor, cfg: SolverConfig, cold: bool = False):
+def _iterate(
+    it: SplittingMap, s: torch.Tensor, q: torch.Tensor, cfg: SolverConfig, cold: bool = False,
+    first_check: int | None = None,
+):
     """The shared iteration loop with per-sample stopping (lean: an unchecked dense PR iteration is
     two tensor operations when its prox has a known reflection, :func:`reflected_prox`, three
     otherwise; a residual test adds about seven).
@@ -856,8 +880,9 @@ def _iterate(it: SplittingMap, s: torch.Tensor, q: torch.Tensor, cfg: SolverConf
     A sample is done when ``||dz||^2 <= tol^2 ||z||^2 + (8 eps)^2 ||q||^2``: the relative residual
     test, with a floor at machine precision relative to the injection so that ``z* = 0`` reached
     through cancellation is recognised. Checks come every ``check_every``-th iteration or, with
-    ``"auto"``, where :func:`_next_gap` schedules them. Divergence (non-finite or exploding
-    iterates) is checked every 16 fixed checks, at every scheduled one and at the end. Returns,
+    ``"auto"``, where :func:`_next_gap` schedules them (from ``first_check`` when given).
+    Divergence (non-finite or exploding iterates) is checked every 16 fixed checks, at every
+    scheduled one and at the end. Returns,
     with the loop's state, the iterations checked on a schedule (``None`` for every ``K``-th).
     """
     B = q.shape[0]
@@ -881,16 +906,22 @@ def _iterate(it: SplittingMap, s: torch.Tensor, q: torch.Tensor, cfg: SolverConf
     # each check's verdicts, one row per check (a copy per check; summed once at the end); the
     # table doubles when full, so its size follows the checks made, not the iteration cap
     seen = torch.empty((min(64, cfg.max_iter // every + 1), B), dtype=torch.bool, device=q.device)
-    ok = torch.zeros(B, dtype=torch.bool, device=q.device)
     diverged = torch.zeros(B, dtype=torch.bool, device=q.device)
-    dz2 = torch.full((B,), math.inf, dtype=q.dtype, device=q.device)
-    zn = torch.ones(B, dtype=q.dtype, device=q.device)
-    shape = (B, -1)
+    ok: torch.Tensor  # these three are set at every check, and the last iteration is checked
+    dz2: torch.Tensor
+    zn: torch.Tensor
+
+    def flat(t: torch.Tensor) -> torch.Tensor:
+        return t if t.dim() == 2 else t.reshape(B, -1)
+
     tiny = torch.finfo(q.dtype).tiny
     checked: list[int] | None = [] if auto else None
     previous: tuple[int, float] | None = None
     k = checks = 0
-    due = every
+    due, first_gap = every, 2  # under "auto": the first check, and the gap to the second
+    if auto and first_check is not None:
+        due = min(max(int(first_check), 1), cfg.max_iter)
+        first_gap = max(due // 8, 1)
     tested = -1  # the last iteration whose iterate was tested for divergence
     while k < cfg.max_iter:
         k += 1
@@ -914,8 +945,8 @@ def _iterate(it: SplittingMap, s: torch.Tensor, q: torch.Tensor, cfg: SolverConf
             e = torch.linalg.vecdot(torch.sub(z, z_prev, alpha=a_m), torch.sub(z, z_prev, alpha=a_p))
             ok = e <= floor_f  # a non-finite e fails, as a non-finite residual does below
         else:
-            dz2 = torch.linalg.vector_norm((z - z_prev).reshape(shape), dim=1).square_()
-            zn = torch.linalg.vector_norm(z.reshape(shape), dim=1)
+            dz2 = torch.linalg.vector_norm(flat(z - z_prev), dim=1).square_()
+            zn = torch.linalg.vector_norm(flat(z), dim=1)
             bound = torch.addcmul(floor, zn, zn, value=tol2)
             ok = dz2 <= bound
         if checks > seen.shape[0]:
@@ -926,7 +957,7 @@ def _iterate(it: SplittingMap, s: torch.Tensor, q: torch.Tensor, cfg: SolverConf
             worst = float(dz2.div(bound.clamp_min_(tiny)).masked_fill_(ok | diverged, 0.0).max())
             if worst == 0.0:
                 break
-            due = k + _next_gap(previous, k, worst)
+            due = k + (_next_gap(previous, k, worst) if previous is not None else first_gap)
             previous = (k, worst)
             continue
         due = k + every
@@ -940,7 +971,7 @@ def _iterate(it: SplittingMap, s: torch.Tensor, q: torch.Tensor, cfg: SolverConf
         zn = torch.linalg.vector_norm(z, dim=1)
     ok, diverged = _final(ok, diverged, s, dz2, limit2, tested == k)
     passed = seen[:checks].sum(dim=0)
-    return s, s_prev, z, k, checks - passed, checked, dz2, zn.square(), ok, diverged
+    return s, s_prev, z, k, checks, checks - passed, checked, dz2, zn.square(), ok, diverged
 
 
 def _rows(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -1060,4 +1091,4 @@ def _iterate_anderson(
         x = xm if every or X is None or xm is None else torch.where(a_s, xm, X)
         candidate = acc
     ok, diverged = _final(ok, diverged, F, dz2, limit2)
-    return F, b, zF, k, pending, None, dz2, zn2, ok, diverged
+    return F, b, zF, k, k, pending, None, dz2, zn2, ok, diverged

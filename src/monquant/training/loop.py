@@ -332,7 +332,7 @@ def train(
             hk.on_epoch_start(model, epoch)
         own = solver.forward_config  # evaluation, checkpoints and certificates use these settings
         train_tol = training_tolerance(cfg, own.tol, epoch)
-        solver.estimates.reset()  # each epoch starts cold: a resumed run repeats it exactly
+        solver.reset()  # each epoch starts cold: a resumed run repeats it exactly
         before = solver.counters.summary()
         t0 = time.perf_counter()
         # the training solves only run fast (uncertified) and loose; the block restores `own`
