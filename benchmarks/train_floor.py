@@ -1,0 +1,124 @@
+"""How close is a training step to what eager PyTorch can do at all? (prints, asserts nothing; issue 16)
+
+Times two training steps of the paper's dense MonDEQ (n = 100, batch 128, Adam 1e-3, one thread)
+on the same batches, in alternated rounds:
+
+- the library's: ``monquant.training.loop`` with its training solves (PR at the estimated
+  geometric step, scheduled residual checks, the implicit backward as an adjoint PR solve);
+- a floor: the same model and optimizer, but its equilibrium is a bare autograd function that
+  inverts ``I + a (I - W)`` and runs a fixed number of PR iterations forward and backward (the
+  library's iterations in its last forward and adjoint solves before the round) with no residual test, no
+  spectral estimate, no input check and no bookkeeping. It proves and reports nothing, and it is
+  not a solver anyone should use: it only shows the least an eager step of the same arithmetic
+  costs on this machine.
+
+Prints the median milliseconds per step of each, their ratio, and the epoch (469 steps) each would
+take; next to the paper's code's epoch (``--paper-epoch S``, e.g. from ``benchmarks/paper_epoch.py``)
+the ratios an epoch could reach.
+
+    MONQUANT_DATA=... python benchmarks/train_floor.py [--steps 40] [--rounds 7] [--paper-epoch S]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from dataclasses import replace
+from typing import Any
+
+import torch
+
+from monquant.data import load_mnist, take_rows
+from monquant.model import MonDEQClassifier, MonDEQConfig
+from monquant.report import text_table
+from monquant.training.loop import TrainConfig, TrainHooks, _train_one_epoch
+from monquant.training.optim import Adam
+
+
+class _BarePR(torch.autograd.Function):
+    """``z = relu(W z + q)`` by ``iterations`` PR steps at step ``a`` (the fixed point is not
+    tested); the backward runs as many steps of the adjoint PR iteration."""
+
+    @staticmethod
+    def forward(ctx: Any, W: torch.Tensor, q: torch.Tensor, a: float, iterations: int) -> torch.Tensor:
+        eye = torch.eye(W.shape[0], dtype=W.dtype)
+        K = torch.linalg.inv(eye + a * (eye - W)).T  # row layout: J v = v K
+        R = 2 * K - eye  # reflected resolvent
+        c = (q @ K).mul_(2 * a)
+        y = c.clone()
+        for _ in range(iterations):
+            y = torch.addmm(c, y.abs(), R)  # u = 2 relu(y) - y = |y|, then y = R_F(u)
+        z = y.relu()
+        ctx.save_for_backward(W, q, z, K)
+        ctx.a, ctx.iterations = a, iterations
+        return z
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[Any, ...]:
+        W, q, z, K = ctx.saved_tensors
+        eye = torch.eye(W.shape[0], dtype=W.dtype)
+        d = ((z @ W.T + q) > 0).to(g.dtype)
+        KT = K.T.contiguous()
+        R = 2 * KT - eye
+        c = (g @ KT).mul_(2 * ctx.a)
+        sign = 2 * d - 1  # the reflection of the mask projection
+        y = c.clone()
+        for _ in range(ctx.iterations):
+            y = torch.addmm(c, y * sign, R)
+        v = y * d
+        return v.T @ z, v, None, None
+
+
+class _BareSolver:
+    def __init__(self, iterations: int, step: float) -> None:
+        self.iterations, self.step = iterations, step
+
+    def __call__(self, W: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        return _BarePR.apply(W, q, self.step, self.iterations)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=40, help="training steps per round")
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--paper-epoch", type=float, default=None, help="seconds of the paper's epoch")
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    data = load_mnist()
+    n = 128 * args.steps
+    x, y = take_rows(data.x_train, torch.arange(n)), data.y_train[:n]
+    cfg = TrainConfig(epochs=1)
+    models, opts = {}, {}
+    for name in ("library", "floor"):
+        torch.manual_seed(0)
+        models[name] = MonDEQClassifier(MonDEQConfig())
+        opts[name] = Adam(models[name].parameters(), lr=cfg.lr)
+        models[name].train()
+    solver = models["library"].solver
+    solver.forward_config = replace(solver.forward_config, spectral="estimate", step_policy="geometric")
+    times: dict[str, list[float]] = {"library": [], "floor": []}
+    for r in range(args.rounds):
+        for name in ("library", "floor"):
+            if name == "floor":  # the library's iterations (forward and adjoint) and step just now
+                fwd, bwd = solver.last_forward, solver.last_backward
+                its = max(round((fwd.iterations + bwd.iterations) / 2), 1)
+                models[name].layer.solver = _BareSolver(its, fwd.step)
+            t0 = time.perf_counter()
+            _train_one_epoch(models[name], opts[name], x, y, cfg, TrainHooks(), r, False)
+            times[name].append((time.perf_counter() - t0) / args.steps)
+    med = {k: statistics.median(v[1:]) for k, v in times.items()}  # the first round warms up
+    rows = [[k, med[k] * 1e3, med[k] / med["library"], med[k] * 469] for k in med]
+    header = ["step", "ms / step", "/ library", "epoch s (469 steps)"]
+    if args.paper_epoch:
+        header.append("epoch / paper's")
+        for row in rows:
+            row.append(row[3] / args.paper_epoch)
+    print(f"{args.steps} steps x {args.rounds} rounds, threads {torch.get_num_threads()}, "
+          f"floor at {models['floor'].layer.solver.iterations} PR iterations per solve")  # fmt: skip
+    print(text_table(header, rows))
+
+
+if __name__ == "__main__":
+    main()
