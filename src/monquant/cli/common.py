@@ -296,9 +296,9 @@ def solver_args(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     g.add_argument(
         "--check-every", type=check_interval, default="auto", metavar="K|auto",
-        help="test the residual at iterations predicted from its decay (auto, the default), or every "
-             "K-th iteration (1: every one, the exact first iteration that meets the tolerance; "
-             "README: Speed)",
+        help="test the residual at iterations predicted from its decay (auto, the default; a training "
+             "solve tests first at 9/10 of the previous batch's iterations), or every K-th iteration "
+             "(1: every one, the exact first iteration that meets the tolerance; README: Benchmarks)",
     )  # fmt: skip
 
 
