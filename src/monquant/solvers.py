@@ -41,8 +41,8 @@ iterations, :class:`~monquant.implicit.EquilibriumSolver`) and the second to ``m
 iterations after it; the schedule goes on as above. A test is never skipped at ``max_iter``, and
 the verdict is the same test, so a solve never stops short of the tolerance; it may run past the
 iteration that first met it (a smaller residual). An unchecked iteration is two tensor
-operations for dense PR with the relu (or the adjoint's mask), three otherwise; a check, about
-seven more and a synchronization.
+operations for dense PR with the relu (or the adjoint's mask), written into buffers that the
+solve allocates once, and three otherwise; a check, about seven more and a synchronization.
 
 A-posteriori bound (for a certified contraction of the iterated variable ``s`` — ``z`` for FB, ``u``
 for PR/DR — and because ``J_F`` is non-expansive): ``||z_k - z*|| <= rho / (1 - rho) ||s_k - s_{k-1}||``.
@@ -297,15 +297,15 @@ class _MaskProjection:
     def __call__(self, v: torch.Tensor) -> torch.Tensor:
         return v * self._of(v.dtype)[0]
 
-    def reflect(self, v: torch.Tensor) -> torch.Tensor:
-        return v * self._of(v.dtype)[1]
+    def reflect(self, v: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.mul(v, self._of(v.dtype)[1], out=out)
 
 
-def reflected_prox(prox: Prox) -> Prox | None:
+def reflected_prox(prox: Prox) -> Callable[..., torch.Tensor] | None:
     """``R_G = 2 prox - I`` in one operation where one is known, else ``None``: ``|v|`` for the
     relu, ``(2 mask - 1) v`` for a mask projection (:func:`mask_prox`). Each equals PR's
     ``lerp(v, prox(v), 2)`` for every finite ``v``, bit for bit: the kept entries come back as
-    ``v`` and the zeroed ones as ``-v``, both exact."""
+    ``v`` and the zeroed ones as ``-v``, both exact. Each takes ``out=`` (a buffer to write)."""
     if prox is torch.relu:
         return torch.abs
     return getattr(prox, "reflect", None)
@@ -410,7 +410,7 @@ class SplittingMap:
         op = as_operator(W)
         self.method, self.prox = method, prox
         self.ok = True
-        self.reflected: Prox | None = None  # PR on a dense operator: R_G in one operation
+        self.reflected: Callable[..., torch.Tensor] | None = None  # dense PR: R_G in one operation
         self.affine_start = True  # start(s) is affine in s (Anderson mixes it with the points)
         if method == "fb":
             self.map: LinearMap = op.fb_map(a)
@@ -465,10 +465,11 @@ class SplittingMap:
             return None
         return self.c.clone() if self._K is not None else self.c.mul(2.0)  # dense: c doubled
 
-    def _reflect(self, u: torch.Tensor) -> torch.Tensor:
+    def _reflect(self, u: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``R_F(u)``; on the dense fast path written into ``out`` when one is given."""
         K = self._K  # the dense fast path is inlined: this runs once per iteration
         if K is not None:
-            return torch.addmm(self.c, u, K)
+            return torch.addmm(self.c, u, K, out=out)
         return torch.lerp(u, self.map.addmm(self.c, u), 2.0)  # 2 J_F(u) - u
 
     def read(self, s: torch.Tensor, y: torch.Tensor | None):
@@ -903,6 +904,7 @@ def _iterate(
     # only where a check reads it (z_prev too, unless the iteration before was checked)
     lazy = getattr(it, "reflected", None)
     zk = 0  # the iteration of the z held
+    bufs = [torch.empty_like(q) for _ in range(4)] if lazy is not None else []  # s and y, two each
     # each check's verdicts, one row per check (a copy per check; summed once at the end); the
     # table doubles when full, so its size follows the checks made, not the iteration cap
     seen = torch.empty((min(64, cfg.max_iter // every + 1), B), dtype=torch.bool, device=q.device)
@@ -925,9 +927,9 @@ def _iterate(
     tested = -1  # the last iteration whose iterate was tested for divergence
     while k < cfg.max_iter:
         k += 1
-        if lazy is not None:
-            s_prev, s, y_prev = s, lazy(y), y
-            y = it._reflect(s)
+        if lazy is not None:  # into the buffers of two iterations ago, which nothing reads now
+            s_prev, s, y_prev = s, lazy(y, out=bufs[k & 1]), y
+            y = it._reflect(s, out=bufs[2 + (k & 1)])
             if k < due and k < cfg.max_iter:
                 continue
             z_prev = z if zk == k - 1 else it.prox(y_prev)
