@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from dataclasses import replace
 from typing import Any
 
 import torch
@@ -36,7 +35,13 @@ from monquant.report import text_table
 from monquant.solvers import first_check_after, solve
 from monquant.storage.checkpoints import load_model
 from monquant.storage.jsonio import dumps_json
-from monquant.training.loop import TrainConfig, TrainHooks, _train_one_epoch, install_qat
+from monquant.training.loop import (
+    TrainConfig,
+    TrainHooks,
+    _train_one_epoch,
+    install_qat,
+    training_solver_config,
+)
 from monquant.training.optim import Adam
 
 
@@ -45,8 +50,9 @@ def record(model: Any, steps: int, lr: float, seed: int) -> list[tuple[str, tupl
     data = load_mnist()
     n = 128 * steps
     x, y = take_rows(data.x_train, torch.arange(n)), data.y_train[:n]
+    cfg = TrainConfig(epochs=1, lr=lr, seed=seed)
     solver = model.solver
-    solver.forward_config = replace(solver.forward_config, spectral="estimate", step_policy="geometric")
+    solver.forward_config = training_solver_config(cfg, solver.forward_config, 0)
     solver.reset()
     calls: list[tuple[str, tuple, dict]] = []
     real = monquant.implicit.solve
@@ -59,7 +65,6 @@ def record(model: Any, steps: int, lr: float, seed: int) -> list[tuple[str, tupl
     monquant.implicit.solve = spy
     try:
         model.train()
-        cfg = TrainConfig(epochs=1, lr=lr, seed=seed)
         _train_one_epoch(model, Adam(model.parameters(), lr=lr), x, y, cfg, TrainHooks(), 0, False)
     finally:
         monquant.implicit.solve = real

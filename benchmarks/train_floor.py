@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from dataclasses import replace
 from typing import Any
 
 import torch
@@ -32,7 +31,7 @@ import torch
 from monquant.data import load_mnist, take_rows
 from monquant.model import MonDEQClassifier, MonDEQConfig
 from monquant.report import text_table
-from monquant.training.loop import TrainConfig, TrainHooks, _train_one_epoch
+from monquant.training.loop import TrainConfig, TrainHooks, _train_one_epoch, training_solver_config
 from monquant.training.optim import Adam
 
 
@@ -97,7 +96,7 @@ def main() -> None:
         opts[name] = Adam(models[name].parameters(), lr=cfg.lr)
         models[name].train()
     solver = models["library"].solver
-    solver.forward_config = replace(solver.forward_config, spectral="estimate", step_policy="geometric")
+    solver.forward_config = training_solver_config(cfg, solver.forward_config, 0)
     times: dict[str, list[float]] = {"library": [], "floor": []}
     for r in range(args.rounds):
         for name in ("library", "floor"):

@@ -24,6 +24,7 @@ from monquant.model import MonDEQClassifier
 from monquant.multitier_model import MultiTierMonDEQLayer, check_qat_parts, fake_quant_tiers
 from monquant.progress import progress_bar
 from monquant.quant.uniform import check_bits, fake_quant
+from monquant.solvers import SolverConfig
 from monquant.training import distributed as dist
 from monquant.training.optim import Adam, StepDecay
 from monquant.training.robust import lipschitz_margin_loss
@@ -39,6 +40,7 @@ __all__ = [
     "install_qat",
     "proved_margin_bounds",
     "train",
+    "training_solver_config",
     "training_tolerance",
 ]
 
@@ -272,6 +274,14 @@ def training_tolerance(cfg: TrainConfig, tol: float, epoch: int) -> float:
     return t0 * (tol / t0) ** (epoch / (cfg.epochs - 1))
 
 
+def training_solver_config(cfg: TrainConfig, own: SolverConfig, epoch: int) -> SolverConfig:
+    """The settings of epoch ``epoch``'s training solves: the model's own ``own`` at
+    :func:`training_tolerance`, and under ``cfg.fast_spectral`` with estimated constants and the
+    geometric step (uncertified; evaluation, checkpoints and certificates keep ``own``)."""
+    fast = {"spectral": "estimate", "step_policy": "geometric"} if cfg.fast_spectral else {}
+    return replace(own, tol=training_tolerance(cfg, own.tol, epoch), **fast)
+
+
 def train(
     model: MonDEQClassifier,
     x_train: torch.Tensor,
@@ -324,19 +334,17 @@ def train(
     solver = model.solver
     ddp = dist.wrap(model) if dist.world()[1] > 1 else None  # built once: it owns the hooks
     training_tolerance(cfg, solver.forward_config.tol, 0)  # a start tighter than tol fails here
-    fast = {"spectral": "estimate", "step_policy": "geometric"} if cfg.fast_spectral else {}
     hk = hooks or TrainHooks()
     for epoch in range(start, cfg.epochs):
         model.train()
         if hk.on_epoch_start is not None:
             hk.on_epoch_start(model, epoch)
-        own = solver.forward_config  # evaluation, checkpoints and certificates use these settings
-        train_tol = training_tolerance(cfg, own.tol, epoch)
+        training = training_solver_config(cfg, solver.forward_config, epoch)
         solver.reset()  # each epoch starts cold: a resumed run repeats it exactly
         before = solver.counters.summary()
         t0 = time.perf_counter()
-        # the training solves only run fast (uncertified) and loose; the block restores `own`
-        with solver.configured(replace(own, tol=train_tol, **fast)):
+        # only the training solves run fast (uncertified) and loose; the block restores the model's own
+        with solver.configured(training):
             loss_sum, correct = _train_one_epoch(
                 model, opt, x_train, y_train, cfg, hk, epoch, progress, ddp
             )
@@ -351,7 +359,7 @@ def train(
         entry = _epoch_entry(
             model, epoch, n, loss_sum, correct, ev, before, after, train_seconds
         )
-        entry["train_tol"] = train_tol
+        entry["train_tol"] = training.tol
         history.append(entry)
         if log is not None:
             log(entry)
