@@ -394,8 +394,10 @@ class SplittingMap:
     ``J = (I + a (I - W))^{-1}``, built once (or passed in: the adjoint problem's resolvent is the
     forward one transposed), with ``J_F(v) = J v + c``, ``c = a J q``. For a dense ``W`` each
     iteration is one matrix product: ``v K`` for FB, and for PR/DR ``y = u R + 2c`` with the
-    reflection folded into ``R = 2 K - I`` (row layout ``K = J^T``), formed once per solve. Reading
-    ``z`` through ``prox`` makes it exactly feasible (relu: exact zeros).
+    reflection folded into ``R = 2 K - I`` (row layout ``K = J^T``), formed once per resolvent
+    (:meth:`~monquant.operators.MatrixMap.reflected`; the adjoint solve's transposed resolvent
+    shares the forward's). Reading ``z`` through ``prox`` makes it exactly feasible (relu: exact
+    zeros).
     """
 
     def __init__(
@@ -426,14 +428,14 @@ class SplittingMap:
         if isinstance(resolvent, torch.Tensor):
             resolvent = MatrixMap(resolvent.to(q))
         self.map = resolvent
-        self.c = a * resolvent.matmul(q)
-        self._K = None  # the dense fast path: y = u R + 2c in one BLAS call
-        if isinstance(resolvent, MatrixMap):
-            R = resolvent.K.mul(2.0)
-            R.diagonal().sub_(1.0)
-            self._K, self.c = R, self.c.mul_(2.0)
+        self._K = None
+        if isinstance(resolvent, MatrixMap):  # the dense fast path: y = u R + 2c in one BLAS call
+            # 2c = (q K)(2a): the same numbers as 2 (a (q K)), the doubling being exact
+            self._K, self.c = resolvent.reflected(), resolvent.matmul(q).mul_(2.0 * a)
             if method == "pr":
                 self.reflected = reflected_prox(prox)
+        else:
+            self.c = a * resolvent.matmul(q)
 
     @property
     def K(self) -> torch.Tensor:
@@ -805,26 +807,29 @@ def _flat_norm(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape[0], -1).norm(dim=1)
 
 
-def _limits(q: torch.Tensor, cfg: SolverConfig) -> tuple[torch.Tensor, float]:
-    """The stopping floor ``(8 eps)^2 ||q||^2`` per sample and the squared divergence limit
-    (at most the dtype's largest finite number, so that ``x <= limit2`` fails for ``inf``)."""
+def _limits(q: torch.Tensor, cfg: SolverConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The stopping floor ``(8 eps)^2 ||q||^2`` per sample and the squared divergence limit, a
+    0-dimensional tensor of ``q``'s dtype (at most the dtype's largest finite number, so that
+    ``x <= limit2`` fails for ``inf``; a comparison with a Python number rounds it to the
+    tensor's dtype just the same, but dispatches more slowly)."""
     fin = torch.finfo(q.dtype)
     floor = (8.0 * fin.eps) ** 2 * _sq(q)
     big = float(q.abs().max()) if q.numel() else 0.0
     if not math.isfinite(big):  # the limit comes from the finite entries; a bad sample diverges
         good = q[torch.isfinite(q)]
         big = float(good.abs().max()) if good.numel() else 0.0
-    return floor, min((cfg.diverge_at * (1.0 + big)) ** 2, fin.max)
+    limit2 = min((cfg.diverge_at * (1.0 + big)) ** 2, fin.max)
+    return floor, torch.full((), limit2, dtype=q.dtype, device=q.device)
 
 
-def _diverging(s: torch.Tensor, limit2: float) -> torch.Tensor:
+def _diverging(s: torch.Tensor, limit2: torch.Tensor) -> torch.Tensor:
     """Samples whose iterate is non-finite or beyond the divergence limit (a NaN or infinite
     squared norm fails ``<= limit2``, a finite limit)."""
     return ~(_sq(s) <= limit2)
 
 
 def _finished(
-    ok: torch.Tensor, diverged: torch.Tensor, s: torch.Tensor, limit2: float, full: bool
+    ok: torch.Tensor, diverged: torch.Tensor, s: torch.Tensor, limit2: torch.Tensor, full: bool
 ) -> tuple[bool, torch.Tensor]:
     """Whether every sample is done; a ``full`` check (every 16th, and the last) also looks for
     divergence, which the cheap checks between skip."""
@@ -835,14 +840,14 @@ def _finished(
 
 
 def _final(
-    ok: torch.Tensor, diverged: torch.Tensor, s: torch.Tensor, dz2: torch.Tensor, limit2: float,
+    ok: torch.Tensor, diverged: torch.Tensor, s: torch.Tensor, dz2: torch.Tensor, limit2: torch.Tensor,
     tested: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The end of a loop: a non-finite residual or iterate is divergence, never convergence.
     ``tested``: the loop's last check already tested this ``s`` (its verdicts are in
     ``diverged``)."""
-    bad = ~(dz2 <= torch.finfo(dz2.dtype).max)  # non-finite (a squared norm is never negative)
-    return ok & ~bad, (diverged if tested else diverged | _diverging(s, limit2)) | bad
+    fin = torch.isfinite(dz2)  # a squared norm is never negative: NaN or +inf is the failure
+    return ok & fin, (diverged if tested else diverged | _diverging(s, limit2)) | ~fin
 
 
 def _first(it: SplittingMap, s: torch.Tensor, cold: bool) -> torch.Tensor | None:
@@ -943,17 +948,16 @@ def _iterate(
         checks += 1
         if checked is not None:
             checked.append(k)
+        if checks > seen.shape[0]:
+            seen = torch.cat([seen, torch.empty_like(seen)])
         if fused:  # four dispatches before the bookkeeping: the loop's overhead on small states
             e = torch.linalg.vecdot(torch.sub(z, z_prev, alpha=a_m), torch.sub(z, z_prev, alpha=a_p))
-            ok = e <= floor_f  # a non-finite e fails, as a non-finite residual does below
+            ok = torch.le(e, floor_f, out=seen[checks - 1])  # a non-finite e fails, as below
         else:
             dz2 = torch.linalg.vector_norm(flat(z - z_prev), dim=1).square_()
             zn = torch.linalg.vector_norm(flat(z), dim=1)
             bound = torch.addcmul(floor, zn, zn, value=tol2)
-            ok = dz2 <= bound
-        if checks > seen.shape[0]:
-            seen = torch.cat([seen, torch.empty_like(seen)])
-        seen[checks - 1].copy_(ok)
+            ok = torch.le(dz2, bound, out=seen[checks - 1])  # the verdicts go straight into the table
         if auto:  # one synchronization: the worst running sample's ratio (0 when none runs)
             diverged, tested = diverged | _diverging(s, limit2), k
             worst = float(dz2.div(bound.clamp_min_(tiny)).masked_fill_(ok | diverged, 0.0).max())

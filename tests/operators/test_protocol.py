@@ -76,6 +76,23 @@ def test_resolvent_against_a_dense_solve(n, a, seed):
         assert torch.allclose(fb, (1 - a) * v + a * op.apply(v), atol=1e-12)
 
 
+def test_the_reflected_resolvent_is_formed_once_and_shared_with_the_transpose():
+    A, B = _factors(6, 3, 11)
+    J = DenseOperator(wk_weight(A, B, 0.3)).resolvent(0.7)
+    assert J is not None
+    R = J.reflected()
+    assert J.reflected() is R  # kept
+    assert torch.equal(R, 2 * J.K - torch.eye(6, dtype=F64))
+    RT = J.T.reflected()  # the transpose made after it shares it: the same storage, no new matrix
+    assert RT.data_ptr() == R.data_ptr() and torch.equal(RT, R.T)
+    # the adjoint solve on the forward's resolvent gives the solve that forms its own, bit for bit
+    q = torch.randn(5, 6, generator=torch.Generator().manual_seed(3), dtype=F64)
+    cfg = SolverConfig(method="pr", step=0.7, tol=1e-10, max_iter=500)
+    shared = solve(DenseOperator(wk_weight(A, B, 0.3)).transpose(), q, cfg, resolvent=J.T)
+    own = solve(DenseOperator(wk_weight(A, B, 0.3)).transpose(), q, cfg, resolvent=J.K.T.clone())
+    assert shared.all_converged and torch.equal(shared.z, own.z)
+
+
 @given(n=st.integers(1, 10), seed=st.integers(0, 5000))
 def test_spectral_stats_match_dense_eigvalsh(n, seed):
     for op in _kinds(n, seed):

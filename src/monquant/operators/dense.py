@@ -24,8 +24,9 @@ __all__ = ["DenseOperator", "MatrixMap"]
 class MatrixMap(LinearMap):
     """``v -> v K`` in row layout, i.e. the map ``M = K^T`` on column vectors."""
 
-    def __init__(self, K: torch.Tensor):
+    def __init__(self, K: torch.Tensor, reflected: torch.Tensor | None = None):
         self.K = K
+        self._reflected = reflected
 
     def matmul(self, v: torch.Tensor) -> torch.Tensor:
         return v @ self.K
@@ -33,9 +34,20 @@ class MatrixMap(LinearMap):
     def addmm(self, c: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return torch.addmm(c, v, self.K)
 
+    def reflected(self) -> torch.Tensor:
+        """``R = 2 K - I``: for a resolvent ``J`` (``K = J^T``), the reflected resolvent
+        ``2 J - I`` in row layout, which PR and DR apply once per iteration. Formed on the first
+        call and kept; the transpose :attr:`T` shares it (``(2 K - I)^T = 2 K^T - I``, the same
+        numbers), so the adjoint solve of a training step does not form it again."""
+        if self._reflected is None:
+            R = self.K.mul(2.0)
+            R.diagonal().sub_(1.0)
+            self._reflected = R
+        return self._reflected
+
     @property
     def T(self) -> MatrixMap:
-        return MatrixMap(self.K.T)
+        return MatrixMap(self.K.T, None if self._reflected is None else self._reflected.T)
 
 
 class DenseOperator(MonotoneOperator):
