@@ -96,6 +96,15 @@ def test_ste_gradient_is_one_inside_range_bounds_included():
     assert torch.equal(w.grad, torch.ones_like(w))
 
 
+@pytest.mark.parametrize("gran", ["per-tensor", "per-channel"])
+def test_ste_passes_the_gradient_unchanged(gran):
+    # every entry lies inside its own range (max |w|, per tensor or per row): the clip is the identity
+    w = torch.tensor([[-2.0, 0.3, 1.0], [1.1, 0.5, -0.25]], requires_grad=True)
+    g = torch.tensor([[0.5, -1.5, 2.0], [-0.0, 3.0, 1e-30]])
+    fake_quant(w, 3, gran).backward(g)
+    assert torch.equal(w.grad, g)
+
+
 def test_storage_bits():
     assert storage_bits((100, 100), 4, "per-tensor") == 100 * 100 * 4 + 32
     assert storage_bits((100, 100), 4, "per-channel") == 100 * 100 * 4 + 100 * 32

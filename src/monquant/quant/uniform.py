@@ -157,8 +157,8 @@ def _codes64(
     if not isinstance(w, torch.Tensor) or not w.is_floating_point():
         raise QuantizationError("quantize expects a floating-point tensor")
     if w_max is None:
-        wmax = _range(w, granularity)
-        finite = bool(torch.isfinite(wmax).all())  # the range carries any NaN or inf of w
+        wmax = _range(w, granularity)  # the range carries any NaN or inf of w: one finite sum
+        finite = math.isfinite(float(wmax.sum())) or bool(torch.isfinite(wmax).all())
     else:
         wmax = torch.as_tensor(w_max, dtype=torch.float64, device=w.device)
         finite = bool(torch.isfinite(w).all())
@@ -196,41 +196,39 @@ def quantize(
 
 
 class _FakeQuant(torch.autograd.Function):
-    """Forward ``Q_b(w)``; backward straight-through inside ``[-w_max, w_max]`` (bounds included)."""
+    """Forward ``Q_b(w)``; backward straight-through: the gradient passes unchanged.
+
+    The clipped STE passes the gradient inside ``[-w_max, w_max]`` (bounds included) and stops it
+    outside; here ``w_max`` is ``max |w|`` itself (per tensor or per row), so every entry is
+    inside and the clip is the identity: no mask is formed (it was all ones, five operations on
+    the tensor per backward)."""
 
     @staticmethod
-    def forward(ctx, w: torch.Tensor, bits: int, granularity: str, clip: bool, rule: str):  # type: ignore[override]
-        codes, step, w_max, _, _ = _codes64(w, bits, granularity, None, rule)
-        ctx.save_for_backward(w, w_max)
-        ctx.clip = clip
+    def forward(ctx, w: torch.Tensor, bits: int, granularity: str, rule: str):  # type: ignore[override]
+        codes, step, _, _, _ = _codes64(w, bits, granularity, None, rule)
         # Quantized.dequantized() without the round trip through the integer dtype: the float64
         # codes are the same integers, so codes * D rounds to the same values
         return codes.mul_(step).to(w.dtype)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        w, w_max = ctx.saved_tensors
-        if ctx.clip:  # w_max is max|w| itself, held exactly in w's dtype: compare there
-            inside = w.detach().abs() <= w_max.to(w.dtype)
-            grad = grad * inside.to(grad.dtype)
-        return grad, None, None, None, None
+        return grad, None, None, None
 
 
 def fake_quant(
     w: torch.Tensor,
     bits: int,
     granularity: str = "per-tensor",
-    clip: bool = True,
     step_rule: str = "paper",
 ) -> torch.Tensor:
     """Straight-through fake quantization for QAT: forward ``Q_b(w)``, backward ``dQ/dw := 1``.
 
-    With ``clip=True`` the gradient is 1 for ``|w| <= w_max`` (the bounds included) and 0 outside;
-    since ``w_max`` is derived from ``w`` itself every entry is inside, but the rule matters when the
-    range is shared or fixed. ``w_max`` is treated as a constant (no gradient through the range).
+    The range ``w_max`` comes from ``w`` (:func:`quantize`), so every entry lies inside it and the
+    clipped STE (gradient 1 on ``[-w_max, w_max]``, 0 outside) is the identity. ``w_max`` is
+    treated as a constant (no gradient through the range).
     """
     rule = check_step_rule(step_rule)
-    return _FakeQuant.apply(w, check_bits(bits), check_granularity(granularity), clip, rule)
+    return _FakeQuant.apply(w, check_bits(bits), check_granularity(granularity), rule)
 
 
 def storage_bits(shape: tuple[int, ...], bits: int, granularity: str, scale_bits: int = 32) -> int:
