@@ -15,7 +15,7 @@ also times the gathering of one shuffled batch of pixel codes, by indexing and b
 (the training loop's :func:`monquant.data.take_rows`).
 
     MONQUANT_DATA=... python benchmarks/train_epoch.py [--epochs 15] [--threads N] [--anderson M]
-        [--check-every K] [--train-tol-start T] [--device cuda]
+        [--check-every K] [--train-tol-start T] [--qat-bits B [--qat-parts W U b]] [--device cuda]
 """
 
 from __future__ import annotations
@@ -162,6 +162,9 @@ def main() -> None:
     p.add_argument("--train-tol-start", type=float, default=None,
                    help="training solves start at this tolerance, tightening to --tol by the last "
                    "epoch")  # fmt: skip
+    p.add_argument("--qat-bits", type=int, default=None, help="train under STE QAT at these bits")
+    p.add_argument("--qat-parts", nargs="+", default=["W"], choices=["W", "U", "b"],
+                   help="what QAT fake-quantizes (the paper's QAT script: W U b)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--margin-init", type=float, default=MonDEQConfig().margin_init)
     p.add_argument("--json", default=None)
@@ -220,7 +223,8 @@ def main() -> None:
             data.y_train,
             data.x_test,
             data.y_test,
-            TrainConfig(epochs=args.epochs, seed=args.seed, train_tol_start=args.train_tol_start),
+            TrainConfig(epochs=args.epochs, seed=args.seed, train_tol_start=args.train_tol_start,
+                        qat_bits=args.qat_bits, qat_parts=args.qat_parts),
             progress=False,
             log=on_epoch,
         )
