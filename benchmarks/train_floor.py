@@ -14,9 +14,12 @@ on the same batches, in alternated rounds:
 
 Prints the median milliseconds per step of each, their ratio, and the epoch (469 steps) each would
 take; next to the paper's code's epoch (``--paper-epoch S``, e.g. from ``benchmarks/paper_epoch.py``)
-the ratios an epoch could reach.
+the ratios an epoch could reach. A fresh model's solves need about 10 iterations, a trained one's
+about 40 (``--checkpoint F``: both steps start from that saved model, e.g. a reproduction's
+``float/model.safetensors``, at ``--lr``).
 
     MONQUANT_DATA=... python benchmarks/train_floor.py [--steps 40] [--rounds 7] [--paper-epoch S]
+        [--checkpoint F [--lr 1e-4]]
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import torch
 from monquant.data import load_mnist, take_rows
 from monquant.model import MonDEQClassifier, MonDEQConfig
 from monquant.report import text_table
+from monquant.storage.checkpoints import load_model
 from monquant.training.loop import TrainConfig, TrainHooks, _train_one_epoch, training_solver_config
 from monquant.training.optim import Adam
 
@@ -83,16 +87,19 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--paper-epoch", type=float, default=None, help="seconds of the paper's epoch")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--checkpoint", default=None, help="a saved model (default: a fresh one)")
+    p.add_argument("--lr", type=float, default=None, help="Adam's rate (default: the training's)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     data = load_mnist()
     n = 128 * args.steps
     x, y = take_rows(data.x_train, torch.arange(n)), data.y_train[:n]
-    cfg = TrainConfig(epochs=1)
+    cfg = TrainConfig(epochs=1, **({"lr": args.lr} if args.lr is not None else {}))
     models, opts = {}, {}
     for name in ("library", "floor"):
         torch.manual_seed(0)
-        models[name] = MonDEQClassifier(MonDEQConfig())
+        saved = load_model(args.checkpoint).model if args.checkpoint else None
+        models[name] = saved if saved is not None else MonDEQClassifier(MonDEQConfig())
         opts[name] = Adam(models[name].parameters(), lr=cfg.lr)
         models[name].train()
     solver = models["library"].solver
@@ -114,7 +121,8 @@ def main() -> None:
         header.append("epoch / paper's")
         for row in rows:
             row.append(row[3] / args.paper_epoch)
-    print(f"{args.steps} steps x {args.rounds} rounds, threads {torch.get_num_threads()}, "
+    what = f"checkpoint {args.checkpoint}" if args.checkpoint else "a fresh model"
+    print(f"{what}: {args.steps} steps x {args.rounds} rounds, threads {torch.get_num_threads()}, "
           f"floor at {models['floor'].layer.solver.iterations} PR iterations per solve")  # fmt: skip
     print(text_table(header, rows))
 
