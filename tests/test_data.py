@@ -131,6 +131,23 @@ def test_synthetic_raw_files_load(tmp_path: Path) -> None:
     assert set(mnist.md5) == set(FILES.values())
 
 
+def test_test_only_keeps_the_test_set_and_lets_the_training_images_go(tmp_path: Path) -> None:
+    import gc
+    import weakref
+
+    _write_set(tmp_path / "raw", gz=False)
+    mnist = load_mnist(tmp_path / "raw", download=False)
+    codes = weakref.ref(mnist.x_train.codes)
+    kept = mnist.test_only()
+    assert kept.x_train.shape == (0, 784) and kept.y_train.shape == (0,)
+    assert kept.x_train.dtype == mnist.x_train.dtype and kept.y_train.dtype == torch.int64
+    assert kept.x_test is mnist.x_test and kept.y_test is mnist.y_test
+    assert kept.source == mnist.source and kept.md5 == mnist.md5
+    del mnist
+    gc.collect()
+    assert codes() is None  # nothing of the result holds the training images
+
+
 def test_synthetic_gz_files_load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     folder = tmp_path / "gz"
     contents = _write_set(folder, gz=True, seed=1)

@@ -57,9 +57,9 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     if args.margin_init is not None:
         kw["margin_init"] = args.margin_init
     cfg = ReproduceConfig.quick_config(**kw) if args.quick else ReproduceConfig(**kw)
-    data = load_data(args)
     echo = (lambda m: print(m, file=sys.stderr)) if args.json else print
-    res = run_reproduce(cfg, data, echo=echo)
+    # no reference kept here: run_reproduce lets the training images go after the trainings
+    res = run_reproduce(cfg, load_data(args), echo=echo)
     verdicts = "\n".join(f"  [{c['verdict']}] {c['claim']}" for c in res["claims"])
     text = (
         f"report: {Path(args.out) / 'report.md'}\nresults: {Path(args.out) / 'results.json'}\n"

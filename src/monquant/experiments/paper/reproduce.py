@@ -207,7 +207,10 @@ def _independent_trainings(cfg: ReproduceConfig, data: MNIST, out: Path, runner:
 def run_reproduce(
     cfg: ReproduceConfig, data: MNIST, echo: Callable[[str], None] | None = print
 ) -> dict[str, Any]:
-    """Run every stage (skipping finished ones on resume) and render the report."""
+    """Run every stage (skipping finished ones on resume) and render the report.
+
+    After the trainings only the test set is kept (:meth:`MNIST.test_only`): a caller that keeps
+    no reference to ``data`` (``monquant reproduce``) frees the training images for the rest."""
     from monquant.experiments.paper.report import render_report
 
     out = Path(cfg.out)
@@ -226,6 +229,7 @@ def run_reproduce(
     x_test, y_test = subset(data.x_test, data.y_test, cfg.test_limit)
 
     trained = _independent_trainings(cfg, data, out, runner, echo)
+    data = data.test_only()  # every later stage reads the test set only (the caller's copy aside)
     if cfg.model is not None:
         float_stage = runner.run(
             "float",
