@@ -575,8 +575,8 @@ def test_pr_with_a_known_reflection_solves_exactly_as_the_plain_loop(check_every
     W = wk_weight(torch.randn(n // 2, n, generator=g) / n**0.5, torch.randn(n, n, generator=g) / n**0.5, 0.05)
     q = torch.randn(16, n, generator=g)
     prox = mask_prox(torch.rand(16, n, generator=g) > 0.3) if masked else torch.relu
-    assert SplittingMap("pr", W, q, 0.5, prox).reflected is not None  # the one-operation loop
-    assert SplittingMap("pr", W, q, 0.5, lambda v: prox(v)).reflected is None  # the plain loop
+    assert SplittingMap("pr", W, q, 0.5, prox).reflect_prox is not None  # the one-operation loop
+    assert SplittingMap("pr", W, q, 0.5, lambda v: prox(v)).reflect_prox is None  # the plain loop
     for cap in (1, 2, 7, 500):
         cfg = SolverConfig(method="pr", tol=1e-6, max_iter=cap, check_every=check_every)
         fast = solve(W, q, cfg, prox=prox)

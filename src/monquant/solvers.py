@@ -412,7 +412,7 @@ class SplittingMap:
         op = as_operator(W)
         self.method, self.prox = method, prox
         self.ok = True
-        self.reflected: Callable[..., torch.Tensor] | None = None  # dense PR: R_G in one operation
+        self.reflect_prox: Callable[..., torch.Tensor] | None = None  # dense PR: R_G in one operation
         self.affine_start = True  # start(s) is affine in s (Anderson mixes it with the points)
         if method == "fb":
             self.map: LinearMap = op.fb_map(a)
@@ -433,7 +433,7 @@ class SplittingMap:
             # 2c = (q K)(2a): the same numbers as 2 (a (q K)), the doubling being exact
             self._K, self.c = resolvent.reflected(), resolvent.matmul(q).mul_(2.0 * a)
             if method == "pr":
-                self.reflected = reflected_prox(prox)
+                self.reflect_prox = reflected_prox(prox)
         else:
             self.c = a * resolvent.matmul(q)
 
@@ -907,7 +907,7 @@ def _iterate(
     s_prev = s
     # PR on a dense operator with a known reflection: u+ = R_G(y) in one operation, and z = prox(y)
     # only where a check reads it (z_prev too, unless the iteration before was checked)
-    lazy = getattr(it, "reflected", None)
+    lazy = getattr(it, "reflect_prox", None)
     zk = 0  # the iteration of the z held
     bufs = [torch.empty_like(q) for _ in range(4)] if lazy is not None else []  # s and y, two each
     # each check's verdicts, one row per check (a copy per check; summed once at the end); the
