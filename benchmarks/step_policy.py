@@ -9,12 +9,17 @@ PR iterations of each policy (a check at every iteration: exact counts). Part 2 
 the same for trained models on MNIST test images. Both policies converge at every step; the
 geometric one minimises the contraction factor when I - W is symmetric, 1/L the proved modulus.
 
-    python benchmarks/step_policy.py [--tol 1e-6] [--checkpoint CKPT ...] [--json F]
+PR converges at every step; ``--qat-bits B`` adds, per dense checkpoint, PR on its quantized
+``W~ = Q_b(W)`` at ``1/L~``, at ``1/sqrt(m~ L~)`` from ``W~``'s own constants and at ``1/sqrt(m L)``
+from the float ``W``'s (the step that QAT training solves take: rounding can take ``m~`` near 0).
+
+    python benchmarks/step_policy.py [--tol 1e-6] [--checkpoint CKPT ... [--qat-bits B]] [--json F]
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 
 import torch
 from anderson import operator_and_injection  # the benchmarks' shared loader (same folder)
@@ -39,12 +44,54 @@ def iterations(op, q: torch.Tensor, tol: float, stats) -> dict[str, int]:
     return out
 
 
+def quantized_rows(paths: list[str], x: torch.Tensor, bits: int, tol: float) -> list[dict]:
+    """PR on each dense checkpoint's per-tensor ``W~ = Q_b(W)`` (with the float injection
+    ``U x + b``) at three steps: ``1/L~`` and ``1/sqrt(m~ L~)`` from ``W~``'s exact constants, and
+    ``1/sqrt(m L)`` from the float ``W``'s, the step QAT training solves take. Prints a table."""
+    from monquant.quant.uniform import quantize
+    from monquant.storage.checkpoints import load_model
+
+    rows, out = [], []
+    for path in paths:
+        layer = load_model(path).model.eval().layer
+        W = layer.reference_weight()
+        if not isinstance(W, torch.Tensor) or W.dim() != 2:
+            print(f"{path}: not a dense model, skipped")
+            continue
+        Wq = quantize(W, bits).dequantized()
+        with torch.no_grad():
+            q = layer.injection(x)
+        st, st_q = spectral_stats(W), spectral_stats(Wq)
+        steps = {"1/L~": 1.0 / st_q.L, "1/sqrt(m L)": 1.0 / math.sqrt(st.m * st.L),
+                 "1/sqrt(m~ L~)": 1.0 / math.sqrt(st_q.m * st_q.L) if st_q.m > 0 else math.nan}  # fmt: skip
+        its = {}
+        for name, a in steps.items():
+            if math.isfinite(a):
+                r = solve(Wq, q, SolverConfig(tol=tol, max_iter=20_000, check_every=1, step=a))
+                its[name] = r.iterations if r.all_converged else -1
+            else:
+                its[name] = -1  # no positive margin: no geometric step of its own
+        rows.append([path, st.m, st_q.m, st_q.kappa, *(steps[k] * st_q.L for k in steps),
+                     *(its[k] for k in steps)])  # fmt: skip
+        out.append({"checkpoint": path, "bits": bits, "m": st.m, "m_quantized": st_q.m,
+                    "steps": steps, "iterations": its})  # fmt: skip
+    print(f"{bits}-bit W~ = Q_b(W) per tensor, {x.shape[0]} MNIST test images, tol {tol:g}, PR, a check "
+          "every iteration (-1: not converged, or no step)")  # fmt: skip
+    print(text_table(["checkpoint", "m", "m~", "kappa~", "L~ a: 1/L~", "1/sqrt(m L)", "1/sqrt(m~ L~)",
+                      "it. 1/L~", "it. 1/sqrt(m L)", "it. 1/sqrt(m~ L~)"], rows))  # fmt: skip
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=100)
     p.add_argument("--tol", type=float, default=1e-6)
     p.add_argument("--checkpoint", nargs="*", default=[])
     p.add_argument("--images", type=int, default=1024)
+    p.add_argument("--qat-bits", type=int, default=None,
+                   help="also solve each dense checkpoint's Q_b(W) at the steps of its own and of "
+                   "the float W's constants (what QAT training solves step from)")  # fmt: skip
+    p.add_argument("--qat-tol", type=float, default=1e-5, help="tolerance of those solves (the paper's)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", default=None)
     args = p.parse_args()
@@ -82,6 +129,8 @@ def main() -> None:
             out.append({"checkpoint": path, "kappa": st.kappa, **its})
         print(f"trained models, {args.images} MNIST test images, tol 1e-4")
         print(text_table(["checkpoint", "kappa", "it. 1/L", "it. 1/sqrt(mL)", "ratio"], crow))
+        if args.qat_bits:
+            out += quantized_rows(args.checkpoint, x, args.qat_bits, args.qat_tol)
     if args.json:
         with open(args.json, "w") as fh:
             fh.write(dumps_json({"tol": args.tol, "rows": out}))

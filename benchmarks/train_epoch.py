@@ -16,6 +16,7 @@ also times the gathering of one shuffled batch of pixel codes, by indexing and b
 
     MONQUANT_DATA=... python benchmarks/train_epoch.py [--epochs 15] [--threads N] [--anderson M]
         [--check-every K] [--train-tol-start T] [--qat-bits B [--qat-parts W U b]] [--device cuda]
+        [--setup paper]
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import monquant.implicit
 import monquant.solvers
 from monquant.cli.common import check_interval
 from monquant.data import load_mnist
+from monquant.experiments.paper.setup import SETUPS
 from monquant.model import MonDEQClassifier, MonDEQConfig
 from monquant.report import text_table
 from monquant.solvers import SolverConfig
@@ -167,6 +169,9 @@ def main() -> None:
                    help="what QAT fake-quantizes (the paper's QAT script: W U b)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--margin-init", type=float, default=MonDEQConfig().margin_init)
+    p.add_argument("--setup", choices=["default", "paper"], default="default",
+                   help="paper: the reproduction's model (margin 0.2 above a 1e-4 floor, rank n/4, "
+                   "the paper's initialisation; --margin-init is then ignored)")  # fmt: skip
     p.add_argument("--json", default=None)
     p.add_argument("--device", default="cpu", help="cpu or cuda: the model and data go there")
     args = p.parse_args()
@@ -180,7 +185,12 @@ def main() -> None:
     solver = SolverConfig(
         method=args.method, tol=args.tol, anderson=args.anderson, check_every=args.check_every
     )
-    model = MonDEQClassifier(MonDEQConfig(margin_init=args.margin_init, solver=solver.as_dict()))
+    shape: dict = {"margin_init": args.margin_init}
+    if args.setup == "paper":
+        preset = SETUPS["paper"]
+        shape = {"margin_init": preset["margin_init"], "margin_floor": preset["margin_floor"],
+                 "rank": max(4, 100 // 4), "init": preset["init"]}  # fmt: skip
+    model = MonDEQClassifier(MonDEQConfig(**shape, solver=solver.as_dict()))
     peak = matmul_peak_gflops()
     rows, log = [], []
 

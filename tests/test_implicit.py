@@ -184,3 +184,32 @@ def test_training_solves_start_their_checks_where_the_previous_solve_of_their_si
             side = [c for c in calls if c[0] == adjoint]
             expected = [None, max(9 * side[0][2] // 10, 1), None] if spectral == "estimate" else [None] * 3
             assert [c[1] for c in side] == expected
+
+
+def test_step_from_sets_an_estimated_step_and_nothing_else():
+    """Under ``spectral="estimate"`` a solve given ``step_from`` steps at the geometric step of
+    that operator's estimated constants (forward and adjoint); its equilibrium and gradients are
+    still ``W``'s. Exact constants are always ``W``'s own: ``step_from`` changes nothing there."""
+    from monquant.solvers import StepEstimates, get_solver, solver_step
+
+    W = random_monotone_W(16, 0.05, seed=1)
+    ref = random_monotone_W(16, 0.6, seed=2)
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(6, 16, generator=g, dtype=torch.float64)
+    out = {}
+    for spectral in ("estimate", "exact"):
+        for name, step_from in (("own", None), ("ref", ref)):
+            solver = EquilibriumSolver(SolverConfig(tol=1e-12, spectral=spectral, step_policy="geometric"))
+            Wp, qp = W.clone().requires_grad_(True), q.clone().requires_grad_(True)
+            z = solver(Wp, qp, step_from=step_from)
+            (z * torch.arange(16, dtype=z.dtype)).sum().backward()
+            out[spectral, name] = (solver.last_forward.step, solver.last_backward.step, z.detach(),
+                                   Wp.grad, qp.grad)  # fmt: skip
+    st = StepEstimates()(ref)
+    expected = solver_step(get_solver("pr"), "geometric", st.m, st.L)
+    assert out["estimate", "ref"][:2] == (expected, expected)
+    assert out["estimate", "own"][0] != expected
+    assert out["exact", "ref"][:2] == out["exact", "own"][:2]
+    for spectral in ("estimate", "exact"):
+        for a, b in zip(out[spectral, "ref"][2:], out[spectral, "own"][2:], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-9)

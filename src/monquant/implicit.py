@@ -121,19 +121,34 @@ class EquilibriumSolver:
     #: under ``spectral="estimate"``: the iterations of the last forward / adjoint solve
     last_iterations: dict[str, int] = field(default_factory=dict, repr=False, compare=False)
 
-    def __call__(self, W: torch.Tensor | MonotoneOperator, q: torch.Tensor) -> torch.Tensor:
+    def __call__(
+        self,
+        W: torch.Tensor | MonotoneOperator,
+        q: torch.Tensor,
+        step_from: torch.Tensor | MonotoneOperator | None = None,
+    ) -> torch.Tensor:
         """Equilibrium ``z*`` of ``z = relu(W z + q)``, differentiable in ``W`` (a matrix or any
-        operator's parameters) and ``q``."""
+        operator's parameters) and ``q``.
+
+        ``step_from``: under ``spectral="estimate"``, the operator whose estimated ``m`` and ``L``
+        set the step in place of ``W``'s own (the layers pass the float operator while their
+        forward pass solves with its fake-quantized ``W~ = Q_b(W)``: rounding can take
+        ``margin(W~)`` to 0 or below, where ``1/sqrt(m L)`` grows without bound, while PR,
+        whose step sets only the speed, converges on ``W~`` about as fast as on ``W``; see
+        docs/theory.md, "Step policies"). It moves the step only: the solve is of ``W``, and
+        exact constants (every other solve) are always ``W``'s own."""
         if isinstance(W, DenseOperator):
             W = W.W
+        if step_from is not None:  # no gradient flows to it
+            step_from = step_from.detach()
         if isinstance(W, MonotoneOperator):
             params = W.parameters()
             wants = q.requires_grad or any(p.requires_grad for p in params)
             if torch.is_grad_enabled() and wants:
-                return _OperatorEquilibrium.apply(q, self, W, *params)
+                return _OperatorEquilibrium.apply(q, self, W, step_from, *params)
         elif torch.is_grad_enabled() and (W.requires_grad or q.requires_grad):
-            return _Equilibrium.apply(W, q, self)
-        result = self._solve_forward(W, q)
+            return _Equilibrium.apply(W, q, self, step_from)
+        result = self._solve_forward(W, q, step_from)
         self._record_forward(result)
         return result.z
 
@@ -165,13 +180,20 @@ class EquilibriumSolver:
         if cfg.spectral == "estimate":
             self.last_iterations[side] = result.iterations
 
-    def _solve_forward(self, W: torch.Tensor | MonotoneOperator, q: torch.Tensor) -> SolverResult:
+    def _solve_forward(
+        self,
+        W: torch.Tensor | MonotoneOperator,
+        q: torch.Tensor,
+        step_from: torch.Tensor | MonotoneOperator | None = None,
+    ) -> SolverResult:
         """The forward solve; under ``spectral="estimate"`` its constants come from
-        :attr:`estimates` (PR, DR) and its first check from :attr:`last_iterations`."""
+        :attr:`estimates` of ``step_from`` (default ``W``; PR, DR) and its first check from
+        :attr:`last_iterations`."""
         cfg = self.forward_config
         stats = None
         if cfg.spectral == "estimate" and get_solver(cfg.method).uses_resolvent:
-            stats = self.estimates(W.detach().to(dtype=q.dtype, device=q.device))
+            src = W.detach() if step_from is None else step_from
+            stats = self.estimates(src.to(dtype=q.dtype, device=q.device))
         result = solve(W, q, cfg, stats=stats, first_check=self._first_check("forward", cfg))
         self._stopped("forward", cfg, result)
         return result
@@ -232,8 +254,9 @@ class _Equilibrium(torch.autograd.Function):
     """Forward: solve without a graph. Backward: adjoint equilibrium (Theorem 5)."""
 
     @staticmethod
-    def forward(ctx, W: torch.Tensor, q: torch.Tensor, owner: EquilibriumSolver):  # type: ignore[override]
-        z, result = _kept(owner._solve_forward(W, q))
+    def forward(ctx, W: torch.Tensor, q: torch.Tensor, owner: EquilibriumSolver,  # type: ignore[override]
+                step_from: torch.Tensor | MonotoneOperator | None):  # fmt: skip
+        z, result = _kept(owner._solve_forward(W, q, step_from))
         owner._record_forward(result)
         Wq = W.detach().to(q.dtype)
         ctx.owner = owner
@@ -248,7 +271,7 @@ class _Equilibrium(torch.autograd.Function):
         y = ctx.owner.adjoint(W, q, z, g, forward=ctx.result)
         grad_W = (y.T @ z).to(ctx.w_dtype) if ctx.needs_input_grad[0] else None
         grad_q = y if ctx.needs_input_grad[1] else None
-        return grad_W, grad_q, None
+        return grad_W, grad_q, None, None
 
 
 class _OperatorEquilibrium(torch.autograd.Function):
@@ -260,9 +283,10 @@ class _OperatorEquilibrium(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q: torch.Tensor, owner: EquilibriumSolver, op: MonotoneOperator, *params):  # type: ignore[override]
+    def forward(ctx, q: torch.Tensor, owner: EquilibriumSolver, op: MonotoneOperator,  # type: ignore[override]
+                step_from: torch.Tensor | MonotoneOperator | None, *params):  # fmt: skip
         opd = op.with_parameters(tuple(p.detach() for p in params))
-        z, result = _kept(owner._solve_forward(opd, q))
+        z, result = _kept(owner._solve_forward(opd, q, step_from))
         owner._record_forward(result)
         ctx.owner, ctx.result, ctx.op = owner, result, op
         ctx.save_for_backward(q.detach(), z, *params)
@@ -274,7 +298,7 @@ class _OperatorEquilibrium(torch.autograd.Function):
         op = ctx.op.with_parameters(tuple(p.detach() for p in params)).to(dtype=q.dtype)
         y = ctx.owner.adjoint(op, q, z, g, forward=ctx.result)
         grads: list[torch.Tensor | None] = [None] * len(params)
-        need = [i for i, p in enumerate(params) if ctx.needs_input_grad[3 + i]]
+        need = [i for i, p in enumerate(params) if ctx.needs_input_grad[4 + i]]
         if need:
             with torch.enable_grad():
                 leaves = [p.detach().requires_grad_(True) for p in params]
@@ -285,4 +309,4 @@ class _OperatorEquilibrium(torch.autograd.Function):
             for i, gi in zip(need, found, strict=True):
                 grads[i] = torch.zeros_like(params[i]) if gi is None else gi
         grad_q = y if ctx.needs_input_grad[0] else None
-        return (grad_q, None, None, *grads)
+        return (grad_q, None, None, None, *grads)

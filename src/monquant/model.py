@@ -117,7 +117,8 @@ class MonDEQLayer(nn.Module):
     (initialised in W-K form); nothing keeps it monotone, so only a certificate can vouch for it
     (used for ProxQuant on the assembled ``W``).
 
-    Hooks: ``weight_transform(W)`` maps the assembled weight before every solve (STE QAT);
+    Hooks: ``weight_transform(W)`` maps the assembled weight before every solve (STE QAT; the
+    training solves then take their step from ``W``'s estimated constants, as the solver says);
     ``factor_transform(name, tensor)`` maps ``A``, ``B`` (and ``U``) before they are used (lazy
     quantization of the factors).
     """
@@ -216,8 +217,13 @@ class MonDEQLayer(nn.Module):
         b: torch.Tensor | None = None,
     ) -> torch.Tensor:
         q = self.injection(x, U, b)
-        W_ = self.effective_weight() if W is None else W
-        return self.solver(W_.to(q.dtype), q)
+        if W is not None:
+            return self.solver(W.to(q.dtype), q)
+        Wf = self.weight()
+        if self.weight_transform is None:
+            return self.solver(Wf.to(q.dtype), q)
+        # W~ = transform(W): the training solves step from the float W's constants (solver docs)
+        return self.solver(self.weight_transform(Wf).to(q.dtype), q, step_from=Wf)
 
 
 class MonDEQClassifier(nn.Module):

@@ -247,14 +247,19 @@ class MultiTierMonDEQLayer(nn.Module):
         """The tiers ``(batch, c_i, H_i, W_i)`` of a flattened state."""
         return split_tiers(z, self.channels, self.images)
 
-    def solve(self, x: torch.Tensor, op: TieredOperator) -> torch.Tensor:
-        """The equilibrium with operator ``op``: the coarsest tier, or the flattened state."""
+    def solve(
+        self, x: torch.Tensor, op: TieredOperator, step_from: TieredOperator | None = None
+    ) -> torch.Tensor:
+        """The equilibrium with operator ``op``: the coarsest tier, or the flattened state
+        (``step_from``: the float operator whose constants set a training solve's step when
+        ``op`` is its fake-quantized version, :class:`~monquant.implicit.EquilibriumSolver`)."""
         q = self.injection(x)
-        z = self.solver(op.to(dtype=q.dtype) if op.dtype != q.dtype else op, q)
+        z = self.solver(op.to(dtype=q.dtype) if op.dtype != q.dtype else op, q, step_from=step_from)
         return z if self.config.output == "all" else self.split(z)[-1]
 
     def forward(self, x: torch.Tensor, W: Any = None) -> torch.Tensor:
-        return self.solve(x, self.used_operator(W))
+        ref = self.operator() if W is None and self.weight_transform is not None else None
+        return self.solve(x, self.used_operator(W), step_from=ref)
 
 
 class MultiTierMonDEQClassifier(nn.Module):

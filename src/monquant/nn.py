@@ -199,30 +199,37 @@ class MonDEQ(MonDEQLayer):
     # --------------------------------------------------------------------------- forward pass
     def used_tensors(self) -> dict[str, torch.Tensor]:
         """``W``, ``U``, ``b`` as the forward pass uses them (quantized, fake-quantized or float)."""
+        return self._used()[0]
+
+    def _used(self) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+        """:meth:`used_tensors` and the float ``W`` when the forward pass fake-quantizes it (STE
+        or margin-aware QAT: the training solves take their step from its constants), else
+        ``None``."""
         W, U, b = self.weight(), self.U.weight, self.U.bias
         q = self.quant
         if q is None:
-            return {"W": W, "U": U, "b": b}
+            return {"W": W, "U": U, "b": b}, None
         if q.mode == "quantized":
             t = q.tensors
-            return {"W": t.get("W", W), "U": t.get("U", U), "b": t.get("b", b)}
+            return {"W": t.get("W", W), "U": t.get("U", U), "b": t.get("b", b)}, None
         if q.method in ("ste", "margin-aware"):
             out = {"W": W, "U": U, "b": b}
             for name in q.config.mondeq_targets:
                 out[name] = q.fake(name, out[name])
-            return out
-        return {"W": W, "U": U, "b": b}  # ProxQuant: the prox steps move the float weights
+            return out, (W if out["W"] is not W else None)
+        return {"W": W, "U": U, "b": b}, None  # ProxQuant: the prox steps move the float weights
 
     def effective_weight(self) -> torch.Tensor:
         return self.used_tensors()["W"]
 
     def forward(self, x: torch.Tensor, W: torch.Tensor | None = None,  # type: ignore[override]
                 U: torch.Tensor | None = None, b: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
-        used = self.used_tensors()
+        used, ref = self._used()
         q = F.linear(x, (used["U"] if U is None else U).to(x.dtype),
                      (used["b"] if b is None else b).to(x.dtype))  # fmt: skip
-        W_ = used["W"] if W is None else W
-        return self.solver(W_.to(q.dtype), q)
+        if W is not None:
+            return self.solver(W.to(q.dtype), q)
+        return self.solver(used["W"].to(q.dtype), q, step_from=ref)
 
     def install_prox(self, q: LayerQuant, total_steps: int = 1000, lam_max: float = 5.0) -> None:
         """Attach ProxQuant's driver to ``q``: the prox toward the ``q.config.bits``-bit uniform
@@ -390,7 +397,8 @@ class ConvMonDEQ(_QuantState, ConvMonDEQLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         q = self.injection(x)
         op = self.deployed_operator()
-        return self.solver(op.to(dtype=q.dtype) if op.dtype != q.dtype else op, q)
+        ref = self.operator() if self._fakes_kernel() else None  # QAT: the float operator's step
+        return self.solver(op.to(dtype=q.dtype) if op.dtype != q.dtype else op, q, step_from=ref)
 
     def extra_repr(self) -> str:
         s = self.solver.forward_config
@@ -473,10 +481,16 @@ class MultiTierMonDEQ(_QuantState, MultiTierMonDEQLayer):
         fake-quantized on its own grid, with straight-through gradients to the factors, as
         ``quantize_`` would quantize them; else as the float layer."""
         q = self.quant
-        if W is not None or q is None or q.mode != "qat" or q.method != "ste":
+        if W is not None or not self._fakes_tiers():
             return super().used_operator(W)
+        assert q is not None
         c = q.config
         return fake_quant_tiers(self.operator(), c.bits, c.granularity_of("W"), c.step_rule)
+
+    def _fakes_tiers(self) -> bool:
+        """Whether the forward pass fake-quantizes the composite kernels (STE QAT)."""
+        q = self.quant
+        return q is not None and q.mode == "qat" and q.method == "ste"
 
     def install_prox(self, q: LayerQuant, total_steps: int = 1000, lam_max: float = 5.0) -> None:
         """Attach ProxQuant's driver to ``q`` (``proxquant-factors``): every factor kernel (the
@@ -486,7 +500,10 @@ class MultiTierMonDEQ(_QuantState, MultiTierMonDEQLayer):
         q.prox = _prox_driver(q.config, [*self.P, *self.Q, *self.B], total_steps, lam_max)
 
     def forward(self, x: torch.Tensor, W: Any = None) -> torch.Tensor:
-        return self.solve(x, self.operator_of(W) if W is not None else self.deployed_operator())
+        if W is not None:
+            return self.solve(x, self.operator_of(W))
+        ref = self.operator() if self._fakes_tiers() else None  # QAT: the float operator's step
+        return self.solve(x, self.deployed_operator(), step_from=ref)
 
     def extra_repr(self) -> str:
         s = self.solver.forward_config

@@ -582,3 +582,57 @@ def test_install_qat_on_a_multitier_model_quantizes_its_composite_kernels_only()
     assert model.layer.weight_transform is not None
     op = model.layer.used_operator()  # every composite kernel on its own 4-bit grid
     assert all(len(torch.unique(K[0].detach())) <= 16 for K in op.kernels())
+
+
+class _RecordingEstimates:
+    """Wraps a solver's :class:`~monquant.solvers.StepEstimates`, keeping what it was asked about."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner, self.seen = inner, []
+
+    def __call__(self, W: Any) -> Any:
+        self.seen.append(W)
+        return self.inner(W)
+
+    def reset(self) -> None:
+        self.inner.reset()
+
+
+@pytest.mark.parametrize("kind", ["dense", "conv", "multitier"])
+def test_qat_training_solves_step_from_the_float_operator(kind: str) -> None:
+    """Under STE QAT the training solves (estimated constants) take their step from the float
+    operator, not from its fake-quantized version, whose margin the rounding can take to 0; the
+    solve itself is of the quantized operator, and gradients still reach every parameter."""
+    from monquant.conv_model import ConvMonDEQClassifier, ConvMonDEQConfig
+    from monquant.multitier_model import MultiTierMonDEQClassifier, MultiTierMonDEQConfig
+    from monquant.operators import ConvWKOperator, MultiTierWKOperator
+    from monquant.training.loop import training_solver_config
+
+    torch.manual_seed(0)
+    if kind == "dense":
+        model: Any = new_model()
+        x = torch.randn(4, 784)
+    elif kind == "conv":
+        model = ConvMonDEQClassifier(ConvMonDEQConfig(image=(8, 8), channels=3, pool=2))
+        x = torch.randn(4, 64)
+    else:
+        model = MultiTierMonDEQClassifier(MultiTierMonDEQConfig(tier_channels=(1, 2), image=(12, 12)))
+        x = torch.randn(4, 1, 12, 12)
+    solver = model.solver
+    install_qat(model, 4)
+    rec = _RecordingEstimates(solver.estimates)
+    solver.estimates = rec
+    with solver.configured(training_solver_config(TrainConfig(), solver.forward_config, 0)):
+        model(x).square().sum().backward()
+    assert len(rec.seen) == 1
+    ref = rec.seen[0]
+    if kind == "dense":
+        assert torch.equal(ref, model.layer.weight().detach())
+        assert not torch.equal(ref, model.layer.effective_weight().detach())
+        z, q = solver.last_forward.z, model.layer.injection(x).detach()
+        Wt = model.layer.effective_weight().detach()
+        assert torch.allclose(z, torch.relu(z @ Wt.T + q), atol=1e-3)  # the equilibrium of W~
+        assert not torch.allclose(z, torch.relu(z @ ref.T + q), atol=1e-3)  # not of W
+    else:
+        assert isinstance(ref, ConvWKOperator if kind == "conv" else MultiTierWKOperator)
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)

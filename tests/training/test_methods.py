@@ -156,9 +156,9 @@ def test_deployed_weights_are_what_the_solver_sees(float_model, kind):
     real = model.layer.solver
 
     class Spy:
-        def __call__(self, W, q):
+        def __call__(self, W, q, **kw):
             seen.append(W.detach().clone())
-            return real(W, q)
+            return real(W, q, **kw)
 
         def __getattr__(self, name):
             return getattr(real, name)

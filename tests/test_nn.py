@@ -1,0 +1,63 @@
+"""The library layers of :mod:`monquant.nn` under quantization-aware training: what their training
+solves take their step from. (The rest of the layers' behaviour is tested through the public API,
+tests/api, and per layer kind in test_nn_conv.py and test_nn_multitier.py.)"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import monquant
+from monquant.nn import ConvMonDEQ, MonDEQ, MultiTierMonDEQ
+from monquant.operators import ConvWKOperator, MultiTierWKOperator
+
+
+class _Recording:
+    """Wraps a solver's step estimates, keeping the operators they were asked about."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner, self.seen = inner, []
+
+    def __call__(self, W: Any) -> Any:
+        self.seen.append(W)
+        return self.inner(W)
+
+    def reset(self) -> None:
+        self.inner.reset()
+
+
+def _layer(kind: str) -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    if kind == "dense":
+        return MonDEQ(12, 10, margin=0.3), torch.randn(4, 12)
+    if kind == "conv":
+        return ConvMonDEQ(1, 3, (6, 6), margin=0.3), torch.randn(4, 1, 6, 6)
+    return MultiTierMonDEQ(1, (1, 2), (12, 12), margin=0.3), torch.randn(4, 1, 12, 12)
+
+
+@pytest.mark.parametrize("kind", ["dense", "conv", "multitier"])
+@pytest.mark.parametrize("method", ["ste", "proxquant-factors"])
+def test_fake_quantized_layers_step_from_their_float_operator(kind: str, method: str) -> None:
+    """Under STE QAT the forward solve is of ``Q_b(W)``; a solve with estimated constants takes
+    its step from the float operator's (``EquilibriumSolver``, ``step_from``). ProxQuant's
+    forward pass solves with the float operator itself, so that is what its step comes from."""
+    layer, x = _layer(kind)
+    monquant.prepare_qat(nn.Sequential(layer), monquant.QuantConfig(bits=4), method=method)
+    solver = layer.solver
+    rec = _Recording(solver.estimates)
+    solver.estimates = rec
+    fast = replace(solver.forward_config, spectral="estimate", step_policy="geometric")
+    with solver.configured(fast):
+        layer(x).square().sum().backward()
+    assert len(rec.seen) == 1
+    ref = rec.seen[0]
+    if kind == "dense":
+        assert torch.equal(ref, layer.weight().detach())
+        assert torch.equal(ref, layer.effective_weight().detach()) is (method != "ste")
+    else:
+        assert isinstance(ref, ConvWKOperator if kind == "conv" else MultiTierWKOperator)
+    assert all(p.grad is not None for p in layer.parameters() if p.requires_grad)
