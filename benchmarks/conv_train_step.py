@@ -2,13 +2,14 @@
 
 Trains ``ConvMonDEQClassifier`` (``--channels`` channels, the library's defaults otherwise: PR,
 implicit backward, Adam 1e-3, batch 128) on the first ``--images`` MNIST training images for
-``--epochs`` epochs and prints the seconds per step, the mean training-solve iterations, the test
-accuracy on 256 test images and the unconverged solves. Uses only public names, so the same file
+``--epochs`` epochs (``--qat-bits B``: under STE QAT of the composite kernel) and prints the
+seconds per step, the mean training-solve iterations, the test accuracy on 256 test images and
+the unconverged solves. Uses only public names, so the same file
 times another revision (``PYTHONPATH=OTHER/src python benchmarks/conv_train_step.py``) for an A/B
 comparison.
 
     MONQUANT_DATA=... python benchmarks/conv_train_step.py [--channels 16] [--images 2560]
-        [--epochs 2] [--threads 1] [--json F]
+        [--epochs 2] [--threads 1] [--qat-bits B] [--json F]
 """
 
 from __future__ import annotations
@@ -32,13 +33,14 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--qat-bits", type=int, default=None, help="train under STE QAT of the composite kernel")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     data = load_mnist()
     torch.manual_seed(args.seed)
     model = ConvMonDEQClassifier(ConvMonDEQConfig(channels=args.channels))
-    cfg = TrainConfig(epochs=args.epochs, seed=args.seed)
+    cfg = TrainConfig(epochs=args.epochs, seed=args.seed, qat_bits=args.qat_bits)
     x, y = data.x_train[: args.images], data.y_train[: args.images]
     t0 = time.perf_counter()
     history = train(model, x, y, data.x_test[:256], data.y_test[:256], cfg, progress=False)
@@ -48,6 +50,7 @@ def main() -> None:
     out = {
         "seconds_per_step": seconds / steps,
         "train_mean_iterations": last["train_mean_iterations"],
+        "train_mean_iterations_all_epochs": sum(e["train_mean_iterations"] for e in history) / len(history),
         "test_accuracy": last["test_accuracy"],
         "unconverged": sum(e["train_unconverged"] + e["backward_unconverged"] for e in history),
         "threads": torch.get_num_threads(),
