@@ -186,30 +186,36 @@ def test_training_solves_start_their_checks_where_the_previous_solve_of_their_si
             assert [c[1] for c in side] == expected
 
 
-def test_step_from_sets_an_estimated_step_and_nothing_else():
-    """Under ``spectral="estimate"`` a solve given ``step_from`` steps at the geometric step of
-    that operator's estimated constants (forward and adjoint); its equilibrium and gradients are
-    still ``W``'s. Exact constants are always ``W``'s own: ``step_from`` changes nothing there."""
+def test_step_from_caps_an_estimated_step_and_changes_nothing_else():
+    """Under ``spectral="estimate"`` a solve given ``step_from`` takes the smaller of the geometric
+    steps of its own and of that operator's estimated constants (forward and adjoint); its
+    equilibrium and gradients are still ``W``'s. Exact constants are always ``W``'s own:
+    ``step_from`` changes nothing there."""
     from monquant.solvers import StepEstimates, get_solver, solver_step
 
     W = random_monotone_W(16, 0.05, seed=1)
-    ref = random_monotone_W(16, 0.6, seed=2)
+    tighter = random_monotone_W(16, 0.6, seed=2)  # a larger margin: a smaller geometric step
+    looser = random_monotone_W(16, 0.01, seed=3)
     g = torch.Generator().manual_seed(0)
     q = torch.randn(6, 16, generator=g, dtype=torch.float64)
+
+    def geometric(A: torch.Tensor) -> float:
+        st = StepEstimates()(A)
+        return solver_step(get_solver("pr"), "geometric", st.m, st.L)
+
     out = {}
     for spectral in ("estimate", "exact"):
-        for name, step_from in (("own", None), ("ref", ref)):
+        for name, step_from in (("own", None), ("tighter", tighter), ("looser", looser)):
             solver = EquilibriumSolver(SolverConfig(tol=1e-12, spectral=spectral, step_policy="geometric"))
             Wp, qp = W.clone().requires_grad_(True), q.clone().requires_grad_(True)
             z = solver(Wp, qp, step_from=step_from)
             (z * torch.arange(16, dtype=z.dtype)).sum().backward()
             out[spectral, name] = (solver.last_forward.step, solver.last_backward.step, z.detach(),
                                    Wp.grad, qp.grad)  # fmt: skip
-    st = StepEstimates()(ref)
-    expected = solver_step(get_solver("pr"), "geometric", st.m, st.L)
-    assert out["estimate", "ref"][:2] == (expected, expected)
-    assert out["estimate", "own"][0] != expected
-    assert out["exact", "ref"][:2] == out["exact", "own"][:2]
+    assert geometric(tighter) < geometric(W) < geometric(looser)
+    assert out["estimate", "tighter"][:2] == (geometric(tighter),) * 2
+    assert out["estimate", "looser"][:2] == out["estimate", "own"][:2] == (geometric(W),) * 2
+    assert out["exact", "tighter"][:2] == out["exact", "own"][:2]
     for spectral in ("estimate", "exact"):
-        for a, b in zip(out[spectral, "ref"][2:], out[spectral, "own"][2:], strict=True):
+        for a, b in zip(out[spectral, "tighter"][2:], out[spectral, "own"][2:], strict=True):
             torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-9)

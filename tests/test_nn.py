@@ -41,23 +41,24 @@ def _layer(kind: str) -> tuple[nn.Module, torch.Tensor]:
 
 @pytest.mark.parametrize("kind", ["dense", "conv", "multitier"])
 @pytest.mark.parametrize("method", ["ste", "proxquant-factors"])
-def test_fake_quantized_layers_step_from_their_float_operator(kind: str, method: str) -> None:
-    """Under STE QAT the forward solve is of ``Q_b(W)``; a solve with estimated constants takes
-    its step from the float operator's (``EquilibriumSolver``, ``step_from``). ProxQuant's
-    forward pass solves with the float operator itself, so that is what its step comes from."""
+def test_the_float_operator_caps_the_step_of_fake_quantized_layers(kind: str, method: str) -> None:
+    """Under STE QAT the forward solve is of ``Q_b(W)``, and the float operator's estimated
+    constants cap the step of a solve with estimated constants (``EquilibriumSolver``,
+    ``step_from``). ProxQuant's forward pass solves with the float operator itself: nothing to
+    cap."""
     layer, x = _layer(kind)
     monquant.prepare_qat(nn.Sequential(layer), monquant.QuantConfig(bits=4), method=method)
     solver = layer.solver
-    rec = _Recording(solver.estimates)
-    solver.estimates = rec
+    own, rec = _Recording(solver.estimates), _Recording(solver.reference_estimates)
+    solver.estimates, solver.reference_estimates = own, rec
     fast = replace(solver.forward_config, spectral="estimate", step_policy="geometric")
     with solver.configured(fast):
         layer(x).square().sum().backward()
-    assert len(rec.seen) == 1
-    ref = rec.seen[0]
+    assert len(own.seen) == 1 and len(rec.seen) == (1 if method == "ste" else 0)
+    floats = rec.seen if method == "ste" else own.seen  # the float operator
     if kind == "dense":
-        assert torch.equal(ref, layer.weight().detach())
-        assert torch.equal(ref, layer.effective_weight().detach()) is (method != "ste")
+        assert torch.equal(floats[0], layer.weight().detach())
+        assert torch.equal(own.seen[0], layer.effective_weight().detach())
     else:
-        assert isinstance(ref, ConvWKOperator if kind == "conv" else MultiTierWKOperator)
+        assert isinstance(floats[0], ConvWKOperator if kind == "conv" else MultiTierWKOperator)
     assert all(p.grad is not None for p in layer.parameters() if p.requires_grad)

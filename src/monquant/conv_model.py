@@ -221,7 +221,7 @@ class ConvMonDEQLayer(nn.Module):
                 U: torch.Tensor | None = None, b: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         q = self.injection(x, U, b)
         op = self.used_operator(W)
-        # under a weight_transform (QAT) the training solves step from the float operator's constants
+        # under a weight_transform (QAT) the float operator's constants cap the training solves' step
         ref = self.operator() if W is None and self.weight_transform is not None else None
         return self.solver(op.to(dtype=q.dtype) if op.dtype != q.dtype else op, q, step_from=ref)
 

@@ -34,6 +34,7 @@ from monquant.solvers import (
     get_solver,
     mask_prox,
     solve,
+    solver_step,
 )
 
 __all__ = ["BackwardMode", "EquilibriumSolver", "SolveCounters", "direct_adjoint"]
@@ -108,7 +109,8 @@ class EquilibriumSolver:
     :func:`~monquant.solvers.solve`): consecutive training batches need about as many
     iterations, so the probes at iterations 1 and 3 are spared. Only the schedule moves: every
     verdict is still the full test at a checked iteration. :meth:`reset` forgets both (the
-    training loop resets at each epoch).
+    training loop resets at each epoch). A solve given ``step_from`` (:meth:`__call__`) follows
+    that operator's constants in ``reference_estimates`` the same way.
     """
 
     forward_config: SolverConfig = field(default_factory=SolverConfig)
@@ -118,6 +120,7 @@ class EquilibriumSolver:
     last_forward: SolverResult | None = None
     last_backward: SolverResult | None = None
     estimates: StepEstimates = field(default_factory=StepEstimates, repr=False, compare=False)
+    reference_estimates: StepEstimates = field(default_factory=StepEstimates, repr=False, compare=False)
     #: under ``spectral="estimate"``: the iterations of the last forward / adjoint solve
     last_iterations: dict[str, int] = field(default_factory=dict, repr=False, compare=False)
 
@@ -130,13 +133,14 @@ class EquilibriumSolver:
         """Equilibrium ``z*`` of ``z = relu(W z + q)``, differentiable in ``W`` (a matrix or any
         operator's parameters) and ``q``.
 
-        ``step_from``: under ``spectral="estimate"``, the operator whose estimated ``m`` and ``L``
-        set the step in place of ``W``'s own (the layers pass the float operator while their
-        forward pass solves with its fake-quantized ``W~ = Q_b(W)``: rounding can take
-        ``margin(W~)`` to 0 or below, where ``1/sqrt(m L)`` grows without bound, while PR,
-        whose step sets only the speed, converges on ``W~`` about as fast as on ``W``; see
-        docs/theory.md, "Step policies"). It moves the step only: the solve is of ``W``, and
-        exact constants (every other solve) are always ``W``'s own."""
+        ``step_from``: under ``spectral="estimate"``, an operator whose estimated ``m`` and ``L``
+        cap the step: the solve takes the smaller of the steps that ``W``'s constants and
+        ``step_from``'s give. The layers pass the float operator while their forward pass solves
+        with its fake-quantized ``W~ = Q_b(W)``: rounding can take the estimated ``margin(W~)``
+        to 0+, where ``1/sqrt(m~ L~)`` grows without bound, while PR, whose step sets only the
+        speed, converges on ``W~`` about as fast as on ``W`` (docs/theory.md, "Step policies").
+        It moves the step only: the solve is of ``W``, and exact constants (every other solve)
+        are always ``W``'s own."""
         if isinstance(W, DenseOperator):
             W = W.W
         if step_from is not None:  # no gradient flows to it
@@ -165,9 +169,10 @@ class EquilibriumSolver:
 
     def reset(self) -> None:
         """Forget what follows the weights from solve to solve (:attr:`estimates`,
-        :attr:`last_iterations`): the next solve starts cold, so a resumed run repeats an epoch
-        exactly."""
+        :attr:`reference_estimates`, :attr:`last_iterations`): the next solve starts cold, so a
+        resumed run repeats an epoch exactly."""
         self.estimates.reset()
+        self.reference_estimates.reset()
         self.last_iterations.clear()
 
     def _first_check(self, side: str, cfg: SolverConfig) -> int | None:
@@ -187,13 +192,18 @@ class EquilibriumSolver:
         step_from: torch.Tensor | MonotoneOperator | None = None,
     ) -> SolverResult:
         """The forward solve; under ``spectral="estimate"`` its constants come from
-        :attr:`estimates` of ``step_from`` (default ``W``; PR, DR) and its first check from
-        :attr:`last_iterations`."""
+        :attr:`estimates` (PR, DR), its step is at most that of ``step_from``'s constants
+        (:attr:`reference_estimates`), and its first check comes from :attr:`last_iterations`."""
         cfg = self.forward_config
         stats = None
-        if cfg.spectral == "estimate" and get_solver(cfg.method).uses_resolvent:
-            src = W.detach() if step_from is None else step_from
-            stats = self.estimates(src.to(dtype=q.dtype, device=q.device))
+        method = get_solver(cfg.method)
+        if cfg.spectral == "estimate" and method.uses_resolvent:
+            stats = self.estimates(W.detach().to(dtype=q.dtype, device=q.device))
+            if step_from is not None and cfg.step is None:
+                ref = self.reference_estimates(step_from.to(dtype=q.dtype, device=q.device))
+                cap = solver_step(method, cfg.step_policy, ref.m, ref.L)
+                if cap < solver_step(method, cfg.step_policy, stats.m, stats.L):
+                    cfg = replace(cfg, step=cap)
         result = solve(W, q, cfg, stats=stats, first_check=self._first_check("forward", cfg))
         self._stopped("forward", cfg, result)
         return result

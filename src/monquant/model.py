@@ -118,7 +118,7 @@ class MonDEQLayer(nn.Module):
     (used for ProxQuant on the assembled ``W``).
 
     Hooks: ``weight_transform(W)`` maps the assembled weight before every solve (STE QAT; the
-    training solves then take their step from ``W``'s estimated constants, as the solver says);
+    training solves' step is then at most that of ``W``'s estimated constants, as the solver says);
     ``factor_transform(name, tensor)`` maps ``A``, ``B`` (and ``U``) before they are used (lazy
     quantization of the factors).
     """
@@ -222,7 +222,7 @@ class MonDEQLayer(nn.Module):
         Wf = self.weight()
         if self.weight_transform is None:
             return self.solver(Wf.to(q.dtype), q)
-        # W~ = transform(W): the training solves step from the float W's constants (solver docs)
+        # W~ = transform(W): the float W's constants cap the training solves' step (solver docs)
         return self.solver(self.weight_transform(Wf).to(q.dtype), q, step_from=Wf)
 
 

@@ -251,7 +251,7 @@ class MultiTierMonDEQLayer(nn.Module):
         self, x: torch.Tensor, op: TieredOperator, step_from: TieredOperator | None = None
     ) -> torch.Tensor:
         """The equilibrium with operator ``op``: the coarsest tier, or the flattened state
-        (``step_from``: the float operator whose constants set a training solve's step when
+        (``step_from``: the float operator whose constants cap a training solve's step when
         ``op`` is its fake-quantized version, :class:`~monquant.implicit.EquilibriumSolver`)."""
         q = self.injection(x)
         z = self.solver(op.to(dtype=q.dtype) if op.dtype != q.dtype else op, q, step_from=step_from)

@@ -203,7 +203,7 @@ class MonDEQ(MonDEQLayer):
 
     def _used(self) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
         """:meth:`used_tensors` and the float ``W`` when the forward pass fake-quantizes it (STE
-        or margin-aware QAT: the training solves take their step from its constants), else
+        or margin-aware QAT: its constants cap the training solves' step), else
         ``None``."""
         W, U, b = self.weight(), self.U.weight, self.U.bias
         q = self.quant
@@ -397,7 +397,7 @@ class ConvMonDEQ(_QuantState, ConvMonDEQLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         q = self.injection(x)
         op = self.deployed_operator()
-        ref = self.operator() if self._fakes_kernel() else None  # QAT: the float operator's step
+        ref = self.operator() if self._fakes_kernel() else None  # QAT: the float operator caps the step
         return self.solver(op.to(dtype=q.dtype) if op.dtype != q.dtype else op, q, step_from=ref)
 
     def extra_repr(self) -> str:
@@ -502,7 +502,7 @@ class MultiTierMonDEQ(_QuantState, MultiTierMonDEQLayer):
     def forward(self, x: torch.Tensor, W: Any = None) -> torch.Tensor:
         if W is not None:
             return self.solve(x, self.operator_of(W))
-        ref = self.operator() if self._fakes_tiers() else None  # QAT: the float operator's step
+        ref = self.operator() if self._fakes_tiers() else None  # QAT: the float operator caps the step
         return self.solve(x, self.deployed_operator(), step_from=ref)
 
     def extra_repr(self) -> str:

@@ -599,13 +599,19 @@ class _RecordingEstimates:
 
 
 @pytest.mark.parametrize("kind", ["dense", "conv", "multitier"])
-def test_qat_training_solves_step_from_the_float_operator(kind: str) -> None:
-    """Under STE QAT the training solves (estimated constants) take their step from the float
-    operator, not from its fake-quantized version, whose margin the rounding can take to 0; the
-    solve itself is of the quantized operator, and gradients still reach every parameter."""
+def test_the_float_operator_caps_the_step_of_qat_training_solves(kind: str) -> None:
+    """Under STE QAT the float operator's estimated constants cap the training solves' step (the
+    fake-quantized operator's margin, and so its own step's denominator, the rounding can take to
+    0); the solve itself is of the quantized operator, and gradients still reach every parameter."""
     from monquant.conv_model import ConvMonDEQClassifier, ConvMonDEQConfig
     from monquant.multitier_model import MultiTierMonDEQClassifier, MultiTierMonDEQConfig
-    from monquant.operators import ConvWKOperator, MultiTierWKOperator
+    from monquant.operators import (
+        CircularConvOperator,
+        ConvWKOperator,
+        MultiTierConvOperator,
+        MultiTierWKOperator,
+    )
+    from monquant.solvers import StepEstimates, get_solver, solver_step
     from monquant.training.loop import training_solver_config
 
     torch.manual_seed(0)
@@ -620,19 +626,25 @@ def test_qat_training_solves_step_from_the_float_operator(kind: str) -> None:
         x = torch.randn(4, 1, 12, 12)
     solver = model.solver
     install_qat(model, 4)
-    rec = _RecordingEstimates(solver.estimates)
-    solver.estimates = rec
+    own, rec = _RecordingEstimates(solver.estimates), _RecordingEstimates(solver.reference_estimates)
+    solver.estimates, solver.reference_estimates = own, rec
     with solver.configured(training_solver_config(TrainConfig(), solver.forward_config, 0)):
         model(x).square().sum().backward()
-    assert len(rec.seen) == 1
-    ref = rec.seen[0]
+    assert len(rec.seen) == len(own.seen) == 1
+    ref, solved = rec.seen[0], own.seen[0]
+    steps = []
+    for op in (ref, solved):  # a cold estimate repeats the solver's first one exactly
+        st = StepEstimates()(op)
+        steps.append(solver_step(get_solver("pr"), "geometric", st.m, st.L))
+    assert solver.last_forward.step == solver.last_backward.step == min(steps)
     if kind == "dense":
         assert torch.equal(ref, model.layer.weight().detach())
-        assert not torch.equal(ref, model.layer.effective_weight().detach())
+        assert torch.equal(solved, model.layer.effective_weight().detach())
         z, q = solver.last_forward.z, model.layer.injection(x).detach()
-        Wt = model.layer.effective_weight().detach()
-        assert torch.allclose(z, torch.relu(z @ Wt.T + q), atol=1e-3)  # the equilibrium of W~
+        assert torch.allclose(z, torch.relu(z @ solved.T + q), atol=1e-3)  # the equilibrium of W~
         assert not torch.allclose(z, torch.relu(z @ ref.T + q), atol=1e-3)  # not of W
+    elif kind == "conv":
+        assert isinstance(ref, ConvWKOperator) and isinstance(solved, CircularConvOperator)
     else:
-        assert isinstance(ref, ConvWKOperator if kind == "conv" else MultiTierWKOperator)
+        assert isinstance(ref, MultiTierWKOperator) and isinstance(solved, MultiTierConvOperator)
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
