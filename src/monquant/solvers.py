@@ -21,7 +21,9 @@ minimises PR's contraction factor ``(sqrt(kappa) - 1) / (sqrt(kappa) + 1)`` when
 symmetric (Giselsson and Boyd, IEEE TAC 62 (2017) 532-544). Its proved modulus is larger
 (``rho^2 = 1 - 4 / (sqrt(kappa) (1 + sqrt(kappa))^2)``), but on the networks measured it needs
 fewer iterations (docs/theory.md); FB keeps ``m/L^2``, and without a positive ``m`` (nor an
-estimate of it) PR and DR fall back to ``1/L``. PR and DR converge at every step ``a > 0``.
+estimate of it) PR and DR fall back to ``1/L``. PR and DR converge at every step ``a > 0``. (A
+QAT training solve of a fake-quantized ``W~`` takes at most the step of the float ``W``'s
+constants: :class:`~monquant.implicit.EquilibriumSolver`, ``step_from``.)
 
 Stopping: per sample the relative residual ``||z_{k+1} - z_k|| / ||z_{k+1}||`` below ``tol`` (with a
 floor at machine precision, ``||z_{k+1} - z_k||^2 <= tol^2 ||z_{k+1}||^2 + (8 eps)^2 ||q||^2``, so that
