@@ -48,6 +48,21 @@ def assert_reloads_identically(model, make, x: torch.Tensor) -> None:
     assert monquant.certify_model(fresh).to_dict() == monquant.certify_model(model).to_dict()
 
 
+class RecordingEstimates:
+    """Wraps a solver's step estimates (:class:`~monquant.solvers.StepEstimates`), keeping the
+    operators they were asked about."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.seen = inner, []
+
+    def __call__(self, W):
+        self.seen.append(W)
+        return self.inner(W)
+
+    def reset(self) -> None:
+        self.inner.reset()
+
+
 def write_tiny_mnist(folder: Path, n_train: int, n_test: int) -> Path:
     """Raw IDX files of learnable 28 x 28 images in ``folder`` (class k lights up its own band
     of pixels): train and t10k splits, seeds 0 and 1."""

@@ -5,29 +5,15 @@ tests/api, and per layer kind in test_nn_conv.py and test_nn_multitier.py.)"""
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any
 
 import pytest
 import torch
+from conftest import RecordingEstimates
 from torch import nn
 
 import monquant
 from monquant.nn import ConvMonDEQ, MonDEQ, MultiTierMonDEQ
 from monquant.operators import ConvWKOperator, MultiTierWKOperator
-
-
-class _Recording:
-    """Wraps a solver's step estimates, keeping the operators they were asked about."""
-
-    def __init__(self, inner: Any) -> None:
-        self.inner, self.seen = inner, []
-
-    def __call__(self, W: Any) -> Any:
-        self.seen.append(W)
-        return self.inner(W)
-
-    def reset(self) -> None:
-        self.inner.reset()
 
 
 def _layer(kind: str) -> tuple[nn.Module, torch.Tensor]:
@@ -49,7 +35,7 @@ def test_the_float_operator_caps_the_step_of_fake_quantized_layers(kind: str, me
     layer, x = _layer(kind)
     monquant.prepare_qat(nn.Sequential(layer), monquant.QuantConfig(bits=4), method=method)
     solver = layer.solver
-    own, rec = _Recording(solver.estimates), _Recording(solver.reference_estimates)
+    own, rec = RecordingEstimates(solver.estimates), RecordingEstimates(solver.reference_estimates)
     solver.estimates, solver.reference_estimates = own, rec
     fast = replace(solver.forward_config, spectral="estimate", step_policy="geometric")
     with solver.configured(fast):

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import SHARED_MNIST
+from conftest import SHARED_MNIST, RecordingEstimates
 from torch.nn import functional as F
 
 from monquant.data import MNIST, load_mnist
@@ -584,20 +584,6 @@ def test_install_qat_on_a_multitier_model_quantizes_its_composite_kernels_only()
     assert all(len(torch.unique(K[0].detach())) <= 16 for K in op.kernels())
 
 
-class _RecordingEstimates:
-    """Wraps a solver's :class:`~monquant.solvers.StepEstimates`, keeping what it was asked about."""
-
-    def __init__(self, inner: Any) -> None:
-        self.inner, self.seen = inner, []
-
-    def __call__(self, W: Any) -> Any:
-        self.seen.append(W)
-        return self.inner(W)
-
-    def reset(self) -> None:
-        self.inner.reset()
-
-
 @pytest.mark.parametrize("kind", ["dense", "conv", "multitier"])
 def test_the_float_operator_caps_the_step_of_qat_training_solves(kind: str) -> None:
     """Under STE QAT the float operator's estimated constants cap the training solves' step (the
@@ -626,7 +612,7 @@ def test_the_float_operator_caps_the_step_of_qat_training_solves(kind: str) -> N
         x = torch.randn(4, 1, 12, 12)
     solver = model.solver
     install_qat(model, 4)
-    own, rec = _RecordingEstimates(solver.estimates), _RecordingEstimates(solver.reference_estimates)
+    own, rec = RecordingEstimates(solver.estimates), RecordingEstimates(solver.reference_estimates)
     solver.estimates, solver.reference_estimates = own, rec
     with solver.configured(training_solver_config(TrainConfig(), solver.forward_config, 0)):
         model(x).square().sum().backward()
