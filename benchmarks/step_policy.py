@@ -47,7 +47,9 @@ def iterations(op, q: torch.Tensor, tol: float, stats) -> dict[str, int]:
 def quantized_rows(paths: list[str], x: torch.Tensor, bits: int, tol: float) -> list[dict]:
     """PR on each dense checkpoint's per-tensor ``W~ = Q_b(W)`` (with the float injection
     ``U x + b``) at three steps: ``1/L~`` and ``1/sqrt(m~ L~)`` from ``W~``'s exact constants, and
-    ``1/sqrt(m L)`` from the float ``W``'s, the step QAT training solves take. Prints a table."""
+    ``1/sqrt(m L)`` from the float ``W``'s, the cap on the step that QAT training solves take;
+    beside the margin ``m~``, the smallest real part of the eigenvalues of ``I - W~``. Prints a
+    table."""
     from monquant.quant.uniform import quantize
     from monquant.storage.checkpoints import load_model
 
@@ -62,6 +64,8 @@ def quantized_rows(paths: list[str], x: torch.Tensor, bits: int, tol: float) -> 
         with torch.no_grad():
             q = layer.injection(x)
         st, st_q = spectral_stats(W), spectral_stats(Wq)
+        eye = torch.eye(Wq.shape[0], dtype=torch.float64)
+        re_min = float(torch.linalg.eigvals(eye - Wq.double()).real.min())  # what PR's speed follows
         steps = {"1/L~": 1.0 / st_q.L, "1/sqrt(m L)": 1.0 / math.sqrt(st.m * st.L),
                  "1/sqrt(m~ L~)": 1.0 / math.sqrt(st_q.m * st_q.L) if st_q.m > 0 else math.nan}  # fmt: skip
         its = {}
@@ -71,14 +75,15 @@ def quantized_rows(paths: list[str], x: torch.Tensor, bits: int, tol: float) -> 
                 its[name] = r.iterations if r.all_converged else -1
             else:
                 its[name] = -1  # no positive margin: no geometric step of its own
-        rows.append([path, st.m, st_q.m, st_q.kappa, *(steps[k] * st_q.L for k in steps),
+        rows.append([path, st.m, st_q.m, re_min, st_q.kappa, *(steps[k] * st_q.L for k in steps),
                      *(its[k] for k in steps)])  # fmt: skip
         out.append({"checkpoint": path, "bits": bits, "m": st.m, "m_quantized": st_q.m,
-                    "steps": steps, "iterations": its})  # fmt: skip
+                    "min_real_eigenvalue_quantized": re_min, "steps": steps, "iterations": its})  # fmt: skip
     print(f"{bits}-bit W~ = Q_b(W) per tensor, {x.shape[0]} MNIST test images, tol {tol:g}, PR, a check "
           "every iteration (-1: not converged, or no step)")  # fmt: skip
-    print(text_table(["checkpoint", "m", "m~", "kappa~", "L~ a: 1/L~", "1/sqrt(m L)", "1/sqrt(m~ L~)",
-                      "it. 1/L~", "it. 1/sqrt(m L)", "it. 1/sqrt(m~ L~)"], rows))  # fmt: skip
+    print(text_table(["checkpoint", "m", "m~", "min Re eig(I - W~)", "kappa~", "L~ a: 1/L~",
+                      "1/sqrt(m L)", "1/sqrt(m~ L~)", "it. 1/L~", "it. 1/sqrt(m L)",
+                      "it. 1/sqrt(m~ L~)"], rows))  # fmt: skip
     return out
 
 
