@@ -567,7 +567,7 @@ def load_mnist(
 # ----------------------------------------------------------------------------------------------
 
 
-def _check_pair(x: torch.Tensor, y: torch.Tensor) -> int:
+def _check_pair(x: ImageSet | torch.Tensor, y: torch.Tensor) -> int:
     if x.shape[0] != y.shape[0]:
         raise ConfigError(f"x has {x.shape[0]} rows but y has {y.shape[0]}")
     return int(x.shape[0])
@@ -620,12 +620,18 @@ def subset(x: torch.Tensor, y: torch.Tensor, k: int | None) -> tuple[torch.Tenso
 
 
 def random_subset(
-    x: torch.Tensor, y: torch.Tensor, k: int, seed: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``k`` samples drawn without replacement, reproducibly from ``seed`` (order is random)."""
+    x: ImageSet | torch.Tensor, y: torch.Tensor, k: int, seed: int, keep_codes: bool = False
+) -> tuple[ImageSet | torch.Tensor, torch.Tensor]:
+    """``k`` samples drawn without replacement, reproducibly from ``seed`` (order is random).
+
+    ``keep_codes``: from an :class:`ImageSet`, an ImageSet of the drawn rows (their pixel codes,
+    normalised on access to the same numbers) instead of the normalised rows: a quarter of the
+    memory, for a training set that the training loop reads batch by batch."""
     n = _check_pair(x, y)
     if not 0 <= k <= n:
         raise ConfigError(f"k must be in 0..{n}, got {k}")
     generator = torch.Generator().manual_seed(seed)
     idx = torch.randperm(n, generator=generator)[:k].to(x.device)
+    if keep_codes and isinstance(x, ImageSet):
+        return ImageSet(x.codes.index_select(0, idx), x.dtype), take_rows(y, idx.to(y.device))
     return take_rows(x, idx), take_rows(y, idx.to(y.device))

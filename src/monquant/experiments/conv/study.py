@@ -260,7 +260,7 @@ def _qat_row(data: MNIST, cfg: ConvStudyConfig, model_path: str, kind: str, b: i
 
     xt, yt = subset(data.x_test, data.y_test, cfg.test_limit)
     x, y = random_subset(data.x_train, data.y_train, min(cfg.qat_train_limit, data.x_train.shape[0]),
-                         cfg.seed)  # fmt: skip
+                         cfg.seed, keep_codes=True)  # fmt: skip
     method = QuantMethod.default(kind, b, "per-channel")
     m = load_model(model_path).model
     torch.manual_seed(cfg.seed)

@@ -382,7 +382,8 @@ def _config_task(data: MNIST, cfg: LowbitConfig, method: QuantMethod, float_path
                  seed: int) -> dict[str, Any]:  # fmt: skip
     test_xy = subset(data.x_test, data.y_test, cfg.test_limit)
     n_train = cfg.train_limit or data.x_train.shape[0]
-    train_xy = random_subset(data.x_train, data.y_train, min(n_train, len(data.y_train)), seed)
+    train_xy = random_subset(data.x_train, data.y_train, min(n_train, len(data.y_train)), seed,
+                             keep_codes=True)  # fmt: skip
     return _config_stage(cfg, method, float_path, train_xy, test_xy, seed)
 
 

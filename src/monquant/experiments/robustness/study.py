@@ -294,7 +294,7 @@ def run_robustness(cfg: RobustnessConfig, data: Any, echo: Echo = print) -> dict
     train_xy = None
     if cfg.trains:
         n = min(cfg.train_limit or data.x_train.shape[0], data.x_train.shape[0])
-        train_xy = random_subset(data.x_train, data.y_train, n, cfg.seed)
+        train_xy = random_subset(data.x_train, data.y_train, n, cfg.seed, keep_codes=True)
     ref = FloatReference.solve(ModelWeights.of(model), test_xy[0])  # one float solve for all
     specs = config_specs(cfg)
     runner = StageRunner(Path(cfg.out), cfg.resume, None) if cfg.out is not None else None
