@@ -77,8 +77,8 @@ class _BareSolver:
     def __init__(self, iterations: int, step: float) -> None:
         self.iterations, self.step = iterations, step
 
-    def __call__(self, W: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-        return _BarePR.apply(W, q, self.step, self.iterations)
+    def __call__(self, W: torch.Tensor, q: torch.Tensor, step_from: object = None) -> torch.Tensor:
+        return _BarePR.apply(W, q, self.step, self.iterations)  # a fixed step: step_from has no say
 
 
 def main() -> None:

@@ -220,10 +220,9 @@ class MonDEQLayer(nn.Module):
         if W is not None:
             return self.solver(W.to(q.dtype), q)
         Wf = self.weight()
-        if self.weight_transform is None:
-            return self.solver(Wf.to(q.dtype), q)
-        # W~ = transform(W): the float W's constants cap the training solves' step (solver docs)
-        return self.solver(self.weight_transform(Wf).to(q.dtype), q, step_from=Wf)
+        W_ = self.weight_transform(Wf) if self.weight_transform is not None else Wf
+        # a transformed W~ (QAT): the float W's constants cap the training solves' step (solver docs)
+        return self.solver(W_.to(q.dtype), q, step_from=Wf if W_ is not Wf else None)
 
 
 class MonDEQClassifier(nn.Module):

@@ -309,8 +309,8 @@ def test_loose_training_solves_leave_evaluation_and_the_model_at_tol(data: MNIST
     seen: list[tuple[bool, float, float]] = []
     solve = model.solver.__class__.__call__
 
-    def spy(self, W, q):  # record (training?, tolerance, max residual) of every forward solve
-        z = solve(self, W, q)
+    def spy(self, W, q, **kw):  # record (training?, tolerance, max residual) of every forward solve
+        z = solve(self, W, q, **kw)
         seen.append((model.training, self.forward_config.tol, float(self.last_forward.residual.max())))
         return z
 
@@ -339,8 +339,8 @@ def test_training_solves_take_the_geometric_step_and_evaluation_the_models_own(
     seen: list[tuple[bool, str, float, float, bool]] = []
     solve = model.solver.__class__.__call__
 
-    def spy(self, W, q):
-        z = solve(self, W, q)
+    def spy(self, W, q, **kw):
+        z = solve(self, W, q, **kw)
         r = self.last_forward
         seen.append((model.training, self.forward_config.step_policy, r.step, r.stats.L, r.stats.exact))
         return z
