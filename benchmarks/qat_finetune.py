@@ -22,7 +22,7 @@ from dataclasses import replace
 
 import torch
 
-from monquant.data import load_mnist, take_rows
+from monquant.data import load_mnist, random_subset
 from monquant.errors import MonquantError
 from monquant.report import text_table
 from monquant.storage.checkpoints import load_model
@@ -45,14 +45,11 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     data = load_mnist()
-    n_all = data.x_train.shape[0]
     rows, out = [], []
     for bits in args.bits:
         for gran in args.granularities:
             for seed in args.seeds:
-                g = torch.Generator().manual_seed(seed)
-                idx = torch.randperm(n_all, generator=g)[: args.train]
-                x, y = take_rows(data.x_train, idx), data.y_train[idx]
+                x, y = random_subset(data.x_train, data.y_train, args.train, seed)  # lowbit's draw
                 torch.manual_seed(seed)
                 model = load_model(args.checkpoint).model
                 solver = model.layer.solver

@@ -35,7 +35,7 @@ import monquant.implicit
 import monquant.solvers
 from monquant.cli.common import check_interval
 from monquant.data import load_mnist
-from monquant.experiments.paper.setup import SETUPS
+from monquant.experiments.paper.reproduce import ReproduceConfig
 from monquant.model import MonDEQClassifier, MonDEQConfig
 from monquant.report import text_table
 from monquant.solvers import SolverConfig
@@ -186,10 +186,10 @@ def main() -> None:
         method=args.method, tol=args.tol, anderson=args.anderson, check_every=args.check_every
     )
     shape: dict = {"margin_init": args.margin_init}
-    if args.setup == "paper":
-        preset = SETUPS["paper"]
-        shape = {"margin_init": preset["margin_init"], "margin_floor": preset["margin_floor"],
-                 "rank": max(4, 100 // 4), "init": preset["init"]}  # fmt: skip
+    if args.setup == "paper":  # the reproduction's settings, its preset resolved (rank n/4 = 25)
+        rc = ReproduceConfig()
+        shape = {"margin_init": rc.margin_init, "margin_floor": rc.margin_floor, "rank": rc.rank,
+                 "init": rc.init}  # fmt: skip
     model = MonDEQClassifier(MonDEQConfig(**shape, solver=solver.as_dict()))
     peak = matmul_peak_gflops()
     rows, log = [], []
