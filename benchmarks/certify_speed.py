@@ -9,7 +9,7 @@ same three quantities as *proved* bounds (a Cholesky factorization verifies each
 certificate's other fields. Interleaved repeats, one thread each; medians and the ratio
 monquant / baseline (< 1: monquant is faster). Asserts nothing.
 
-    python benchmarks/certify_speed.py [--n 100 200 400 800 1600 3200] [--repeats 3]
+    python benchmarks/certify_speed.py [--n 100 200 400 800 1600 3200] [--repeats 3] [--breakdown]
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from monquant.operators import wk_weight
 from monquant.quant.uniform import quantize
 from monquant.report import text_table
 from monquant.storage.jsonio import dumps_json
-from monquant.verified import spectral_bounds
+from monquant.verified import quantized_bounds, spectral_bounds
 
 
 def operator(n: int, seed: int = 0) -> torch.Tensor:
@@ -49,6 +49,26 @@ def paper_bits(W: torch.Tensor, bits: int) -> tuple[float, float, float]:
     return dW, float(torch.linalg.eigvalsh(0.5 * (S + S.T))[0]), float(torch.linalg.matrix_norm(S, 2))
 
 
+def breakdown(W: torch.Tensor, bits: int, repeats: int = 50) -> dict[str, float]:
+    """Median milliseconds, per bit-width, of monquant's proved bounds of ``Q_b(W)`` beside ``W``
+    (:func:`quantized_bounds`), of the one batched ``eigvalsh`` of its three symmetric matrices
+    (``sym(I - W~)`` and the Gram matrices of ``I - W~`` and ``W~ - W``) that places their shifts,
+    and of the paper's computation (two SVDs and one ``eigvalsh``)."""
+    Wq = quantize(W, bits).dequantized()
+    S = torch.eye(W.shape[0], dtype=W.dtype) - Wq
+    D = Wq - W
+    mats = torch.stack([0.5 * (S + S.T), S.T @ S, D.T @ D])
+
+    def med(fn) -> float:
+        for _ in range(5):
+            fn()
+        return statistics.median(timed(fn) for _ in range(repeats)) * 1e3
+
+    return {"monquant": med(lambda: quantized_bounds(Wq, W)),
+            "its eigvalsh": med(lambda: torch.linalg.eigvalsh(mats)),
+            "paper": med(lambda: paper_bits(W, bits))}  # fmt: skip
+
+
 def timed(fn) -> float:
     t0 = time.perf_counter()
     fn()
@@ -62,6 +82,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", default=None)
+    p.add_argument("--breakdown", action="store_true",
+                   help="also time one bit-width's parts (monquant's eigvalsh against the rest)")  # fmt: skip
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     rows, out = [], []
@@ -89,6 +111,14 @@ def main() -> None:
               flush=True)  # fmt: skip
     print(text_table(["n", "bit-widths", "monquant s (median)", "paper's computation s",
                       "ratio", "verdicts"], rows))  # fmt: skip
+    if args.breakdown:
+        parts = []
+        for n in args.n:
+            d = breakdown(operator(n), args.bits[-1])
+            parts.append([n, d["monquant"], d["its eigvalsh"], d["monquant"] - d["its eigvalsh"], d["paper"]])
+        print(f"per bit-width ({args.bits[-1]} bits), medians in ms:")
+        print(text_table(["n", "monquant", "its eigvalsh (estimates)", "the rest (proofs, batching)",
+                          "paper (2 SVDs + eigvalsh)"], parts))  # fmt: skip
     if args.json:
         with open(args.json, "w") as fh:
             fh.write(dumps_json({"threads": args.threads, "bits": args.bits, "rows": out}))

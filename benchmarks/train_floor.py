@@ -13,8 +13,10 @@ on the same batches, in alternated rounds:
   costs on this machine.
 
 Prints the median milliseconds per step of each, their ratio, and the epoch (469 steps) each would
-take; next to the paper's code's epoch (``--paper-epoch S``, e.g. from ``benchmarks/paper_epoch.py``)
-the ratios an epoch could reach. A fresh model's solves need about 10 iterations, a trained one's
+take, and below them the matrix products alone (the injection, its weight gradient and the PR
+products of the bare step's iterations, timed apart at the same shapes: a floor under any step);
+next to the paper's code's epoch (``--paper-epoch S``, e.g. from ``benchmarks/paper_epoch.py``) the
+ratios an epoch could reach. A fresh model's solves need about 10 iterations, a trained one's
 about 40 (``--checkpoint F``: both steps start from that saved model, e.g. a reproduction's
 ``float/model.safetensors``, at ``--lr``).
 
@@ -73,6 +75,35 @@ class _BarePR(torch.autograd.Function):
         return v.T @ z, v, None, None
 
 
+def _median_us(fn: Any, repeats: int = 300) -> float:
+    """Median microseconds of ``fn()`` over seven timed blocks of ``repeats`` calls."""
+    for _ in range(30):
+        fn()
+    blocks = []
+    for _ in range(7):
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        blocks.append((time.perf_counter() - t0) / repeats * 1e6)
+    return statistics.median(blocks)
+
+
+def products_per_step(model: MonDEQClassifier, x: torch.Tensor, iterations: int) -> dict[str, float]:
+    """Microseconds of the matrix products a training step cannot avoid, at the model's shapes:
+    the injection ``U x + b``, its weight gradient ``g^T x`` and one PR product ``y R + c``, and
+    their sum per step for ``iterations`` PR iterations in each of the forward and adjoint solves."""
+    U, b = model.layer.factor("U").detach(), model.layer.factor("b").detach()
+    n = U.shape[0]
+    g, y = torch.randn(x.shape[0], n), torch.randn(x.shape[0], n)
+    R = torch.randn(n, n)
+    with torch.no_grad():
+        us = {"injection": _median_us(lambda: torch.nn.functional.linear(x, U, b)),
+              "weight gradient": _median_us(lambda: g.T @ x),
+              "PR product": _median_us(lambda: torch.addmm(y, y, R))}  # fmt: skip
+    us["step"] = us["injection"] + us["weight gradient"] + 2 * iterations * us["PR product"]
+    return us
+
+
 class _BareSolver:
     def __init__(self, iterations: int, step: float) -> None:
         self.iterations, self.step = iterations, step
@@ -115,6 +146,9 @@ def main() -> None:
             _train_one_epoch(models[name], opts[name], x, y, cfg, TrainHooks(), r, False)
             times[name].append((time.perf_counter() - t0) / args.steps)
     med = {k: statistics.median(v[1:]) for k, v in times.items()}  # the first round warms up
+    its = models["floor"].layer.solver.iterations
+    prod = products_per_step(models["floor"], x[:128], its)
+    med["products only"] = prod["step"] * 1e-6
     rows = [[k, med[k] * 1e3, med[k] / med["library"], med[k] * 469] for k in med]
     header = ["step", "ms / step", "/ library", "epoch s (469 steps)"]
     if args.paper_epoch:
@@ -125,6 +159,9 @@ def main() -> None:
     print(f"{what}: {args.steps} steps x {args.rounds} rounds, threads {torch.get_num_threads()}, "
           f"floor at {models['floor'].layer.solver.iterations} PR iterations per solve")  # fmt: skip
     print(text_table(header, rows))
+    print(f"products only: the injection {prod['injection']:.1f} us, its weight gradient "
+          f"{prod['weight gradient']:.1f} us and {2 * its} PR products of {prod['PR product']:.1f} us "
+          "per step (medians, batch 128); nothing else of the step is counted")  # fmt: skip
 
 
 if __name__ == "__main__":
