@@ -99,11 +99,12 @@ def test_full_run_target_is_judged_by_wall_time() -> None:
     from monquant.experiments.paper.report import full_run_target_note
 
     base = {"config": {"quick": False}, "stage_seconds": {"float": 96.0, "qat_4": 110.5},
-            "stage_seconds_sum": 626.4, "wall_seconds_this_invocation": 341.6,
+            "stage_seconds_sum": 626.4, "wall_seconds_this_invocation": 171.6,
             "resumed_stages": []}  # fmt: skip
     note = full_run_target_note(base)
-    assert "this run took 5.69 min -> target met." in note and "add up to 10.44 min" in note
-    slow = full_run_target_note({**base, "wall_seconds_this_invocation": 400.0})
+    assert "target: <= 3 min of wall time" in note
+    assert "this run took 2.86 min -> target met." in note and "add up to 10.44 min" in note
+    slow = full_run_target_note({**base, "wall_seconds_this_invocation": 181.0})
     assert "target MISSED" in slow
     resumed = full_run_target_note({**base, "resumed_stages": ["float"]})
     assert "not compared with the target" in resumed and "target m" not in resumed
