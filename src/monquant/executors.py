@@ -6,7 +6,10 @@ function is called as ``fn(payload, *args)`` and returns plain data. The executo
 
 - ``serial``: here, one after another (the default);
 - ``process``: ``workers`` local processes (``concurrent.futures``, spawned), each with
-  ``cores // workers`` intra-op threads (:func:`monquant.runtime.threads_per_worker`);
+  ``cores // workers`` intra-op threads (:func:`monquant.runtime.threads_per_worker`); torch's
+  pickler moves the payload's tensors into shared memory, so the workers map one copy of them
+  (which ``ps`` and ``/usr/bin/time`` count in each process's resident size: ``RssShmem`` in
+  ``/proc/PID/status``);
 - ``ray``: Ray tasks (``pip install monquant[ray]``) on the cluster at ``address``, or on a local
   Ray started for the run with ``workers`` CPUs when no address is given.
 
