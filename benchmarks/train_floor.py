@@ -32,6 +32,7 @@ import time
 from typing import Any
 
 import torch
+from pr_compile import per_iteration_us  # the benchmarks' shared timing loop (same folder)
 
 from monquant.data import load_mnist, take_rows
 from monquant.model import MonDEQClassifier, MonDEQConfig
@@ -75,19 +76,6 @@ class _BarePR(torch.autograd.Function):
         return v.T @ z, v, None, None
 
 
-def _median_us(fn: Any, repeats: int = 300) -> float:
-    """Median microseconds of ``fn()`` over seven timed blocks of ``repeats`` calls."""
-    for _ in range(30):
-        fn()
-    blocks = []
-    for _ in range(7):
-        t0 = time.perf_counter()
-        for _ in range(repeats):
-            fn()
-        blocks.append((time.perf_counter() - t0) / repeats * 1e6)
-    return statistics.median(blocks)
-
-
 def products_per_step(model: MonDEQClassifier, x: torch.Tensor, iterations: int) -> dict[str, float]:
     """Microseconds of the matrix products a training step cannot avoid, at the model's shapes:
     the injection ``U x + b``, its weight gradient ``g^T x`` and one PR product ``y R + c``, and
@@ -96,10 +84,13 @@ def products_per_step(model: MonDEQClassifier, x: torch.Tensor, iterations: int)
     n = U.shape[0]
     g, y = torch.randn(x.shape[0], n), torch.randn(x.shape[0], n)
     R = torch.randn(n, n)
+    def median_us(fn: Any) -> float:  # the median of 7 rounds of 300 calls, after a warm-up
+        return per_iteration_us(fn, 1, 300, 7, lambda: None)
+
     with torch.no_grad():
-        us = {"injection": _median_us(lambda: torch.nn.functional.linear(x, U, b)),
-              "weight gradient": _median_us(lambda: g.T @ x),
-              "PR product": _median_us(lambda: torch.addmm(y, y, R))}  # fmt: skip
+        us = {"injection": median_us(lambda: torch.nn.functional.linear(x, U, b)),
+              "weight gradient": median_us(lambda: g.T @ x),
+              "PR product": median_us(lambda: torch.addmm(y, y, R))}  # fmt: skip
     us["step"] = us["injection"] + us["weight gradient"] + 2 * iterations * us["PR product"]
     return us
 
